@@ -1,0 +1,206 @@
+"""The LD math in plain PyTorch: the oracle for tests and the "pure-PyTorch" side of benchmarks.
+
+Every function exists in the shapes the fused ops accept: embeddings (N, D, *spatial) and
+assignments (N, K, *spatial) with 1, 2 or 3 spatial dims (P = their product).
+
+Two formulations of region features are given:
+
+* ``*_broadcast``: the way the published LD code writes it, ``(e[:, None] * a[:, :, None])``
+  averaged over pixels. It materialises an (N, K, D, P) tensor.
+* ``*_bmm`` (the default names): the same quantity as a batched matrix product, the
+  efficient eager formulation.
+
+Constants follow LD_METHOD.md exactly (see ``NORM_EPS`` etc.).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-10  # e = z / (||z|| + 1e-10); r = r~ / (||r~|| + 1e-10); c likewise
+ASSIGN_EPS = 1e-9  # a = (s + 1e-9) / sum_k (s + 1e-9)
+ENTROPY_EPS = 1e-30  # -a log2(a + 1e-30) - (1 - a) log2(1 - a + 1e-30)
+PD_EPS = 1e-10  # P_i = pos_i / (Z_i + 1e-10)
+
+ASSIGNMENT_MODES = ("probs", "sigmoid", "softmax")
+
+__all__ = [
+    "normalize_embeddings",
+    "normalize_assignments",
+    "region_features",
+    "region_features_bmm",
+    "region_features_broadcast",
+    "assignment_entropy",
+    "region_discrimination",
+    "region_discrimination_loss",
+    "region_discrimination_loss_broadcast",
+    "pixel_cluster_similarity",
+    "patch_discrimination",
+    "patch_discrimination_published",
+]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def normalize_embeddings(z: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L2 normalisation over the channel dim: z / (||z|| + 1e-10)."""
+    return z / (torch.norm(z, p=2, dim=1, keepdim=True) + NORM_EPS)
+
+
+def normalize_assignments(s: torch.Tensor, assignment: str = "probs") -> torch.Tensor:
+    """The assignment a used by the loss, from the clustering branch output s.
+
+    "probs": s as given; "sigmoid": logits -> sigmoid -> (s + 1e-9) / sum_k (s + 1e-9);
+    "softmax": softmax over K.
+    """
+    if assignment == "probs":
+        return s
+    if assignment == "sigmoid":
+        u = torch.sigmoid(s) + ASSIGN_EPS
+        return u / u.sum(dim=1, keepdim=True)
+    if assignment == "softmax":
+        return torch.softmax(s, dim=1)
+    raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / (torch.norm(x, p=2, dim=-1, keepdim=True) + NORM_EPS)
+
+
+def region_features_bmm(
+    embeddings: torch.Tensor, assignments: torch.Tensor, *, normalize: bool = False, assignment: str = "probs"
+) -> torch.Tensor:
+    """(N, K, D) unit region features, as a batched matmul (efficient eager formulation)."""
+    e = normalize_embeddings(embeddings) if normalize else embeddings
+    a = normalize_assignments(assignments, assignment)
+    e, a = _flat(e), _flat(a)
+    r = torch.bmm(a, e.transpose(1, 2)) / e.shape[-1]
+    return _unit_rows(r)
+
+
+region_features = region_features_bmm
+
+
+def region_features_broadcast(
+    embeddings: torch.Tensor, assignments: torch.Tensor, *, normalize: bool = False, assignment: str = "probs"
+) -> torch.Tensor:
+    """The published formulation: (e[:, None] * a[:, :, None]) averaged over pixels (N*K*D*P floats)."""
+    e = normalize_embeddings(embeddings) if normalize else embeddings
+    a = normalize_assignments(assignments, assignment)
+    e, a = _flat(e), _flat(a)
+    r = (e[:, None, :, :] * a[:, :, None, :]).mean(dim=-1)
+    return _unit_rows(r)
+
+
+def assignment_entropy(assignments: torch.Tensor, assignment: str = "probs") -> torch.Tensor:
+    """Mean binary entropy (log2) of the normalised assignment, LD_METHOD.md section 4."""
+    a = normalize_assignments(assignments, assignment)
+    h = -a * torch.log2(a + ENTROPY_EPS) - (1 - a) * torch.log2(1 - a + ENTROPY_EPS)
+    return h.mean()
+
+
+def region_discrimination(feats: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """L_rd on (N, K, D) region features; the cluster centres are NOT detached."""
+    n, k, _ = feats.shape
+    centres = _unit_rows(feats.mean(dim=0))  # (K, D)
+    logits = torch.einsum("nkd,jd->nkj", feats, centres) / temperature
+    target = torch.arange(k, device=feats.device).repeat(n)
+    return F.cross_entropy(logits.reshape(n * k, k), target)
+
+
+def region_discrimination_loss(
+    embeddings: torch.Tensor,
+    assignments: torch.Tensor,
+    *,
+    temperature: float = 0.2,
+    normalize: bool = False,
+    assignment: str = "probs",
+    return_entropy: bool = False,
+):
+    """The efficient eager formulation of RegionDiscriminationLoss (batched matmul)."""
+    r = region_features_bmm(embeddings, assignments, normalize=normalize, assignment=assignment)
+    loss = region_discrimination(r, temperature)
+    if return_entropy:
+        return loss, assignment_entropy(assignments, assignment)
+    return loss
+
+
+def region_discrimination_loss_broadcast(
+    embeddings: torch.Tensor,
+    assignments: torch.Tensor,
+    *,
+    temperature: float = 0.2,
+    normalize: bool = False,
+    assignment: str = "probs",
+    return_entropy: bool = False,
+):
+    """The published formulation of the same losses (broadcast product, exp then normalise)."""
+    r = region_features_broadcast(embeddings, assignments, normalize=normalize, assignment=assignment)
+    n, k, _ = r.shape
+    c = r.mean(dim=0)
+    c = c / (torch.norm(c, p=2, dim=1, keepdim=True) + NORM_EPS)
+    logits = torch.exp(torch.einsum("nkd,jd->nkj", r, c) / temperature)
+    prob = logits / logits.sum(dim=2, keepdim=True)
+    diag = torch.diagonal(prob, dim1=1, dim2=2)
+    loss = -torch.log(diag).mean()
+    if return_entropy:
+        return loss, assignment_entropy(assignments, assignment)
+    return loss
+
+
+def pixel_cluster_similarity(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float = 0.2, *, normalize: bool = False
+) -> torch.Tensor:
+    """softmax over K of <prototype_k, e_p> / tau; prototypes (K, D) shared or (N, K, D)."""
+    e = normalize_embeddings(embeddings) if normalize else embeddings
+    ef = _flat(e)
+    if prototypes.dim() == 2:
+        logits = torch.einsum("kd,ndp->nkp", prototypes, ef)
+    else:
+        logits = torch.bmm(prototypes, ef)
+    out = torch.softmax(logits / temperature, dim=1)
+    return out.reshape(e.shape[0], prototypes.shape[-2], *e.shape[2:])
+
+
+def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Invariant-and-spreading criterion on (M, D) rows, computed stably.
+
+    Rows i and (i + M/2) mod M are a positive pair; gradients flow only through the first
+    argument of every inner product (stop-gradient on the other side, as published). The
+    positive's own log(1 - p) term is left out of the negative sum instead of being added and
+    subtracted, which is the same number but never forms -inf + inf.
+    """
+    m = x.shape[0]
+    half = m // 2
+    sims = x @ x.detach().t() / temperature  # (M, M)
+    eye = torch.eye(m, dtype=torch.bool, device=x.device)
+    sims = sims.masked_fill(eye, float("-inf"))
+    row_max = sims.max(dim=1, keepdim=True).values.detach()
+    q = torch.exp(sims - row_max)  # q_ii = 0
+    z = q.sum(dim=1, keepdim=True) + PD_EPS * torch.exp(-row_max)
+    p = q / z
+    pos_idx = (torch.arange(m, device=x.device) + half) % m
+    log_p = torch.log(q / z)
+    log_pos = log_p.gather(1, pos_idx[:, None]).squeeze(1)
+    neg_mask = (~eye).clone()
+    neg_mask[torch.arange(m, device=x.device), pos_idx] = False
+    log_neg = torch.where(neg_mask, torch.log1p(-p), torch.zeros_like(p)).sum(dim=1)
+    return -(log_pos + log_neg).sum() / m
+
+
+def patch_discrimination_published(x: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """The published BatchCriterion (exp then normalise, negM = 1), with the spec's 1e-10."""
+    m = x.shape[0]
+    half = m // 2
+    reordered = torch.cat((x[half:], x[:half]), 0)
+    pos = torch.exp((x * reordered.detach()).sum(1) / temperature)
+    diag_mat = 1 - torch.eye(m, dtype=x.dtype, device=x.device)
+    all_prob = torch.exp(x @ x.detach().t() / temperature) * diag_mat
+    all_div = all_prob.sum(1) + PD_EPS
+    lnPmt = pos / all_div
+    lnPon = all_prob / all_div[:, None]
+    lnPon = torch.log(1 - lnPon).sum(1) - torch.log(1 - lnPmt)
+    return -(torch.log(lnPmt).sum(0) + lnPon.sum(0)) / m
+

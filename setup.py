@@ -1,0 +1,60 @@
+"""Build ld_ext._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
+
+Environment knobs:
+  LD_EXT_FORCE_CUDA=1   compile the CUDA sources even when no GPU is visible (needs a CUDA build of
+                        torch and nvcc; this is how CI compile-checks the kernels on a CPU machine)
+  LD_EXT_NO_CUDA=1      never compile the CUDA sources
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default here: "8.0;9.0")
+  LD_EXT_DEBUG=1        -O0 -g builds
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("LD_EXT_NO_CUDA", "0") == "1":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        return False
+    return torch.cuda.is_available() or os.environ.get("LD_EXT_FORCE_CUDA", "0") == "1"
+
+
+def _extension():
+    debug = os.environ.get("LD_EXT_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = opt + ["-fvisibility=hidden"]
+    use_cuda = _want_cuda()
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        # The pip CUDA wheels ship headers (cuBLAS etc.) that a bare toolkit may lack.
+        include_dirs = []
+        try:
+            import nvidia  # type: ignore
+
+            for base in getattr(nvidia, "__path__", []):
+                include_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+        except ImportError:
+            pass
+        return CUDAExtension(
+            "ld_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("LD_EXT_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        )
+    return CppExtension("ld_ext._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
