@@ -1,0 +1,250 @@
+"""The LD view generator and its augmentations, in plain torch on the training device.
+
+LD_METHOD.md section 5. For each item of a batch two source images (img1, img2) are given;
+each gets a source augmentation (random h/v flips, rotation in [-180, 180], random resized crop
+with scale 0.9..1.0) and then two views (small rotation in [-2, 2], colour jitter
+(0.4, 0.4, 0.4, 0.02), grayscale with p = 0.2). The second view (v2) is additionally flipped
+and rotated by k*90 degrees; both are recorded so that v2's patch grid can be mapped back onto
+v1's (``align_to_v1``). The mixup image is ``w*img1_v1 + (1-w)*img2_v1`` (before the intensity
+normalisation), w ~ U(0.2, 0.8).
+
+Randomness: every item draws its parameters from its own ``torch.Generator`` (see
+``item_generator``), seeded from (seed, stage, epoch, step, global item index). An item is
+therefore augmented identically whichever process or batch it lands in: this is what makes
+2 processes x B equal to 1 process x 2B, and ``--resume`` exact.
+
+Geometric transforms are composed into one affine map per view and applied with a single
+``grid_sample`` (bilinear, zeros outside), so each view is interpolated once.
+
+Our choices where the published code (torchvision) differs or is silent: the colour jitter
+operations run in a fixed order (brightness, contrast, saturation, hue) instead of a random
+one; hue is a rotation of the chroma plane in YIQ space; the v2 flips are drawn independently
+per axis (p = 0.5 each); images are normalised with fixed ``NORM_MEAN``/``NORM_STD``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AugmentConfig",
+    "ViewBatch",
+    "LDViewGenerator",
+    "item_generator",
+    "align_to_v1",
+    "normalize_intensity",
+    "NORM_MEAN",
+    "NORM_STD",
+]
+
+NORM_MEAN = 0.5
+NORM_STD = 0.25
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def item_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of the integer ``keys`` (e.g. seed, stage, epoch, step, index)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(keys)}q", *[int(k) for k in keys]), digest_size=8).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation ranges (defaults: the published recipe)."""
+
+    src_rotation: float = 180.0
+    src_flip: bool = True
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    view_rotation: float = 2.0
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.02
+    grayscale_p: float = 0.2
+    v2_flip_p: float = 0.5
+    v2_rot90: bool = True
+    mix_range: tuple[float, float] = (0.2, 0.8)
+
+
+@dataclass
+class ViewBatch:
+    """One step's network input and what is needed to undo v2's flips/rotations.
+
+    ``images`` (5B, C, S, S), normalised: [img1_v1, img2_v1, img1_v2, img2_v2, img3] (B each).
+    ``flip_h``/``flip_v``/``rot_k`` (2B,) describe the extra transform of [img1_v2, img2_v2].
+    ``mix_w`` (B,) the mixup weights.
+    """
+
+    images: torch.Tensor
+    flip_h: torch.Tensor
+    flip_v: torch.Tensor
+    rot_k: torch.Tensor
+    mix_w: torch.Tensor
+    batch_size: int = field(default=0)
+
+
+def _u(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def _rot(a: float) -> torch.Tensor:
+    c, s = math.cos(a), math.sin(a)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def _sample_source(g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """3x3 matrix mapping output (crop) coordinates to source coordinates, in [-1, 1] units."""
+    fx = -1.0 if (cfg.src_flip and float(torch.rand((), generator=g)) < 0.5) else 1.0
+    fy = -1.0 if (cfg.src_flip and float(torch.rand((), generator=g)) < 0.5) else 1.0
+    angle = math.radians(_u(g, -cfg.src_rotation, cfg.src_rotation))
+    scale = _u(g, *cfg.crop_scale)
+    log_ratio = _u(g, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]))
+    ratio = math.exp(log_ratio)
+    cw = min(1.0, math.sqrt(scale * ratio))
+    ch = min(1.0, math.sqrt(scale / ratio))
+    cx = _u(g, -(1.0 - cw), 1.0 - cw)
+    cy = _u(g, -(1.0 - ch), 1.0 - ch)
+    flip = torch.diag(torch.tensor([fx, fy, 1.0], dtype=torch.float64))
+    crop = torch.tensor([[cw, 0.0, cx], [0.0, ch, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    # image transform: crop(rotate(flip(img))); sampling grid: flip^-1 . rot^-1 . crop^-1
+    return flip @ _rot(-angle) @ crop
+
+
+def _sample_view(g: torch.Generator, cfg: AugmentConfig, channels: int) -> tuple[torch.Tensor, list[float]]:
+    angle = math.radians(_u(g, -cfg.view_rotation, cfg.view_rotation))
+    b = _u(g, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+    c = _u(g, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+    s = _u(g, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
+    h = _u(g, -cfg.hue, cfg.hue)
+    gray = 1.0 if float(torch.rand((), generator=g)) < cfg.grayscale_p else 0.0
+    return _rot(-angle), [b, c, s, h, gray]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 3:
+        w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    return x.mean(1, keepdim=True)
+
+
+def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Per-image brightness, contrast, saturation, hue and grayscale on [0, 1] images.
+
+    ``params`` (N, 5): brightness factor, contrast factor, saturation factor, hue shift (in
+    turns, [-0.5, 0.5]), grayscale flag. Saturation, hue and grayscale act on RGB only.
+    """
+    p = params.to(device=x.device, dtype=x.dtype)
+    view = lambda col: p[:, col].view(-1, 1, 1, 1)  # noqa: E731
+    x = (x * view(0)).clamp(0, 1)
+    m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - m) * view(1) + m).clamp(0, 1)
+    if x.shape[1] == 3:
+        g = _gray(x)
+        x = ((x - g) * view(2) + g).clamp(0, 1)
+        # hue: rotate the (I, Q) chroma plane of YIQ
+        to_yiq = torch.tensor(
+            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=x.dtype, device=x.device
+        )
+        from_yiq = torch.linalg.inv(to_yiq)
+        yiq = torch.einsum("ij,njhw->nihw", to_yiq, x)
+        th = p[:, 3] * 2 * math.pi
+        cos, sin = torch.cos(th).view(-1, 1, 1), torch.sin(th).view(-1, 1, 1)
+        i, q = yiq[:, 1], yiq[:, 2]
+        yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+        x = torch.einsum("ij,njhw->nihw", from_yiq, yiq).clamp(0, 1)
+        g = _gray(x).expand_as(x)
+        x = torch.where(view(4) > 0.5, g, x)
+    return x
+
+
+def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
+    """The fixed mean/std normalisation applied to every network input."""
+    return (x - NORM_MEAN) / NORM_STD
+
+
+def _apply_v2(x: torch.Tensor, fh: bool, fv: bool, k: int) -> torch.Tensor:
+    dims = [d for d, f in ((-1, fh), (-2, fv)) if f]
+    if dims:
+        x = torch.flip(x, dims)
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def align_to_v1(x: torch.Tensor, flip_h: torch.Tensor, flip_v: torch.Tensor, rot_k: torch.Tensor) -> torch.Tensor:
+    """Undo v2's extra transform on a spatial map (N, C, G, G) of v2 views (e.g. the patch grid)."""
+    if x.shape[0] != rot_k.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} maps but {rot_k.shape[0]} transforms were recorded")
+    out = []
+    for i in range(x.shape[0]):
+        y = x[i]
+        k = int(rot_k[i])
+        if k:
+            y = torch.rot90(y, -k, dims=(-2, -1))
+        dims = [d for d, f in ((-1, bool(flip_h[i])), (-2, bool(flip_v[i]))) if f]
+        if dims:
+            y = torch.flip(y, dims)
+        out.append(y)
+    return torch.stack(out)
+
+
+class LDViewGenerator:
+    """Makes the 5B network inputs of one LD step from B pairs of source images.
+
+    ``__call__(img1, img2, generators)``: img1, img2 (B, C, H, W) in [0, 1] on the training
+    device (square, H == W == ``size`` is the usual case; other sizes are resampled), and one
+    ``torch.Generator`` per item. Returns a ``ViewBatch``.
+    """
+
+    def __init__(self, size: int, config: AugmentConfig | None = None) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+            raise ValueError(f"size must be an int >= 16, got {size!r}")
+        self.size = size
+        self.cfg = config or AugmentConfig()
+
+    def __call__(self, img1: torch.Tensor, img2: torch.Tensor, generators: Sequence[torch.Generator]) -> ViewBatch:
+        if img1.shape != img2.shape or img1.dim() != 4:
+            raise ValueError(f"img1 and img2 must both be (B, C, H, W), got {tuple(img1.shape)} and {tuple(img2.shape)}")
+        b, c = img1.shape[:2]
+        if len(generators) != b:
+            raise ValueError(f"need one generator per item: {b} items, {len(generators)} generators")
+        cfg = self.cfg
+        thetas = [[None] * b for _ in range(4)]  # order: img1_v1, img2_v1, img1_v2, img2_v2
+        jitter = [[None] * b for _ in range(4)]
+        fh, fv, rk, mw = [], [], [], []
+        for i, g in enumerate(generators):
+            src = [_sample_source(g, cfg), _sample_source(g, cfg)]
+            for view in range(2):
+                for j in range(2):
+                    vrot, jit = _sample_view(g, cfg, c)
+                    thetas[2 * view + j][i] = (src[j] @ vrot)[:2]
+                    jitter[2 * view + j][i] = jit
+            for _ in range(2):  # v2 extras for img1_v2 and img2_v2 of this item
+                fh.append(cfg.v2_flip_p > 0 and float(torch.rand((), generator=g)) < cfg.v2_flip_p)
+                fv.append(cfg.v2_flip_p > 0 and float(torch.rand((), generator=g)) < cfg.v2_flip_p)
+                rk.append(int(torch.randint(0, 4, (), generator=g)) if cfg.v2_rot90 else 0)
+            mw.append(_u(g, *cfg.mix_range))
+        # rk/fh/fv are per item (img1_v2, img2_v2); reorder to [img1_v2 (B), img2_v2 (B)]
+        fh = torch.tensor(fh[0::2] + fh[1::2])
+        fv = torch.tensor(fv[0::2] + fv[1::2])
+        rk = torch.tensor(rk[0::2] + rk[1::2])
+        dev, dt = img1.device, img1.dtype
+        theta = torch.stack([t for group in thetas for t in group]).to(device=dev, dtype=dt)  # (4B, 2, 3)
+        src_imgs = torch.cat([img1, img2, img1, img2]).to(dt)
+        grid = F.affine_grid(theta, [4 * b, c, self.size, self.size], align_corners=False)
+        views = F.grid_sample(src_imgs, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        params = torch.tensor([p for group in jitter for p in group], dtype=torch.float64)
+        views = colour_jitter(views, params)
+        v2 = views[2 * b :]
+        v2 = torch.stack([_apply_v2(v2[i], bool(fh[i]), bool(fv[i]), int(rk[i])) for i in range(2 * b)])
+        w = torch.tensor(mw, dtype=dt, device=dev)
+        mix = w.view(-1, 1, 1, 1) * views[:b] + (1 - w.view(-1, 1, 1, 1)) * views[b : 2 * b]
+        images = normalize_intensity(torch.cat([views[: 2 * b], v2, mix]))
+        return ViewBatch(images=images, flip_h=fh, flip_v=fv, rot_k=rk, mix_w=w, batch_size=b)

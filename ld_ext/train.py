@@ -1,0 +1,655 @@
+"""LD pre-training: both stages, exact resume, multi-process on torch.distributed.
+
+``ld-ext pretrain --data PATH... --out DIR`` (or ``pretrain(TrainConfig(...))``):
+
+* stage 1: network without the clustering branch, L = L_pd + L_mix;
+* stage 2: the clustering branch is added, every other weight comes from stage 1 (by name),
+  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (LD_METHOD.md sections 5 and 6).
+
+Each stage has its own Adam optimiser (lr 1e-3) halved every ``lr_step`` epochs. All randomness
+of an epoch (item order, partner images, augmentations) is derived from (seed, stage, epoch,
+step, item) so that ``--resume`` continues exactly and 2 processes x B equal 1 process x 2B.
+
+Outputs in ``--out``: ``checkpoint.pt`` (latest complete epoch, with optimiser, scheduler, RNG
+states), ``stage1.pt``/``stage2.pt`` (weights at the end of each stage), ``model.pt`` (final),
+``metrics.jsonl`` (one JSON record per epoch), ``overlays/`` (PNG per epoch of a fixed
+validation set), ``losses.png``. All files are written to a temp name and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist_utils
+from . import reference
+from .augment import AugmentConfig, LDViewGenerator, ViewBatch, align_to_v1, item_generator
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .data import ImageFolderDataset
+from .models import DEFAULT_WIDTHS, LDNet
+
+__all__ = [
+    "LOSS_IMPLS",
+    "LDCriterion",
+    "TrainConfig",
+    "pretrain",
+    "make_training_step",
+    "add_arguments",
+    "run",
+]
+
+LOSS_IMPLS = ("fused", "reference")
+W_RD = 10.0
+W_ENT = 0.1
+
+
+def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x / (torch.norm(x, p=2, dim=dim, keepdim=True) + reference.NORM_EPS)
+
+
+class LDCriterion:
+    """The LD losses of one step, from the raw network outputs of a ``ViewBatch``.
+
+    ``loss_impl="fused"`` uses the ld_ext ops (region features + entropy in one fused pass over
+    the raw decoder outputs, fused region discrimination and patch discrimination);
+    ``"reference"`` uses the plain-PyTorch ``ld_ext.reference`` functions. In a torch.distributed
+    job the region features, PD rows, mixup rows and entropy are all-gathered (with gradients) so
+    every term is computed over the global batch.
+    """
+
+    def __init__(
+        self,
+        loss_impl: str = "fused",
+        grid: int = 8,
+        pd_temperature: float = 0.1,
+        rd_temperature: float = 0.2,
+        w_rd: float = W_RD,
+        w_ent: float = W_ENT,
+    ) -> None:
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid must be a positive int, got {grid!r}")
+        self.loss_impl = loss_impl
+        self.grid = grid
+        self.pd_temperature = pd_temperature
+        self.rd_temperature = rd_temperature
+        self.w_rd, self.w_ent = w_rd, w_ent
+        if loss_impl == "fused":
+            from . import ops
+
+            self._ops = ops
+
+    def _pd(self, x: torch.Tensor) -> torch.Tensor:
+        if self.loss_impl == "fused":
+            return self._ops.patch_discrimination(x, self.pd_temperature)
+        # reference.patch_discrimination (the stable form) has NaN gradients at the time of writing
+        # (log(q/z) of the masked diagonal in backward); the published form has the same value
+        # and finite gradients.
+        return reference.patch_discrimination_published(x, self.pd_temperature)
+
+    def __call__(self, z: torch.Tensor, s: torch.Tensor | None, views: ViewBatch) -> dict[str, torch.Tensor]:
+        b = views.batch_size
+        if z.shape[0] != 5 * b:
+            raise ValueError(f"z must hold 5B = {5 * b} images, got {z.shape[0]}")
+        g = self.grid
+        gather = dist_utils.all_gather_with_grad
+        e = reference.normalize_embeddings(z.float())
+        f = _unit(F.adaptive_avg_pool2d(e, g), dim=1)  # (5B, D, G, G)
+        d = f.shape[1]
+        f_v2 = align_to_v1(f[2 * b : 4 * b], views.flip_h, views.flip_v, views.rot_k)
+        w = views.mix_w.to(f.dtype).view(-1, 1, 1, 1)
+        target = _unit(w * f[:b] + (1 - w) * f[b : 2 * b], dim=1).detach()
+
+        def rows(x):  # (n, D, G, G) -> (n, G*G, D)
+            return x.flatten(2).transpose(1, 2)
+
+        pd_local = torch.stack([rows(f[:b]), rows(f[b : 2 * b]), rows(f_v2[:b]), rows(f_v2[b:])])  # (4, B, GG, D)
+        mix_local = torch.stack([rows(f[4 * b :]), rows(target)])  # (2, B, GG, D)
+        l_pd = self._pd(gather(pd_local, dim=1).reshape(-1, d))
+        l_mix = self._pd(gather(mix_local, dim=1).reshape(-1, d))
+        out = {"pd": l_pd, "mix": l_mix}
+        loss = l_pd + l_mix
+        if s is not None:
+            zv, sv = z[: 4 * b], s[: 4 * b]
+            if self.loss_impl == "fused":
+                feats, ent = self._ops.region_features_and_entropy(zv, sv, normalize=True, assignment="sigmoid")
+            else:
+                zv, sv = zv.float(), sv.float()
+                feats = reference.region_features_bmm(zv, sv, normalize=True, assignment="sigmoid")
+                ent = reference.assignment_entropy(sv, "sigmoid")
+            feats = gather(feats.float(), dim=0)
+            ent = gather(ent.float().reshape(1), dim=0).mean()
+            if self.loss_impl == "fused":
+                l_rd = self._ops.region_discrimination(feats, self.rd_temperature)
+            else:
+                l_rd = reference.region_discrimination(feats, self.rd_temperature)
+            out["rd"], out["ent"] = l_rd, ent
+            loss = loss + self.w_rd * l_rd + self.w_ent * ent
+        out["loss"] = loss
+        return out
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pre-training run needs (the CLI flags map one to one)."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = "ld_run"
+    size: int = 128
+    channels: int = 1
+    emb_dim: int = 32
+    n_clusters: int = 16
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    batch_size: int = 4
+    epochs1: int = 20
+    epochs2: int = 80
+    steps_per_epoch: int | None = None
+    lr: float = 1e-3
+    lr_step: int = 10
+    lr_gamma: float = 0.5
+    grid: int = 8
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    loss_impl: str = "fused"
+    val_images: int = 4
+    nifti_axes: tuple[int, ...] = (2,)
+    min_foreground: float = 0.05
+    fit: str = "pad"
+    resume: bool = False
+    max_minutes: float | None = None
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def pos_int(name, minimum=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        for n in ("size", "emb_dim", "n_clusters", "batch_size", "lr_step", "grid"):
+            pos_int(n)
+        for n in ("epochs1", "epochs2", "val_images"):
+            pos_int(n, 0)
+        if self.size < 16:
+            raise ValueError(f"size must be >= 16, got {self.size}")
+        if self.size % self.grid:
+            warnings.warn(f"size {self.size} is not a multiple of grid {self.grid}; patch cells are uneven", stacklevel=2)
+        if self.epochs1 + self.epochs2 == 0:
+            raise ValueError("epochs1 + epochs2 must be > 0")
+        if self.steps_per_epoch is not None:
+            pos_int("steps_per_epoch")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rng_state() -> dict:
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((3, tuple(int(v) for v in py[:-1]), None if py[-1] == -1 else py[-1]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int):
+    """Global item indices, their partner images and the items' global numbers for one step."""
+    order = torch.randperm(n, generator=item_generator(seed, stage, epoch, -1))
+    pos = (step * global_batch + torch.arange(global_batch)) % n
+    idx = order[pos]
+    if n > 1:
+        g = item_generator(seed, stage, epoch, -2, step)
+        partner = (idx + 1 + torch.randint(0, n - 1, (global_batch,), generator=g)) % n
+    else:
+        partner = idx.clone()
+    return idx, partner, step * global_batch + torch.arange(global_batch)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return torch.autocast(device.type, enabled=False), None
+
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+@torch.no_grad()
+def predict(model: LDNet, images: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z, s) of images in [0, 1] (normalised inside), in eval mode, on the model's device."""
+    from .augment import normalize_intensity
+
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    zs, ss = [], []
+    for i in range(0, images.shape[0], batch_size):
+        z, s = model(normalize_intensity(images[i : i + batch_size].to(dev).float()))
+        zs.append(z.float().cpu())
+        if s is not None:
+            ss.append(s.float().cpu())
+    model.train(was)
+    return torch.cat(zs), (torch.cat(ss) if ss else None)
+
+
+def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
+    """Validation overlays: image | cluster arg-max overlay (stage 2) or embedding PCA (stage 1)."""
+    from . import viz
+
+    z, s = predict(model, images)
+    rows = []
+    for i in range(images.shape[0]):
+        row = [viz.overlay_clusters(images[i], torch.zeros(images.shape[-2:], dtype=torch.long), 1, alpha=0.0)]
+        row.append(viz.embedding_rgb(z[i]))
+        if s is not None:
+            row.append(viz.overlay_clusters(images[i], s[i].argmax(0), s.shape[1]))
+        rows.append(row)
+    return viz.save_grid(rows, path)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _make_model(cfg: TrainConfig, stage: int) -> LDNet:
+    return LDNet(cfg.channels, cfg.emb_dim, cfg.n_clusters if stage == 2 else None, cfg.widths)
+
+
+def pretrain(
+    cfg: TrainConfig,
+    dataset: ImageFolderDataset | None = None,
+    val_images: torch.Tensor | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run (or resume) both LD stages; returns a summary dict (paths, last metrics, timing).
+
+    ``dataset`` overrides ``cfg.data``; ``val_images`` (V, C, S, S) in [0, 1] overrides the fixed
+    validation set (default: ``cfg.val_images`` images of the dataset picked with the seed).
+    ``on_epoch_end(record)`` is called after each epoch's checkpoint is written.
+    """
+    cfg.validate()
+    info = dist_utils.init_from_env(cfg.device)
+    device, ws, rank = info.device, info.world_size, info.rank
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "overlays").mkdir(exist_ok=True)
+    if dataset is None:
+        if not cfg.data:
+            raise ValueError("data: give at least one folder or file (--data PATH ...)")
+        dataset = ImageFolderDataset(
+            cfg.data, cfg.size, cfg.channels, nifti_axes=cfg.nifti_axes, min_foreground=cfg.min_foreground,
+            fit=cfg.fit, progress=cfg.progress and info.is_main,
+        )
+    images = dataset.images
+    if images.shape[1] != cfg.channels or images.shape[-1] != cfg.size:
+        raise ValueError(
+            f"dataset images are {tuple(images.shape[1:])}, expected ({cfg.channels}, {cfg.size}, {cfg.size})"
+        )
+    n = images.shape[0]
+    if val_images is None:
+        vi = torch.randperm(n, generator=item_generator(cfg.seed, -3))[: min(cfg.val_images, n)]
+        val_images = images[vi]
+    images_dev = images.to(device)
+
+    ckpt_path = out / "checkpoint.pt"
+    metrics_path = out / "metrics.jsonl"
+    resume_state = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise ValueError(f"--resume: no checkpoint to resume from at {ckpt_path}")
+        resume_state = load_checkpoint(ckpt_path, map_location="cpu")
+        for key in ("stage", "epoch", "optimizer", "scheduler"):
+            if key not in resume_state:
+                raise ValueError(f"checkpoint {ckpt_path} is not a training checkpoint (no {key!r})")
+        prev = resume_state.get("train_config", {})
+        for key in ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid"):
+            if key in prev and prev[key] != getattr(cfg, key):
+                raise ValueError(
+                    f"checkpoint {ckpt_path} was trained with {key}={prev[key]!r}, this run asks for "
+                    f"{getattr(cfg, key)!r}; use the same value to resume"
+                )
+    records = _read_jsonl(metrics_path) if resume_state is not None else []
+    if resume_state is not None:
+        done = (resume_state["stage"], resume_state["epoch"])
+        records = [r for r in records if (r.get("stage"), r.get("epoch")) <= done]
+    else:
+        _seed_all(cfg.seed)
+
+    viewgen = LDViewGenerator(cfg.size, AugmentConfig())
+    criterion = LDCriterion(cfg.loss_impl, cfg.grid)
+    gb = cfg.batch_size * ws
+    steps = cfg.steps_per_epoch or max(1, n // gb)
+    t_start = time.time()
+    stopped_early = False
+    stage1_state = None
+    model = None
+    summary: dict = {"out": str(out), "world_size": ws, "device": str(device)}
+
+    stages = [(1, cfg.epochs1), (2, cfg.epochs2)]
+    for stage, n_epochs in stages:
+        if n_epochs == 0:
+            continue
+        start_epoch = 0
+        if resume_state is not None:
+            if resume_state["stage"] > stage or (resume_state["stage"] == stage and resume_state["epoch"] >= n_epochs):
+                if stage == 1 and resume_state["stage"] == 1:
+                    stage1_state = resume_state["model"]
+                continue
+            if resume_state["stage"] == stage:
+                start_epoch = resume_state["epoch"]
+        # --- build the model of this stage (deterministic initialisation)
+        torch.manual_seed(int(item_generator(cfg.seed, stage, -4).initial_seed()) & ((1 << 62) - 1))
+        model = _make_model(cfg, stage)
+        if stage == 2 and stage1_state is not None:
+            model.load_stage1(stage1_state)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        if resume_state is not None and resume_state["stage"] == stage:
+            model.load_state_dict(resume_state["model"])
+            opt.load_state_dict(resume_state["optimizer"])
+            sched.load_state_dict(resume_state["scheduler"])
+            if "rng" in resume_state:
+                _set_rng_state(resume_state["rng"])
+            resume_state = None  # consumed
+        elif resume_state is not None and resume_state["stage"] < stage:
+            resume_state = None
+        model.to(device)
+        if ws > 1:
+            model = dist_utils.convert_batchnorm(model, device)
+            dist_utils.broadcast_module(model)
+        model.train()
+        # optimiser state tensors must live beside the parameters
+        for st in opt.state.values():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    st[k] = v.to(device)
+        ac, amp_dtype = _autocast(device, cfg.amp)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+        for epoch in range(start_epoch, n_epochs):
+            t0 = time.time()
+            sums: dict[str, float] = {}
+            bar = _progress(steps, f"stage {stage} epoch {epoch + 1}/{n_epochs}", cfg.progress and info.is_main)
+            for step in range(steps):
+                idx, partner, item_no = _batch_indices(n, stage, epoch, step, gb, cfg.seed)
+                sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+                gens = [item_generator(cfg.seed, stage, epoch, step, int(i)) for i in item_no[sl]]
+                vb = viewgen(images_dev[idx[sl].to(device)], images_dev[partner[sl].to(device)], gens)
+                with ac:
+                    z, s = model(vb.images)
+                losses = criterion(z, s, vb)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                dist_utils.average_gradients(model)
+                scaler.step(opt)
+                scaler.update()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in sums.items()})
+                if not math.isfinite(float(losses["loss"].detach())):
+                    raise FloatingPointError(f"loss became {float(losses['loss'].detach())} at stage {stage} epoch {epoch + 1} step {step + 1}")
+            if bar is not None:
+                bar.close()
+            sched.step()
+            dt = time.time() - t0
+            rec = {"stage": stage, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+            rec.update({k: v / steps for k, v in sums.items()})
+            rec.update({"steps": steps, "images": 5 * gb * steps, "seconds": round(dt, 3), "images_per_s": round(5 * gb * steps / dt, 3)})
+            records.append(rec)
+            if info.is_main:
+                plain = _unwrap_state(model)
+                state = {
+                    "config": _plain_model(model).config,
+                    "model": plain,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": _rng_state(),
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    "train_config": _cfg_dict(cfg),
+                }
+                save_checkpoint(ckpt_path, state)
+                _write_jsonl(metrics_path, records)
+                if val_images is not None and len(val_images):
+                    save_overlays(_plain_model(model), val_images, out / "overlays" / f"stage{stage}_epoch{epoch + 1:03d}.png")
+                print(json.dumps(rec), flush=True)
+            dist_utils.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(rec)
+            if cfg.max_minutes is not None and (time.time() - t_start) > 60 * cfg.max_minutes:
+                stopped_early = True
+                break
+        if info.is_main:
+            save_checkpoint(out / f"stage{stage}.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model), "stage": stage})
+        stage1_state = _unwrap_state(model) if stage == 1 else stage1_state
+        if stopped_early:
+            warnings.warn(f"time budget of {cfg.max_minutes} min reached; stopping after stage {stage} epoch {epoch + 1}", stacklevel=2)
+            break
+
+    if model is None:  # everything was already done: rebuild the final model from disk
+        from .checkpoint import load_model
+
+        last = out / ("stage2.pt" if cfg.epochs2 else "stage1.pt")
+        model = load_model(last)
+    if info.is_main:
+        save_checkpoint(out / "model.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model)})
+        if records:
+            from . import viz
+
+            try:
+                viz.save_loss_curves(records, out / "losses.png")
+            except Exception as exc:  # plotting must never lose a finished run
+                warnings.warn(f"could not plot losses: {exc}", stacklevel=2)
+    summary.update(
+        {
+            "model": str(out / "model.pt"),
+            "metrics": str(metrics_path),
+            "records": records,
+            "seconds": time.time() - t_start,
+            "stopped_early": stopped_early,
+            "n_images": n,
+        }
+    )
+    summary["final_model"] = _plain_model(model)
+    return summary
+
+
+def _plain_model(model) -> LDNet:
+    return model.module if hasattr(model, "module") else model
+
+
+def _unwrap_state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in _plain_model(model).state_dict().items()}
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["widths"] = list(cfg.widths)
+    d["nifti_axes"] = list(cfg.nifti_axes)
+    return d
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- benchmark hook
+
+
+def synthetic_images(n: int, size: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """Smooth random blob images (n, C, size, size) in [0, 1], for benchmarks and tests."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, channels, 8, 8, generator=g)
+    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    x = x + 0.05 * torch.randn(n, channels, size, size, generator=g)
+    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
+    return (x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)).clamp(0, 1)
+
+
+def make_training_step(
+    model: LDNet,
+    loss_impl: str = "fused",
+    batch_size: int = 4,
+    size: int = 128,
+    *,
+    device: str | torch.device | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    grid: int = 8,
+) -> Callable[[], dict[str, float]]:
+    """One full LD training step as a callable, for end-to-end step-rate measurements.
+
+    Each call draws B pairs from a fixed pool of synthetic images, makes the 5B views on the
+    model's device, runs forward, the LD losses (``loss_impl`` "fused" or "reference"; stage 1 if
+    ``model.n_clusters`` is None, else stage 2), backward and an Adam update. Returns the loss
+    terms as floats. Images per call: ``5 * batch_size``.
+    """
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev).train()
+    pool = synthetic_images(max(2 * batch_size, 8), size, model.in_channels, seed).to(dev)
+    viewgen = LDViewGenerator(size)
+    criterion = LDCriterion(loss_impl, grid)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    counter = {"step": 0}
+
+    def step() -> dict[str, float]:
+        k = counter["step"]
+        counter["step"] += 1
+        idx, partner, item_no = _batch_indices(pool.shape[0], 0, 0, k, batch_size, seed)
+        gens = [item_generator(seed, 0, 0, k, int(i)) for i in item_no]
+        vb = viewgen(pool[idx.to(dev)], pool[partner.to(dev)], gens)
+        z, s = model(vb.images)
+        losses = criterion(z, s, vb)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        return {k2: float(v.detach()) for k2, v in losses.items()}
+
+    step.images_per_call = 5 * batch_size  # type: ignore[attr-defined]
+    return step
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--data", nargs="+", required=True, metavar="PATH", help="folders (searched recursively) or files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoints, metrics, overlays)")
+    parser.add_argument("--size", type=int, default=d.size, help="image size (square) fed to the network")
+    parser.add_argument("--channels", type=int, default=d.channels, choices=(1, 3), help="1 = gray, 3 = RGB")
+    parser.add_argument("--emb-dim", type=int, default=d.emb_dim, help="D, embedding channels")
+    parser.add_argument("--clusters", type=int, default=d.n_clusters, help="K, clusters of stage 2")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="B pairs per process and step (5B images)")
+    parser.add_argument("--epochs1", type=int, default=d.epochs1, help="stage-1 epochs (PD + mixup)")
+    parser.add_argument("--epochs2", type=int, default=d.epochs2, help="stage-2 epochs (LD)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: images / global batch")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr-step", type=int, default=d.lr_step, help="halve the learning rate every N epochs")
+    parser.add_argument("--grid", type=int, default=d.grid, help="G, patch grid for PD/mixup")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl, help="fused ld_ext ops or plain PyTorch")
+    parser.add_argument("--val-images", type=int, default=d.val_images, help="images in the overlay PNGs")
+    parser.add_argument("--nifti-axes", type=int, nargs="+", default=list(d.nifti_axes), help="NIfTI slice axes")
+    parser.add_argument("--min-foreground", type=float, default=d.min_foreground, help="skip NIfTI slices with less foreground")
+    parser.add_argument("--fit", choices=("pad", "crop"), default=d.fit, help="make images square by padding or cropping")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this budget")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=list(args.data), out=args.out, size=args.size, channels=args.channels, emb_dim=args.emb_dim,
+        n_clusters=args.clusters, batch_size=args.batch_size, epochs1=args.epochs1, epochs2=args.epochs2,
+        steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid, seed=args.seed,
+        device=args.device, amp=not args.no_amp, loss_impl=args.loss_impl, val_images=args.val_images,
+        nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
+        resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        summary = pretrain(cfg)
+    except KeyboardInterrupt:
+        ck = Path(cfg.out) / "checkpoint.pt"
+        msg = f"last complete checkpoint: {ck}" if ck.exists() else "no epoch was completed"
+        print(f"interrupted; {msg} (continue with --resume)", file=sys.stderr)
+        raise
+    finally:
+        dist_utils.cleanup()
+    if dist_utils.rank() == 0:
+        last = summary["records"][-1] if summary["records"] else {}
+        print(json.dumps({"model": summary["model"], "metrics": summary["metrics"], "seconds": round(summary["seconds"], 1), "last": last}))
+    return 0
