@@ -182,7 +182,7 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
     z = q.sum(dim=1, keepdim=True) + PD_EPS * torch.exp(-row_max)
     p = q / z
     pos_idx = (torch.arange(m, device=x.device) + half) % m
-    log_p = torch.log(q / z)
+    log_p = sims - row_max - torch.log(z)  # -inf on the diagonal, never differentiated there
     log_pos = log_p.gather(1, pos_idx[:, None]).squeeze(1)
     neg_mask = (~eye).clone()
     neg_mask[torch.arange(m, device=x.device), pos_idx] = False

@@ -1,0 +1,210 @@
+// Shared pieces of the CPU kernels: run-time ISA dispatch, vectorisable math, tiling.
+//
+// Hot loops are written as plain loops over a fixed number of lanes so that the compiler
+// vectorises them; the functions that contain them are compiled three times (AVX-512, AVX2+FMA,
+// baseline) with GCC's target_clones and the best one is picked at load time. The summation order
+// never depends on the clone or on the number of threads, so a given machine always produces
+// bitwise the same result.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../ld_ext.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(LD_EXT_NO_CLONES)
+#define LD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LD_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define LD_INLINE inline __attribute__((always_inline))
+#else
+#define LD_INLINE inline
+#endif
+
+namespace ld_ext {
+namespace cpu {
+
+// Pixels per tile: the unit of work that lives in L1/L2 (multiple of every lane count).
+constexpr int64_t kTile = 256;
+// Pixels per reduction chunk: partial sums are kept per (image, chunk) and added in chunk order,
+// so results do not depend on the thread count.
+constexpr int64_t kChunk = 8192;
+
+template <typename T>
+struct Lanes {
+  static constexpr int value = 64 / sizeof(T);  // one 512-bit register
+};
+
+// ----------------------------------------------------------------------------- math
+// exp/log2 for float: Cephes-style range reduction + polynomial (about 1 ulp), branch-free so the
+// loops around them vectorise. NaN propagates. double uses the C library.
+
+LD_INLINE float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+LD_INLINE int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+LD_INLINE float fast_exp(float x) {
+  // exp(x) for x clamped to [-87, 88] (results below e^-87 ~ 1.6e-38 are flushed up to it, which
+  // is below every epsilon used by LD).
+  x = x > 88.0f ? 88.0f : x;
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: round-to-nearest without a rounding instruction
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t e = static_cast<int32_t>(n) + 127;
+  return y * bits_to_float(e << 23);
+}
+
+LD_INLINE float fast_log2(float x) {
+  // log2(x) for normal x > 0; 0 -> -inf, negative/NaN -> NaN, +inf -> +inf.
+  int32_t bits = float_to_bits(x);
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  bool big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  float ef = static_cast<float>(e) + (big ? 1.0f : 0.0f);
+  float z = m - 1.0f;
+  float z2 = z * z;
+  float y = 7.0376836292e-2f;
+  y = y * z - 1.1514610310e-1f;
+  y = y * z + 1.1676998740e-1f;
+  y = y * z - 1.2420140846e-1f;
+  y = y * z + 1.4249322787e-1f;
+  y = y * z - 1.6668057665e-1f;
+  y = y * z + 2.0000714765e-1f;
+  y = y * z - 2.4999993993e-1f;
+  y = y * z + 3.3333331174e-1f;
+  y = y * z * z2 - 0.5f * z2;
+  float ln = z + y;
+  float res = ef + ln * 1.44269504088896341f;
+  const float inf = std::numeric_limits<float>::infinity();
+  res = x == inf ? inf : res;
+  res = x == 0.0f ? -inf : res;
+  res = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : res;
+  res = x != x ? x : res;
+  return res;
+}
+
+template <typename T>
+LD_INLINE T vexp(T x) {
+  return std::exp(x);
+}
+template <>
+LD_INLINE float vexp<float>(float x) {
+  return fast_exp(x);
+}
+template <typename T>
+LD_INLINE T vlog2(T x) {
+  return std::log2(x);
+}
+template <>
+LD_INLINE float vlog2<float>(float x) {
+  return fast_log2(x);
+}
+
+// Binary entropy (bits) of one assignment value and its derivative, LD_METHOD.md section 4.
+template <typename T>
+LD_INLINE T binary_entropy(T a) {
+  const T eps = static_cast<T>(kEntropyEps);
+  return -a * vlog2<T>(a + eps) - (T(1) - a) * vlog2<T>(T(1) - a + eps);
+}
+template <typename T>
+LD_INLINE T binary_entropy_grad(T a) {
+  const T eps = static_cast<T>(kEntropyEps);
+  const T inv_ln2 = static_cast<T>(1.4426950408889634);
+  const T b = T(1) - a;
+  return -vlog2<T>(a + eps) - a / (a + eps) * inv_ln2 + vlog2<T>(b + eps) + b / (b + eps) * inv_ln2;
+}
+
+// Dot product of two tile rows of length n (a multiple of the lane count), with a fixed lane
+// structure and a fixed final summation order.
+template <typename T>
+LD_INLINE T dot_lanes(const T* __restrict a, const T* __restrict b, int64_t n) {
+  constexpr int L = Lanes<T>::value;
+  T acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = T(0);
+  for (int64_t i = 0; i < n; i += L)
+    for (int j = 0; j < L; ++j) acc[j] += a[i + j] * b[i + j];
+  T s = T(0);
+  for (int j = 0; j < L; ++j) s += acc[j];
+  return s;
+}
+
+// Load embeddings of pixels [p0, p0+tn) into E (D rows of stride ts, zero padded to ts) and, when
+// normalize, divide by (||z|| + eps). inv[t] = 1/(m+eps), m[t] = ||z_t|| are kept for backward.
+template <typename T>
+LD_INLINE void load_embeddings(const T* __restrict z, int64_t P, int64_t D, int64_t p0, int64_t tn, int64_t ts,
+                               bool normalize, T* __restrict E, T* __restrict m, T* __restrict inv) {
+  for (int64_t d = 0; d < D; ++d) {
+    const T* src = z + d * P + p0;
+    T* dst = E + d * ts;
+    for (int64_t t = 0; t < tn; ++t) dst[t] = src[t];
+    for (int64_t t = tn; t < ts; ++t) dst[t] = T(0);
+  }
+  if (!normalize) return;
+  for (int64_t t = 0; t < ts; ++t) m[t] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* row = E + d * ts;
+    for (int64_t t = 0; t < ts; ++t) m[t] += row[t] * row[t];
+  }
+  const T eps = static_cast<T>(kNormEps);
+  for (int64_t t = 0; t < ts; ++t) {
+    m[t] = std::sqrt(m[t]);
+    inv[t] = T(1) / (m[t] + eps);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    T* row = E + d * ts;
+    for (int64_t t = 0; t < ts; ++t) row[t] *= inv[t];
+  }
+}
+
+LD_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Inputs of dtype float16/bfloat16 are computed in float32 on the CPU.
+inline at::Tensor as_compute(const at::Tensor& t) {
+  auto c = t.contiguous();
+  if (c.scalar_type() == at::kHalf || c.scalar_type() == at::kBFloat16) return c.to(at::kFloat);
+  return c;
+}
+
+inline void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+inline int64_t pixels_of(const at::Tensor& t) {
+  int64_t p = 1;
+  for (int64_t i = 2; i < t.dim(); ++i) p *= t.size(i);
+  return p;
+}
+
+}  // namespace cpu
+}  // namespace ld_ext

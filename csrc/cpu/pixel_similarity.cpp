@@ -1,0 +1,238 @@
+// pixel_cluster_similarity: S[n,k,p] = softmax_k(<proto_k, e_p> / tau), forward and backward on the
+// CPU, one pass over the pixels each. Prototypes are (K, D) shared or (N, K, D) per image.
+// Backward reads the saved output S and recomputes e; prototype gradients are reduced per
+// (image, chunk) and then added in a fixed order.
+#include "common.h"
+
+namespace ld_ext {
+namespace cpu {
+namespace {
+
+struct PSShape {
+  int64_t N, D, K, P;
+  bool shared;
+};
+
+template <typename T>
+LD_INLINE void ps_forward_task_impl(const T* z, const T* proto, T* out, const PSShape& sh, int64_t n, int64_t c0,
+                                    int64_t c1, T inv_tau, bool normalize) {
+  const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
+  std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts);
+  const T* zn = z + n * D * P;
+  const T* pr = proto + (sh.shared ? 0 : n * K * D);
+  T* on = out + n * K * P;
+  for (int64_t p0 = c0; p0 < c1; p0 += ts) {
+    const int64_t tn = std::min(ts, c1 - p0);
+    load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, E.data(), m.data(), inv.data());
+    for (int64_t k = 0; k < K; ++k) {
+      T* l = L.data() + k * ts;
+      for (int64_t t = 0; t < tn; ++t) l[t] = T(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const T w = pr[k * D + d] * inv_tau;
+        const T* e = E.data() + d * ts;
+        for (int64_t t = 0; t < tn; ++t) l[t] += w * e[t];
+      }
+    }
+    for (int64_t t = 0; t < tn; ++t) mx[t] = L[t];
+    for (int64_t k = 1; k < K; ++k) {
+      const T* l = L.data() + k * ts;
+      for (int64_t t = 0; t < tn; ++t) mx[t] = l[t] > mx[t] ? l[t] : mx[t];
+    }
+    for (int64_t t = 0; t < tn; ++t) sum[t] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      T* l = L.data() + k * ts;
+      for (int64_t t = 0; t < tn; ++t) {
+        l[t] = vexp<T>(l[t] - mx[t]);
+        sum[t] += l[t];
+      }
+    }
+    for (int64_t t = 0; t < tn; ++t) sum[t] = T(1) / sum[t];
+    for (int64_t k = 0; k < K; ++k) {
+      const T* l = L.data() + k * ts;
+      T* dst = on + k * P + p0;
+      for (int64_t t = 0; t < tn; ++t) dst[t] = l[t] * sum[t];
+    }
+  }
+}
+
+LD_CLONES void ps_forward_task(const float* z, const float* proto, float* out, const PSShape& sh, int64_t n,
+                                   int64_t c0, int64_t c1, float inv_tau, bool normalize) {
+  ps_forward_task_impl<float>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
+}
+void ps_forward_task(const double* z, const double* proto, double* out, const PSShape& sh, int64_t n, int64_t c0,
+                         int64_t c1, double inv_tau, bool normalize) {
+  ps_forward_task_impl<double>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
+}
+
+// Backward of one task. partial (K*D, double) receives sum_t gL[k,t] e[d,t] over the task's pixels.
+template <typename T>
+LD_INLINE void ps_backward_task_impl(const T* go, const T* z, const T* proto, const T* out, T* gz, double* partial,
+                                     const PSShape& sh, int64_t n, int64_t c0, int64_t c1, T inv_tau,
+                                     bool normalize) {
+  const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
+  std::vector<T> E(D * ts), GL(K * ts), GE(D * ts), m(ts), inv(ts), dotv(ts);
+  const T* zn = z + n * D * P;
+  const T* pr = proto + (sh.shared ? 0 : n * K * D);
+  const T* on = out + n * K * P;
+  const T* gon = go + n * K * P;
+  T* gzn = gz + n * D * P;
+  for (int64_t i = 0; i < K * D; ++i) partial[i] = 0.0;
+  for (int64_t p0 = c0; p0 < c1; p0 += ts) {
+    const int64_t tn = std::min(ts, c1 - p0);
+    load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, E.data(), m.data(), inv.data());
+    // gL[k,t] = S (g - sum_j g_j S_j) / tau  (zero on padded lanes)
+    for (int64_t t = 0; t < tn; ++t) dotv[t] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* sk = on + k * P + p0;
+      const T* gk = gon + k * P + p0;
+      for (int64_t t = 0; t < tn; ++t) dotv[t] += gk[t] * sk[t];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T* sk = on + k * P + p0;
+      const T* gk = gon + k * P + p0;
+      T* gl = GL.data() + k * ts;
+      for (int64_t t = 0; t < tn; ++t) gl[t] = sk[t] * (gk[t] - dotv[t]) * inv_tau;
+      for (int64_t t = tn; t < ts; ++t) gl[t] = T(0);
+    }
+    // prototype gradient partials
+    const int64_t tl = round_up(tn, Lanes<T>::value);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d)
+        partial[k * D + d] += static_cast<double>(dot_lanes<T>(GL.data() + k * ts, E.data() + d * ts, tl));
+    // gE[d,t] = sum_k proto[k,d] gL[k,t]
+    for (int64_t d = 0; d < D; ++d) {
+      T* ge = GE.data() + d * ts;
+      for (int64_t t = 0; t < tn; ++t) ge[t] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T w = pr[k * D + d];
+        const T* gl = GL.data() + k * ts;
+        for (int64_t t = 0; t < tn; ++t) ge[t] += w * gl[t];
+      }
+    }
+    if (!normalize) {
+      for (int64_t d = 0; d < D; ++d) {
+        const T* ge = GE.data() + d * ts;
+        T* dst = gzn + d * P + p0;
+        for (int64_t t = 0; t < tn; ++t) dst[t] = ge[t];
+      }
+    } else {
+      const T eps = static_cast<T>(kNormEps);
+      for (int64_t t = 0; t < tn; ++t) dotv[t] = T(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* ge = GE.data() + d * ts;
+        const T* e = E.data() + d * ts;
+        for (int64_t t = 0; t < tn; ++t) dotv[t] += ge[t] * e[t];
+      }
+      for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (m[t] + eps) / m[t] : T(0);
+      for (int64_t d = 0; d < D; ++d) {
+        const T* ge = GE.data() + d * ts;
+        const T* e = E.data() + d * ts;
+        T* dst = gzn + d * P + p0;
+        for (int64_t t = 0; t < tn; ++t) dst[t] = (ge[t] - dotv[t] * e[t]) * inv[t];
+      }
+    }
+  }
+}
+
+LD_CLONES void ps_backward_task(const float* go, const float* z, const float* proto, const float* out, float* gz,
+                                    double* partial, const PSShape& sh, int64_t n, int64_t c0, int64_t c1,
+                                    float inv_tau, bool normalize) {
+  ps_backward_task_impl<float>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
+}
+void ps_backward_task(const double* go, const double* z, const double* proto, const double* out, double* gz,
+                          double* partial, const PSShape& sh, int64_t n, int64_t c0, int64_t c1, double inv_tau,
+                          bool normalize) {
+  ps_backward_task_impl<double>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
+}
+
+PSShape shape_of(const at::Tensor& z, const at::Tensor& proto) {
+  const bool shared = proto.dim() == 2;
+  PSShape sh{z.size(0), z.size(1), proto.size(shared ? 0 : 1), pixels_of(z), shared};
+  TORCH_CHECK(proto.size(proto.dim() - 1) == sh.D, "prototypes and embeddings disagree on D");
+  TORCH_CHECK(shared || proto.size(0) == sh.N, "prototypes and embeddings disagree on N");
+  return sh;
+}
+
+at::Tensor pixel_cluster_similarity_cpu(const at::Tensor& embeddings, const at::Tensor& prototypes,
+                                        double temperature, bool normalize) {
+  check_cpu_float(embeddings, "embeddings");
+  check_cpu_float(prototypes, "prototypes");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  const at::Tensor z = as_compute(embeddings);
+  const at::Tensor pr = as_compute(prototypes).to(z.scalar_type());
+  const PSShape sh = shape_of(z, pr);
+  std::vector<int64_t> osz{sh.N, sh.K};
+  for (int64_t i = 2; i < embeddings.dim(); ++i) osz.push_back(embeddings.size(i));
+  at::Tensor out = at::empty(osz, z.options());
+  const int64_t nchunks = (sh.P + kChunk - 1) / kChunk;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "pixel_cluster_similarity_cpu", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* pp = pr.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t inv_tau = static_cast<scalar_t>(1.0 / temperature);
+    at::parallel_for(0, sh.N * nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / nchunks, c = task % nchunks;
+        const int64_t c0 = c * kChunk, c1 = std::min(sh.P, c0 + kChunk);
+        ps_forward_task(zp, pp, op, sh, n, c0, c1, inv_tau, normalize);
+      }
+    });
+  });
+  return out.to(embeddings.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const at::Tensor& grad_out,
+                                                                         const at::Tensor& embeddings,
+                                                                         const at::Tensor& prototypes,
+                                                                         const at::Tensor& out, double temperature,
+                                                                         bool normalize) {
+  check_cpu_float(embeddings, "embeddings");
+  const at::Tensor z = as_compute(embeddings);
+  const auto ct = z.scalar_type();
+  const at::Tensor pr = as_compute(prototypes).to(ct);
+  const at::Tensor go = grad_out.contiguous().to(ct);
+  const at::Tensor so = out.contiguous().to(ct);
+  const PSShape sh = shape_of(z, pr);
+  const int64_t nchunks = (sh.P + kChunk - 1) / kChunk;
+  const int64_t ntasks = sh.N * nchunks;
+  at::Tensor gz = at::empty({sh.N, sh.D, sh.P}, z.options());
+  std::vector<double> partials(static_cast<size_t>(ntasks * sh.K * sh.D));
+  AT_DISPATCH_FLOATING_TYPES(ct, "pixel_cluster_similarity_backward_cpu", [&] {
+    const scalar_t* gop = go.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* pp = pr.data_ptr<scalar_t>();
+    const scalar_t* sp = so.data_ptr<scalar_t>();
+    scalar_t* gzp = gz.data_ptr<scalar_t>();
+    const scalar_t inv_tau = static_cast<scalar_t>(1.0 / temperature);
+    at::parallel_for(0, ntasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / nchunks, c = task % nchunks;
+        const int64_t c0 = c * kChunk, c1 = std::min(sh.P, c0 + kChunk);
+        double* part = partials.data() + task * sh.K * sh.D;
+        ps_backward_task(gop, zp, pp, sp, gzp, part, sh, n, c0, c1, inv_tau, normalize);
+      }
+    });
+  });
+  // prototype gradient: fixed-order sum of the partials (over chunks, and over images if shared)
+  at::Tensor gp = at::zeros(pr.sizes(), pr.options().dtype(at::kDouble));
+  double* gpp = gp.data_ptr<double>();
+  const int64_t KD = sh.K * sh.D;
+  for (int64_t task = 0; task < ntasks; ++task) {
+    const int64_t n = task / nchunks;
+    double* dst = gpp + (sh.shared ? 0 : n * KD);
+    const double* src = partials.data() + task * KD;
+    for (int64_t i = 0; i < KD; ++i) dst[i] += src[i];
+  }
+  return {gz.view(embeddings.sizes()).to(embeddings.scalar_type()), gp.to(prototypes.scalar_type())};
+}
+
+}  // namespace
+
+
+}  // namespace cpu
+}  // namespace ld_ext
+
+TORCH_LIBRARY_IMPL(ld_ext, CPU, m) {
+  m.impl("pixel_cluster_similarity", &ld_ext::cpu::pixel_cluster_similarity_cpu);
+  m.impl("pixel_cluster_similarity_backward", &ld_ext::cpu::pixel_cluster_similarity_backward_cpu);
+}
