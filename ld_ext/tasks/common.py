@@ -1,0 +1,533 @@
+"""Shared pieces of the downstream tasks: image I/O and pairing, the MNI152 data shipped in
+nilearn, Dice, random affine + elastic warps with exact point transport, model loading and
+embedding, and atomic writers for JSON/PNG results.
+
+Pixel coordinates everywhere are ``(x, y)`` = (column, row) with pixel centres at integers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MASK_SUFFIXES",
+    "file_stem",
+    "list_images",
+    "load_image",
+    "load_mask",
+    "scale_intensity",
+    "pair_images_masks",
+    "load_pairs",
+    "resize_image",
+    "dice",
+    "soft_dice_loss",
+    "nilearn_data_dir",
+    "mni_volume",
+    "axial_slice",
+    "mni_axial_slice",
+    "mni_to_pixel",
+    "dosenbach_rois",
+    "Warp",
+    "random_warp",
+    "warp_image",
+    "model_input",
+    "load_ld_model",
+    "embed",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_savefig",
+    "check_positive_int",
+    "check_dir",
+]
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_dir(name: str, path) -> Path:
+    if path is None:
+        raise ValueError(f"{name} must be a directory, got None")
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{name} must be an existing directory, got {str(path)!r}")
+    return p
+
+
+# ----------------------------------------------------------------------------- image I/O
+
+
+def file_stem(path) -> str:
+    """File name without its image extension (``a.nii.gz`` -> ``a``)."""
+    name = Path(path).name
+    low = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder, name: str = "images") -> list[Path]:
+    """Sorted image files of ``folder`` (extensions in ``IMAGE_EXTENSIONS``); empty -> ValueError."""
+    d = check_dir(name, folder)
+    files = sorted(p for p in d.iterdir() if _is_image(p))
+    if not files:
+        raise ValueError(f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}")
+    return files
+
+
+def load_image(path) -> np.ndarray:
+    """A 2-D float32 array from a PNG/JPEG/TIFF/BMP (grey, RGB averaged), .npy or NIfTI file.
+
+    A 3-D NIfTI/npy volume whose last axis has length 1 is squeezed; other 3-D volumes are
+    refused (give 2-D slices).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"image file not found: {str(path)!r}")
+    low = p.name.lower()
+    try:
+        if low.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            arr = np.asarray(nib.load(str(p)).get_fdata(dtype=np.float32))
+        elif low.endswith(".npy"):
+            arr = np.load(str(p), allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(str(p)) as im:
+                if im.mode in ("I", "I;16", "I;16B", "F"):
+                    arr = np.asarray(im, dtype=np.float32)
+                else:
+                    arr = np.asarray(im.convert("L"), dtype=np.float32)
+    except ValueError:
+        raise
+    except Exception as exc:  # unreadable / corrupt file
+        raise ValueError(f"could not read image {str(path)!r}: {exc}") from exc
+    arr = np.squeeze(np.asarray(arr, dtype=np.float32))
+    if arr.ndim != 2:
+        raise ValueError(f"image {str(path)!r} must be 2-D (a slice), got shape {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"image {str(path)!r} contains NaN or infinite values")
+    return arr
+
+
+def load_mask(path) -> np.ndarray:
+    """A boolean 2-D mask: nonzero pixels are foreground (for 8-bit images: > 127)."""
+    arr = load_image(path)
+    if arr.max() > 1.0 and Path(path).name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+        return arr > 127
+    return arr > 0.5 if arr.max() <= 1.0 else arr > 0
+
+
+def scale_intensity(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.ndarray:
+    """Percentile scaling to [0, 1] (clipped)."""
+    a, b = np.percentile(img, [lo, hi])
+    if b <= a:
+        b = a + 1.0
+    return np.clip((img - a) / (b - a), 0.0, 1.0).astype(np.float32)
+
+
+def pair_images_masks(images_dir, masks_dir) -> list[tuple[Path, Path]]:
+    """Pair each image with its mask.
+
+    Rule: the mask of ``images/NAME.ext`` is the file in ``masks/`` whose name without extension
+    is ``NAME`` or ``NAME`` followed by one of ``_mask``, ``_seg``, ``_label``, ``_gt`` (any
+    supported extension; the first match in that order wins). An image without a mask is an
+    error; masks without an image are ignored.
+    """
+    images = list_images(images_dir, "images")
+    masks = list_images(masks_dir, "masks")
+    by_stem: dict[str, Path] = {}
+    for m in masks:
+        by_stem.setdefault(file_stem(m), m)
+    pairs, missing = [], []
+    for im in images:
+        stem = file_stem(im)
+        found = next((by_stem[stem + s] for s in MASK_SUFFIXES if stem + s in by_stem), None)
+        if found is None:
+            missing.append(im.name)
+        else:
+            pairs.append((im, found))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(
+            f"masks: no mask found for {len(missing)} image(s): {', '.join(missing[:5])}{more}; "
+            f"expected a file in {str(masks_dir)!r} named like the image, optionally with one of the "
+            f"suffixes {', '.join(s for s in MASK_SUFFIXES if s)}"
+        )
+    return pairs
+
+
+def resize_image(img: np.ndarray, size: int | tuple[int, int], mode: str = "area") -> np.ndarray:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    if mode == "area":
+        out = F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)
+    else:
+        out = F.interpolate(t, size=hw, mode=mode)
+    return out[0, 0].numpy()
+
+
+def load_pairs(pairs: Sequence[tuple[Path, Path]], size: int | None = None):
+    """Load (image, mask) pairs: images scaled to [0, 1], masks boolean.
+
+    Image and mask must have the same size (else ValueError naming both files). With ``size``
+    both are resized to ``size x size`` (masks by area then > 0.5).
+    """
+    images, masks = [], []
+    for ip, mp in pairs:
+        img = load_image(ip)
+        msk = load_mask(mp)
+        if img.shape != msk.shape:
+            raise ValueError(
+                f"image {ip.name} has size {img.shape[1]}x{img.shape[0]} but its mask {mp.name} has "
+                f"size {msk.shape[1]}x{msk.shape[0]}; they must match"
+            )
+        img = scale_intensity(img)
+        if size is not None:
+            img = resize_image(img, size)
+            msk = resize_image(msk.astype(np.float32), size) > 0.5
+        images.append(img)
+        masks.append(msk)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images have different sizes {sorted(shapes)}; pass --size to resize them to one size")
+    return np.stack(images), np.stack(masks)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def dice(pred, target) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(target, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same shape, got {p.shape} and {t.shape}")
+    denom = p.sum() + t.sum()
+    if denom == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(p, t).sum() / denom)
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-2 * TP / (|G| + |P| + 1) per image (LD_METHOD.md section 8), averaged over the batch."""
+    p = prob.flatten(1)
+    g = target.flatten(1).to(p.dtype)
+    tp = (p * g).sum(1)
+    return (-2.0 * tp / (g.sum(1) + p.sum(1) + 1.0)).mean()
+
+
+# ----------------------------------------------------------------------------- MNI152 in nilearn
+
+
+def nilearn_data_dir() -> Path:
+    """The folder of data files that ships inside the nilearn package (nothing is downloaded)."""
+    try:
+        import nilearn.datasets as nds
+    except ImportError as exc:  # pragma: no cover
+        raise RuntimeError("the demos read the MNI152 data shipped with nilearn; install nilearn") from exc
+    return Path(nds.__file__).parent / "data"
+
+
+_MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+_MNI_CACHE: dict = {}
+
+
+def mni_volume(name: str):
+    """``(volume float32 (X, Y, Z), affine)`` of the ICBM152 2009a template ("t1"), or its grey
+    ("gm") / white ("wm") matter probability map (values in [0, 1])."""
+    if name not in _MNI_FILES:
+        raise ValueError(f"name must be one of {sorted(_MNI_FILES)}, got {name!r}")
+    if name not in _MNI_CACHE:
+        import nibabel as nib
+
+        img = nib.load(str(nilearn_data_dir() / _MNI_FILES[name]))
+        vol = np.asarray(img.get_fdata(dtype=np.float32))
+        vol = vol / max(float(vol.max()), 1e-6)
+        _MNI_CACHE[name] = (vol, np.asarray(img.affine, dtype=np.float64))
+    return _MNI_CACHE[name]
+
+
+def _slice_geometry(vol_shape, size: int):
+    nx, ny = vol_shape[0], vol_shape[1]
+    side = max(nx, ny)
+    return side, (side - nx) / 2.0, (side - ny) / 2.0, side / float(size)
+
+
+def axial_slice(vol: np.ndarray, aff: np.ndarray, z_mm: float, size: int) -> np.ndarray:
+    """An axial slice of a volume (X, Y, Z) with an axis-aligned affine at height ``z_mm``
+    (anterior at the top, image x growing with MNI x), padded to a square and resampled
+    (anti-aliased) to ``size x size``; linear interpolation between voxel planes."""
+    k = (z_mm - aff[2, 3]) / aff[2, 2]
+    k0 = int(np.clip(math.floor(k), 0, vol.shape[2] - 2))
+    w = float(np.clip(k - k0, 0.0, 1.0))
+    sl = (1 - w) * vol[:, :, k0] + w * vol[:, :, k0 + 1]  # (X, Y)
+    img = sl.T[::-1]  # rows = -y (anterior at the top), cols = x
+    side, px, py = _slice_geometry(vol.shape, size)[:3]
+    canvas = np.zeros((side, side), np.float32)
+    oy, ox = int(py), int(px)
+    canvas[oy : oy + img.shape[0], ox : ox + img.shape[1]] = img
+    return resize_image(canvas, size)
+
+
+def mni_axial_slice(name: str, z_mm: float, size: int) -> np.ndarray:
+    """``axial_slice`` of an MNI volume ("t1", "gm" or "wm")."""
+    vol, aff = mni_volume(name)
+    return axial_slice(vol, aff, z_mm, size)
+
+
+def mni_to_pixel(xyz_mm, size: int) -> np.ndarray:
+    """MNI mm coordinates (M, 3) -> pixel (x, y) of ``mni_axial_slice(..., size)`` (M, 2)."""
+    vol, aff = mni_volume("t1")
+    xyz = np.atleast_2d(np.asarray(xyz_mm, dtype=np.float64))
+    ijk = (np.linalg.inv(aff) @ np.c_[xyz, np.ones(len(xyz))].T).T[:, :3]
+    side, px, py, scale = _slice_geometry(vol.shape, size)
+    col = ijk[:, 0] + int(px)
+    row = (vol.shape[1] - 1 - ijk[:, 1]) + int(py)
+    # canvas pixel centre c maps to output (c + 0.5) / scale - 0.5 (align_corners=False)
+    return np.stack([(col + 0.5) / scale - 0.5, (row + 0.5) / scale - 0.5], axis=1)
+
+
+def dosenbach_rois() -> list[dict]:
+    """The 160 Dosenbach et al. (2010) ROI centres shipped with nilearn: name, network, x, y, z (mm)."""
+    out = []
+    with open(nilearn_data_dir() / "dosenbach_2010.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            out.append(
+                {
+                    "name": f"{row['name']}#{row['number']}",
+                    "network": row["network"],
+                    "x": float(row["x"]),
+                    "y": float(row["y"]),
+                    "z": float(row["z"]),
+                }
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- warps
+
+
+@dataclass
+class Warp:
+    """A backward map out -> in: ``q = c + M (p - c) + t + d(p)`` for output pixel ``p``.
+
+    ``grid`` (1, H, W, 2) is its ``grid_sample`` form (align_corners=False); ``displacement``
+    (2, H, W) is the elastic part d on the pixel grid (bilinear between pixel centres).
+    """
+
+    matrix: np.ndarray  # (2, 2)
+    shift: np.ndarray  # (2,)
+    displacement: np.ndarray  # (2, H, W), (dx, dy)
+    shape: tuple[int, int]
+
+    @property
+    def centre(self) -> np.ndarray:
+        h, w = self.shape
+        return np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+
+    def backward(self, p: np.ndarray) -> np.ndarray:
+        """Input location of output points ``p`` (M, 2)."""
+        p = np.atleast_2d(np.asarray(p, dtype=np.float64))
+        c = self.centre
+        return c + (p - c) @ self.matrix.T + self.shift + self._disp(p)
+
+    def _disp(self, p: np.ndarray) -> np.ndarray:
+        h, w = self.shape
+        x = np.clip(p[:, 0], 0, w - 1)
+        y = np.clip(p[:, 1], 0, h - 1)
+        x0 = np.clip(np.floor(x).astype(int), 0, w - 2)
+        y0 = np.clip(np.floor(y).astype(int), 0, h - 2)
+        fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+        d = self.displacement.transpose(1, 2, 0)  # (H, W, 2)
+        return (
+            d[y0, x0] * (1 - fx) * (1 - fy)
+            + d[y0, x0 + 1] * fx * (1 - fy)
+            + d[y0 + 1, x0] * (1 - fx) * fy
+            + d[y0 + 1, x0 + 1] * fx * fy
+        )
+
+    def forward_points(self, q: np.ndarray, iters: int = 100) -> np.ndarray:
+        """Where input points ``q`` (M, 2) land in the output: solves ``backward(p) = q`` by
+        fixed-point iteration (the elastic part is small and smooth, so it contracts)."""
+        q = np.atleast_2d(np.asarray(q, dtype=np.float64))
+        c = self.centre
+        minv = np.linalg.inv(self.matrix)
+        p = c + (q - self.shift - c) @ minv.T
+        for _ in range(iters):
+            p = c + (q - self.shift - self._disp(p) - c) @ minv.T
+        return p
+
+    @property
+    def grid(self) -> torch.Tensor:
+        h, w = self.shape
+        ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+        p = np.stack([xs.ravel(), ys.ravel()], 1)
+        c = self.centre
+        q = c + (p - c) @ self.matrix.T + self.shift + self.displacement.reshape(2, -1).T
+        gx = (2 * q[:, 0] + 1) / w - 1
+        gy = (2 * q[:, 1] + 1) / h - 1
+        return torch.from_numpy(np.stack([gx, gy], 1).reshape(1, h, w, 2)).float()
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    n = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
+    return n / (np.abs(n).max() + 1e-12)
+
+
+def random_warp(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    max_rotation_deg: float = 15.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_shift: float = 4.0,
+    max_shear: float = 0.05,
+    elastic_px: float = 2.0,
+    elastic_sigma: float = 8.0,
+) -> Warp:
+    """A random affine (rotation, anisotropic scale, shear, shift) plus a smooth elastic field
+    of peak amplitude ``elastic_px`` pixels."""
+    h, w = shape
+    th = math.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))
+    sx, sy = rng.uniform(*scale_range, size=2)
+    sh = rng.uniform(-max_shear, max_shear)
+    rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    m = rot @ np.array([[1.0, sh], [0.0, 1.0]]) @ np.diag([sx, sy])
+    t = rng.uniform(-max_shift, max_shift, size=2)
+    disp = np.stack([_smooth_noise(rng, (h, w), elastic_sigma), _smooth_noise(rng, (h, w), elastic_sigma)])
+    disp *= elastic_px
+    return Warp(matrix=m, shift=t, displacement=disp, shape=(h, w))
+
+
+def warp_image(img: np.ndarray, warp: Warp, mode: str = "bilinear") -> np.ndarray:
+    """Resample ``img`` (H, W) through ``warp`` (zeros outside)."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    out = F.grid_sample(t, warp.grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out[0, 0].numpy()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_input(images) -> torch.Tensor:
+    """(B, 1, H, W) network input from images in [0, 1] (array (B,H,W)/(H,W) or tensor), with
+    the same fixed intensity normalisation as pre-training (``ld_ext.augment.normalize_intensity``)."""
+    from ..augment import normalize_intensity
+
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, dtype=np.float32))
+    x = x.float()
+    if x.dim() == 2:
+        x = x[None]
+    if x.dim() == 3:
+        x = x[:, None]
+    return normalize_intensity(x)
+
+
+def load_ld_model(path):
+    """The LDNet of a checkpoint (weights_only load, clear errors)."""
+    from ..checkpoint import load_model
+
+    return load_model(path, map_location="cpu")
+
+
+@torch.no_grad()
+def embed(model, images, batch: int = 8):
+    """Unit pixel embeddings e (B, D, H, W) and raw clustering logits s (or None) of images in [0, 1]."""
+    model.eval()
+    x = model_input(images)
+    es, ss = [], []
+    for i in range(0, x.shape[0], batch):
+        z, s = model(x[i : i + batch])
+        es.append(z / (z.norm(dim=1, keepdim=True) + 1e-10))
+        ss.append(s)
+    e = torch.cat(es)
+    s = torch.cat(ss) if ss[0] is not None else None
+    return e, s
+
+
+# ----------------------------------------------------------------------------- atomic writers
+
+
+def _atomic(path, write, binary: bool) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return _atomic(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_savefig(fig, path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

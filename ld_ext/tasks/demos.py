@@ -1,0 +1,251 @@
+"""``ld-ext demo --task finetune|landmark|shape-guided``: the three downstream tasks on medical
+images that ship inside packages (nothing is downloaded).
+
+Data (all from the nilearn package, read with nibabel):
+
+* images: axial slices of the ICBM152 2009a symmetric T1 template (1 mm, skull-stripped);
+* tissue labels: its grey- and white-matter probability maps (> 0.5); "ventricles" (the small
+  structure) = voxels inside the brain where 1 - GM - WM > 0.5, restricted to a central box
+  (|x| <= 24 mm, -45 <= y <= 30 mm, -5 <= z <= 35 mm), i.e. the lateral and third ventricles;
+* landmarks: the Dosenbach et al. (2010) ROI centres (MNI mm) shipped with nilearn, those
+  within 5 mm of the template slice and inside the brain, projected onto it;
+* shape priors: binarised white-matter probability maps (a tissue-classification map, not a T1
+  image) taken from slices offset by 2 mm from every segmented T1 slice, so no segmented image
+  has its own mask among the priors; they are shuffled and augmented, never paired.
+
+An LD checkpoint is needed by all three: ``--checkpoint`` gives one; otherwise a short
+pre-training run (the pipeline's ``ld_ext.train.pretrain``, both stages) on T1 slices is made
+once and cached in ``OUT/pretrain/model.pt`` so the three demos share it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import common
+
+__all__ = ["TASKS", "add_task_arguments", "run_task_demo", "demo_checkpoint", "mni_slices", "ventricle_slice"]
+
+TASKS = ("finetune", "landmark", "shape-guided")
+
+PRETRAIN_Z = tuple(range(-40, 72, 2))  # mm
+FINETUNE_Z = tuple(range(-24, 64, 4))
+SHAPE_Z = tuple(range(-12, 52, 4))
+SHAPE_PRIOR_Z = tuple(z + 2 for z in SHAPE_Z)
+LANDMARK_Z = 8.0
+
+
+def _add(parser: argparse.ArgumentParser, *flags, **kw) -> None:
+    """Add an option unless the parser already has it (the plain demo may define it)."""
+    if any(f in parser._option_string_actions for f in flags):
+        return
+    parser.add_argument(*flags, **kw)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--out", default="ld_demo", help="output folder (default ld_demo)")
+    _add(parser, "--checkpoint", default=None, help="LD checkpoint to use instead of pre-training one")
+    _add(parser, "--task-size", type=int, default=64, help="slice size for the task demos (default 64)")
+    _add(parser, "--pretrain-steps", type=int, default=150, help="LD pre-training steps if no checkpoint (default 150)")
+    _add(parser, "--task-steps", type=int, default=None, help="training steps of the task (default: per task)")
+    _add(parser, "--quick", action="store_true", help="tiny settings (smoke test, numbers meaningless)")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def mni_slices(name: str, zs, size: int) -> np.ndarray:
+    return np.stack([common.mni_axial_slice(name, float(z), size) for z in zs]).astype(np.float32)
+
+
+def ventricle_slice(z: float, size: int) -> np.ndarray:
+    """Boolean mask of the lateral/third ventricles at height z (see the module docstring)."""
+    t1, aff = common.mni_volume("t1")
+    gm, _ = common.mni_volume("gm")
+    wm, _ = common.mni_volume("wm")
+    cache = common._MNI_CACHE
+    if "ventricles" not in cache:
+        csf = (t1 > 0.02) & ((1.0 - gm - wm) > 0.5)
+        ii, jj, kk = np.meshgrid(*[np.arange(n) for n in t1.shape], indexing="ij")
+        x = aff[0, 0] * ii + aff[0, 3]
+        y = aff[1, 1] * jj + aff[1, 3]
+        zz = aff[2, 2] * kk + aff[2, 3]
+        box = (np.abs(x) <= 24) & (y >= -45) & (y <= 30) & (zz >= -5) & (zz <= 35)
+        cache["ventricles"] = (csf & box).astype(np.float32)
+    return common.axial_slice(cache["ventricles"], aff, z, size) > 0.5
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    a = np.asarray(arr)
+    a8 = (a.astype(np.uint8) * 255) if a.dtype == bool else np.clip(np.round(a * 255), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(a8).save(tmp)
+    tmp.replace(path)
+
+
+def demo_checkpoint(args, out: Path, size: int) -> Path:
+    """The checkpoint given with --checkpoint, or a cached / fresh short LD pre-training on T1 slices."""
+    if getattr(args, "checkpoint", None):
+        return Path(args.checkpoint)
+    from ..data import ImageFolderDataset
+    from ..train import TrainConfig, pretrain
+
+    pdir = out / "pretrain"
+    model = pdir / "model.pt"
+    if model.exists():
+        print(f"using the cached pre-trained model {model}")
+        return model
+    steps = 4 if args.quick else common.check_positive_int("--pretrain-steps", args.pretrain_steps)
+    imgs = torch.from_numpy(mni_slices("t1", PRETRAIN_Z[:: (6 if args.quick else 1)], size))[:, None]
+    ds = ImageFolderDataset.from_tensor(imgs)
+    e1 = max(1, steps // 3)
+    cfg = TrainConfig(
+        out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
+        device="cpu", amp=False, val_images=2, progress=True, seed=0,
+    )
+    # two epochs: stage 1 gets a third of the steps, stage 2 the rest
+    cfg.epochs1, cfg.epochs2 = 1, 2
+    cfg.steps_per_epoch = e1 if not args.quick else 2
+    t0 = time.perf_counter()
+    print(f"pre-training LD on {imgs.shape[0]} MNI152 T1 slices ({size}x{size}), {3 * cfg.steps_per_epoch} steps")
+    pretrain(cfg, dataset=ds)
+    print(f"pre-training took {time.perf_counter() - t0:.0f} s")
+    return model
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
+    from . import segmentation as seg
+
+    zs = FINETUNE_Z[::2] if args.quick else FINETUNE_Z
+    images = mni_slices("t1", zs, size)
+    targets = {
+        "white_matter": mni_slices("wm", zs, size) > 0.5,
+        "grey_matter": mni_slices("gm", zs, size) > 0.5,
+        "ventricles": np.stack([ventricle_slice(z, size) for z in zs]),
+    }
+    data = out / "finetune" / "data"
+    for z, im in zip(zs, images):
+        _save_png(data / "images" / f"mni_z{z:+03d}.png", im)
+        for name, m in targets.items():
+            _save_png(data / f"masks_{name}" / f"mni_z{z:+03d}.png", m[zs.index(z)])
+    steps = args.task_steps or (3 if args.quick else 100)
+    seeds = 1 if args.quick else 3
+    shots = 2 if args.quick else 5
+    results = []
+    for name in targets:
+        pairs = common.pair_images_masks(data / "images", data / f"masks_{name}")
+        imgs, msks = common.load_pairs(pairs)
+        r = seg.transfer_experiment(imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name)
+        r["_images"], r["_masks"] = imgs, msks
+        r["foreground_fraction"] = float(msks.mean())
+        results.append(r)
+    md = seg.write_results(out / "finetune", results, None, None, shots, seeds, {"steps": steps, "size": size})
+    print(md)
+    return {"markdown": md}
+
+
+# ----------------------------------------------------------------------------- landmarks
+
+
+def landmark_data(size: int, z: float = LANDMARK_Z, max_points: int = 20):
+    template = common.mni_axial_slice("t1", z, size)
+    rois = [r for r in common.dosenbach_rois() if abs(r["z"] - z) <= 5]
+    pts = common.mni_to_pixel([[r["x"], r["y"], z] for r in rois], size)
+    keep = []
+    for r, p in zip(rois, pts):
+        ix, iy = int(round(p[0])), int(round(p[1]))
+        if 2 <= ix < size - 2 and 2 <= iy < size - 2 and template[iy, ix] > 0.1:
+            keep.append((r["name"], p))
+    keep = keep[:max_points]
+    return template, [k[0] for k in keep], np.array([k[1] for k in keep])
+
+
+def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
+    from . import landmarks as lm
+
+    template, names, points = landmark_data(size)
+    d = out / "landmark"
+    _save_png(d / "data" / "template.png", template)
+    common.atomic_write_json(
+        d / "data" / "points.json",
+        {"points": [{"name": n, "x": float(p[0]), "y": float(p[1])} for n, p in zip(names, points)]},
+    )
+    n_eval = 3 if args.quick else 30
+    targets, gts = lm.make_eval_targets(template, points, n_eval, seed=1)
+    model = common.load_ld_model(ckpt)
+    ev = lm.evaluate_methods(model, template, points, targets, gts)
+    md = (
+        f"One-shot landmarks: {len(names)} Dosenbach ROIs on the MNI152 T1 slice z = {LANDMARK_Z:+.0f} mm "
+        f"({size}x{size} px, {common.mni_volume('t1')[0].shape[1] / size:.2f} mm/px); {n_eval} targets warped with "
+        "random known affine (rotation +-15 deg, scale 0.9-1.1, shear +-0.05, shift +-4 px) + elastic "
+        "(2 px) deformations, gamma 0.8-1.25 and noise 0.02; radial errors in px\n\n" + lm.table_markdown(ev["rows"])
+    )
+    common.atomic_write_text(d / "results.md", md)
+    common.atomic_write_json(d / "results.json", {"landmarks": names, "points": points, "rows": ev["rows"]})
+    # a picture of the first target
+    e0, _ = common.embed(model, targets[0][None])
+    te, _ = common.embed(model, template[None])
+    preds = {
+        "LD centre-sensitive": lm.LandmarkLocator(mode="gaussian").fit(te.double(), points).locate(e0.double()),
+        "NCC 17x17": lm.ncc_locate(template, points, targets[0], 8),
+    }
+    lm.plot_landmarks(d / "landmarks.png", template, points, targets[0], gts[0], preds, "warped target")
+    print(md)
+    return {"markdown": md}
+
+
+# ----------------------------------------------------------------------------- shape-guided
+
+
+def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
+    from . import shape_guided as sg
+
+    zs = SHAPE_Z[::3] if args.quick else SHAPE_Z
+    pz = SHAPE_PRIOR_Z[::3] if args.quick else SHAPE_PRIOR_Z
+    images = mni_slices("t1", zs, size)
+    masks = mni_slices("wm", zs, size) > 0.5
+    priors = mni_slices("wm", pz, size) > 0.5
+    d = out / "shape_guided"
+    for z, im, m in zip(zs, images, masks):
+        _save_png(d / "data" / "images" / f"t1_z{z:+03d}.png", im)
+        _save_png(d / "data" / "masks" / f"t1_z{z:+03d}.png", m)
+    for z, p in zip(pz, priors):
+        _save_png(d / "data" / "priors" / f"wm_prior_z{z:+03d}.png", p)
+    steps = args.task_steps or (3 if args.quick else 150)
+    res = sg.shape_guided_experiment(images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4)
+    md = sg.write_results(d, res, images, masks, priors)
+    print(md)
+    return {"markdown": md}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_task_demo(task: str, args: argparse.Namespace) -> int:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    size = common.check_positive_int("--task-size", getattr(args, "task_size", 64), 16)
+    if not hasattr(args, "quick"):
+        args.quick = False
+    out = Path(getattr(args, "out", None) or "ld_demo")
+    t0 = time.perf_counter()
+    ckpt = demo_checkpoint(args, out, size)
+    t1 = time.perf_counter()
+    fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided}[task]
+    fn(args, out, ckpt, size)
+    t2 = time.perf_counter()
+    timing = {"task": task, "pretrain_seconds": t1 - t0, "task_seconds": t2 - t1, "total_seconds": t2 - t0}
+    common.atomic_write_json(out / f"timing_{task.replace('-', '_')}.json", timing)
+    print(json.dumps(timing))
+    return 0

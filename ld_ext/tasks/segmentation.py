@@ -1,0 +1,302 @@
+"""Segmentation transfer: LD-initialised network vs the same network from random initialisation.
+
+LD_METHOD.md section 8. The network is the LD network (encoder + decoder + embedding branch,
+initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
+convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
+with the soft Dice loss ``-2 TP / (|G| + |P| + 1)``, and scored by the Dice of the prediction
+thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
+order) runs from a random initialisation beside it, for each seed.
+
+Pairing (``--images DIR --masks DIR``): the mask of ``images/NAME.ext`` is the file of
+``masks/`` named ``NAME`` or ``NAME_mask`` / ``NAME_seg`` / ``NAME_label`` / ``NAME_gt`` with any
+supported extension (PNG, JPEG, TIFF, BMP, .npy, 2-D NIfTI). Nonzero (8-bit: > 127) mask pixels
+are foreground. An image without a mask, or a mask whose size differs from its image's, is an
+error naming the file.
+
+Split: the pairs are shuffled once (seed 0) and ``--test-fraction`` of them (at least one) are
+held out for every seed; each seed then draws its ``--shots`` training pairs from the rest.
+Dice is pooled over all held-out pixels (global Dice), so slices where the structure is absent
+count through their false positives.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import common
+
+__all__ = ["SegNet", "build_segnet", "train_segnet", "predict", "transfer_experiment", "add_arguments", "run"]
+
+
+class SegNet(nn.Module):
+    """LD network body + 1x1 conv head on the raw embedding z -> 1-channel logits."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Conv2d(body.emb_dim, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, _ = self.body(x)
+        return self.head(z)
+
+
+def build_segnet(checkpoint=None, config: dict | None = None, seed: int = 0) -> SegNet:
+    """A SegNet from an LD checkpoint (clustering branch dropped) or, with ``checkpoint=None``,
+    from random initialisation with ``config`` (LDNet constructor arguments)."""
+    from ..models import CLUSTER_PREFIX, LDNet
+
+    torch.manual_seed(seed)
+    if checkpoint is not None:
+        ld = common.load_ld_model(checkpoint)
+        cfg = dict(ld.config)
+        cfg["n_clusters"] = None
+        body = LDNet(**cfg)
+        sd = {k: v for k, v in ld.state_dict().items() if not k.startswith(CLUSTER_PREFIX)}
+        body.load_state_dict(sd, strict=True)
+    else:
+        cfg = dict(config or {})
+        cfg["n_clusters"] = None
+        body = LDNet(**cfg)
+    net = SegNet(body)
+    torch.manual_seed(seed + 1)
+    nn.init.normal_(net.head.weight, std=0.01)
+    nn.init.zeros_(net.head.bias)
+    return net
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+    """Random flips, rotation (+-15 deg) and scale (0.9..1.1), the same map for image and mask."""
+    b = x.shape[0]
+    th = (torch.rand(b, generator=g) * 2 - 1) * (15 * np.pi / 180)
+    sc = 0.9 + 0.2 * torch.rand(b, generator=g)
+    fx = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    fy = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(th) / sc, torch.sin(th) / sc
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * fx, -sin * fy
+    theta[:, 1, 0], theta[:, 1, 1] = sin * fx, cos * fy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    xa = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ya = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return xa, (ya > 0.5).float()
+
+
+def train_segnet(
+    net: SegNet,
+    images: np.ndarray,
+    masks: np.ndarray,
+    *,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "finetune",
+) -> list[float]:
+    """Adam on the soft Dice loss with flip/rotation/scale augmentation; returns the loss curve."""
+    from tqdm import tqdm
+
+    common.check_positive_int("steps", steps)
+    x_all = common.model_input(images)
+    y_all = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    n = x_all.shape[0]
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        idx = torch.randint(0, n, (batch,), generator=g) if n < batch else torch.randperm(n, generator=g)[:batch]
+        x, y = _augment(x_all[idx], y_all[idx], g)
+        loss = common.soft_dice_loss(torch.sigmoid(net(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    net.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Foreground probabilities (B, H, W)."""
+    net.eval()
+    x = common.model_input(images)
+    out = [torch.sigmoid(net(x[i : i + batch]))[:, 0] for i in range(0, x.shape[0], batch)]
+    return torch.cat(out).numpy()
+
+
+def split_indices(n: int, shots: int, seeds: int, test_fraction: float = 0.5):
+    """(test indices, [train indices per seed]) as described in the module docstring."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(0).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    test, pool = np.sort(order[:n_test]), order[n_test:]
+    if shots > len(pool):
+        raise ValueError(
+            f"shots={shots} but only {len(pool)} labelled pairs remain after holding out {n_test} of {n} "
+            f"for testing; give more pairs, fewer shots or a smaller test fraction"
+        )
+    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
+    return test, trains
+
+
+def transfer_experiment(
+    images: np.ndarray,
+    masks: np.ndarray,
+    checkpoint,
+    *,
+    shots: int = 5,
+    seeds: int = 3,
+    steps: int = 200,
+    lr: float = 1e-3,
+    test_fraction: float = 0.5,
+    progress: bool = True,
+    label: str = "target",
+) -> dict:
+    """Run LD-init and random-init fine-tuning for each seed; returns Dice per seed and the
+    held-out predictions of the first seed (for overlays)."""
+    from tqdm import tqdm
+
+    from ..checkpoint import load_checkpoint
+
+    common.check_positive_int("shots", shots)
+    common.check_positive_int("seeds", seeds)
+    test, trains = split_indices(len(images), shots, seeds, test_fraction)
+    ck = load_checkpoint(checkpoint)
+    cfg = dict(ck.get("config") or {})
+    if not cfg:
+        from ..checkpoint import infer_config
+
+        cfg = infer_config(ck["model"])
+    res: dict = {"label": label, "test_indices": test.tolist(), "train_indices": [t.tolist() for t in trains]}
+    dices = {"LD": [], "random": []}
+    preds_first = {}
+    seconds = {"LD": 0.0, "random": 0.0}
+    bar = tqdm(total=2 * seeds, desc=f"finetune {label}", disable=not progress)
+    for s, tr in enumerate(trains):
+        for init in ("LD", "random"):
+            net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=s)
+            t0 = time.perf_counter()
+            train_segnet(net, images[tr], masks[tr], steps=steps, lr=lr, seed=s)
+            seconds[init] += time.perf_counter() - t0
+            p = predict(net, images[test])
+            dices[init].append(common.dice(p > 0.5, masks[test]))
+            if s == 0:
+                preds_first[init] = p
+            bar.update(1)
+    bar.close()
+    res["dice"] = dices
+    res["train_seconds_per_run"] = {k: v / seeds for k, v in seconds.items()}
+    res["summary"] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in dices.items()}
+    res["_preds"] = preds_first
+    return res
+
+
+def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
+    lines = [
+        f"Held-out Dice at 0.5 (pooled over held-out pixels), {shots} labelled images, mean +- std over {seeds} seeds",
+        "",
+        "| target | LD init | random init | difference |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        ld, rnd = r["summary"]["LD"], r["summary"]["random"]
+        lines.append(
+            f"| {r['label']} | {ld['mean']:.3f} +- {ld['std']:.3f} | {rnd['mean']:.3f} +- {rnd['std']:.3f} | "
+            f"{ld['mean'] - rnd['mean']:+.3f} |"
+        )
+    if len(results) > 1:
+        ld = np.mean([r["summary"]["LD"]["mean"] for r in results])
+        rnd = np.mean([r["summary"]["random"]["mean"] for r in results])
+        lines.append(f"| mean over targets | {ld:.3f} | {rnd:.3f} | {ld - rnd:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3) -> None:
+    """Rows: targets; columns: held-out images with ground truth (green) and LD / random predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(results)
+    fig, axes = plt.subplots(rows, 2 * n_show, figsize=(2.2 * 2 * n_show, 2.4 * rows), squeeze=False)
+    for ri, r in enumerate(results):
+        test = np.asarray(r["test_indices"])
+        gt_all = r.get("_masks", masks)[test]
+        img_all = r.get("_images", images)[test]
+        fg = gt_all.reshape(len(test), -1).sum(1)
+        show = np.argsort(-fg)[: n_show] if len(test) > n_show else np.arange(len(test))
+        show = np.sort(show)
+        for ci, j in enumerate(show):
+            for k, init in enumerate(("LD", "random")):
+                ax = axes[ri, 2 * ci + k]
+                ax.imshow(img_all[j], cmap="gray")
+                ax.contour(gt_all[j].astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+                pr = r["_preds"][init][j] > 0.5
+                ov = np.zeros(pr.shape + (4,))
+                ov[pr] = (1.0, 0.1, 0.1, 0.45) if init == "LD" else (0.2, 0.4, 1.0, 0.45)
+                ax.imshow(ov)
+                ax.set_title(f"{r['label']}: {init}", fontsize=8)
+                ax.axis("off")
+    fig.suptitle("held-out slices: ground truth (green contour), prediction (red = LD init, blue = random init)", fontsize=9)
+    common.atomic_savefig(fig, path)
+
+
+def write_results(out: Path, results: Sequence[dict], images, masks, shots: int, seeds: int, extra: dict | None = None) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    md = results_markdown(results, shots, seeds)
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    common.atomic_write_json(out / "results.json", {"shots": shots, "seeds": seeds, "results": clean, **(extra or {})})
+    common.atomic_write_text(out / "results.md", md)
+    plot_overlays(out / "overlays.png", images, masks, results)
+    return md
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
+    parser.add_argument("--images", required=True, help="folder of 2-D images")
+    parser.add_argument("--masks", required=True, help="folder of binary masks (same names, optional _mask suffix)")
+    parser.add_argument("--shots", type=int, default=5, help="labelled training images per seed (default 5)")
+    parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps per run (default 200)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
+    parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
+    parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_positive_int("--shots", args.shots)
+    common.check_positive_int("--seeds", args.seeds)
+    common.check_positive_int("--steps", args.steps)
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    pairs = common.pair_images_masks(args.images, args.masks)
+    images, masks = common.load_pairs(pairs, args.size)
+    if min(images.shape[1:]) < 16:
+        raise ValueError(f"images must be at least 16x16 pixels, got {images.shape[2]}x{images.shape[1]}")
+    r = transfer_experiment(
+        images, masks, args.checkpoint, shots=args.shots, seeds=args.seeds, steps=args.steps, lr=args.lr,
+        test_fraction=args.test_fraction, label=Path(args.masks).name,
+    )
+    r["test_files"] = [pairs[i][0].name for i in r["test_indices"]]
+    md = write_results(Path(args.out), [r], images, masks, args.shots, args.seeds)
+    print(md)
+    print(f"wrote {args.out}")
+    return 0
