@@ -180,7 +180,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.dim() != 4:
             raise ValueError(f"expected a 4D input, got {x.dim()}D")
-        xf = x.float()
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         n = xf.shape[0] * xf.shape[2] * xf.shape[3]
         mean_l = xf.mean(dim=(0, 2, 3))
         m2_l = ((xf - mean_l.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
@@ -213,7 +213,9 @@ def convert_batchnorm(module: nn.Module, device: torch.device | str = "cpu") -> 
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        ref = module.weight if module.affine else module.running_mean
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kw)
         with torch.no_grad():
             if module.affine:
                 new.weight.copy_(module.weight)
@@ -223,7 +225,7 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
                 new.running_var.copy_(module.running_var)
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
         new.train(module.training)
-        return new.to(module.weight.device if module.affine else "cpu")
+        return new
     for name, child in module.named_children():
         module._modules[name] = _convert_cpu(child)
     return module

@@ -55,6 +55,11 @@ W_RD = 10.0
 W_ENT = 0.1
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision tensors to float32; float32/float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x / (torch.norm(x, p=2, dim=dim, keepdim=True) + reference.NORM_EPS)
 
@@ -106,7 +111,7 @@ class LDCriterion:
             raise ValueError(f"z must hold 5B = {5 * b} images, got {z.shape[0]}")
         g = self.grid
         gather = dist_utils.all_gather_with_grad
-        e = reference.normalize_embeddings(z.float())
+        e = reference.normalize_embeddings(_f32(z))
         f = _unit(F.adaptive_avg_pool2d(e, g), dim=1)  # (5B, D, G, G)
         d = f.shape[1]
         f_v2 = align_to_v1(f[2 * b : 4 * b], views.flip_h, views.flip_v, views.rot_k)
@@ -127,11 +132,11 @@ class LDCriterion:
             if self.loss_impl == "fused":
                 feats, ent = self._ops.region_features_and_entropy(zv, sv, normalize=True, assignment="sigmoid")
             else:
-                zv, sv = zv.float(), sv.float()
+                zv, sv = _f32(zv), _f32(sv)
                 feats = reference.region_features_bmm(zv, sv, normalize=True, assignment="sigmoid")
                 ent = reference.assignment_entropy(sv, "sigmoid")
-            feats = gather(feats.float(), dim=0)
-            ent = gather(ent.float().reshape(1), dim=0).mean()
+            feats = gather(_f32(feats), dim=0)
+            ent = gather(_f32(ent).reshape(1), dim=0).mean()
             if self.loss_impl == "fused":
                 l_rd = self._ops.region_discrimination(feats, self.rd_temperature)
             else:
