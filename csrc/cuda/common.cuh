@@ -1,0 +1,205 @@
+// Shared helpers of the CUDA kernels: math overloads for the accumulation type, deterministic
+// block reductions, shared-memory sizing and the launch checks.
+//
+// Only c10/cuda headers are used (no ATen/cuda/CUDAContext.h, which pulls in cuBLAS headers that a
+// bare CUDA toolkit may not ship).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../ld_ext.h"
+
+namespace ld_ext {
+namespace cuda {
+
+// Threads per block of every kernel: a power of two (the block reductions rely on it).
+constexpr int kThreads = 256;
+constexpr int kSmallThreads = 128;
+// Pixels per shared-memory tile, at most.
+constexpr int kMaxTilePixels = 128;
+// Dynamic shared memory a block may use without opting in.
+constexpr size_t kDefaultSmem = 48 * 1024;
+
+// ------------------------------------------------------------------ math on the accumulation type
+
+__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+__device__ __forceinline__ float dev_log2(float x) { return log2f(x); }
+__device__ __forceinline__ double dev_log2(double x) { return log2(x); }
+__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float dev_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double dev_max(double a, double b) { return fmax(a, b); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + dev_exp(-x));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -INFINITY;
+}
+
+// ------------------------------------------------------------------ deterministic block reductions
+// Fixed tree over the threads of the block (blockDim.x a power of two); every thread gets the
+// result. `buf` holds blockDim.x elements; the function ends with a barrier so `buf` may be reused.
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* buf) {
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) buf[t] += buf[t + s];
+    __syncthreads();
+  }
+  const acc_t r = buf[0];
+  __syncthreads();
+  return r;
+}
+
+template <typename acc_t>
+__device__ acc_t block_max(acc_t v, acc_t* buf) {
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) buf[t] = dev_max(buf[t], buf[t + s]);
+    __syncthreads();
+  }
+  const acc_t r = buf[0];
+  __syncthreads();
+  return r;
+}
+
+// out[b * L + i] = sum_{t < T} part[(b * T + t) * L + i], summed in order t = 0, 1, ... (so the
+// result does not depend on scheduling). One thread per output element.
+template <typename acc_t>
+__global__ void reduce_partials_kernel(const acc_t* __restrict__ part, acc_t* __restrict__ out, int64_t B,
+                                       int64_t T, int64_t L) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * L) return;
+  const int64_t b = idx / L;
+  const int64_t i = idx - b * L;
+  const acc_t* p = part + b * T * L + i;
+  acc_t s = 0;
+  for (int64_t t = 0; t < T; ++t) s += p[t * L];
+  out[idx] = s;
+}
+
+template <typename acc_t>
+inline void launch_reduce_partials(const acc_t* part, acc_t* out, int64_t B, int64_t T, int64_t L,
+                                   cudaStream_t stream) {
+  const int64_t total = B * L;
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  reduce_partials_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(part, out, B, T, L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Sum of v[0..n) in one block in a fixed order, times `scale`, written to *out (as out_t).
+template <typename acc_t, typename out_t>
+__global__ void sum_scalar_kernel(const acc_t* __restrict__ v, int64_t n, acc_t scale, out_t* __restrict__ out) {
+  __shared__ acc_t buf[kThreads];
+  acc_t s = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += v[i];
+  s = block_sum(s, buf);
+  if (threadIdx.x == 0) *out = static_cast<out_t>(s * scale);
+}
+
+// ------------------------------------------------------------------ host helpers
+
+inline int sm_count(int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device));
+  return v > 0 ? v : 1;
+}
+
+inline size_t smem_optin_limit(int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return static_cast<size_t>(std::max(v, 0));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Shared-memory plan of a tiled kernel: `fixed` elements plus `per_pixel` elements per tile pixel
+// (elements of `elem` bytes). Picks the largest tile (<= kMaxTilePixels) that fits in 48 KiB, or,
+// when fewer than 32 pixels would fit there, in the device's opt-in limit. Fails with a clear
+// message when not even one pixel fits.
+struct TilePlan {
+  int pixels;
+  size_t bytes;
+};
+
+inline TilePlan plan_tile(int64_t fixed, int64_t per_pixel, size_t elem, int device, const char* op,
+                          const char* what) {
+  auto fit = [&](size_t budget) -> int64_t {
+    const int64_t avail = static_cast<int64_t>(budget / elem) - fixed;
+    if (avail <= 0) return 0;
+    return std::min<int64_t>(kMaxTilePixels, avail / per_pixel);
+  };
+  int64_t cp = fit(kDefaultSmem);
+  if (cp < 32) {
+    const int64_t cp_optin = fit(smem_optin_limit(device));
+    cp = std::max(cp, cp_optin);
+  }
+  TORCH_CHECK(cp >= 1, op, ": ", what, " is too large for the CUDA kernel's shared memory on this device");
+  return TilePlan{static_cast<int>(cp), static_cast<size_t>(fixed + cp * per_pixel) * elem};
+}
+
+// Raise a kernel's dynamic shared-memory limit when the plan needs more than the default.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// Shared-memory strides: rows of D (or K) values are padded by one so that the loads by pixel
+// (stride D+1) and the reads by channel (stride 1) are both free of bank conflicts.
+// Index arithmetic inside a tile is 32-bit (a tile fits in shared memory); offsets into the
+// global tensors are 64-bit.
+struct Tile {
+  int cp;  // pixels per chunk
+  int D;
+  int K;
+  int ds;  // D + 1
+  int ks;  // K + 1
+};
+
+inline Tile make_tile(int cp, int64_t D, int64_t K) {
+  return Tile{cp, static_cast<int>(D), static_cast<int>(K), static_cast<int>(D + 1), static_cast<int>(K + 1)};
+}
+
+inline at::ScalarType out_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+inline int64_t tiles_per_image(int64_t N, int64_t nchunks, int device) {
+  const int64_t target = 8 * static_cast<int64_t>(sm_count(device));
+  int64_t T = std::max<int64_t>(1, ceil_div(target, N));
+  return std::min(T, nchunks);
+}
+
+inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+}
+
+}  // namespace cuda
+}  // namespace ld_ext

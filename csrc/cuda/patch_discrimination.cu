@@ -1,0 +1,206 @@
+// CUDA kernels of ld_ext::patch_discrimination and its backward (LD_METHOD.md section 5), in the
+// stable form of ld_ext.reference.patch_discrimination.
+//
+// x (M, D), s_ij = <x_i, sg(x_j)> / T for j != i, i' = (i + M/2) mod M the positive. Per row:
+// mx = max_{j != i} s_ij, q_ij = exp(s_ij - mx), Z = sum_{j != i} q_ij + 1e-10 exp(-mx),
+// p_ij = q_ij / Z, f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij); loss = -(1/M) sum_i f_i.
+// One block per row recomputes its M inner products in each pass (nothing of size M x M is kept);
+// the row terms are added by one block in a fixed order.
+//
+// Backward (gradients only through the first argument of each inner product):
+// df_i/ds_ij = [j == i'] - p_ij - [j in N_i] p_ij / (1 - p_ij) + p_ij R_i,
+// R_i = sum_{l in N_i} p_il / (1 - p_il); dL/dx_i = -(g/M) sum_j df_i/ds_ij x_j / T.
+#include "common.cuh"
+
+namespace ld_ext {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t row_dot(const acc_t* xi, const scalar_t* __restrict__ x, int64_t j, int64_t D) {
+  const scalar_t* xj = x + j * D;
+  acc_t s = 0;
+  for (int64_t d = 0; d < D; ++d) s += xi[d] * static_cast<acc_t>(xj[d]);
+  return s;
+}
+
+// Row max and partition function of row i over j != i; every thread gets (mx, Z).
+template <typename scalar_t, typename acc_t>
+__device__ void row_softmax_stats(const acc_t* xi, const scalar_t* __restrict__ x, int64_t i, int64_t M, int64_t D,
+                                  acc_t tau, acc_t* buf, acc_t& mx_out, acc_t& z_out) {
+  acc_t mx = neg_inf<acc_t>();
+  acc_t se = 0;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    if (j == i) continue;
+    const acc_t s = row_dot<scalar_t, acc_t>(xi, x, j, D) / tau;
+    if (s > mx) {
+      se = se * dev_exp(mx - s) + acc_t(1);
+      mx = s;
+    } else {
+      se += dev_exp(s - mx);
+    }
+  }
+  const acc_t MX = block_max(mx, buf);
+  const acc_t part = se > acc_t(0) ? se * dev_exp(mx - MX) : acc_t(0);
+  const acc_t total = block_sum(part, buf);
+  mx_out = MX;
+  z_out = total + static_cast<acc_t>(kSoftmaxEps) * dev_exp(-MX);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kSmallThreads) pd_forward_rows_kernel(const scalar_t* __restrict__ x,
+                                                                       acc_t* __restrict__ f, int64_t M, int64_t D,
+                                                                       acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
+  acc_t* xi = buf + blockDim.x;                      // D
+  const int64_t i = blockIdx.x;
+  const int64_t ip = (i + M / 2) % M;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
+  __syncthreads();
+  acc_t mx, Z;
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, Z);
+  acc_t pos = 0, neg = 0;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    if (j == i) continue;
+    const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
+    if (j == ip) {
+      pos = dev_log(p);
+    } else {
+      neg += dev_log1p(-p);
+    }
+  }
+  pos = block_sum(pos, buf);
+  neg = block_sum(neg, buf);
+  if (threadIdx.x == 0) f[i] = pos + neg;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const scalar_t* __restrict__ x,
+                                                                        const acc_t* __restrict__ grad,
+                                                                        scalar_t* __restrict__ grad_x, int64_t M,
+                                                                        int64_t D, int64_t groups, acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
+  acc_t* W = buf + blockDim.x;                       // blockDim
+  acc_t* xi = W + blockDim.x;                        // D
+  acc_t* GX = xi + D;                                // groups * D
+  const int64_t i = blockIdx.x;
+  const int64_t ip = (i + M / 2) % M;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
+  for (int64_t q = threadIdx.x; q < groups * D; q += blockDim.x) GX[q] = 0;
+  __syncthreads();
+  acc_t mx, Z;
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, Z);
+  acc_t R = 0;
+  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+    if (j == i || j == ip) continue;
+    const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
+    R += p / (acc_t(1) - p);
+  }
+  R = block_sum(R, buf);
+  const acc_t scale = -grad[0] / static_cast<acc_t>(M);
+  for (int64_t j0 = 0; j0 < M; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    acc_t w = 0;
+    if (j < M && j != i) {
+      const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
+      acc_t df = p * R - p;
+      if (j == ip) {
+        df += acc_t(1);
+      } else {
+        df -= p / (acc_t(1) - p);
+      }
+      w = scale * df;
+    }
+    W[threadIdx.x] = w;
+    __syncthreads();
+    const int64_t len = min(static_cast<int64_t>(blockDim.x), M - j0);
+    for (int64_t q = threadIdx.x; q < groups * D; q += blockDim.x) {
+      const int64_t g = q / D;
+      const int64_t d = q - g * D;
+      acc_t s = GX[q];
+      for (int64_t jj = g; jj < len; jj += groups) s += W[jj] * static_cast<acc_t>(x[(j0 + jj) * D + d]);
+      GX[q] = s;
+    }
+    __syncthreads();
+  }
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t s = 0;
+    for (int64_t g = 0; g < groups; ++g) s += GX[g * D + d];
+    grad_x[i * D + d] = static_cast<scalar_t>(s / tau);
+  }
+}
+
+constexpr const char* kOp = "ld_ext::patch_discrimination (CUDA)";
+constexpr const char* kOpB = "ld_ext::patch_discrimination_backward (CUDA)";
+
+void check_inputs(const at::Tensor& x, double temperature, const char* op) {
+  check_cuda_tensor(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (M, D)");
+  TORCH_CHECK(x.numel() > 0, op, ": x must not be empty");
+  TORCH_CHECK(x.size(0) >= 2 && x.size(0) % 2 == 0, op, ": x must have an even number of rows M >= 2");
+  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0");
+}
+
+at::Tensor patch_discrimination_cuda(const at::Tensor& x_in, double temperature) {
+  check_inputs(x_in, temperature, kOp);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), D = x.size(1);
+  const auto out_opts = x.options().dtype(out_type(x.scalar_type()));
+  at::Tensor loss = at::empty({}, out_opts);
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld_ext_pd_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    at::Tensor f = at::empty({M}, out_opts);
+    const size_t smem = static_cast<size_t>(kSmallThreads + D) * sizeof(acc_t);
+    TORCH_CHECK(smem <= smem_optin_limit(device), kOp, ": D is too large for the CUDA kernel's shared memory");
+    auto kernel = pd_forward_rows_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(M), kSmallThreads, smem, stream>>>(x.data_ptr<scalar_t>(), f.data_ptr<acc_t>(), M,
+                                                                      D, static_cast<acc_t>(temperature));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_scalar_kernel<acc_t, acc_t><<<1, kThreads, 0, stream>>>(f.data_ptr<acc_t>(), M,
+                                                               acc_t(-1) / static_cast<acc_t>(M),
+                                                               loss.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return loss;
+}
+
+at::Tensor patch_discrimination_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, double temperature) {
+  check_inputs(x_in, temperature, kOpB);
+  TORCH_CHECK(grad.numel() == 1, kOpB, ": grad must be a scalar");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), D = x.size(1);
+  const at::Tensor g = grad.to(x.device(), out_type(x.scalar_type())).reshape({1}).contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld_ext_pd_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const int64_t groups = std::max<int64_t>(1, kSmallThreads / D);
+    const size_t smem = static_cast<size_t>(2 * kSmallThreads + D + groups * D) * sizeof(acc_t);
+    TORCH_CHECK(smem <= smem_optin_limit(device), kOpB, ": D is too large for the CUDA kernel's shared memory");
+    auto kernel = pd_backward_rows_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, smem);
+    kernel<<<static_cast<unsigned>(M), kSmallThreads, smem, stream>>>(
+        x.data_ptr<scalar_t>(), g.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), M, D, groups,
+        static_cast<acc_t>(temperature));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+  m.impl("patch_discrimination", &patch_discrimination_cuda);
+  m.impl("patch_discrimination_backward", &patch_discrimination_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace ld_ext

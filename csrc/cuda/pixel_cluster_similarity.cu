@@ -1,0 +1,319 @@
+// CUDA kernels of ld_ext::pixel_cluster_similarity and its backward.
+//
+// S[n,k,p] = softmax_k(<proto_k, e[n,:,p]> / tau), prototypes (K, D) shared by all images or
+// (N, K, D) per image, e = z or z / (||z|| + 1e-10) (normalize). LD_METHOD.md section 7.
+//
+// Each block owns one image and a strided set of pixel chunks. A chunk of z is read once into
+// shared memory (accumulation type) and normalised there; the prototypes of the image sit in
+// shared memory for the whole block. Backward recomputes e per chunk, forms
+// g_l = S (g - sum_j g_j S_j) / tau, g_e = proto^T g_l and accumulates the prototype gradient
+// sum_p g_l[k,p] e[d,p] in shared memory; each block writes its partial (K, D) sum to a buffer
+// that a second kernel adds up in a fixed order (no atomics: bitwise reproducible).
+#include "common.cuh"
+
+namespace ld_ext {
+namespace cuda {
+namespace {
+
+// E[j*ds + d] = z[d, p0 + j] (zeros past the end), then, when normalising, per-pixel norms in M
+// and E /= (M + eps). Ends with a barrier.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_embeddings(const scalar_t* __restrict__ e_n, int64_t P, int64_t p0, int np,
+                                                const Tile& tl, bool normalize, acc_t* E, acc_t* M) {
+  const int cp = tl.cp;
+  for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+    const int d = i / cp;
+    const int j = i - d * cp;
+    E[j * tl.ds + d] = j < np ? static_cast<acc_t>(e_n[d * P + p0 + j]) : acc_t(0);
+  }
+  __syncthreads();
+  if (!normalize) return;
+  if (threadIdx.x < cp) {
+    const int j = threadIdx.x;
+    acc_t sq = 0;
+    for (int d = 0; d < tl.D; ++d) {
+      const acc_t v = E[j * tl.ds + d];
+      sq += v * v;
+    }
+    M[j] = dev_sqrt(sq);
+  }
+  __syncthreads();
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+    const int d = i / cp;
+    const int j = i - d * cp;
+    E[j * tl.ds + d] = E[j * tl.ds + d] / (M[j] + eps);
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_prototypes(const scalar_t* __restrict__ proto, const Tile& tl, acc_t* Ps) {
+  for (int i = threadIdx.x; i < tl.K * tl.D; i += blockDim.x) {
+    const int k = i / tl.D;
+    const int d = i - k * tl.D;
+    Ps[k * tl.ds + d] = static_cast<acc_t>(proto[i]);
+  }
+}
+
+// Grid: N * T blocks; block b: image n = b / T, chunks t, t + T, ...
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* __restrict__ emb,
+                                                              const scalar_t* __restrict__ proto,
+                                                              scalar_t* __restrict__ out, int64_t D, int64_t K,
+                                                              int64_t P, int64_t T, int64_t nchunks, Tile tl,
+                                                              bool per_image, bool normalize, acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cp = tl.cp;
+  acc_t* Ps = sm;                 // K * ds
+  acc_t* E = Ps + tl.K * tl.ds;   // cp * ds
+  acc_t* L = E + cp * tl.ds;      // cp * ks
+  acc_t* M = L + cp * tl.ks;      // cp
+  acc_t* MX = M + cp;             // cp
+  acc_t* SU = MX + cp;            // cp
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * D * P;
+  scalar_t* o_n = out + n * K * P;
+  load_prototypes<scalar_t, acc_t>(per_image ? proto + n * K * D : proto, tl, Ps);
+
+  for (int64_t c = t; c < nchunks; c += T) {
+    const int64_t p0 = c * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int j = i / tl.K;
+      const int k = i - j * tl.K;
+      acc_t s = 0;
+      for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
+      L[j * tl.ks + k] = s / tau;
+    }
+    __syncthreads();
+    if (threadIdx.x < cp) {
+      const int j = threadIdx.x;
+      acc_t mx = neg_inf<acc_t>();
+      for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, L[j * tl.ks + k]);
+      acc_t s = 0;
+      for (int k = 0; k < tl.K; ++k) s += dev_exp(L[j * tl.ks + k] - mx);
+      MX[j] = mx;
+      SU[j] = s;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int k = i / cp;
+      const int j = i - k * cp;
+      if (j >= np) continue;
+      o_n[k * P + p0 + j] = static_cast<scalar_t>(dev_exp(L[j * tl.ks + k] - MX[j]) / SU[j]);
+    }
+  }
+}
+
+// Grid: N * T blocks as in forward. Writes grad_z for its pixels and its partial prototype
+// gradient part[b * K*D + k*D + d].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
+    const scalar_t* __restrict__ out, scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
+    int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cp = tl.cp;
+  const int KD = tl.K * tl.D;
+  acc_t* Ps = sm;                 // K * ds
+  acc_t* accs = Ps + tl.K * tl.ds;  // K * D
+  acc_t* E = accs + KD;           // cp * ds
+  acc_t* GE = E + cp * tl.ds;     // cp * ds
+  acc_t* GL = GE + cp * tl.ds;    // cp * ks
+  acc_t* SS = GL + cp * tl.ks;    // cp * ks
+  acc_t* M = SS + cp * tl.ks;     // cp
+  acc_t* DT = M + cp;             // cp
+  acc_t* DE = DT + cp;            // cp
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * D * P;
+  const scalar_t* g_n = grad_out + n * K * P;
+  const scalar_t* s_n = out + n * K * P;
+  scalar_t* ge_n = grad_emb + n * D * P;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  load_prototypes<scalar_t, acc_t>(per_image ? proto + n * K * D : proto, tl, Ps);
+  for (int i = threadIdx.x; i < KD; i += blockDim.x) accs[i] = 0;
+
+  for (int64_t c = t; c < nchunks; c += T) {
+    const int64_t p0 = c * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int k = i / cp;
+      const int j = i - k * cp;
+      const bool in = j < np;
+      GL[j * tl.ks + k] = in ? static_cast<acc_t>(g_n[k * P + p0 + j]) : acc_t(0);
+      SS[j * tl.ks + k] = in ? static_cast<acc_t>(s_n[k * P + p0 + j]) : acc_t(0);
+    }
+    load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);  // ends with a barrier
+    if (threadIdx.x < cp) {
+      const int j = threadIdx.x;
+      acc_t s = 0;
+      for (int k = 0; k < tl.K; ++k) s += GL[j * tl.ks + k] * SS[j * tl.ks + k];
+      DT[j] = s;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int k = i / cp;
+      const int j = i - k * cp;
+      GL[j * tl.ks + k] = SS[j * tl.ks + k] * (GL[j * tl.ks + k] - DT[j]) / tau;
+    }
+    __syncthreads();
+    // g_e[j,d] = sum_k g_l[j,k] proto[k,d]; prototype partials acc[k,d] += sum_j g_l[j,k] e[j,d].
+    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+      const int j = i / tl.D;
+      const int d = i - j * tl.D;
+      acc_t s = 0;
+      for (int k = 0; k < tl.K; ++k) s += GL[j * tl.ks + k] * Ps[k * tl.ds + d];
+      GE[j * tl.ds + d] = s;
+    }
+    for (int i = threadIdx.x; i < KD; i += blockDim.x) {
+      const int k = i / tl.D;
+      const int d = i - k * tl.D;
+      acc_t s = accs[i];
+      for (int j = 0; j < np; ++j) s += GL[j * tl.ks + k] * E[j * tl.ds + d];
+      accs[i] = s;
+    }
+    __syncthreads();
+    if (normalize && threadIdx.x < cp) {
+      const int j = threadIdx.x;
+      acc_t s = 0;
+      for (int d = 0; d < tl.D; ++d) s += E[j * tl.ds + d] * GE[j * tl.ds + d];
+      DE[j] = s;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+      const int d = i / cp;
+      const int j = i - d * cp;
+      if (j >= np) continue;
+      acc_t v = GE[j * tl.ds + d];
+      if (normalize) {
+        const acc_t m = M[j];
+        const acc_t den = m + eps;
+        if (m > acc_t(0)) v -= E[j * tl.ds + d] * DE[j] * den / m;
+        v = v / den;
+      }
+      ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < KD; i += blockDim.x) part[b * KD + i] = accs[i];
+}
+
+constexpr const char* kOp = "ld_ext::pixel_cluster_similarity (CUDA)";
+constexpr const char* kOpB = "ld_ext::pixel_cluster_similarity_backward (CUDA)";
+
+void check_inputs(const at::Tensor& e, const at::Tensor& proto, double temperature, const char* op) {
+  check_cuda_tensor(e, op, "embeddings");
+  check_cuda_tensor(proto, op, "prototypes");
+  TORCH_CHECK(e.device() == proto.device(), op, ": embeddings and prototypes must be on the same device");
+  TORCH_CHECK(e.scalar_type() == proto.scalar_type(), op, ": embeddings and prototypes must have the same dtype");
+  TORCH_CHECK(e.dim() >= 3, op, ": embeddings must be (N, D, *spatial)");
+  TORCH_CHECK(e.numel() > 0 && proto.numel() > 0, op, ": inputs must not be empty");
+  const int64_t D = e.size(1);
+  if (proto.dim() == 2) {
+    TORCH_CHECK(proto.size(1) == D, op, ": prototypes must be (K, D) with D = ", D);
+  } else {
+    TORCH_CHECK(proto.dim() == 3 && proto.size(0) == e.size(0) && proto.size(2) == D, op,
+                ": prototypes must be (K, D) or (N, K, D) matching embeddings");
+  }
+  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0");
+}
+
+at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at::Tensor& prototypes,
+                                         double temperature, bool normalize) {
+  check_inputs(embeddings, prototypes, temperature, kOp);
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const int device = embeddings.get_device();
+  const at::Tensor e = embeddings.contiguous();
+  const at::Tensor pr = prototypes.contiguous();
+  const bool per_image = pr.dim() == 3;
+  const int64_t N = e.size(0), D = e.size(1), K = pr.size(-2);
+  const int64_t P = e.numel() / (N * D);
+  std::vector<int64_t> shape = e.sizes().vec();
+  shape[1] = K;
+  at::Tensor out = at::empty(shape, e.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const TilePlan plan =
+        plan_tile(K * (D + 1), (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp, "K * D (prototypes)");
+    const Tile tl = make_tile(plan.pixels, D, K);
+    const int64_t nchunks = ceil_div(P, tl.cp);
+    const int64_t T = tiles_per_image(N, nchunks, device);
+    auto kernel = pcs_forward_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, plan.bytes);
+    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+        e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl,
+        per_image, normalize, static_cast<acc_t>(temperature));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const at::Tensor& grad_out,
+                                                                          const at::Tensor& embeddings,
+                                                                          const at::Tensor& prototypes,
+                                                                          const at::Tensor& out, double temperature,
+                                                                          bool normalize) {
+  check_inputs(embeddings, prototypes, temperature, kOpB);
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const int device = embeddings.get_device();
+  const at::Tensor e = embeddings.contiguous();
+  const at::Tensor pr = prototypes.contiguous();
+  const bool per_image = pr.dim() == 3;
+  const int64_t N = e.size(0), D = e.size(1), K = pr.size(-2);
+  const int64_t P = e.numel() / (N * D);
+  TORCH_CHECK(grad_out.numel() == N * K * P && out.numel() == N * K * P, kOpB,
+              ": grad_out and out must have N * K * P elements");
+  const at::Tensor g = grad_out.to(e.device(), e.scalar_type()).contiguous();
+  const at::Tensor s = out.to(e.device(), e.scalar_type()).contiguous();
+  at::Tensor grad_e = at::empty(e.sizes(), e.options());
+  at::Tensor grad_p;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 3, sizeof(acc_t), device, kOpB,
+                                    "K * D (prototypes)");
+    const Tile tl = make_tile(plan.pixels, D, K);
+    const int64_t nchunks = ceil_div(P, tl.cp);
+    const int64_t T = tiles_per_image(N, nchunks, device);
+    const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
+    auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, plan.bytes);
+    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+        g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+        grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize,
+        static_cast<acc_t>(temperature));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor gp = at::empty(pr.sizes(), acc_opts);
+    if (per_image) {
+      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), N, T, K * D, stream);
+    } else {
+      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), 1, N * T, K * D, stream);
+    }
+    grad_p = gp.to(pr.scalar_type());
+  });
+  return {grad_e, grad_p};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+  m.impl("pixel_cluster_similarity", &pixel_cluster_similarity_cuda);
+  m.impl("pixel_cluster_similarity_backward", &pixel_cluster_similarity_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace ld_ext

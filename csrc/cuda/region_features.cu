@@ -1,0 +1,467 @@
+// CUDA kernels of ld_ext::region_features and ld_ext::region_features_backward.
+//
+// Forward, for image n: r~[k,d] = (1/P) sum_p a[k,p] e[d,p]; feats = r~ / (||r~|| + 1e-10);
+// rnorm = ||r~||; entropy = mean_{n,k,p} h(a[k,p]) (binary entropy, log2). e is z or z/(||z||+eps)
+// (normalize); a is s, sigmoid-L1 of s or softmax of s (mode). See LD_METHOD.md sections 2-4.
+//
+// Layout of the work: each block owns one image n and a fixed, strided set of pixel chunks
+// ("tiles" of up to 128 pixels). A chunk of e and s is read once from global memory into shared
+// memory (as the accumulation type), normalised there, and multiplied into the block's K x D
+// partial sums, which also live in shared memory. Each block writes its partial sums to a
+// buffer (N, T, K, D); a second kernel adds the T partials of each (n, k, d) in a fixed order and
+// normalises the rows. No atomics: the same input gives bitwise the same output on a given device.
+// Nothing of size N*K*D*P is ever formed; backward recomputes e and a per chunk from the inputs.
+#include "common.cuh"
+
+namespace ld_ext {
+namespace cuda {
+namespace {
+
+constexpr double kLn2 = 0.69314718055994530942;
+
+// Phase 1 of every chunk: raw loads, coalesced along the pixels. E[j*ds + d] = z[d, p0 + j];
+// A[j*ks + k] = s[k, p0 + j] (sigmoid mode: sigmoid(s) + 1e-9, with sigmoid(s) also kept in SG
+// when SG is given). Pixels past the end (j >= np) are loaded as zeros.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_chunk(const scalar_t* __restrict__ e_n, const scalar_t* __restrict__ s_n,
+                                           int64_t P, int64_t p0, int np, const Tile& tl,
+                                           int mode, acc_t* E, acc_t* A, acc_t* SG) {
+  const int cp = tl.cp;
+  for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+    const int d = i / cp;
+    const int j = i - d * cp;
+    E[j * tl.ds + d] = j < np ? static_cast<acc_t>(e_n[d * P + p0 + j]) : acc_t(0);
+  }
+  for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+    const int k = i / cp;
+    const int j = i - k * cp;
+    acc_t v = j < np ? static_cast<acc_t>(s_n[k * P + p0 + j]) : acc_t(0);
+    if (mode == kSigmoid) {
+      const acc_t sg = dev_sigmoid(v);
+      if (SG != nullptr) SG[j * tl.ks + k] = sg;
+      v = sg + static_cast<acc_t>(kAssignEps);
+    }
+    A[j * tl.ks + k] = v;
+  }
+}
+
+// Phase 2: per-pixel scalars, one thread per pixel. M = ||z||; for sigmoid U = sum_k u; for
+// softmax MX = max_k s and U = sum_k exp(s - MX).
+template <typename acc_t>
+__device__ __forceinline__ void pixel_scalars(const Tile& tl, bool normalize, int mode,
+                                              const acc_t* E, const acc_t* A, acc_t* M, acc_t* U, acc_t* MX) {
+  const int j = threadIdx.x;
+  if (j >= tl.cp) return;
+  if (normalize) {
+    acc_t sq = 0;
+    for (int d = 0; d < tl.D; ++d) {
+      const acc_t v = E[j * tl.ds + d];
+      sq += v * v;
+    }
+    M[j] = dev_sqrt(sq);
+  }
+  if (mode == kSigmoid) {
+    acc_t u = 0;
+    for (int k = 0; k < tl.K; ++k) u += A[j * tl.ks + k];
+    U[j] = u;
+  } else if (mode == kSoftmax) {
+    acc_t mx = neg_inf<acc_t>();
+    for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, A[j * tl.ks + k]);
+    acc_t u = 0;
+    for (int k = 0; k < tl.K; ++k) u += dev_exp(A[j * tl.ks + k] - mx);
+    MX[j] = mx;
+    U[j] = u;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t binary_entropy(acc_t a) {
+  const acc_t eps = static_cast<acc_t>(kEntropyEps);
+  return -a * dev_log2(a + eps) - (acc_t(1) - a) * dev_log2(acc_t(1) - a + eps);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t binary_entropy_grad(acc_t a) {
+  const acc_t eps = static_cast<acc_t>(kEntropyEps);
+  const acc_t ln2 = static_cast<acc_t>(kLn2);
+  const acc_t b = acc_t(1) - a;
+  return -dev_log2(a + eps) - a / ((a + eps) * ln2) + dev_log2(b + eps) + b / ((b + eps) * ln2);
+}
+
+// Phase 3: element-wise normalisation of the chunk (all threads). Returns this thread's share of
+// the chunk's entropy sum when `entropy` is set.
+template <typename acc_t>
+__device__ __forceinline__ acc_t normalize_chunk(int np, const Tile& tl, bool normalize,
+                                                 int mode, bool entropy, acc_t* E, acc_t* A, const acc_t* M,
+                                                 const acc_t* U, const acc_t* MX) {
+  const int cp = tl.cp;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  if (normalize) {
+    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+      const int d = i / cp;
+      const int j = i - d * cp;
+      E[j * tl.ds + d] = E[j * tl.ds + d] / (M[j] + eps);
+    }
+  }
+  acc_t h = 0;
+  for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+    const int k = i / cp;
+    const int j = i - k * cp;
+    acc_t a = A[j * tl.ks + k];
+    if (mode == kSigmoid) {
+      a = a / U[j];
+    } else if (mode == kSoftmax) {
+      a = dev_exp(a - MX[j]) / U[j];
+    }
+    if (j >= np) a = 0;
+    A[j * tl.ks + k] = a;
+    if (entropy && j < np) h += binary_entropy(a);
+  }
+  return h;
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+// Grid: N * T blocks; block b handles image n = b / T and chunks c = t, t + T, ... (t = b % T).
+// part[b * K*D + k*D + d] = sum over its pixels of a[k,p] e[d,p]; ent_part[b] = sum of h(a).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) rf_forward_partial_kernel(
+    const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
+    acc_t* __restrict__ ent_part, int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl,
+    bool normalize, int mode, bool entropy) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int KD = tl.K * tl.D;
+  const int cp = tl.cp;
+  acc_t* accs = sm;
+  acc_t* E = accs + KD;
+  acc_t* A = E + cp * tl.ds;
+  acc_t* M = A + cp * tl.ks;
+  acc_t* U = M + cp;
+  acc_t* MX = U + cp;
+  acc_t* red = MX + cp;
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * D * P;
+  const scalar_t* s_n = asg + n * K * P;
+
+  for (int i = threadIdx.x; i < KD; i += blockDim.x) accs[i] = 0;
+  acc_t h = 0;
+
+  for (int64_t c = t; c < nchunks; c += T) {
+    const int64_t p0 = c * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();  // the previous chunk is fully consumed
+    load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, E, A, nullptr);
+    __syncthreads();
+    pixel_scalars<acc_t>(tl, normalize, mode, E, A, M, U, MX);
+    __syncthreads();
+    h += normalize_chunk<acc_t>(np, tl, normalize, mode, entropy, E, A, M, U, MX);
+    __syncthreads();
+    // Each (k, d) partial sum belongs to one thread: d runs fastest across the warp, so E is read
+    // at consecutive addresses and A is a broadcast.
+    for (int i = threadIdx.x; i < KD; i += blockDim.x) {
+      const int k = i / tl.D;
+      const int d = i - k * tl.D;
+      acc_t s = accs[i];
+      for (int j = 0; j < np; ++j) s += A[j * tl.ks + k] * E[j * tl.ds + d];
+      accs[i] = s;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < KD; i += blockDim.x) part[b * KD + i] = accs[i];
+  if (entropy) {
+    h = block_sum(h, red);
+    if (threadIdx.x == 0) ent_part[b] = h;
+  }
+}
+
+// One block per (n, k): adds the T partials of each d in order, divides by P, normalises the row.
+// feats/rnorm are of the accumulation type (the op's output type for every input dtype).
+template <typename acc_t>
+__global__ void __launch_bounds__(kSmallThreads) rf_forward_finalize_kernel(const acc_t* __restrict__ part,
+                                                                           acc_t* __restrict__ feats,
+                                                                           acc_t* __restrict__ rnorm, int64_t K,
+                                                                           int64_t D, int64_t T, int64_t P) {
+  __shared__ acc_t buf[kSmallThreads];
+  const int64_t nk = blockIdx.x;
+  const int64_t n = nk / K;
+  const int64_t k = nk - n * K;
+  const int64_t KD = K * D;
+  const acc_t* base = part + n * T * KD + k * D;
+  acc_t sq = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t s = 0;
+    for (int64_t t = 0; t < T; ++t) s += base[t * KD + d];
+    const acc_t r = s / static_cast<acc_t>(P);
+    feats[nk * D + d] = r;
+    sq += r * r;
+  }
+  const acc_t nrm = dev_sqrt(block_sum(sq, buf));
+  const acc_t den = nrm + static_cast<acc_t>(kNormEps);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) feats[nk * D + d] = feats[nk * D + d] / den;
+  if (threadIdx.x == 0) rnorm[nk] = nrm;
+}
+
+// ------------------------------------------------------------------------------------ backward
+
+// One block per (n, k): G = dL/dr~ / P with dL/dr~ = g/(n+eps) - r~ (r~.g) / (n (n+eps)^2),
+// r~ = feats (n + eps); the second term is 0 when n == 0.
+template <typename acc_t>
+__global__ void __launch_bounds__(kSmallThreads) rf_backward_prep_kernel(const acc_t* __restrict__ grad_feats,
+                                                                        const acc_t* __restrict__ feats,
+                                                                        const acc_t* __restrict__ rnorm,
+                                                                        acc_t* __restrict__ G, int64_t D,
+                                                                        int64_t P) {
+  __shared__ acc_t buf[kSmallThreads];
+  const int64_t nk = blockIdx.x;
+  const acc_t nrm = rnorm[nk];
+  const acc_t den = nrm + static_cast<acc_t>(kNormEps);
+  acc_t dot = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dot += feats[nk * D + d] * den * grad_feats[nk * D + d];
+  dot = block_sum(dot, buf);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const acc_t rt = feats[nk * D + d] * den;
+    acc_t v = grad_feats[nk * D + d] / den;
+    if (nrm > acc_t(0)) v -= rt * dot / (nrm * den * den);
+    G[nk * D + d] = v / static_cast<acc_t>(P);
+  }
+}
+
+// Grid: N * T blocks, block b handles image n = b / T and chunks t, t + T, ... Per chunk it
+// recomputes e and a, forms g_a = G e (+ entropy term) and g_e = G^T a, takes them back through
+// the two normalisations and writes grad_z and grad_s for its pixels (no reduction across blocks).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) rf_backward_kernel(
+    const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, const acc_t* __restrict__ Gg,
+    const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
+    int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool normalize, int mode, bool entropy,
+    acc_t ent_scale) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cp = tl.cp;
+  acc_t* Gs = sm;                 // K * ds
+  acc_t* E = Gs + K * tl.ds;      // cp * ds
+  acc_t* GE = E + cp * tl.ds;     // cp * ds
+  acc_t* A = GE + cp * tl.ds;     // cp * ks
+  acc_t* GA = A + cp * tl.ks;     // cp * ks
+  acc_t* SG = GA + cp * tl.ks;    // cp * ks
+  acc_t* M = SG + cp * tl.ks;     // cp
+  acc_t* U = M + cp;              // cp
+  acc_t* MX = U + cp;             // cp
+  acc_t* DA = MX + cp;            // cp
+  acc_t* DE = DA + cp;            // cp
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * D * P;
+  const scalar_t* s_n = asg + n * K * P;
+  scalar_t* ge_n = grad_emb + n * D * P;
+  scalar_t* gs_n = grad_asg + n * K * P;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+
+  for (int i = threadIdx.x; i < tl.K * tl.D; i += blockDim.x) {
+    const int k = i / tl.D;
+    const int d = i - k * tl.D;
+    Gs[k * tl.ds + d] = Gg[n * K * D + i];
+  }
+  const acc_t gent = entropy ? grad_ent[0] * ent_scale : acc_t(0);
+
+  for (int64_t c = t; c < nchunks; c += T) {
+    const int64_t p0 = c * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, E, A, SG);
+    __syncthreads();
+    pixel_scalars<acc_t>(tl, normalize, mode, E, A, M, U, MX);
+    __syncthreads();
+    normalize_chunk<acc_t>(np, tl, normalize, mode, false, E, A, M, U, MX);
+    __syncthreads();
+    // g_a[j,k] = sum_d G[k,d] e[d,j] (+ entropy), k fastest; g_e[j,d] = sum_k G[k,d] a[k,j], d fastest.
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int j = i / tl.K;
+      const int k = i - j * tl.K;
+      acc_t s = 0;
+      for (int d = 0; d < tl.D; ++d) s += Gs[k * tl.ds + d] * E[j * tl.ds + d];
+      if (entropy && j < np) s += gent * binary_entropy_grad(A[j * tl.ks + k]);
+      GA[j * tl.ks + k] = s;
+    }
+    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+      const int j = i / tl.D;
+      const int d = i - j * tl.D;
+      acc_t s = 0;
+      for (int k = 0; k < tl.K; ++k) s += Gs[k * tl.ds + d] * A[j * tl.ks + k];
+      GE[j * tl.ds + d] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < cp) {
+      const int j = threadIdx.x;
+      if (mode != kProbs) {
+        acc_t s = 0;
+        for (int k = 0; k < tl.K; ++k) s += GA[j * tl.ks + k] * A[j * tl.ks + k];
+        DA[j] = s;
+      }
+      if (normalize) {
+        acc_t s = 0;
+        for (int d = 0; d < tl.D; ++d) s += E[j * tl.ds + d] * GE[j * tl.ds + d];
+        DE[j] = s;
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+      const int d = i / cp;
+      const int j = i - d * cp;
+      if (j >= np) continue;
+      acc_t v = GE[j * tl.ds + d];
+      if (normalize) {
+        const acc_t m = M[j];
+        const acc_t den = m + eps;
+        if (m > acc_t(0)) v -= E[j * tl.ds + d] * DE[j] * den / m;
+        v = v / den;
+      }
+      ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
+    }
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int k = i / cp;
+      const int j = i - k * cp;
+      if (j >= np) continue;
+      const acc_t g = GA[j * tl.ks + k];
+      acc_t v;
+      if (mode == kSigmoid) {
+        const acc_t sg = SG[j * tl.ks + k];
+        v = sg * (acc_t(1) - sg) * (g - DA[j]) / U[j];
+      } else if (mode == kSoftmax) {
+        v = A[j * tl.ks + k] * (g - DA[j]);
+      } else {
+        v = g;
+      }
+      gs_n[k * P + p0 + j] = static_cast<scalar_t>(v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ host side
+
+constexpr const char* kOp = "ld_ext::region_features (CUDA)";
+constexpr const char* kOpB = "ld_ext::region_features_backward (CUDA)";
+
+void check_inputs(const at::Tensor& e, const at::Tensor& a, int64_t mode, const char* op) {
+  check_cuda_tensor(e, op, "embeddings");
+  check_cuda_tensor(a, op, "assignments");
+  TORCH_CHECK(e.device() == a.device(), op, ": embeddings and assignments must be on the same device");
+  TORCH_CHECK(e.scalar_type() == a.scalar_type(), op, ": embeddings and assignments must have the same dtype");
+  TORCH_CHECK(e.dim() >= 3 && e.dim() == a.dim(), op, ": expected (N, D, *spatial) and (N, K, *spatial)");
+  TORCH_CHECK(e.size(0) == a.size(0), op, ": embeddings and assignments must have the same N");
+  for (int64_t i = 2; i < e.dim(); ++i) {
+    TORCH_CHECK(e.size(i) == a.size(i), op, ": embeddings and assignments must have the same spatial size");
+  }
+  TORCH_CHECK(mode == kProbs || mode == kSigmoid || mode == kSoftmax, op, ": mode must be 0, 1 or 2, got ", mode);
+  TORCH_CHECK(e.numel() > 0 && a.numel() > 0, op, ": inputs must not be empty");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Tensor& embeddings,
+                                                                    const at::Tensor& assignments, bool normalize,
+                                                                    int64_t mode, bool entropy) {
+  check_inputs(embeddings, assignments, mode, kOp);
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const int device = embeddings.get_device();
+  const at::Tensor e = embeddings.contiguous();
+  const at::Tensor a = assignments.contiguous();
+  const int64_t N = e.size(0), D = e.size(1), K = a.size(1);
+  const int64_t P = e.numel() / (N * D);
+  const auto out_opts = e.options().dtype(out_type(e.scalar_type()));
+  at::Tensor feats = at::empty({N, K, D}, out_opts);
+  at::Tensor rnorm = at::empty({N, K}, out_opts);
+  at::Tensor ent = at::zeros({}, out_opts);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_region_features_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const TilePlan plan = plan_tile(K * D + kThreads, (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp,
+                                    "K * D (clusters times channels)");
+    const Tile tl = make_tile(plan.pixels, D, K);
+    const int64_t nchunks = ceil_div(P, tl.cp);
+    const int64_t T = tiles_per_image(N, nchunks, device);
+    const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
+    at::Tensor ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
+    auto kernel = rf_forward_partial_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, plan.bytes);
+    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+        e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K,
+        P, T, nchunks, tl, normalize, static_cast<int>(mode), entropy);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rf_forward_finalize_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
+        part.data_ptr<acc_t>(), feats.data_ptr<acc_t>(), rnorm.data_ptr<acc_t>(), K, D, T, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (entropy) {
+      const acc_t scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
+      sum_scalar_kernel<acc_t, acc_t><<<1, kThreads, 0, stream>>>(ent_part.data_ptr<acc_t>(), N * T, scale,
+                                                                 ent.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {feats, rnorm, ent};
+}
+
+std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tensor& grad_feats,
+                                                                 const at::Tensor& grad_entropy,
+                                                                 const at::Tensor& embeddings,
+                                                                 const at::Tensor& assignments,
+                                                                 const at::Tensor& feats, const at::Tensor& rnorm,
+                                                                 bool normalize, int64_t mode, bool entropy) {
+  check_inputs(embeddings, assignments, mode, kOpB);
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  const int device = embeddings.get_device();
+  const at::Tensor e = embeddings.contiguous();
+  const at::Tensor a = assignments.contiguous();
+  const int64_t N = e.size(0), D = e.size(1), K = a.size(1);
+  const int64_t P = e.numel() / (N * D);
+  TORCH_CHECK(grad_feats.numel() == N * K * D && feats.numel() == N * K * D && rnorm.numel() == N * K, kOpB,
+              ": grad_feats/feats must have N*K*D elements and rnorm N*K");
+  const at::ScalarType acc_type = out_type(e.scalar_type());
+  const at::Tensor gf = grad_feats.to(e.device(), acc_type).contiguous();
+  const at::Tensor ft = feats.to(e.device(), acc_type).contiguous();
+  const at::Tensor rn = rnorm.to(e.device(), acc_type).contiguous();
+  const at::Tensor ge = grad_entropy.to(e.device(), acc_type).reshape({1}).contiguous();
+  at::Tensor grad_e = at::empty(e.sizes(), e.options());
+  at::Tensor grad_a = at::empty(a.sizes(), a.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_region_features_backward_cuda",
+                                  [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const int64_t ds = D + 1, ks = K + 1;
+    const TilePlan plan =
+        plan_tile(K * ds, 2 * ds + 3 * ks + 5, sizeof(acc_t), device, kOpB, "K * D (clusters times channels)");
+    const Tile tl = make_tile(plan.pixels, D, K);
+    const int64_t nchunks = ceil_div(P, tl.cp);
+    const int64_t T = tiles_per_image(N, nchunks, device);
+    at::Tensor G = at::empty({N * K * D}, gf.options());
+    rf_backward_prep_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
+        gf.data_ptr<acc_t>(), ft.data_ptr<acc_t>(), rn.data_ptr<acc_t>(), G.data_ptr<acc_t>(), D, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const acc_t ent_scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
+    auto kernel = rf_backward_kernel<scalar_t, acc_t>;
+    allow_smem(kernel, plan.bytes);
+    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+        e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(),
+        grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, normalize,
+        static_cast<int>(mode), entropy, ent_scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_e, grad_a};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+  m.impl("region_features", &region_features_cuda);
+  m.impl("region_features_backward", &region_features_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace ld_ext
