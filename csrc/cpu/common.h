@@ -87,7 +87,7 @@ LD_INLINE float fast_log2(float x) {
   int32_t bits = float_to_bits(x);
   int32_t e = ((bits >> 23) & 0xff) - 127;
   float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  bool big = m > 1.41421356237f;
+  const bool big = (bits & 0x007fffff) > 0x003504f3;  // m > sqrt(2), decided on the bits
   m = big ? m * 0.5f : m;
   float ef = static_cast<float>(e) + (big ? 1.0f : 0.0f);
   float z = m - 1.0f;
@@ -104,12 +104,17 @@ LD_INLINE float fast_log2(float x) {
   y = y * z * z2 - 0.5f * z2;
   float ln = z + y;
   float res = ef + ln * 1.44269504088896341f;
-  const float inf = std::numeric_limits<float>::infinity();
-  res = x == inf ? inf : res;
-  res = x == 0.0f ? -inf : res;
-  res = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : res;
-  res = x != x ? x : res;
-  return res;
+  // Special cases, blended in with integer masks (no branches, so the loop vectorises):
+  // +-0 -> -inf, +inf -> +inf, negative (< 0) or NaN -> NaN.
+  const int32_t mag = bits & 0x7fffffff;
+  const int32_t zero = -static_cast<int32_t>(mag == 0);
+  const int32_t pinf = -static_cast<int32_t>(bits == 0x7f800000);
+  const int32_t bad = -static_cast<int32_t>(((bits < 0) & (mag != 0)) | (mag > 0x7f800000));
+  int32_t rb = float_to_bits(res);
+  rb = (rb & ~zero) | (static_cast<int32_t>(0xff800000u) & zero);
+  rb = (rb & ~pinf) | (0x7f800000 & pinf);
+  rb = (rb & ~bad) | (0x7fc00000 & bad);
+  return bits_to_float(rb);
 }
 
 template <typename T>
@@ -183,6 +188,20 @@ LD_INLINE void load_embeddings(const T* __restrict z, int64_t P, int64_t D, int6
     T* row = E + d * ts;
     for (int64_t t = 0; t < ts; ++t) row[t] *= inv[t];
   }
+}
+
+// Sum of the binary entropies of n values (n a multiple of the lane count), lane-structured like
+// dot_lanes so that the reduction vectorises with a fixed order.
+template <typename T>
+LD_INLINE T entropy_sum_lanes(const T* __restrict a, int64_t n) {
+  constexpr int L = Lanes<T>::value;
+  T acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = T(0);
+  for (int64_t i = 0; i < n; i += L)
+    for (int j = 0; j < L; ++j) acc[j] += binary_entropy<T>(a[i + j]);
+  T s = T(0);
+  for (int j = 0; j < L; ++j) s += acc[j];
+  return s;
 }
 
 LD_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }

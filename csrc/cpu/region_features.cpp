@@ -104,15 +104,11 @@ LD_INLINE void rf_forward_task_impl(const T* z, const T* s, const RFShape& sh, i
     const int64_t tn = std::min(ts, c1 - p0);
     load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, w.E.data(), w.m.data(), w.inv.data());
     load_assignments<T>(sn, P, K, p0, tn, ts, mode, w.A.data(), w.sig.data(), w.U.data());
-    if (entropy) {
-      T acc = T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* a = w.A.data() + k * ts;
-        for (int64_t t = 0; t < tn; ++t) acc += binary_entropy<T>(a[t]);
-      }
-      ent += static_cast<double>(acc);
-    }
+    // Padded lanes hold a = 0, whose entropy is exactly 0, so whole lane groups can be summed.
     const int64_t tl = round_up(tn, Lanes<T>::value);
+    if (entropy) {
+      for (int64_t k = 0; k < K; ++k) ent += static_cast<double>(entropy_sum_lanes<T>(w.A.data() + k * ts, tl));
+    }
     for (int64_t k = 0; k < K; ++k) {
       const T* a = w.A.data() + k * ts;
       for (int64_t d = 0; d < D; ++d) partial[k * D + d] += static_cast<double>(dot_lanes<T>(a, w.E.data() + d * ts, tl));
