@@ -1,0 +1,205 @@
+"""Folder datasets (PNG/JPEG/TIFF, DICOM, NIfTI), intensity scaling, and the LD view generator."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ld_ext import data
+from ld_ext.augment import AugmentConfig, LDViewGenerator, NORM_MEAN, NORM_STD, _apply_v2, align_to_v1, item_generator
+
+S = 32
+
+
+def _ramp(h=40, w=48, hi=255.0):
+    y, x = np.mgrid[0:h, 0:w]
+    return (x + y) / (h + w - 2) * hi
+
+
+def _write_folder(root):
+    (root / "a" / "b").mkdir(parents=True)
+    Image.fromarray(_ramp().astype(np.uint8)).save(root / "gray8.png")
+    Image.fromarray(_ramp(hi=60000).astype(np.uint16)).save(root / "a" / "gray16.png")
+    rgb = np.stack([_ramp(), 255 - _ramp(), np.full((40, 48), 128.0)], -1).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "a" / "b" / "rgb.jpg")
+    Image.fromarray(_ramp(hi=40000).astype(np.uint16)).save(root / "a" / "b" / "t16.tif")
+    Image.fromarray(_ramp(hi=3.5).astype(np.float32)).save(root / "float.tiff")
+    Image.fromarray(np.dstack([rgb, np.full((40, 48), 255, np.uint8)])).save(root / "rgba.png")
+    (root / "notes.txt").write_text("ignored")
+
+
+def test_folder_of_2d_images_recursive_mixed_gray_rgb(tmp_path):
+    _write_folder(tmp_path)
+    files = data.list_image_files(tmp_path)
+    assert len(files) == 6 and all(f.suffix != ".txt" for f in files)
+    for channels in (1, 3):
+        ds = data.ImageFolderDataset(tmp_path, size=S, channels=channels, progress=False)
+        assert ds.images.shape == (6, channels, S, S)
+        assert ds.images.min() >= 0 and ds.images.max() <= 1
+        assert not ds.skipped
+    # robust scaling maps every format's range to [0, 1]: the ramp's extremes survive
+    for name in ("gray16.png", "t16.tif", "float.tiff", "gray8.png"):
+        i = next(j for j, n in enumerate(ds.names) if n.endswith(name))
+        assert ds.images[i].max() > 0.9 and ds.images[i].min() < 0.1, name
+
+
+def test_16bit_png_keeps_precision():
+    arr = (np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)  # 0 .. 61425, > 8 bits
+    x = data.prepare_image(arr.astype(np.float32), 64, percentiles=(0, 100))
+    assert len(torch.unique(x)) > 256
+
+
+def test_percentile_clip_ignores_outliers():
+    arr = np.tile(np.linspace(0, 100, 100, dtype=np.float32), (100, 1))
+    arr[0, 0] = 1e6
+    x = data.scale_intensity(arr, (0.5, 99.5))
+    assert x.max() == 1.0 and x.min() == 0.0
+    assert np.median(x) == pytest.approx(0.5, abs=0.02)  # not squashed to 0 by the outlier
+    assert np.all(data.scale_intensity(np.full((4, 4), 7.0)) == 0)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with pytest.warns(RuntimeWarning, match="skipped 2 unreadable"):
+        ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    assert len(ds) == 1 and len(ds.skipped) == 2
+
+
+def test_empty_missing_and_all_unreadable_folders(tmp_path):
+    with pytest.raises(ValueError, match="no supported image files"):
+        data.ImageFolderDataset(tmp_path, size=S)
+    with pytest.raises(ValueError, match="does not exist"):
+        data.ImageFolderDataset(tmp_path / "missing", size=S)
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="no readable images"):
+        data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    with pytest.raises(ValueError, match="size"):
+        data.ImageFolderDataset(tmp_path, size=8)
+    with pytest.raises(ValueError, match="channels"):
+        data.ImageFolderDataset(tmp_path, size=S, channels=2)
+
+
+def test_images_smaller_than_the_crop_are_upsampled_with_a_warning(tmp_path):
+    Image.fromarray(_ramp(10, 12).astype(np.uint8)).save(tmp_path / "tiny.png")
+    with pytest.warns(RuntimeWarning, match="smaller than"):
+        ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    assert ds.images.shape == (1, 1, S, S) and ds.n_upsampled == 1
+
+
+def _write_dicom(path, arr, photometric):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pytest.importorskip("pydicom")
+    arr = _ramp(48, 48, hi=4000)  # square: no padding, so inversion is exact everywhere
+    _write_dicom(tmp_path / "m2.dcm", arr, "MONOCHROME2")
+    _write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1")
+    ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    m1 = ds.images[[n.endswith("m1.dcm") for n in ds.names].index(True)]
+    m2 = ds.images[[n.endswith("m2.dcm") for n in ds.names].index(True)]
+    torch.testing.assert_close(m1, 1 - m2, atol=1e-5, rtol=0)
+
+
+def test_nifti_slices_along_axes_skip_empty(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    vol = np.zeros((20, 24, 10), np.float32)
+    vol[4:16, 5:19, 2:8] = np.random.default_rng(0).uniform(50, 100, (12, 14, 6))
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    ds = data.ImageFolderDataset(tmp_path, size=S, nifti_axes=(2,), progress=False)
+    assert len(ds) == 6  # slices 2..7 have content, the rest are empty
+    ds = data.ImageFolderDataset(tmp_path, size=S, nifti_axes=(0, 2), progress=False)
+    assert len(ds) == 6 + 12
+    with pytest.raises(ValueError, match="nifti_axes"):
+        data.ImageFolderDataset(tmp_path, size=S, nifti_axes=(3,))
+
+
+def test_missing_medical_reader_gives_clear_message(tmp_path, monkeypatch):
+    (tmp_path / "v.nii").write_bytes(b"\0" * 400)
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    with pytest.warns(RuntimeWarning), pytest.raises(data.MissingReaderError, match="pip install nibabel"):
+        data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "ok.png")
+    with pytest.warns(RuntimeWarning, match="nibabel"):
+        ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    assert len(ds) == 1
+
+
+# ----------------------------------------------------------------------------- view generator
+
+
+def _sources(b, c=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, c, S, S, generator=g), torch.rand(b, c, S, S, generator=g)
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("fh,fv", [(False, False), (True, False), (False, True), (True, True)])
+def test_align_undoes_the_v2_transform(k, fh, fv):
+    x = torch.randn(3, 5, 8, 8)
+    v2 = torch.stack([_apply_v2(x[i], fh, fv, k) for i in range(3)])
+    back = align_to_v1(v2, torch.tensor([fh] * 3), torch.tensor([fv] * 3), torch.tensor([k] * 3))
+    torch.testing.assert_close(back, x, rtol=0, atol=0)
+
+
+def test_v2_patch_grid_realigns_onto_v1():
+    """With per-view randomness switched off, v1 and v2 differ only by the recorded flips/rot90."""
+    cfg = AugmentConfig(view_rotation=0.0, brightness=0, contrast=0, saturation=0, hue=0, grayscale_p=0)
+    b = 6
+    img1, img2 = _sources(b)
+    vb = LDViewGenerator(S, cfg)(img1, img2, [item_generator(3, i) for i in range(b)])
+    assert vb.rot_k.unique().numel() > 1  # the transforms really vary
+    v1, v2 = vb.images[: 2 * b], vb.images[2 * b : 4 * b]
+    assert not torch.allclose(v1, v2)
+    grid = lambda x: torch.nn.functional.adaptive_avg_pool2d(x, 4)  # noqa: E731
+    torch.testing.assert_close(align_to_v1(grid(v2), vb.flip_h, vb.flip_v, vb.rot_k), grid(v1), rtol=1e-5, atol=1e-5)
+
+
+def test_view_batch_layout_mixup_and_determinism():
+    b = 3
+    img1, img2 = _sources(b, c=3)
+    gens = lambda: [item_generator(1, i) for i in range(b)]  # noqa: E731
+    vb = LDViewGenerator(S)(img1, img2, gens())
+    assert vb.images.shape == (5 * b, 3, S, S)
+    assert torch.all((vb.mix_w >= 0.2) & (vb.mix_w <= 0.8))
+    raw = vb.images * NORM_STD + NORM_MEAN
+    w = vb.mix_w.view(-1, 1, 1, 1)
+    torch.testing.assert_close(raw[4 * b :], w * raw[:b] + (1 - w) * raw[b : 2 * b], rtol=1e-5, atol=1e-5)
+    assert raw.min() >= -1e-6 and raw.max() <= 1 + 1e-6
+    again = LDViewGenerator(S)(img1, img2, gens())
+    assert torch.equal(again.images, vb.images)
+    # an item is augmented the same whichever batch it is in
+    alone = LDViewGenerator(S)(img1[1:2], img2[1:2], [item_generator(1, 1)])
+    torch.testing.assert_close(alone.images[0], vb.images[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(alone.images[4], vb.images[4 * b + 1], rtol=1e-6, atol=1e-6)
+
+
+def test_view_generator_rejects_bad_input():
+    img1, img2 = _sources(2)
+    with pytest.raises(ValueError, match="generator"):
+        LDViewGenerator(S)(img1, img2, [item_generator(0)])
+    with pytest.raises(ValueError, match="img1 and img2"):
+        LDViewGenerator(S)(img1, img2[:1], [item_generator(0)] * 2)
+    with pytest.raises(ValueError, match="size"):
+        LDViewGenerator(8)
