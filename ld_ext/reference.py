@@ -186,7 +186,7 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
     log_pos = log_p.gather(1, pos_idx[:, None]).squeeze(1)
     neg_mask = (~eye).clone()
     neg_mask[torch.arange(m, device=x.device), pos_idx] = False
-    log_neg = torch.where(neg_mask, torch.log1p(-p), torch.zeros_like(p)).sum(dim=1)
+    log_neg = torch.log1p(-p.masked_fill(~neg_mask, 0.0)).sum(dim=1)  # masked before log1p: no inf*0 in backward
     return -(log_pos + log_neg).sum() / m
 
 

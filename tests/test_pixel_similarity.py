@@ -1,0 +1,113 @@
+"""ld_ext.pixel_cluster_similarity against ld_ext.reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ld_ext
+from ld_ext import reference as R
+
+from conftest import TOL, assert_close_rel, max_err
+
+
+def _inputs(n, d, k, spatial, shared, dtype=torch.float64):
+    z = torch.randn(n, d, *spatial, dtype=torch.float64)
+    p = torch.randn(k, d, dtype=torch.float64) if shared else torch.randn(n, k, d, dtype=torch.float64)
+    return z.to(dtype), p.to(dtype)
+
+
+@given(
+    n=st.integers(1, 3),
+    d=st.integers(1, 7),
+    k=st.integers(1, 6),
+    spatial=st.one_of(
+        st.tuples(st.integers(1, 9)),
+        st.tuples(st.integers(1, 10), st.integers(1, 10)),
+        st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5)),
+    ),
+    shared=st.booleans(),
+    normalize=st.booleans(),
+    tau=st.floats(0.05, 2.0),
+)
+def test_values_and_gradients_float64(n, d, k, spatial, shared, normalize, tau):
+    z, p = _inputs(n, d, k, spatial, shared)
+    z.requires_grad_(True)
+    p.requires_grad_(True)
+    out = ld_ext.pixel_cluster_similarity(z, p, tau, normalize=normalize)
+    ref = R.pixel_cluster_similarity(z, p, tau, normalize=normalize)
+    assert out.shape == (n, k, *spatial)
+    assert_close_rel(out, ref, rtol=1e-10, atol=1e-14)
+    w = torch.randn_like(ref)
+    g = torch.autograd.grad((out * w).sum(), (z, p))
+    rg = torch.autograd.grad((ref * w).sum(), (z, p))
+    for a, b in zip(g, rg):
+        assert_close_rel(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck(shared, normalize):
+    z, p = _inputs(2, 3, 4, (3, 5), shared)
+    z.requires_grad_(True)
+    p.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ld_ext.pixel_cluster_similarity(a, b, 0.4, normalize=normalize), (z, p))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_float32_error_no_worse_than_plain_pytorch(shared):
+    z64, p64 = _inputs(3, 32, 16, (40, 37), shared)
+    exact = ld_ext.pixel_cluster_similarity(z64, p64, 0.2, normalize=True)
+    z32, p32 = z64.float(), p64.float()
+    got = ld_ext.pixel_cluster_similarity(z32, p32, 0.2, normalize=True)
+    ref = R.pixel_cluster_similarity(z32, p32, 0.2, normalize=True)
+    assert got.dtype == torch.float32
+    assert max_err(got, exact) <= max_err(ref, exact) + TOL[torch.float32]
+
+
+def test_large_p_and_determinism():
+    z, p = _inputs(2, 8, 5, (250, 250), True, dtype=torch.float32)
+    z.requires_grad_(True)
+    p.requires_grad_(True)
+    res = []
+    for _ in range(2):
+        out = ld_ext.pixel_cluster_similarity(z, p, 0.2, normalize=True)
+        g = torch.autograd.grad((out * out.detach()).sum(), (z, p))
+        res.append((out, *g))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    ref = R.pixel_cluster_similarity(z.double(), p.double(), 0.2, normalize=True)
+    assert_close_rel(res[0][0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_and_region_features_as_prototypes():
+    z = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    s = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    r = ld_ext.region_features(z, s, normalize=True, assignment="sigmoid")  # (N, K, D) per image
+    a = ld_ext.pixel_cluster_similarity(z.to(memory_format=torch.channels_last), r, normalize=True)
+    b = ld_ext.pixel_cluster_similarity(z, r, normalize=True)
+    assert torch.equal(a, b)
+    assert_close_rel(b.sum(dim=1), torch.ones(2, 9, 11, dtype=torch.float64), rtol=1e-12)
+
+
+def test_nan_in_gives_nan_out():
+    z, p = _inputs(1, 4, 3, (4, 4), True)
+    z[0, 0, 2, 3] = float("nan")
+    out = ld_ext.pixel_cluster_similarity(z, p, 0.2)
+    assert torch.isnan(out[0, :, 2, 3]).all()
+    assert not torch.isnan(out[0, :, 0, 0]).any()
+
+
+def test_opcheck():
+    for shared in (True, False):
+        z, p = _inputs(2, 3, 4, (5, 6), shared)
+        z.requires_grad_(True)
+        p.requires_grad_(True)
+        torch.library.opcheck(torch.ops.ld_ext.pixel_cluster_similarity.default, (z, p, 0.2, True))
+        torch.library.opcheck(torch.ops.ld_ext.pixel_cluster_similarity.default, (z.detach().float(), p.detach().float(), 0.7, False))
+        out = torch.ops.ld_ext.pixel_cluster_similarity(z.detach(), p.detach(), 0.2, True)
+        torch.library.opcheck(
+            torch.ops.ld_ext.pixel_cluster_similarity_backward.default,
+            (torch.randn_like(out), z.detach(), p.detach(), out, 0.2, True),
+        )

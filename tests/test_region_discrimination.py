@@ -1,0 +1,122 @@
+"""ld_ext.region_discrimination and RegionDiscriminationLoss against ld_ext.reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ld_ext
+from ld_ext import reference as R
+
+from conftest import TOL, assert_close_rel, max_err, rand_inputs
+
+
+def _unit(n, k, d, dtype=torch.float64, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(n, k, d, dtype=torch.float64, generator=g)
+    return torch.nn.functional.normalize(x, dim=-1).to(dtype)
+
+
+@given(n=st.integers(1, 6), k=st.integers(1, 9), d=st.integers(1, 12), tau=st.floats(0.05, 2.0))
+def test_values_and_gradients_float64(n, k, d, tau):
+    r = _unit(n, k, d).requires_grad_(True)
+    loss = ld_ext.region_discrimination(r, tau)
+    ref = R.region_discrimination(r, tau)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    assert_close_rel(loss, ref, rtol=1e-10, atol=1e-13)
+    (g,) = torch.autograd.grad(loss, r)
+    (rg,) = torch.autograd.grad(ref, r)
+    assert_close_rel(g, rg, rtol=1e-9, atol=1e-13)
+
+
+def test_published_formulation_agrees():
+    z, s = rand_inputs(4, 8, 5, (12, 12), assignment="sigmoid")
+    a = R.region_discrimination_loss(z, s, normalize=True, assignment="sigmoid")
+    b = R.region_discrimination_loss_broadcast(z, s, normalize=True, assignment="sigmoid")
+    c = ld_ext.RegionDiscriminationLoss(normalize=True, assignment="sigmoid")(z, s)
+    assert_close_rel(a, b, rtol=1e-10)
+    assert_close_rel(c, a, rtol=1e-10)
+
+
+def test_centres_are_not_detached():
+    r = _unit(3, 4, 5, seed=0).requires_grad_(True)
+    (g,) = torch.autograd.grad(ld_ext.region_discrimination(r, 0.2), r)
+    # detaching the centres gives a different gradient; ours must match the non-detached one
+    c = torch.nn.functional.normalize(r.mean(0), dim=-1, eps=0).detach()
+    logits = torch.einsum("nkd,jd->nkj", r, c) / 0.2
+    det = torch.nn.functional.cross_entropy(logits.reshape(12, 4), torch.arange(4).repeat(3))
+    (gd,) = torch.autograd.grad(det, r)
+    (gr,) = torch.autograd.grad(R.region_discrimination(r, 0.2), r)
+    assert max_err(g, gr) < 1e-12
+    assert max_err(g, gd) > 1e-6
+
+
+def test_gradcheck():
+    r = _unit(3, 4, 5, seed=2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ld_ext.region_discrimination(x, 0.3), (r,))
+    rnu = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)  # not unit rows
+    assert torch.autograd.gradcheck(lambda x: ld_ext.region_discrimination(x, 0.2), (rnu,))
+
+
+def test_float32_error_no_worse_than_plain_pytorch():
+    r64 = _unit(16, 16, 32, seed=4)
+    exact = ld_ext.region_discrimination(r64, 0.2)
+    r32 = r64.float()
+    assert max_err(ld_ext.region_discrimination(r32, 0.2), exact) <= max_err(R.region_discrimination(r32, 0.2), exact) + TOL[torch.float32]
+
+
+@pytest.mark.parametrize("mode", ["probs", "sigmoid", "softmax"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_loss_module_matches_reference(mode, normalize):
+    z, s = rand_inputs(3, 6, 4, (7, 9), assignment=mode)
+    z.requires_grad_(True)
+    s.requires_grad_(True)
+    mod = ld_ext.RegionDiscriminationLoss(temperature=0.3, normalize=normalize, assignment=mode, return_entropy=True)
+    lrd, lent = mod(z, s)
+    rrd, rent = R.region_discrimination_loss(z, s, temperature=0.3, normalize=normalize, assignment=mode, return_entropy=True)
+    assert_close_rel(lrd, rrd, rtol=1e-10)
+    assert_close_rel(lent, rent, rtol=1e-10)
+    g = torch.autograd.grad(10 * lrd + 0.1 * lent, (z, s))
+    rg = torch.autograd.grad(10 * rrd + 0.1 * rent, (z, s))
+    for a, b in zip(g, rg):
+        assert_close_rel(a, b, rtol=1e-9)
+    plain = ld_ext.RegionDiscriminationLoss(temperature=0.3, normalize=normalize, assignment=mode)(z, s)
+    assert torch.equal(plain, lrd)
+
+
+def test_drop_in_for_published_compute_clustering_loss():
+    """The published code: embeddings L2-normalised, attention = sigmoid output, L1-normalised with
+    eps, region features by broadcast, centres from the batch, cross-entropy at tau = 0.2, and the
+    entropy term. One fused call gives the same two numbers from the raw decoder outputs."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 32, 16, 16, dtype=torch.float64)
+    logits = torch.randn(4, 8, 16, 16, dtype=torch.float64)
+    emb = z / (z.norm(dim=1, keepdim=True) + 1e-10)
+    att = torch.sigmoid(logits) + 1e-9
+    att = att / att.sum(dim=1, keepdim=True)
+    rf = (emb[:, None] * att[:, :, None]).mean(dim=(3, 4))
+    rf = rf / (rf.norm(dim=2, keepdim=True) + 1e-10)
+    centres = rf.mean(dim=0)
+    centres = centres / (centres.norm(dim=1, keepdim=True) + 1e-10)
+    sim = torch.exp(torch.einsum("nkd,jd->nkj", rf, centres) / 0.2)
+    published_rd = -torch.log(torch.diagonal(sim / sim.sum(2, keepdim=True), dim1=1, dim2=2)).mean()
+    published_ent = (-att * torch.log2(att + 1e-30) - (1 - att) * torch.log2(1 - att + 1e-30)).mean()
+    rd, ent = ld_ext.RegionDiscriminationLoss(normalize=True, assignment="sigmoid", return_entropy=True)(z, logits)
+    assert_close_rel(rd, published_rd, rtol=1e-10)
+    assert_close_rel(ent, published_ent, rtol=1e-10)
+
+
+def test_nan_in_gives_nan_out():
+    r = _unit(2, 3, 4)
+    r[1, 1, 1] = float("nan")
+    assert torch.isnan(ld_ext.region_discrimination(r, 0.2))
+
+
+def test_opcheck():
+    r = _unit(3, 4, 5).requires_grad_(True)
+    torch.library.opcheck(torch.ops.ld_ext.region_discrimination.default, (r, 0.2))
+    torch.library.opcheck(torch.ops.ld_ext.region_discrimination.default, (r.detach().float(), 0.5))
+    torch.library.opcheck(
+        torch.ops.ld_ext.region_discrimination_backward.default, (torch.tensor(1.3, dtype=torch.float64), r.detach(), 0.2)
+    )
