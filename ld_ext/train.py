@@ -401,6 +401,14 @@ def pretrain(
                 continue
             if resume_state["stage"] == stage:
                 start_epoch = resume_state["epoch"]
+        # --- time budget (--max-minutes): what is left, shared among the remaining epochs;
+        # a stage over its share ends after the current epoch and the next stage starts
+        stage_t0 = time.time()
+        stage_budget = None
+        if cfg.max_minutes is not None:
+            remaining_epochs = sum(e for st, e in stages if st >= stage)
+            left = max(0.0, 60 * cfg.max_minutes - (stage_t0 - t_start))
+            stage_budget = left * n_epochs / max(1, remaining_epochs)
         # --- build the model of this stage (deterministic initialisation)
         torch.manual_seed(int(item_generator(cfg.seed, stage, -4).initial_seed()) & ((1 << 62) - 1))
         model = _make_model(cfg, stage)
@@ -482,15 +490,17 @@ def pretrain(
             dist_utils.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(rec)
-            if cfg.max_minutes is not None and (time.time() - t_start) > 60 * cfg.max_minutes:
+            if stage_budget is not None and _agree(time.time() - stage_t0 > stage_budget) and epoch + 1 < n_epochs:
                 stopped_early = True
+                warnings.warn(
+                    f"time budget: stage {stage} stopped after epoch {epoch + 1} of {n_epochs} "
+                    f"({(time.time() - stage_t0) / 60:.1f} of {stage_budget / 60:.1f} min)",
+                    stacklevel=2,
+                )
                 break
         if info.is_main:
             save_checkpoint(out / f"stage{stage}.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model), "stage": stage})
         stage1_state = _unwrap_state(model) if stage == 1 else stage1_state
-        if stopped_early:
-            warnings.warn(f"time budget of {cfg.max_minutes} min reached; stopping after stage {stage} epoch {epoch + 1}", stacklevel=2)
-            break
 
     if model is None:  # everything was already done: rebuild the final model from disk
         from .checkpoint import load_model
@@ -518,6 +528,15 @@ def pretrain(
     )
     summary["final_model"] = _plain_model(model)
     return summary
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process if it is true on any (so all processes leave a loop together)."""
+    if not dist_utils.is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _plain_model(model) -> LDNet:
@@ -627,7 +646,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nifti-axes", type=int, nargs="+", default=list(d.nifti_axes), help="NIfTI slice axes")
     parser.add_argument("--min-foreground", type=float, default=d.min_foreground, help="skip NIfTI slices with less foreground")
     parser.add_argument("--fit", choices=("pad", "crop"), default=d.fit, help="make images square by padding or cropping")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this budget")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="training time budget, shared among the remaining epochs; a stage over its share "
+                        "ends after the current epoch and the next stage starts (such a run is not resumable exactly)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
