@@ -1,0 +1,195 @@
+"""Correctness smoke tests of the benchmark harness (ld_ext.bench) on tiny sizes.
+
+No timing asserts: these check that every implementation the benchmark compares computes the
+same thing, that the timer/memory helpers measure what they claim, and that the writers and the
+CLI produce what they promise.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from ld_ext import bench
+
+CPU = torch.device("cpu")
+TINY = bench.Case(N=3, D=5, K=4, H=6, W=7, M=12, dtype="float64")
+
+
+def _outputs_and_grads(spec, fn, inputs, cotangent):
+    inputs = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    out = fn(*inputs)
+    if spec.scalar is not None:
+        grads = torch.autograd.grad(spec.scalar(out), inputs)
+    else:
+        grads = torch.autograd.grad(out, inputs, grad_outputs=cotangent)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [o.detach() for o in outs], [g.detach() for g in grads]
+
+
+@pytest.mark.parametrize("op", list(bench.OPS))
+def test_all_implementations_agree(op):
+    spec = bench.OPS[op]
+    g = bench._gen(CPU, 7)
+    inputs = spec.make_inputs(TINY, CPU, g)
+    settings = bench.Settings(device=CPU, compile_backend="eager")  # dynamo traces, no codegen: fast
+    with torch.no_grad():
+        ref_out = spec.impls["eager"]()(*inputs)
+    cot = torch.randn(ref_out.shape, dtype=ref_out.dtype, generator=g) if spec.scalar is None else None
+    want_out, want_grads = _outputs_and_grads(spec, spec.impls["eager"](), inputs, cot)
+    assert set(spec.impls) >= {"fused", "eager", "compile"}
+    for impl in spec.impls:
+        got_out, got_grads = _outputs_and_grads(spec, bench._prepare(spec, impl, settings), inputs, cot)
+        assert len(got_out) == len(want_out)
+        for a, b in zip(got_out, want_out):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"{op} {impl} output")
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=f"{op} {impl} gradient")
+
+
+def test_headline_loss_matches_issue_definition():
+    """The region-loss benchmark times backward of 10*L_rd + 0.1*L_ent of the sigmoid/normalised loss."""
+    spec = bench.OPS["region_loss"]
+    e, s = spec.make_inputs(TINY, CPU, bench._gen(CPU, 3))
+    rd, ent = spec.impls["eager"]()(e, s)
+    want_rd, want_ent = bench.ref.region_discrimination_loss(
+        e, s, temperature=0.2, normalize=True, assignment="sigmoid", return_entropy=True
+    )
+    torch.testing.assert_close(spec.scalar((rd, ent)), 10 * want_rd + 0.1 * want_ent)
+
+
+def test_measure_group_rotates_sets_and_reports_order_statistics():
+    calls = {"a": [0, 0, 0], "b": [0, 0, 0]}
+
+    def make(name):
+        def fn(i):
+            calls[name][i] += 1
+            return torch.ones(4).sum()
+
+        return fn
+
+    res = bench.measure_group({"a": make("a"), "b": make("b")}, 3, CPU, warmup=2, repeats=6, target_sample_s=0.0)
+    assert set(res) == {"a", "b"}
+    for name, t in res.items():
+        assert t.repeats == 6 and len(t.samples_ms) == 6 and t.number == 1
+        assert t.min_ms <= t.q1_ms <= t.median_ms <= t.q3_ms <= t.max_ms
+        # 2 warm-up + 1 calibration + 6 timed calls, spread over the three sets in turn
+        assert calls[name] == [3, 3, 3]
+
+
+def test_peak_memory_sees_cpu_allocations():
+    def fn():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 20)  # 4 MiB more, both alive
+        return a + b  # and a third 4 MiB
+
+    peak, method = bench.measure_peak_memory(fn, CPU)
+    assert "profiler" in method
+    assert 12 * 2**20 <= peak < 13 * 2**20
+
+
+def test_peak_memory_ignores_what_existed_before():
+    held = torch.ones(1 << 22)  # 16 MiB allocated before the measured call
+    peak, _ = bench.measure_peak_memory(lambda: held.sum(), CPU)
+    assert peak < 2**20
+
+
+def test_run_case_rows_and_writers(tmp_path):
+    settings = bench.Settings(device=CPU, warmup=0, repeats=5, sets=2, impls=("fused", "eager", "published"), verbose=False)
+    machine = bench.Machine(CPU, tiny=True)
+    case = bench.Case(N=2, D=4, K=3, H=8, W=8, dtype="float32")
+    rows = bench.run_case(bench.OPS["region_loss"], case, settings, machine)
+    assert [(r["mode"], r["impl"]) for r in rows] == [(m, i) for m in bench.MODES for i in ("fused", "eager", "published")]
+    for r in rows:
+        assert r["status"] == "ok", r["status"]
+        assert set(r) == set(bench.CSV_COLUMNS)
+        assert r["repeats"] == 5 and r["input_sets"] == 2
+        assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert r["floor_ms"] > 0 and r["floor_bound"] in ("memory", "compute")
+        assert r["peak_mem_bytes"] >= 0
+    fused = [r for r in rows if r["impl"] == "fused"]
+    assert all(r["speedup_of_fused"] == 1.0 for r in fused)
+    fb = [r for r in rows if r["mode"] == "fwd+bwd"][0]
+    assert fb["bytes"] == 3 * (2 * 4 * 64 + 2 * 3 * 64) * 4  # inputs read twice + gradients written
+    assert fb["flops"] == 3 * 2 * 2 * 3 * 4 * 64
+
+    path = tmp_path / "r.csv"
+    bench.write_csv(rows, str(path))
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0].keys()) == bench.CSV_COLUMNS
+    assert len(got) == len(rows)
+    assert float(got[0]["median_ms"]) == pytest.approx(rows[0]["median_ms"], rel=1e-5)
+
+    md = bench.markdown_table(rows).splitlines()
+    assert md[0] == "| " + " | ".join(bench.MD_COLUMNS) + " |"
+    assert len(md) == 2 + len(bench.MODES)  # header, rule, one line per mode
+    assert all(line.count("|") == len(bench.MD_COLUMNS) + 1 for line in md)
+    assert "n/a" in md[2]  # compile was not requested
+
+
+def test_memory_cap_skips_instead_of_running():
+    settings = bench.Settings(device=CPU, warmup=0, repeats=5, sets=1, impls=("fused", "published"), max_bytes=1, verbose=False, memory=False)
+    rows = bench.run_case(bench.OPS["region_loss"], bench.Case(N=2, D=4, K=3, H=8, W=8), settings, None, modes=("fwd",))
+    assert all(r["status"].startswith("skipped") for r in rows)
+    assert "skip" in bench.markdown_table(rows)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "2"], "--repeats must be >= 5"),
+        (["--sections", "headline,bogus"], "--sections"),
+        (["--sweeps", "Q"], "--sweeps"),
+        (["--impls", "eager,compile"], "must include fused"),
+        (["--device", "tpu"], "--device"),
+        (["--max-mem-gb", "-1"], "--max-mem-gb"),
+        (["--sets", "0"], "--sets"),
+    ],
+)
+def test_cli_rejects_bad_input(argv, message, capsys, tmp_path):
+    assert bench.main(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_cli_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_cli_tiny_run_writes_all_outputs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = bench.main(
+        ["--tiny", "--no-compile", "--out", str(out), "--sweeps", "P,dtype", "--warmup", "0", "--seed", "1"]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## Headline" in text and "## End to end" in text  # the markdown report goes to stdout
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == bench.CSV_COLUMNS
+    sections = {r["section"] for r in rows}
+    assert sections == {"headline", "ops", "sweeps", "e2e"}
+    assert {r["op"] for r in rows if r["section"] == "ops"} == set(bench.OPS)
+    assert {r["sweep"] for r in rows if r["section"] == "sweeps"} == {"P", "dtype"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
+    assert {r["impl"] for r in rows if r["section"] == "e2e"} == {"fused", "reference"}
+    md = (out / "results.md").read_text()
+    assert "| case | mode | fused ms |" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "bench_sweep_P.png").stat().st_size > 0
+        assert (out / "bench_sweep_dtype.png").stat().st_size > 0
+    else:
+        assert "plots skipped" in md
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the RSS probe needs Linux /proc")
+def test_rss_probe_reports_a_peak():
+    res = bench.rss_probe("fused", bench.Case(N=2, D=4, K=3, H=16, W=16), seed=0)
+    assert res is not None and "error" not in res, res
+    assert res["peak_rss_increase"] >= 0
+    assert res["input_bytes"] == (2 * 4 * 256 + 2 * 3 * 256) * 4
