@@ -57,12 +57,12 @@ def mni_files() -> dict[str, Path]:
     return files
 
 
-def _square_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) -> pad to a square, bilinear resize to size x size."""
+def _square_resize(x: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
+    """(N, C, H, W) -> pad to a square with ``value``, bilinear resize to size x size."""
     h, w = x.shape[-2:]
     s = max(h, w)
     top, left = (s - h) // 2, (s - w) // 2
-    x = F.pad(x, (left, s - w - left, top, s - h - top))
+    x = F.pad(x, (left, s - w - left, top, s - h - top), value=value)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=s > size)
 
 
@@ -94,7 +94,13 @@ def load_mni_slices(size: int = 128, axis: int = 2, min_brain: float = 0.05, hol
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, axis, 0)[keep]))
 
     images = _square_resize(stack(t1)[:, None], size).clamp(0, 1)
-    probs = _square_resize(torch.stack([stack(bg), stack(csf), stack(gm * brain), stack(wm * brain)], 1), size)
+    probs = torch.cat(
+        [
+            _square_resize(stack(bg)[:, None], size, value=1.0),  # the padding is background
+            _square_resize(torch.stack([stack(csf), stack(gm * brain), stack(wm * brain)], 1), size),
+        ],
+        1,
+    )
     index = torch.tensor(keep)
     test = (torch.arange(len(keep)) % holdout_every) == (holdout_every // 2)
     return {"images": images, "probs": probs, "index": index, "test": test, "train": ~test}
