@@ -666,6 +666,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         summary = pretrain(cfg)
     except KeyboardInterrupt:
@@ -675,7 +676,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         dist_utils.cleanup()
-    if dist_utils.rank() == 0:
+    if is_main:
         last = summary["records"][-1] if summary["records"] else {}
         print(json.dumps({"model": summary["model"], "metrics": summary["metrics"], "seconds": round(summary["seconds"], 1), "last": last}))
     return 0
