@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Compile-check ld_ext's CUDA kernels for sm_90 on a machine without a GPU.
+#
+# Creates (once) its own virtual environment .venv-cuda with a CUDA build of torch (torch==2.14.1,
+# CUDA 13.0, matching the machine's nvcc 13.0), copies the sources to a temporary directory and
+# builds the extension there with LD_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0, so that nothing is
+# written into the checkout. Any compile error fails the script. The built library is then loaded
+# (no GPU needed for that) and every op is checked to have a CUDA kernel registered.
+#
+# Knobs: LD_EXT_CUDA_VENV (venv path), LD_EXT_CUDA_TORCH (pip requirement for torch),
+#        CUDA_HOME (toolkit; found from nvcc otherwise), MAX_JOBS (parallel compile jobs, default 2),
+#        LD_EXT_SKIP_CUDA_COMPILE=1 (skip, saying so).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "${LD_EXT_SKIP_CUDA_COMPILE:-0}" == "1" ]]; then
+  echo "cuda_compile: skipped (LD_EXT_SKIP_CUDA_COMPILE=1)"
+  exit 0
+fi
+
+VENV="${LD_EXT_CUDA_VENV:-$ROOT/.venv-cuda}"
+TORCH_REQ="${LD_EXT_CUDA_TORCH:-torch==2.14.1}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+# The CUDA toolkit: CUDA_HOME if set, else the directory above the real nvcc (resolving wrappers).
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  for cand in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent)")")")"; do
+    if [[ -x "$cand/bin/nvcc" && -f "$cand/include/cuda_runtime.h" ]]; then
+      CUDA_HOME="$(readlink -f "$cand")"
+      break
+    fi
+  done
+fi
+if [[ -z "${CUDA_HOME:-}" || ! -x "$CUDA_HOME/bin/nvcc" ]]; then
+  echo "cuda_compile: FAILED: no CUDA toolkit found (set CUDA_HOME, or LD_EXT_SKIP_CUDA_COMPILE=1 to skip)" >&2
+  exit 1
+fi
+export CUDA_HOME
+export PATH="$CUDA_HOME/bin:$PATH"
+echo "cuda_compile: toolkit $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1))"
+
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+  echo "cuda_compile: creating $VENV with $TORCH_REQ"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" numpy ninja setuptools wheel
+fi
+"$VENV/bin/python" -c "import torch; print('cuda_compile: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/ld_ext_cuda_compile.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/src"
+cp -r "$ROOT/csrc" "$ROOT/ld_ext" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/src/"
+[[ -f "$ROOT/README.md" ]] && cp "$ROOT/README.md" "$WORK/src/"
+find "$WORK/src" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
+
+cd "$WORK/src"
+start=$(date +%s)
+set +e
+LD_EXT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-2}" \
+  "$VENV/bin/python" setup.py build_ext --inplace >"$WORK/build.log" 2>&1
+rc=$?
+set -e
+if [[ $rc -ne 0 ]]; then
+  grep -n -E "error|Error" "$WORK/build.log" | head -n 60 >&2 || true
+  echo "---- last lines of the build log ----" >&2
+  tail -n 40 "$WORK/build.log" >&2
+  echo "cuda_compile: FAILED: the CUDA build did not compile (rc=$rc)" >&2
+  exit 1
+fi
+if grep -q -E "warning #|warning:" "$WORK/build.log"; then
+  echo "cuda_compile: compiler warnings:"
+  grep -E "warning #|warning:" "$WORK/build.log" | sort | uniq | head -n 20
+fi
+SO="$(ls ld_ext/_C*.so)"
+echo "cuda_compile: built $(basename "$SO") in $(( $(date +%s) - start )) s"
+
+# Load the library (static registration runs; no GPU needed) and check every op has a CUDA kernel.
+"$VENV/bin/python" - "$SO" <<'EOF'
+import sys
+import torch
+
+torch.ops.load_library(sys.argv[1])
+ops = ["region_features", "region_features_backward", "region_discrimination", "region_discrimination_backward",
+       "pixel_cluster_similarity", "pixel_cluster_similarity_backward", "patch_discrimination",
+       "patch_discrimination_backward"]
+missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ld_ext::{op}", "CUDA")]
+if missing:
+    sys.exit(f"cuda_compile: FAILED: no CUDA kernel registered for {missing}")
+print(f"cuda_compile: OK: {len(ops)} ops have CUDA kernels (sm_90)")
+EOF
