@@ -490,7 +490,9 @@ def pretrain(
             dist_utils.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(rec)
-            if stage_budget is not None and _agree(time.time() - stage_t0 > stage_budget) and epoch + 1 < n_epochs:
+            # stop when another epoch as long as this one would overrun the stage's share
+            over = time.time() - stage_t0 + dt > stage_budget if stage_budget is not None else False
+            if stage_budget is not None and _agree(over) and epoch + 1 < n_epochs:
                 stopped_early = True
                 warnings.warn(
                     f"time budget: stage {stage} stopped after epoch {epoch + 1} of {n_epochs} "
@@ -647,8 +649,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-foreground", type=float, default=d.min_foreground, help="skip NIfTI slices with less foreground")
     parser.add_argument("--fit", choices=("pad", "crop"), default=d.fit, help="make images square by padding or cropping")
     parser.add_argument("--max-minutes", type=float, default=None,
-                        help="training time budget, shared among the remaining epochs; a stage over its share "
-                        "ends after the current epoch and the next stage starts (such a run is not resumable exactly)")
+                        help="training time budget, shared among the remaining epochs; a stage ends early when another "
+                        "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
