@@ -100,10 +100,7 @@ class LDCriterion:
     def _pd(self, x: torch.Tensor) -> torch.Tensor:
         if self.loss_impl == "fused":
             return self._ops.patch_discrimination(x, self.pd_temperature)
-        # reference.patch_discrimination (the stable form) has NaN gradients at the time of writing
-        # (log(q/z) of the masked diagonal in backward); the published form has the same value
-        # and finite gradients.
-        return reference.patch_discrimination_published(x, self.pd_temperature)
+        return reference.patch_discrimination(x, self.pd_temperature)
 
     def __call__(self, z: torch.Tensor, s: torch.Tensor | None, views: ViewBatch) -> dict[str, torch.Tensor]:
         b = views.batch_size

@@ -34,7 +34,7 @@ def test_fused_and_reference_losses_agree(stage):
         z, s = net(vb.images)
         losses = train.LDCriterion(impl, grid=4)(z, s, vb)
         losses["loss"].backward()
-        out[impl] = ({k: float(v) for k, v in losses.items()}, [p.grad.clone() for p in net.parameters()])
+        out[impl] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in net.parameters()])
     (lf, gf), (lr, gr) = out["fused"], out["reference"]
     assert set(lf) == ({"loss", "pd", "mix", "rd", "ent"} if stage == 2 else {"loss", "pd", "mix"})
     for k in lf:
