@@ -175,6 +175,7 @@ class TrainConfig:
     min_foreground: float = 0.05
     fit: str = "pad"
     resume: bool = False
+    init_stage1: str | None = None
     max_minutes: float | None = None
     progress: bool = True
 
@@ -194,6 +195,8 @@ class TrainConfig:
             warnings.warn(f"size {self.size} is not a multiple of grid {self.grid}; patch cells are uneven", stacklevel=2)
         if self.epochs1 + self.epochs2 == 0:
             raise ValueError("epochs1 + epochs2 must be > 0")
+        if self.init_stage1 is not None and self.epochs2 == 0:
+            raise ValueError("init_stage1 starts stage 2 from a stage-1 checkpoint: epochs2 must be > 0")
         if self.steps_per_epoch is not None:
             pos_int("steps_per_epoch")
         if self.channels not in (1, 3):
@@ -383,10 +386,14 @@ def pretrain(
     t_start = time.time()
     stopped_early = False
     stage1_state = None
+    if cfg.init_stage1 is not None:
+        stage1_state = load_checkpoint(cfg.init_stage1, map_location="cpu")["model"]
     model = None
     summary: dict = {"out": str(out), "world_size": ws, "device": str(device)}
 
     stages = [(1, cfg.epochs1), (2, cfg.epochs2)]
+    if cfg.init_stage1 is not None:
+        stages = [(2, cfg.epochs2)]
     for stage, n_epochs in stages:
         if n_epochs == 0:
             continue
@@ -410,7 +417,11 @@ def pretrain(
         torch.manual_seed(int(item_generator(cfg.seed, stage, -4).initial_seed()) & ((1 << 62) - 1))
         model = _make_model(cfg, stage)
         if stage == 2 and stage1_state is not None:
-            model.load_stage1(stage1_state)
+            try:
+                model.load_stage1(stage1_state)
+            except ValueError as exc:
+                src = cfg.init_stage1 or "the stage-1 weights of this run"
+                raise ValueError(f"cannot start stage 2 from {src}: {exc}") from exc
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         if resume_state is not None and resume_state["stage"] == stage:
@@ -649,6 +660,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training time budget, shared among the remaining epochs; a stage ends early when another "
                         "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--init-stage1", default=None, metavar="CKPT",
+                        help="skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -659,7 +672,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid, seed=args.seed,
         device=args.device, amp=not args.no_amp, loss_impl=args.loss_impl, val_images=args.val_images,
         nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
-        resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress,
+        resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress, init_stage1=args.init_stage1,
     )
 
 

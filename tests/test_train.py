@@ -182,3 +182,18 @@ def test_time_budget_cuts_each_stage_but_still_runs_stage2(tmp_path):
         res = train.pretrain(_cfg(tmp_path, epochs1=2, epochs2=2, steps_per_epoch=1, max_minutes=1e-6), dataset=ds)
     assert [(r["stage"], r["epoch"]) for r in res["records"]] == [(1, 1), (2, 1)]
     assert res["stopped_early"] and res["final_model"].n_clusters == 4
+
+
+def test_stage2_from_a_stage1_checkpoint(tmp_path):
+    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    train.pretrain(_cfg(tmp_path / "s1", epochs2=0, val_images=0), dataset=ds)
+    s1 = load_checkpoint(tmp_path / "s1" / "stage1.pt")["model"]
+    res = train.pretrain(_cfg(tmp_path / "s2", init_stage1=str(tmp_path / "s1" / "stage1.pt"), epochs2=1, lr=1e-12,
+                              val_images=0), dataset=ds)
+    assert [r["stage"] for r in res["records"]] == [2]
+    params = dict(res["final_model"].named_parameters())
+    for k, v in s1.items():
+        if k in params:  # weights moved by at most ~lr: they came from the stage-1 file, by name
+            torch.testing.assert_close(params[k].detach(), v, atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="stage1.pt"):
+        train.pretrain(_cfg(tmp_path / "s3", init_stage1=str(tmp_path / "s1" / "stage1.pt"), emb_dim=6), dataset=ds)
