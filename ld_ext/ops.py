@@ -68,7 +68,9 @@ def _check_nonempty(name: str, x: torch.Tensor) -> None:
 def _check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
-    if a.dtype != b.dtype:
+    if a.dtype != b.dtype and not torch.is_autocast_enabled(a.device.type):
+        # Under autocast mixed floating dtypes are fine: the Autocast kernels (csrc/autocast.cpp)
+        # bring both to a common compute dtype in one place.
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 

@@ -230,3 +230,16 @@ def test_opcheck():
         torch.ops.ld_ext.region_features_backward.default,
         (torch.randn_like(f), torch.tensor(0.5, dtype=torch.float64), z, s, f, rn, True, 1, True),
     )
+
+
+def test_cpu_autocast_mixed_dtypes():
+    # Under autocast a bfloat16 conv output may meet a float32 tensor: the Autocast kernel brings
+    # both to float32 on the CPU (one place, csrc/autocast.cpp) instead of refusing them.
+    z, s = rand_inputs(2, 4, 3, (6, 6), dtype=torch.float32, assignment="sigmoid")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f, e = ld_ext.region_features_and_entropy(z.bfloat16(), s, normalize=True, assignment="sigmoid")
+    assert f.dtype == torch.float32
+    ref = R.region_features_bmm(z.bfloat16().float(), s, normalize=True, assignment="sigmoid")
+    assert_close_rel(f, ref, rtol=1e-5)
+    with pytest.raises(TypeError, match="same dtype"):
+        ld_ext.region_features(z.bfloat16(), s)  # outside autocast mixed dtypes are an error
