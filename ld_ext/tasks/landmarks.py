@@ -306,6 +306,98 @@ def ncc_locate(template: np.ndarray, points: np.ndarray, target: np.ndarray, hal
     return out
 
 
+# ----------------------------------------------------------------------------- training term
+
+
+def _sample(e: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of e (1, D, H, W) at xy (..., 2) pixel coords -> (..., D)."""
+    h, w = e.shape[-2:]
+    g = torch.stack([(2 * xy[..., 0] + 1) / w - 1, (2 * xy[..., 1] + 1) / h - 1], -1)
+    flat = g.reshape(1, -1, 1, 2).to(e.dtype)
+    v = F.grid_sample(e, flat, mode="bilinear", padding_mode="border", align_corners=False)[0, :, :, 0]
+    return v.t().reshape(*xy.shape[:-1], e.shape[1])
+
+
+def centre_sensitive_loss(
+    e1: torch.Tensor, e2: torch.Tensor, p2: torch.Tensor, q1: torch.Tensor, radius: int = 4,
+    n_random: int = 64, temperature: float = 0.1, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Dense correspondence InfoNCE that is sensitive to the centre.
+
+    ``e1``, ``e2`` (1, D, H, W) unit embeddings of an image and of a warped copy; ``p2`` (M, 2)
+    pixels of the copy and ``q1`` (M, 2) their exact positions in the original. The anchor
+    e2[p2] must pick e1[q1] out of e1 sampled at q1 + every integer offset within ``radius``
+    (the near neighbours are the hard negatives) and at ``n_random`` random pixels.
+    """
+    h, w = e1.shape[-2:]
+    r = int(radius)
+    oy, ox = torch.meshgrid(torch.arange(-r, r + 1.0), torch.arange(-r, r + 1.0), indexing="ij")
+    keep = (ox**2 + oy**2) <= r * r
+    offs = torch.stack([ox[keep], oy[keep]], 1)  # (O, 2), includes (0, 0)
+    centre = int(((offs**2).sum(1) == 0).nonzero()[0])
+    m = p2.shape[0]
+    cand = q1[:, None, :] + offs[None]  # (M, O, 2)
+    rnd = torch.stack([torch.rand(m, n_random, generator=generator) * (w - 1), torch.rand(m, n_random, generator=generator) * (h - 1)], -1)
+    cand = torch.cat([cand, rnd], 1)
+    c = _sample(e1, cand)  # (M, O + R, D)
+    a = _sample(e2, p2)  # (M, D)
+    logits = torch.einsum("md,mod->mo", a, c) / temperature
+    return F.cross_entropy(logits, torch.full((m,), centre, dtype=torch.long))
+
+
+def train_centre_sensitive(
+    model, images: np.ndarray, *, steps: int = 100, batch: int = 4, points_per_image: int = 64, lr: float = 1e-4,
+    radius: int = 4, temperature: float = 0.1, seed: int = 0, progress: bool = True,
+):
+    """Fine-tune a copy of ``model`` with ``centre_sensitive_loss`` on random affine + elastic
+    warps of ``images`` (M, H, W) in [0, 1] (no labels). Returns (model copy, loss history)."""
+    import copy
+
+    from tqdm import tqdm
+
+    common.check_positive_int("steps", steps)
+    net = copy.deepcopy(model)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    h, w = images.shape[-2:]
+    hist = []
+    for _ in tqdm(range(steps), desc="centre-sensitive term", disable=not progress):
+        idx = rng.integers(0, len(images), batch)
+        v1, v2, warps = [], [], []
+        for i in idx:
+            wp = common.random_warp((h, w), rng, max_rotation_deg=30.0, scale_range=(0.85, 1.15), elastic_px=3.0)
+            v1.append(np.clip(images[i] ** rng.uniform(0.8, 1.25) + rng.normal(0, 0.02, (h, w)), 0, 1))
+            t = common.warp_image(images[i], wp)
+            v2.append(np.clip(np.clip(t, 0, 1) ** rng.uniform(0.8, 1.25) + rng.normal(0, 0.02, (h, w)), 0, 1))
+            warps.append((wp, t))
+        z, _ = net(common.model_input(np.stack(v1 + v2).astype(np.float32)))
+        e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
+        loss = 0.0
+        for j, (wp, t) in enumerate(warps):
+            fg = np.argwhere(t > 0.05)  # (row, col) of the warped copy
+            if len(fg) == 0:
+                continue
+            pick = fg[rng.integers(0, len(fg), points_per_image)]
+            p2 = pick[:, ::-1].astype(np.float64)
+            q1 = wp.backward(p2)
+            ok = (q1[:, 0] >= 0) & (q1[:, 0] <= w - 1) & (q1[:, 1] >= 0) & (q1[:, 1] <= h - 1)
+            if ok.sum() < 2:
+                continue
+            loss = loss + centre_sensitive_loss(
+                e[j : j + 1], e[batch + j : batch + j + 1], torch.as_tensor(p2[ok], dtype=torch.float32),
+                torch.as_tensor(q1[ok], dtype=torch.float32), radius, temperature=temperature, generator=g,
+            )
+        loss = loss / batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+    net.eval()
+    return net, hist
+
+
 # ----------------------------------------------------------------------------- points I/O
 
 
@@ -373,16 +465,32 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_eval_targets(template: np.ndarray, points: np.ndarray, n: int, seed: int = 0, **warp_kw):
-    """``n`` warped copies of the template (random affine + elastic, gamma and noise) with the
-    exact positions of ``points`` in each; points leaving the image are marked invalid."""
+def make_eval_targets(
+    template: np.ndarray,
+    points: np.ndarray,
+    n: int,
+    seed: int = 0,
+    sources: Sequence[np.ndarray] | None = None,
+    bias: float = 0.0,
+    **warp_kw,
+):
+    """``n`` warped images (random affine + elastic, gamma 0.8..1.25, noise sd 0.02, optional
+    smooth multiplicative bias field of amplitude ``bias``) with the exact positions of ``points``.
+
+    Each target warps the template, or, with ``sources``, one of those images drawn at random
+    (e.g. neighbouring slices of the same volume, on which the landmarks have the same in-plane
+    coordinates). ``warp_kw`` go to ``common.random_warp``.
+    """
     rng = np.random.default_rng(seed)
     h, w = template.shape
     targets, gts = [], []
     for _ in range(n):
+        src = template if not sources else sources[int(rng.integers(len(sources)))]
         wp = common.random_warp((h, w), rng, **warp_kw)
-        img = common.warp_image(template, wp)
+        img = common.warp_image(src, wp)
         img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
+        if bias > 0:
+            img = img * (1.0 + bias * common._smooth_noise(rng, (h, w), max(h, w) / 4))
         img = img + rng.normal(0, 0.02, img.shape)
         targets.append(np.clip(img, 0, 1).astype(np.float32))
         gts.append(wp.forward_points(points))
@@ -399,15 +507,21 @@ def evaluate_methods(
     ncc_halves: Sequence[int] = (4, 8, 12),
     progress: bool = True,
 ) -> dict:
-    """Radial errors (px) of LD centre-sensitive, LD uniform and NCC (one entry per patch size)."""
+    """Radial errors (px) of LD centre-sensitive, LD uniform and NCC (one entry per patch size).
+
+    ``model`` is one LD network, or a dict ``{label: network}`` (e.g. with and without the
+    centre-sensitive training term); each network gives a centre-sensitive and a uniform row.
+    Points that the warp moves outside the image are left out.
+    """
     from tqdm import tqdm
 
-    t_emb, _ = common.embed(model, template[None])
-    t_emb = t_emb.double()
-    locs = {
-        "LD centre-sensitive": LandmarkLocator(radii, "gaussian").fit(t_emb, points),
-        "LD uniform pooling": LandmarkLocator(radii, "uniform").fit(t_emb, points),
-    }
+    models = model if isinstance(model, dict) else {"LD": model}
+    locs = {}
+    for label, net in models.items():
+        t_emb, _ = common.embed(net, template[None])
+        t_emb = t_emb.double()
+        locs[f"{label} centre-sensitive"] = (net, LandmarkLocator(radii, "gaussian").fit(t_emb, points))
+        locs[f"{label} uniform pooling"] = (net, LandmarkLocator(radii, "uniform").fit(t_emb, points))
     errors: dict[str, list] = {k: [] for k in locs}
     for hh in ncc_halves:
         errors[f"NCC {2 * hh + 1}x{2 * hh + 1}"] = []
@@ -415,14 +529,13 @@ def evaluate_methods(
     h, w = template.shape
     for tgt, gt in tqdm(list(zip(targets, gts)), desc="landmark eval", disable=not progress):
         valid = (gt[:, 0] >= 0) & (gt[:, 0] <= w - 1) & (gt[:, 1] >= 0) & (gt[:, 1] <= h - 1)
-        t0 = time.perf_counter()
-        e, _ = common.embed(model, tgt[None])
-        e = e.double()
-        emb_t = time.perf_counter() - t0
-        for name, loc in locs.items():
+        cache = {}
+        for name, (net, loc) in locs.items():
             t0 = time.perf_counter()
-            pred = loc.locate(e)
-            timing[name] += time.perf_counter() - t0 + emb_t
+            if id(net) not in cache:
+                cache[id(net)] = common.embed(net, tgt[None])[0].double()
+            pred = loc.locate(cache[id(net)])
+            timing[name] += time.perf_counter() - t0
             errors[name].append(np.linalg.norm(pred - gt, axis=1)[valid])
         for hh in ncc_halves:
             t0 = time.perf_counter()

@@ -120,7 +120,7 @@ def train_segnet(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     net.eval()
     return losses
 

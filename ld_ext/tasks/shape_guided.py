@@ -105,7 +105,7 @@ def ld_loss(model, vb, criterion):
     b = vb.batch_size
     z, s = model(vb.images)
     out = criterion(z, s, vb)
-    parts = {k: float(v) for k, v in out.items() if k != "loss"}
+    parts = {k: float(v.detach()) for k, v in out.items() if k != "loss"}
     return out["loss"], parts, s[: 4 * b]
 
 
@@ -185,7 +185,7 @@ def train_shape_guided(
             for p in disc.parameters():
                 p.requires_grad_(True)
             loss = loss + adv_weight * g_adv
-            parts["adv_g"] = float(g_adv)
+            parts["adv_g"] = g_adv.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -195,8 +195,8 @@ def train_shape_guided(
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
-            parts["adv_d"] = float(d_loss)
-        parts["total"] = float(loss)
+            parts["adv_d"] = d_loss.item()
+        parts["total"] = loss.item()
         hist.append(parts)
     model.eval()
     return model, hist

@@ -1,0 +1,48 @@
+"""Tests of ld_ext.tasks.demos: the packaged MNI152 data they use, argument wiring and one quick run."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ld_ext.checkpoint import save_checkpoint
+from ld_ext.models import LDNet
+from ld_ext.tasks import demos
+
+
+def test_ventricles_are_a_small_central_structure():
+    v_mid = demos.ventricle_slice(16.0, 64)
+    assert 10 < v_mid.sum() < 0.05 * v_mid.size
+    ys, xs = np.nonzero(v_mid)
+    assert abs(xs.mean() - 31.5) < 6
+    assert demos.ventricle_slice(60.0, 64).sum() == 0
+
+
+def test_landmark_data_inside_the_brain():
+    template, names, pts = demos.landmark_data(64)
+    assert len(names) == len(pts) >= 10
+    assert all(template[int(round(y)), int(round(x))] > 0.1 for x, y in pts)
+
+
+def test_task_arguments_do_not_clash_and_bad_task_is_refused():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="x")
+    demos.add_task_arguments(p)  # --out already present: not added twice
+    args = p.parse_args(["--quick"])
+    with pytest.raises(ValueError, match="task must be one of"):
+        demos.run_task_demo("segment", args)
+
+
+def test_quick_landmark_demo_with_given_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    p = argparse.ArgumentParser()
+    demos.add_task_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--quick", "--task-size", "32"])
+    assert demos.run_task_demo("landmark", args) == 0
+    res = json.loads((tmp_path / "o" / "landmark" / "results.json").read_text())
+    methods = [r["method"] for r in res["rows"]["hard"]]
+    assert "LD+term centre-sensitive" in methods and "NCC 17x17" in methods
+    assert (tmp_path / "o" / "landmark" / "landmarks.png").stat().st_size > 0

@@ -1,0 +1,105 @@
+"""Tests of ld_ext.tasks.segmentation: split, LD vs random initialisation, CLI outputs and errors."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ld_ext.checkpoint import save_checkpoint
+from ld_ext.models import LDNet
+from ld_ext.tasks import segmentation as seg
+
+TINY = dict(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8))
+
+
+def _write_pairs(tmp_path, n=6, size=32):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        cx, cy = rng.uniform(10, 22, 2)
+        m = (xx - cx) ** 2 + (yy - cy) ** 2 < 36
+        img = np.clip(m * 180 + rng.normal(40, 10, m.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / "images" / f"s{i}.png")
+        Image.fromarray((m * 255).astype(np.uint8)).save(tmp_path / "masks" / f"s{i}_mask.png")
+
+
+def test_split_is_disjoint_and_checked():
+    test, trains = seg.split_indices(10, 3, 4, 0.5)
+    assert len(test) == 5 and len(trains) == 4
+    for t in trains:
+        assert len(t) == 3 and not set(t) & set(test)
+    with pytest.raises(ValueError, match="shots=6"):
+        seg.split_indices(10, 6, 1, 0.5)
+    with pytest.raises(ValueError, match="test_fraction"):
+        seg.split_indices(10, 2, 1, 1.0)
+
+
+def test_ld_init_copies_weights_random_does_not(tmp_path):
+    torch.manual_seed(0)
+    ld = LDNet(**TINY)
+    ck = tmp_path / "ld.pt"
+    save_checkpoint(ck, ld)
+    a = seg.build_segnet(ck, seed=0)
+    b = seg.build_segnet(None, config=ld.config, seed=5)
+    w = "encoder.groups.0.0.0.weight"
+    assert torch.equal(a.body.state_dict()[w], ld.state_dict()[w])
+    assert not torch.equal(b.body.state_dict()[w], ld.state_dict()[w])
+    assert a.body.n_clusters is None
+    x = torch.randn(2, 1, 32, 32)
+    assert a(x).shape == (2, 1, 32, 32)
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    net = seg.build_segnet(None, config=TINY, seed=0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    masks = np.stack([(xx - 16) ** 2 + (yy - 16) ** 2 < 50] * 4)
+    images = masks * 0.8 + 0.1
+    losses = seg.train_segnet(net, images.astype(np.float32), masks, steps=30, lr=3e-3, batch=4)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_cli_writes_table_and_overlays(tmp_path):
+    _write_pairs(tmp_path)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ld.pt", LDNet(**TINY))
+    p = argparse.ArgumentParser()
+    seg.add_arguments(p)
+    out = tmp_path / "out"
+    args = p.parse_args(
+        ["--checkpoint", str(tmp_path / "ld.pt"), "--images", str(tmp_path / "images"), "--masks",
+         str(tmp_path / "masks"), "--shots", "2", "--seeds", "2", "--steps", "2", "--out", str(out)]
+    )
+    assert seg.run(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"][0]
+    assert len(r["dice"]["LD"]) == 2 and len(r["dice"]["random"]) == 2
+    assert all(0.0 <= d <= 1.0 for d in r["dice"]["LD"] + r["dice"]["random"])
+    assert "| masks |" in (out / "results.md").read_text()
+    assert (out / "overlays.png").stat().st_size > 0
+    args.shots = 5
+    with pytest.raises(ValueError, match="shots=5"):
+        seg.run(args)
+
+
+def test_cli_missing_mask_and_size_mismatch(tmp_path):
+    from PIL import Image
+
+    _write_pairs(tmp_path, n=4)
+    (tmp_path / "masks" / "s3_mask.png").unlink()
+    p = argparse.ArgumentParser()
+    seg.add_arguments(p)
+    args = p.parse_args(
+        ["--checkpoint", "x.pt", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+         "--out", str(tmp_path / "o")]
+    )
+    with pytest.raises(ValueError, match="no mask found for 1 image.*s3.png"):
+        seg.run(args)
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(tmp_path / "masks" / "s3.png")
+    with pytest.raises(ValueError, match="s3.png has size 32x32 but its mask s3.png has size 32x30"):
+        seg.run(args)
