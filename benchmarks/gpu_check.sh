@@ -17,6 +17,7 @@ mkdir -p "$DEST"
 T0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - T0 ))s"; }
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== gpu_check: $(nvidia-smi -L 2>/dev/null | head -n 1)"
 "$PY" -c "import torch, sys; print('== python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
@@ -50,7 +51,7 @@ fi
 
 # ---------------------------------------------------------------- CUDA tests
 echo "== CUDA tests ..."
-timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py >"$DEST/test_cuda.log" 2>&1
+timeout 150 "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_cuda.py >"$DEST/test_cuda.log" 2>&1
 test_rc=$?
 grep -E "^(FAILED|ERROR)|Error|assert" "$DEST/test_cuda.log" | head -n 20
 test_summary="$(tail -n 1 "$DEST/test_cuda.log")"

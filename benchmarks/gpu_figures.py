@@ -32,6 +32,11 @@ import time
 
 import torch
 
+# Run from a checkout (python benchmarks/gpu_figures.py): make the in-place build importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 N, D, K, H, W = 16, 32, 16, 448, 448
 TAU = 0.2
 

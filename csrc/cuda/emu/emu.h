@@ -1,0 +1,117 @@
+// A small CPU emulation of the CUDA execution model, enough to run ld_ext's kernels (their real
+// source, mechanically translated by translate.py) on CPU tensors, so that indexing, tiling,
+// barriers and the host-side launch plans are exercised on machines without a GPU.
+//
+// Model: the blocks of a launch run one after another; the threads of a block are real OS threads
+// (blockDim of them, reused across blocks) and __syncthreads() is a std::barrier, so a missing
+// barrier can show up as a wrong or non-reproducible result. Shared memory is one buffer, filled
+// with NaN-like bytes at each launch, so reads of shared memory nobody wrote show up too.
+// Not emulated: warps, memory-model subtleties, performance. Debug aid only; never shipped.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#ifndef EMU_SMS
+#define EMU_SMS 4
+#endif
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+
+struct emu_dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+constexpr size_t kSmemBytes = 232448;  // an sm_90 block's opt-in limit
+alignas(16) inline unsigned char g_smem[kSmemBytes];
+inline thread_local std::barrier<>* t_bar = nullptr;
+inline void sync() { t_bar->arrive_and_wait(); }
+
+struct Cfg {
+  unsigned grid;
+  unsigned block;
+  size_t smem = 0;
+  int stream = 0;
+};
+
+template <typename F>
+auto launch(F f, Cfg cfg) {
+  return [=](auto... args) {
+    TORCH_CHECK(cfg.smem <= kSmemBytes, "emu: launch asks for more shared memory than a block has");
+    std::fill(g_smem, g_smem + kSmemBytes, static_cast<unsigned char>(0xFF));
+    std::vector<std::unique_ptr<std::barrier<>>> bars;
+    bars.reserve(cfg.grid);
+    for (unsigned b = 0; b < cfg.grid; ++b) bars.emplace_back(std::make_unique<std::barrier<>>(cfg.block));
+    std::barrier<> block_end(cfg.block);
+    std::vector<std::thread> threads;
+    threads.reserve(cfg.block);
+    for (unsigned t = 0; t < cfg.block; ++t) {
+      threads.emplace_back([&, t]() {
+        threadIdx.x = t;
+        blockDim.x = cfg.block;
+        gridDim.x = cfg.grid;
+        for (unsigned b = 0; b < cfg.grid; ++b) {
+          blockIdx.x = b;
+          t_bar = bars[b].get();
+          f(args...);
+          t_bar->arrive_and_drop();  // an exited thread no longer takes part in this block's barriers
+          block_end.arrive_and_wait();
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  };
+}
+}  // namespace emu
+
+#define __syncthreads() emu::sync()
+using std::max;
+using std::min;
+
+typedef int cudaStream_t;
+enum {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaFuncAttributeMaxDynamicSharedMemorySize
+};
+inline int cudaDeviceGetAttribute(int* v, int what, int) {
+  *v = what == cudaDevAttrMultiProcessorCount ? EMU_SMS : static_cast<int>(emu::kSmemBytes);
+  return 0;
+}
+template <typename K>
+inline int cudaFuncSetAttribute(K, int, int bytes) {
+  TORCH_CHECK(static_cast<size_t>(bytes) <= emu::kSmemBytes, "emu: shared memory request over the limit");
+  return 0;
+}
+#define C10_CUDA_CHECK(x) (void)(x)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() (void)0
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  template <typename T>
+  explicit CUDAGuard(T) {}
+};
+struct EmuStream {
+  int stream() const { return 0; }
+};
+inline EmuStream getCurrentCUDAStream(int = -1) { return {}; }
+}  // namespace cuda
+}  // namespace c10
