@@ -100,6 +100,9 @@ def test_checkpoint_roundtrip_and_plain_state_dict(tmp_path):
     back2 = ckpt.load_model(tmp_path / "plain.pt")
     assert back2.config == net.config
     assert not [p for p in os.listdir(tmp_path / "sub") if p.endswith(".tmp")]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
