@@ -322,3 +322,26 @@ def _pd_backward(ctx, grad):
 
 
 torch.library.register_autograd("ld_ext::patch_discrimination", _pd_backward, setup_context=_pd_setup_context)
+
+
+# Double backward is refused explicitly (torchvision does the same): the backward ops are not
+# differentiated, and without this an attempt would silently give wrong second derivatives.
+def _refuse_double_backward(op_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"ld_ext: double backward through {op_name} is not supported (a gradient taken with "
+            "create_graph=True was differentiated again); use ld_ext.reference for higher-order gradients"
+        )
+
+    return backward
+
+
+for _name in (
+    "region_features_backward",
+    "region_discrimination_backward",
+    "pixel_cluster_similarity_backward",
+    "patch_discrimination_backward",
+):
+    torch.library.register_autograd(
+        f"ld_ext::{_name}", _refuse_double_backward(_name), setup_context=lambda ctx, inputs, output: None
+    )

@@ -95,3 +95,21 @@ def test_patch_discrimination_bad_input():
         ld_ext.patch_discrimination(torch.randn(0, 3))
     with pytest.raises(TypeError, match="x must be a floating-point"):
         ld_ext.patch_discrimination(torch.ones(4, 3, dtype=torch.int32))
+
+
+def test_double_backward_is_refused():
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    s = torch.randn(2, 2, 4, 4, requires_grad=True)
+    loss = ld_ext.RegionDiscriminationLoss(normalize=True, assignment="sigmoid")(z, s)
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    x = torch.nn.functional.normalize(torch.randn(6, 3), dim=1).requires_grad_(True)
+    (gx,) = torch.autograd.grad(ld_ext.patch_discrimination(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+    p = torch.randn(3, 3, requires_grad=True)
+    out = ld_ext.pixel_cluster_similarity(z, p)
+    (gp,) = torch.autograd.grad(out.square().sum(), p, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gp.sum().backward()
