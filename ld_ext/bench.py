@@ -410,25 +410,31 @@ def measure_group(
     repeats: int = 7,
     target_sample_s: float = 0.02,
     max_number: int = 200,
+    slow_call_s: float = 0.5,
 ) -> dict:
     """Time several implementations of the same thing, interleaved.
 
     ``runs[name](i)`` performs one call on input set ``i``. Each implementation gets ``warmup``
-    calls, then a timed call that fixes how many calls one sample holds (so that a sample lasts
-    about ``target_sample_s``); then ``repeats`` rounds take one sample of every implementation in
-    turn. Calls rotate over the ``n_sets`` input sets. Returns name -> Timing (per-call times).
+    calls (fewer when a call takes longer than ``slow_call_s``), then a timed call that fixes how
+    many calls one sample holds (so that a sample lasts about ``target_sample_s``); then
+    ``repeats`` rounds take one sample of every implementation in turn. Calls rotate over the ``n_sets`` input sets. Returns name -> Timing (per-call times).
     """
     numbers, counters = {}, {}
     for name, fn in runs.items():
-        for i in range(warmup):
-            fn(i % n_sets)
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(warmup % n_sets)
-        _sync(device)
-        dt = time.perf_counter() - t0
+        # warm-up calls, the last of which is timed to size the samples; a call slower than
+        # slow_call_s needs no further warm-up (its fixed costs are already negligible)
+        calls = 0
+        while True:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(calls % n_sets)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            calls += 1
+            if calls > warmup or dt > slow_call_s:
+                break
         numbers[name] = max(1, min(max_number, int(target_sample_s / max(dt, 1e-9))))
-        counters[name] = warmup + 1
+        counters[name] = calls
     samples = {name: [] for name in runs}
     was_enabled = gc.isenabled()
     gc.collect()
@@ -462,12 +468,39 @@ CPU_MEM_METHOD = "profiler: running total of ATen CPU allocation events (torch.p
 CUDA_MEM_METHOD = "torch.cuda.max_memory_allocated above the memory held before the call"
 
 
+class _QuietStderr:
+    """Silence file descriptor 2 (kineto prints a line on every profiler start/stop)."""
+
+    def __enter__(self):
+        try:
+            sys.stderr.flush()
+            self._saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except OSError:
+            self._saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        return False
+
+
 def _profiler_peak(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _QuietStderr():
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.__enter__()
+    try:
         out = fn()
         del out
+    finally:
+        with _QuietStderr():
+            prof.__exit__(None, None, None)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     total = peak = 0
@@ -919,13 +952,17 @@ MD_COLUMNS = [
 
 
 def markdown_table(rows: list[dict], sweep: str = "") -> str:
-    """One line per (case, mode); implementations side by side; ratios = impl time / fused time."""
+    """One line per (op, case, mode); implementations side by side; ratios = impl time / fused time.
+
+    An ``op`` column comes first when the rows hold more than one op."""
     groups: dict = {}
     for r in rows:
         key = (_label(r, sweep), r["mode"], r["op"])
         groups.setdefault(key, {})[r["impl"]] = r
-    lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
-    for (label, mode, _op), by in groups.items():
+    several_ops = len({r["op"] for r in rows}) > 1
+    cols = (["op"] if several_ops else []) + MD_COLUMNS
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for (label, mode, op), by in groups.items():
         def get(impl, col):
             r = by.get(impl)
             return "" if r is None else r.get(col, "")
@@ -948,6 +985,8 @@ def markdown_table(rows: list[dict], sweep: str = "") -> str:
             _fmt_mb(get("fused", "peak_mem_bytes")), _fmt_mb(get("eager", "peak_mem_bytes")),
             _fmt_mb(get("published", "peak_mem_bytes")),
         ]
+        if several_ops:
+            cells.insert(0, op)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1197,9 +1236,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, v: dict) -> int:
     device = v["device"]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    for knob in ("cache_size_limit", "recompile_limit"):  # the name differs across torch versions
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     tiny = args.tiny
@@ -1226,6 +1265,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         "",
     ]
     notes: list[str] = []
+    measured: dict = {}  # region-loss case -> (impls, rows): a sweep point equal to one already measured is reused
 
     if "headline" in v["sections"]:
         print("== headline", file=sys.stderr, flush=True)
@@ -1253,7 +1293,10 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         rows = []
         for spec in OPS.values():
             torch._dynamo.reset()
-            rows += run_case(spec, base, ops_settings, machine, section="ops")
+            op_rows = run_case(spec, base, ops_settings, machine, section="ops")
+            if spec.name == "region_loss" and "compile" not in ops_settings.impls:
+                measured[base] = (ops_settings.impls, op_rows)  # the sweeps reuse it for their base point
+            rows += op_rows
         all_rows += rows
         md += ["## Every op at the base configuration", ""]
         md += [f"- `{s.name}`: {s.config}" for s in OPS.values()]
@@ -1262,6 +1305,9 @@ def _run(args: argparse.Namespace, v: dict) -> int:
     if "sweeps" in v["sections"]:
         sweep_sets = TINY_SWEEPS if tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
         sw_settings = replace(settings, compile_dynamic=not args.compile_static)
+        if args.quick and args.max_mem_gb is None and device.type == "cpu":
+            sw_settings = replace(sw_settings, max_bytes=min(settings.max_bytes, 1 << 30))
+            notes.append("--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up).")
         if args.quick and "compile" in settings.impls:
             sw_settings = replace(sw_settings, impls=tuple(i for i in settings.impls if i != "compile"))
         spec = OPS["region_loss"]
@@ -1269,7 +1315,8 @@ def _run(args: argparse.Namespace, v: dict) -> int:
             "## Sweeps of the region loss",
             "",
             f"`RegionDiscriminationLoss({spec.config})`; one parameter varied, the others at the base "
-            f"configuration. compile: {'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}.",
+            f"configuration. compile: {'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}. "
+            "The base point, common to all sweeps, is measured once and repeated in each table.",
             "",
         ]
         torch._dynamo.reset()
@@ -1285,8 +1332,15 @@ def _run(args: argparse.Namespace, v: dict) -> int:
             for case in points:
                 if args.compile_static:
                     torch._dynamo.reset()
-                _log(settings, f"  {_label(dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op='', M=case.M), sweep)}")
-                rows += run_case(spec, case, sw_settings, machine, section="sweeps", sweep=sweep)
+                label = _label(dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op="", M=case.M), sweep)
+                if case in measured and measured[case][0] == sw_settings.impls:
+                    _log(settings, f"  {label}: same case as measured before, rows reused")
+                    rows += [dict(r, section="sweeps", sweep=sweep) for r in measured[case][1]]
+                    continue
+                _log(settings, f"  {label}")
+                case_rows = run_case(spec, case, sw_settings, machine, section="sweeps", sweep=sweep)
+                measured[case] = (sw_settings.impls, case_rows)
+                rows += case_rows
             all_rows += rows
             md += [f"### Sweep {sweep}", "", markdown_table(rows, sweep), ""]
             if not args.no_plots:

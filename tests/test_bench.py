@@ -71,7 +71,9 @@ def test_measure_group_rotates_sets_and_reports_order_statistics():
 
         return fn
 
-    res = bench.measure_group({"a": make("a"), "b": make("b")}, 3, CPU, warmup=2, repeats=6, target_sample_s=0.0)
+    res = bench.measure_group(
+        {"a": make("a"), "b": make("b")}, 3, CPU, warmup=2, repeats=6, target_sample_s=0.0, slow_call_s=60.0
+    )
     assert set(res) == {"a", "b"}
     for name, t in res.items():
         assert t.repeats == 6 and len(t.samples_ms) == 6 and t.number == 1
@@ -179,7 +181,8 @@ def test_cli_tiny_run_writes_all_outputs(tmp_path, capsys):
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
     assert {r["impl"] for r in rows if r["section"] == "e2e"} == {"fused", "reference"}
     md = (out / "results.md").read_text()
-    assert "| case | mode | fused ms |" in md
+    assert "| case | mode | fused ms |" in md  # sweep tables
+    assert "| op | case | mode | fused ms |" in md  # the ops table names the op of each line
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench_sweep_P.png").stat().st_size > 0
         assert (out / "bench_sweep_dtype.png").stat().st_size > 0
