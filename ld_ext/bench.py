@@ -1265,6 +1265,14 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         "",
     ]
     notes: list[str] = []
+    csv_path = os.path.join(args.out, "results.csv")
+    md_path = os.path.join(args.out, "results.md")
+
+    def save_partial() -> None:  # after every section, so that an interrupted run keeps what it measured
+        write_csv(all_rows, csv_path)
+        with open(md_path, "w") as f:
+            f.write("\n".join(md + ["(partial: the run has not finished)"]) + "\n")
+
     measured: dict = {}  # region-loss case -> (impls, rows): a sweep point equal to one already measured is reused
 
     if "headline" in v["sections"]:
@@ -1284,6 +1292,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         ]
         print("\n" + text + "\n", flush=True)
 
+    save_partial()
     if "ops" in v["sections"]:
         print("== ops", file=sys.stderr, flush=True)
         ops_settings = settings
@@ -1302,6 +1311,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         md += [f"- `{s.name}`: {s.config}" for s in OPS.values()]
         md += ["", markdown_table(rows), ""]
 
+    save_partial()
     if "sweeps" in v["sections"]:
         sweep_sets = TINY_SWEEPS if tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
         sw_settings = replace(settings, compile_dynamic=not args.compile_static)
@@ -1343,6 +1353,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
                 rows += case_rows
             all_rows += rows
             md += [f"### Sweep {sweep}", "", markdown_table(rows, sweep), ""]
+            save_partial()
             if not args.no_plots:
                 png = os.path.join(args.out, f"bench_sweep_{sweep}.png")
                 note = plot_sweep(rows, sweep, png)
@@ -1353,6 +1364,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
                 else:
                     md += [f"![sweep {sweep}](bench_sweep_{sweep}.png)", ""]
 
+    save_partial()
     if "e2e" in v["sections"]:
         print("== e2e", file=sys.stderr, flush=True)
         bs, size = (1, 16) if tiny else (4, 128)
@@ -1361,6 +1373,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         md += ["## End to end: LD training steps per second", ""]
         md += [e2e_markdown(rows, how) if rows else how, ""]
 
+    save_partial()
     if machine._bw is not None:
         md.append(
             f"Measured on this device in this run: copy bandwidth {machine.bandwidth / 1e9:.1f} GB/s (dst.copy_(src), "
@@ -1371,8 +1384,6 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         md.append("")
     elapsed = time.perf_counter() - t_start
     md += [f"Run time {elapsed:.0f} s (compile time included)."] + [f"Note: {n}" for n in notes]
-    csv_path = os.path.join(args.out, "results.csv")
-    md_path = os.path.join(args.out, "results.md")
     write_csv(all_rows, csv_path)
     with open(md_path, "w") as f:
         f.write("\n".join(md) + "\n")
