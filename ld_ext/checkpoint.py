@@ -23,7 +23,7 @@ from torch import nn
 
 from .models import DEFAULT_DEPTHS, LDNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_write_bytes", "FORMAT", "VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "infer_config", "atomic_write_bytes", "FORMAT", "VERSION"]
 
 FORMAT = "ld_ext.checkpoint"
 VERSION = 1
