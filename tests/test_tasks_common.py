@@ -24,15 +24,17 @@ def test_dice_values():
         common.dice(a, b[:2])
 
 
-def test_soft_dice_loss_matches_formula():
+def test_soft_dice_loss_matches_formula_and_penalises_false_positives():
     g = torch.zeros(2, 1, 4, 4)
     g[0, 0, :2] = 1
-    g[1, 0, 0, 0] = 1
     p = torch.full_like(g, 0.25)
-    tp = (p * g).flatten(1).sum(1)
-    expected = (-2 * tp / (g.flatten(1).sum(1) + p.flatten(1).sum(1) + 1)).mean()
+    expected = -2 * (p * g).sum() / (g.sum() + p.sum() + 1)
     assert common.soft_dice_loss(p, g).item() == pytest.approx(expected.item())
-    assert common.soft_dice_loss(g, g).item() == pytest.approx(((-16 / 17) + (-2 / 3)) / 2)
+    assert common.soft_dice_loss(g, g).item() == pytest.approx(-16 / 17)
+    # image 1 has no foreground: predicting some there must cost something
+    worse = g.clone()
+    worse[1, 0, 0, :2] = 1
+    assert common.soft_dice_loss(worse, g) > common.soft_dice_loss(g, g)
 
 
 def test_pairing_rules_and_errors(tmp_path):

@@ -127,7 +127,8 @@ def test_cli_predict_and_evaluate(tmp_path):
     out = tmp_path / "out.json"
     args = p.parse_args(
         ["--checkpoint", str(ck), "--template", str(tmp_path / "t.png"), "--points", str(tmp_path / "p.json"),
-         "--targets", str(tmp_path / "targets"), "--out", str(out), "--evaluate", "2", "--radii", "1", "3"]
+         "--targets", str(tmp_path / "targets"), "--out", str(out), "--evaluate", "2", "--radii", "1", "3",
+         "--centre-term-steps", "1"]
     )
     assert lm.run(args) == 0
     res = json.loads(out.read_text())
@@ -135,6 +136,7 @@ def test_cli_predict_and_evaluate(tmp_path):
     methods = [r["method"] for r in res["evaluation"]["rows"]]
     assert methods[:2] == ["LD centre-sensitive", "LD uniform pooling"] and any(m.startswith("NCC") for m in methods)
     assert out.with_suffix(".png").stat().st_size > 0
+    assert res["centre_term"]["steps"] == 1
     (tmp_path / "bad.json").write_text(json.dumps({"far": [100, 3]}))
     args.points = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="inside the template"):

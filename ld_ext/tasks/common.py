@@ -238,11 +238,16 @@ def dice(pred, target) -> float:
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-2 * TP / (|G| + |P| + 1) per image (LD_METHOD.md section 8), averaged over the batch."""
-    p = prob.flatten(1)
-    g = target.flatten(1).to(p.dtype)
-    tp = (p * g).sum(1)
-    return (-2.0 * tp / (g.sum(1) + p.sum(1) + 1.0)).mean()
+    """-2 * TP / (|G| + |P| + 1) (LD_METHOD.md section 8), sums taken over the whole batch.
+
+    Pooling over the batch (rather than averaging per-image values) matters for structures that
+    are absent from some images: per image, an empty ground truth gives a constant 0 whatever the
+    prediction, so false positives there would never be penalised.
+    """
+    p = prob.reshape(-1)
+    g = target.reshape(-1).to(p.dtype)
+    tp = (p * g).sum()
+    return -2.0 * tp / (g.sum() + p.sum() + 1.0)
 
 
 # ----------------------------------------------------------------------------- MNI152 in nilearn

@@ -54,6 +54,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--pretrain-steps", type=int, default=150, help="LD pre-training steps if no checkpoint (default 150)")
     _add(parser, "--task-steps", type=int, default=None, help="training steps of the task (default: per task)")
     _add(parser, "--quick", action="store_true", help="tiny settings (smoke test, numbers meaningless)")
+    _add(parser, "--d-lr-factor", type=float, default=0.05, help="shape-guided: discriminator lr factor (published 0.05)")
     _add(parser, "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on an oversubscribed machine)")
 
 
@@ -252,7 +253,10 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
     for z, p in zip(pz, priors):
         _save_png(d / "data" / "priors" / f"wm_prior_z{z:+03d}.png", p)
     steps = args.task_steps or (3 if args.quick else 80)
-    res = sg.shape_guided_experiment(images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4)
+    res = sg.shape_guided_experiment(
+        images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
+        d_lr_factor=getattr(args, "d_lr_factor", 0.05) or 0.05,
+    )
     md = sg.write_results(d, res, images, masks, priors)
     print(md)
     return {"markdown": md}

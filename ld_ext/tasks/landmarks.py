@@ -590,6 +590,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "affine+elastic deformations and report radial errors for LD and NCC",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--centre-term-steps", type=int, default=0, metavar="N",
+        help="first fine-tune the network N steps with the centre-sensitive training term on random warps "
+        "of the template and the target images (no labels; default 0 = off)",
+    )
 
 
 def _load_scaled(path, size):
@@ -618,6 +623,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
     out = Path(args.out)
     result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii}
+    if args.centre_term_steps < 0:
+        raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
+    if args.centre_term_steps:
+        pool = [template]
+        if args.targets is not None:
+            pool += [img for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
+                     if img.shape == template.shape]
+        model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
+        result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
     if args.targets is not None:
         t_emb, _ = common.embed(model, template[None])
         loc = LandmarkLocator(args.radii, args.pooling).fit(t_emb.double(), points)

@@ -3,7 +3,7 @@
 LD_METHOD.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
 convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
-with the soft Dice loss ``-2 TP / (|G| + |P| + 1)``, and scored by the Dice of the prediction
+with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
 order) runs from a random initialisation beside it, for each seed.
 

@@ -136,6 +136,7 @@ def train_shape_guided(
     batch: int = 4,
     lr: float = 1e-3,
     adv_weight: float = 1.0,
+    d_lr_factor: float = 0.05,
     seed: int = 0,
     progress: bool = True,
     desc: str = "shape-guided",
@@ -163,7 +164,7 @@ def train_shape_guided(
     if priors is not None:
         torch.manual_seed(seed + 7)
         disc = ShapeDiscriminator()
-        d_opt = torch.optim.Adam(disc.parameters(), lr=0.05 * lr)
+        d_opt = torch.optim.Adam(disc.parameters(), lr=d_lr_factor * lr)
         pri = torch.from_numpy(np.asarray(priors, dtype=np.float32))
     bce = nn.BCEWithLogitsLoss()
     imgs = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
@@ -258,14 +259,15 @@ def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n
 
 
 def shape_guided_experiment(
-    images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=8, lr=1e-3, batch=4, seed=0, progress=True
+    images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=8, lr=1e-3, batch=4, seed=0, progress=True,
+    d_lr_factor: float = 0.05,
 ) -> dict:
     """Train guided and plain LD from the same initialisation, evaluate both (if masks given)."""
-    out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed}
+    out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed, "d_lr_factor": d_lr_factor}
     t0 = time.perf_counter()
     guided, hg = train_shape_guided(
         images, priors, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed,
-        progress=progress, desc="LD + shape prior",
+        progress=progress, desc="LD + shape prior", d_lr_factor=d_lr_factor,
     )
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -340,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=8, help="K (default 8)")
     parser.add_argument("--batch", type=int, default=4, help="B pairs per step (5B images through the net)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--d-lr-factor", type=float, default=0.05,
+                        help="discriminator lr = FACTOR x --lr (published: 0.05)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -350,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
     common.check_positive_int("--batch", args.batch)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not args.d_lr_factor > 0:
+        raise ValueError(f"--d-lr-factor must be > 0, got {args.d_lr_factor}")
     prior_files = common.list_images(args.priors, "priors")
     priors = np.stack([common.resize_image(common.load_mask(p).astype(np.float32), args.size) > 0.5 for p in prior_files])
     if masks_dir := args.masks:
@@ -361,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         masks = None
     res = shape_guided_experiment(
         images, priors, masks, checkpoint=args.checkpoint, steps=args.steps, n_clusters=args.clusters, lr=args.lr,
-        batch=args.batch, seed=args.seed,
+        batch=args.batch, seed=args.seed, d_lr_factor=args.d_lr_factor,
     )
     md = write_results(Path(args.out), res, images, masks, priors)
     if md:
