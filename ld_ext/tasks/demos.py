@@ -55,6 +55,7 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--task-steps", type=int, default=None, help="training steps of the task (default: per task)")
     _add(parser, "--quick", action="store_true", help="tiny settings (smoke test, numbers meaningless)")
     _add(parser, "--d-lr-factor", type=float, default=0.05, help="shape-guided: discriminator lr factor (published 0.05)")
+    _add(parser, "--instance-noise", type=float, default=0.0, help="shape-guided: noise sd on the discriminator's inputs")
     _add(parser, "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on an oversubscribed machine)")
 
 
@@ -256,6 +257,7 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
     res = sg.shape_guided_experiment(
         images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
         d_lr_factor=getattr(args, "d_lr_factor", 0.05) or 0.05,
+        instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
     )
     md = sg.write_results(d, res, images, masks, priors)
     print(md)

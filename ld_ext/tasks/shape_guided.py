@@ -109,6 +109,11 @@ def ld_loss(model, vb, criterion):
     return out["loss"], parts, s[: 4 * b]
 
 
+def _noisy(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Instance noise for the discriminator's inputs (0 = off, the published setting)."""
+    return x if sigma <= 0 else x + sigma * torch.randn(x.shape, generator=g)
+
+
 def _init_model(checkpoint, n_clusters: int, seed: int):
     from ..models import CLUSTER_PREFIX, LDNet
 
@@ -137,6 +142,7 @@ def train_shape_guided(
     lr: float = 1e-3,
     adv_weight: float = 1.0,
     d_lr_factor: float = 0.05,
+    instance_noise: float = 0.0,
     seed: int = 0,
     progress: bool = True,
     desc: str = "shape-guided",
@@ -182,7 +188,7 @@ def train_shape_guided(
             fake = assignment(s)[:, 0:1]
             for p in disc.parameters():
                 p.requires_grad_(False)
-            g_adv = bce(disc(fake), torch.ones(fake.shape[0]))
+            g_adv = bce(disc(_noisy(fake, instance_noise, gp)), torch.ones(fake.shape[0]))
             for p in disc.parameters():
                 p.requires_grad_(True)
             loss = loss + adv_weight * g_adv
@@ -192,7 +198,9 @@ def train_shape_guided(
         opt.step()
         if disc is not None:
             real = augment_priors(pri, fake.shape[0], size, gp)
-            d_loss = bce(disc(real), torch.ones(real.shape[0])) + bce(disc(fake.detach()), torch.zeros(fake.shape[0]))
+            d_real = disc(_noisy(real, instance_noise, gp))
+            d_fake = disc(_noisy(fake.detach(), instance_noise, gp))
+            d_loss = bce(d_real, torch.ones(real.shape[0])) + bce(d_fake, torch.zeros(fake.shape[0]))
             d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             d_opt.step()
@@ -260,14 +268,15 @@ def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n
 
 def shape_guided_experiment(
     images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=8, lr=1e-3, batch=4, seed=0, progress=True,
-    d_lr_factor: float = 0.05,
+    d_lr_factor: float = 0.05, instance_noise: float = 0.0,
 ) -> dict:
     """Train guided and plain LD from the same initialisation, evaluate both (if masks given)."""
-    out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed, "d_lr_factor": d_lr_factor}
+    out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed, "d_lr_factor": d_lr_factor,
+                 "instance_noise": instance_noise}
     t0 = time.perf_counter()
     guided, hg = train_shape_guided(
         images, priors, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed,
-        progress=progress, desc="LD + shape prior", d_lr_factor=d_lr_factor,
+        progress=progress, desc="LD + shape prior", d_lr_factor=d_lr_factor, instance_noise=instance_noise,
     )
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -344,6 +353,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--d-lr-factor", type=float, default=0.05,
                         help="discriminator lr = FACTOR x --lr (published: 0.05)")
+    parser.add_argument("--instance-noise", type=float, default=0.0,
+                        help="sd of Gaussian noise added to the discriminator's inputs (default 0, as published)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -368,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
     res = shape_guided_experiment(
         images, priors, masks, checkpoint=args.checkpoint, steps=args.steps, n_clusters=args.clusters, lr=args.lr,
         batch=args.batch, seed=args.seed, d_lr_factor=args.d_lr_factor,
+        instance_noise=args.instance_noise,
     )
     md = write_results(Path(args.out), res, images, masks, priors)
     if md:
