@@ -191,9 +191,21 @@ inline at::ScalarType out_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-inline int64_t tiles_per_image(int64_t N, int64_t nchunks, int device) {
-  const int64_t target = 8 * static_cast<int64_t>(sm_count(device));
-  int64_t T = std::max<int64_t>(1, ceil_div(target, N));
+// Resident blocks of `kernel` per multiprocessor at this block size and shared memory (after
+// allow_smem). Used to size grids to whole waves.
+template <typename Kernel>
+inline int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  int nb = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem));
+  return std::max(nb, 1);
+}
+
+// Tiles (blocks) per image so that all N * T blocks are resident at once (one full wave, no tail):
+// T = floor(per_sm * SMs / N), at least 1, at most the number of chunks. Depends only on the
+// shapes, the kernel and the device, so results are bitwise reproducible on a given GPU model.
+inline int64_t tiles_per_image(int64_t N, int64_t nchunks, int device, int per_sm) {
+  const int64_t target = static_cast<int64_t>(per_sm) * sm_count(device);
+  const int64_t T = std::max<int64_t>(1, target / N);
   return std::min(T, nchunks);
 }
 

@@ -5,7 +5,7 @@
 //
 // Each block owns one image and a strided set of pixel chunks. A chunk of z is read once into
 // shared memory (accumulation type) and normalised there; the prototypes of the image sit in
-// shared memory for the whole block. Backward recomputes e per chunk, forms
+// shared memory for the whole block. Backward recomputes e and S (in fp32) per chunk, forms
 // g_l = S (g - sum_j g_j S_j) / tau, g_e = proto^T g_l and accumulates the prototype gradient
 // sum_p g_l[k,p] e[d,p] in shared memory; each block writes its partial (K, D) sum to a buffer
 // that a second kernel adds up in a fixed order (no atomics: bitwise reproducible).
@@ -113,11 +113,12 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
 }
 
 // Grid: N * T blocks as in forward. Writes grad_z for its pixels and its partial prototype
-// gradient part[b * K*D + k*D + d].
+// gradient part[b * K*D + k*D + d]. S is recomputed from e and the prototypes (the saved output is
+// not read).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
-    const scalar_t* __restrict__ out, scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
+    scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
     int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t tau) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
@@ -132,13 +133,14 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
   acc_t* M = SS + cp * tl.ks;     // cp
   acc_t* DT = M + cp;             // cp
   acc_t* DE = DT + cp;            // cp
+  acc_t* MX = DE + cp;            // cp
+  acc_t* SU = MX + cp;            // cp
 
   const int64_t b = blockIdx.x;
   const int64_t n = b / T;
   const int64_t t = b - n * T;
   const scalar_t* e_n = emb + n * D * P;
   const scalar_t* g_n = grad_out + n * K * P;
-  const scalar_t* s_n = out + n * K * P;
   scalar_t* ge_n = grad_emb + n * D * P;
   const acc_t eps = static_cast<acc_t>(kNormEps);
   load_prototypes<scalar_t, acc_t>(per_image ? proto + n * K * D : proto, tl, Ps);
@@ -151,11 +153,35 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
-      const bool in = j < np;
-      GL[j * tl.ks + k] = in ? static_cast<acc_t>(g_n[k * P + p0 + j]) : acc_t(0);
-      SS[j * tl.ks + k] = in ? static_cast<acc_t>(s_n[k * P + p0 + j]) : acc_t(0);
+      GL[j * tl.ks + k] = j < np ? static_cast<acc_t>(g_n[k * P + p0 + j]) : acc_t(0);
     }
     load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);  // ends with a barrier
+    // Recompute S in the accumulation type from e and the prototypes (more accurate than the
+    // saved output, which is rounded to the input dtype, and no extra pass over memory).
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int j = i / tl.K;
+      const int k = i - j * tl.K;
+      acc_t s = 0;
+      for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
+      SS[j * tl.ks + k] = s / tau;
+    }
+    __syncthreads();
+    if (threadIdx.x < cp) {
+      const int j = threadIdx.x;
+      acc_t mx = neg_inf<acc_t>();
+      for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, SS[j * tl.ks + k]);
+      acc_t se = 0;
+      for (int k = 0; k < tl.K; ++k) se += dev_exp(SS[j * tl.ks + k] - mx);
+      MX[j] = mx;
+      SU[j] = se;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+      const int k = i / cp;
+      const int j = i - k * cp;
+      SS[j * tl.ks + k] = j < np ? dev_exp(SS[j * tl.ks + k] - MX[j]) / SU[j] : acc_t(0);
+    }
+    __syncthreads();
     if (threadIdx.x < cp) {
       const int j = threadIdx.x;
       acc_t s = 0;
@@ -250,9 +276,9 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
         plan_tile(K * (D + 1), (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp, "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
-    const int64_t T = tiles_per_image(N, nchunks, device);
     auto kernel = pcs_forward_kernel<scalar_t, acc_t>;
     allow_smem(kernel, plan.bytes);
+    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
     kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
         e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl,
         per_image, normalize, static_cast<acc_t>(temperature));
@@ -277,24 +303,22 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
   TORCH_CHECK(grad_out.numel() == N * K * P && out.numel() == N * K * P, kOpB,
               ": grad_out and out must have N * K * P elements");
   const at::Tensor g = grad_out.to(e.device(), e.scalar_type()).contiguous();
-  const at::Tensor s = out.to(e.device(), e.scalar_type()).contiguous();
   at::Tensor grad_e = at::empty(e.sizes(), e.options());
   at::Tensor grad_p;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 3, sizeof(acc_t), device, kOpB,
+    const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 5, sizeof(acc_t), device, kOpB,
                                     "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
-    const int64_t T = tiles_per_image(N, nchunks, device);
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
     auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
     allow_smem(kernel, plan.bytes);
+    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
     kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-        g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
-        grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize,
+        g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize,
         static_cast<acc_t>(temperature));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor gp = at::empty(pr.sizes(), acc_opts);

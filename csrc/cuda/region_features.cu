@@ -384,12 +384,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Te
                                     "K * D (clusters times channels)");
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
-    const int64_t T = tiles_per_image(N, nchunks, device);
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
-    at::Tensor ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
     auto kernel = rf_forward_partial_kernel<scalar_t, acc_t>;
     allow_smem(kernel, plan.bytes);
+    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
+    at::Tensor ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
     kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
         e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K,
         P, T, nchunks, tl, normalize, static_cast<int>(mode), entropy);
@@ -439,7 +439,6 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
         plan_tile(K * ds, 2 * ds + 3 * ks + 5, sizeof(acc_t), device, kOpB, "K * D (clusters times channels)");
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
-    const int64_t T = tiles_per_image(N, nchunks, device);
     at::Tensor G = at::empty({N * K * D}, gf.options());
     rf_backward_prep_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
         gf.data_ptr<acc_t>(), ft.data_ptr<acc_t>(), rn.data_ptr<acc_t>(), G.data_ptr<acc_t>(), D, P);
@@ -447,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
     const acc_t ent_scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
     auto kernel = rf_backward_kernel<scalar_t, acc_t>;
     allow_smem(kernel, plan.bytes);
+    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
     kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
         e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(),
         grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, normalize,

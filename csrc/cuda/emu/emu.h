@@ -3,7 +3,7 @@
 // barriers and the host-side launch plans are exercised on machines without a GPU.
 //
 // Model: the blocks of a launch run one after another; the threads of a block are real OS threads
-// (blockDim of them, reused across blocks) and __syncthreads() is a std::barrier, so a missing
+// (blockDim of them, reused across blocks) and __syncthreads() is a blocking barrier, so a missing
 // barrier can show up as a wrong or non-reproducible result. Shared memory is one buffer, filled
 // with NaN-like bytes at each launch, so reads of shared memory nobody wrote show up too.
 // Not emulated: warps, memory-model subtleties, performance. Debug aid only; never shipped.
@@ -15,10 +15,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <barrier>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -39,9 +40,42 @@ struct emu_dim3 {
 inline thread_local emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emu {
+// A blocking barrier (threads sleep instead of spinning: a block has hundreds of OS threads).
+// arrive_and_drop: the thread leaves, later phases wait for one thread fewer.
+class Barrier {
+ public:
+  explicit Barrier(int n) : expected_(n), count_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const uint64_t phase = phase_;
+    if (--count_ == 0) {
+      next_phase();
+    } else {
+      cv_.wait(lock, [&] { return phase_ != phase; });
+    }
+  }
+  void arrive_and_drop() {
+    std::unique_lock<std::mutex> lock(m_);
+    --expected_;
+    if (--count_ == 0) next_phase();
+  }
+
+ private:
+  void next_phase() {
+    ++phase_;
+    count_ = expected_;
+    cv_.notify_all();
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  int expected_;
+  int count_;
+  uint64_t phase_ = 0;
+};
+
 constexpr size_t kSmemBytes = 232448;  // an sm_90 block's opt-in limit
 alignas(16) inline unsigned char g_smem[kSmemBytes];
-inline thread_local std::barrier<>* t_bar = nullptr;
+inline thread_local Barrier* t_bar = nullptr;
 inline void sync() { t_bar->arrive_and_wait(); }
 
 struct Cfg {
@@ -56,10 +90,10 @@ auto launch(F f, Cfg cfg) {
   return [=](auto... args) {
     TORCH_CHECK(cfg.smem <= kSmemBytes, "emu: launch asks for more shared memory than a block has");
     std::fill(g_smem, g_smem + kSmemBytes, static_cast<unsigned char>(0xFF));
-    std::vector<std::unique_ptr<std::barrier<>>> bars;
+    std::vector<std::unique_ptr<Barrier>> bars;
     bars.reserve(cfg.grid);
-    for (unsigned b = 0; b < cfg.grid; ++b) bars.emplace_back(std::make_unique<std::barrier<>>(cfg.block));
-    std::barrier<> block_end(cfg.block);
+    for (unsigned b = 0; b < cfg.grid; ++b) bars.emplace_back(std::make_unique<Barrier>(static_cast<int>(cfg.block)));
+    Barrier block_end(static_cast<int>(cfg.block));
     std::vector<std::thread> threads;
     threads.reserve(cfg.block);
     for (unsigned t = 0; t < cfg.block; ++t) {
@@ -98,6 +132,11 @@ inline int cudaDeviceGetAttribute(int* v, int what, int) {
 template <typename K>
 inline int cudaFuncSetAttribute(K, int, int bytes) {
   TORCH_CHECK(static_cast<size_t>(bytes) <= emu::kSmemBytes, "emu: shared memory request over the limit");
+  return 0;
+}
+template <typename K>
+inline int cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* nb, K, int, size_t) {
+  *nb = 2;
   return 0;
 }
 #define C10_CUDA_CHECK(x) (void)(x)

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -132,8 +133,14 @@ def check_pcs(ops, R, chk, dtype, shape, per_image, normalize):
     tag = f"pixel_cluster_similarity[{dtype} {shape} per_image={per_image} normalize={normalize}]"
     otol = TOL[dtype] if dtype != torch.bfloat16 else 8e-3  # output is in the input dtype
     chk(tag + " out", out.dtype == dtype and rel(out, outr) <= otol, f"{rel(out, outr):.2e}")
-    chk(tag + " grad_e", rel(ge, er.grad) <= GTOL[dtype], f"{rel(ge, er.grad):.2e}")
-    chk(tag + " grad_p", gp.shape == p.shape and rel(gp, pr.grad) <= GTOL[dtype], f"{rel(gp, pr.grad):.2e}")
+    # g_l = S (g - <g, S>) / tau cancels when one S_k is near 1 (as in PyTorch's softmax backward),
+    # so tiny degenerate shapes can exceed plain rounding: rule "error <= same-dtype plain error + tol".
+    ep, pp = e.clone().requires_grad_(), p.clone().requires_grad_()
+    (R.pixel_cluster_similarity(ep, pp, 0.3, normalize=normalize) * go.to(dtype)).sum().backward()
+    ptol_e, ptol_p = rel(ep.grad, er.grad), rel(pp.grad, pr.grad)
+    chk(tag + " grad_e", rel(ge, er.grad) <= ptol_e + GTOL[dtype], f"{rel(ge, er.grad):.2e} (plain {ptol_e:.2e})")
+    chk(tag + " grad_p", gp.shape == p.shape and rel(gp, pr.grad) <= ptol_p + GTOL[dtype],
+        f"{rel(gp, pr.grad):.2e} (plain {ptol_p:.2e})")
 
 
 def check_pd(ops, R, chk, dtype, md):
@@ -160,7 +167,9 @@ def main(argv=None) -> int:
     random.seed(seed)
     build_dir = args.build_dir or tempfile.mkdtemp(prefix="ld_ext_emu_")
     os.makedirs(build_dir, exist_ok=True)
+    t0 = time.perf_counter()
     ops = build(build_dir)
+    print(f"run_emulated: built in {time.perf_counter() - t0:.0f} s")
     R = _reference()
     chk = Checker()
     rf_shapes = [(1, 2, 2, (1, 1)), (3, 5, 7, (13, 17)), (2, 32, 16, (20, 19)), (2, 3, 4, (129,)), (2, 6, 3, (5, 7, 9))]
@@ -169,7 +178,7 @@ def main(argv=None) -> int:
             for mode in MODES:
                 for normalize in (False, True):
                     check_region_features(ops, R, chk, dtype, shape, mode, normalize)
-    # several chunks per block (N=1 gets 32 tiles of 128 pixels here) and the opt-in shared memory.
+    # several chunks per block (N=1 gets 8 tiles of 128-pixel chunks in the emulation) and the opt-in shared memory.
     for mode in MODES:
         check_region_features(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), mode, True)
         check_region_features(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), mode, True)
@@ -184,6 +193,7 @@ def main(argv=None) -> int:
             check_pd(ops, R, chk, dtype, md)
     check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
     check_pcs(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), False, True)
+    print(f"run_emulated: {time.perf_counter() - t0:.0f} s")
     print(f"emulated CUDA kernels: {chk.passed} passed, {len(chk.failed)} failed")
     return 1 if chk.failed else 0
 
