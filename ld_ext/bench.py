@@ -585,6 +585,7 @@ class Settings:
     seed: int = 0
     impls: tuple = IMPLS
     max_bytes: int = 8 << 30
+    max_call_s: float = math.inf
     memory: bool = True
     compile_dynamic: bool | None = False
     compile_backend: str = "inductor"
@@ -662,8 +663,17 @@ def run_case(
                 t0 = time.perf_counter()
                 runner(0)  # first call: compiles (torch.compile), allocates lazily, checks it runs
                 _sync(device)
+                dt = time.perf_counter() - t0
                 if impl == "compile":
-                    _log(settings, f"    compile {spec.name} {mode}: {time.perf_counter() - t0:.1f} s (not timed)")
+                    _log(settings, f"    compile {spec.name} {mode}: {dt:.1f} s (not timed)")
+                    t0 = time.perf_counter()
+                    runner(1 % len(sets))
+                    _sync(device)
+                    dt = time.perf_counter() - t0
+                if dt > settings.max_call_s:
+                    status[impl] = f"skipped: one call took {dt:.1f} s > --max-call-s {settings.max_call_s:g}"
+                    _log(settings, f"    {spec.name} {mode} {impl}: {status[impl]}")
+                    continue
                 runs[impl] = runner
                 status[impl] = "ok"
             except Exception as exc:  # an impl that cannot run this case is reported, not fatal
@@ -801,7 +811,10 @@ def rss_probe(impl: str, case: Case, seed: int) -> dict | None:
 
 def run_headline(settings: Settings, machine: Machine, case: Case, rss: bool = True) -> tuple[list[dict], dict]:
     """The core issue's figure: fused vs eager vs compile, fwd+bwd, with floor and memory."""
-    hs = replace(settings, impls=tuple(i for i in ("fused", "eager", "compile") if i in settings.impls), compile_dynamic=False)
+    hs = replace(
+        settings, impls=tuple(i for i in ("fused", "eager", "compile") if i in settings.impls), compile_dynamic=False,
+        max_call_s=math.inf,
+    )
     torch._dynamo.reset()
     rows = run_case(OPS["region_loss"], case, hs, machine, modes=("fwd+bwd",), section="headline")
     extra = {"bandwidth": machine.bandwidth, "rate": machine.rate(case.torch_dtype), "rss": {}}
@@ -1127,6 +1140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated through (fresh random data; default 3)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     parser.add_argument("--max-mem-gb", type=float, default=None, help="skip implementations whose estimated peak exceeds this (default 8 on CPU, 2 with --quick; half the GPU)")
+    parser.add_argument("--max-call-s", type=float, default=None, help="skip an implementation whose single call takes longer than this many seconds (default 8 on CPU, 5 with --quick; none on CUDA; never in the headline)")
     parser.add_argument("--compile-static", action="store_true", help="compile every sweep point with static shapes (default: dynamic=True in sweeps, static in headline/ops)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out everywhere")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -1191,10 +1205,18 @@ def _validate(args: argparse.Namespace) -> dict:
         max_bytes = torch.cuda.get_device_properties(device).total_memory // 2
     else:
         max_bytes = (2 << 30) if args.quick else (8 << 30)
+    if args.max_call_s is not None:
+        if not (args.max_call_s > 0):
+            raise BenchError(f"--max-call-s must be a positive number of seconds, got {args.max_call_s}")
+        max_call_s = args.max_call_s
+    elif device.type == "cuda":
+        max_call_s = math.inf
+    else:
+        max_call_s = 5.0 if args.quick else 8.0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder")
     return dict(device=device, sections=sections, sweeps=sweeps, impls=tuple(impls), repeats=repeats,
-                e2e_steps=e2e_steps, max_bytes=max_bytes)
+                e2e_steps=e2e_steps, max_bytes=max_bytes, max_call_s=max_call_s)
 
 
 def _env_line(device: torch.device) -> str:
@@ -1244,7 +1266,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
     tiny = args.tiny
     settings = Settings(
         device=device, warmup=args.warmup, repeats=v["repeats"], sets=args.sets, seed=seed, impls=v["impls"],
-        max_bytes=v["max_bytes"], memory=not args.no_memory, compile_dynamic=False,
+        max_bytes=v["max_bytes"], max_call_s=v["max_call_s"], memory=not args.no_memory, compile_dynamic=False,
         target_sample_s=0.002 if tiny else (0.02 if device.type == "cpu" else 0.01),
     )
     base = Case(N=2, D=4, K=3, H=8, W=8, M=16) if tiny else Case(**BASE)

@@ -133,6 +133,13 @@ def test_run_case_rows_and_writers(tmp_path):
     assert "n/a" in md[2]  # compile was not requested
 
 
+def test_time_cap_skips_slow_implementations():
+    settings = bench.Settings(device=CPU, warmup=0, repeats=5, sets=1, impls=("fused", "eager"), max_call_s=0.0, verbose=False, memory=False)
+    rows = bench.run_case(bench.OPS["region_loss"], bench.Case(N=2, D=4, K=3, H=8, W=8), settings, None, modes=("fwd",))
+    assert [r["status"].split(":")[0] for r in rows] == ["skipped", "skipped"]
+    assert "--max-call-s" in rows[0]["status"]
+
+
 def test_memory_cap_skips_instead_of_running():
     settings = bench.Settings(device=CPU, warmup=0, repeats=5, sets=1, impls=("fused", "published"), max_bytes=1, verbose=False, memory=False)
     rows = bench.run_case(bench.OPS["region_loss"], bench.Case(N=2, D=4, K=3, H=8, W=8), settings, None, modes=("fwd",))
@@ -150,6 +157,7 @@ def test_memory_cap_skips_instead_of_running():
         (["--device", "tpu"], "--device"),
         (["--max-mem-gb", "-1"], "--max-mem-gb"),
         (["--sets", "0"], "--sets"),
+        (["--max-call-s", "0"], "--max-call-s"),
     ],
 )
 def test_cli_rejects_bad_input(argv, message, capsys, tmp_path):
