@@ -954,6 +954,8 @@ def _label(row: dict, sweep: str) -> str:
         return row["dtype"]
     if row["op"] == "patch_discrimination":
         return f"M={row['M']} D={row['D']}"
+    if row["op"] == "region_discrimination":
+        return f"N={row['N']} K={row['K']} D={row['D']}"
     return f"N={row['N']} D={row['D']} K={row['K']} {row['H']}x{row['W']}"
 
 
