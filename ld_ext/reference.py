@@ -168,25 +168,32 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
     """Invariant-and-spreading criterion on (M, D) rows, computed stably.
 
     Rows i and (i + M/2) mod M are a positive pair; gradients flow only through the first
-    argument of every inner product (stop-gradient on the other side, as published). The
-    positive's own log(1 - p) term is left out of the negative sum instead of being added and
-    subtracted, which is the same number but never forms -inf + inf.
+    argument of every inner product (stop-gradient on the other side, as published). Stability:
+    exponentials are taken after subtracting the row maximum (the 1e-10 is scaled with them);
+    log(1 - p_ij) is computed as log(W_i - q_ij) - log(W_i) with W_i - q_ij the sum of the other
+    terms, accumulated without the row's largest term where j is that term; and the positive's own
+    log(1 - p) is left out of the negative sum instead of being added and subtracted. The value is
+    the published one wherever the published form is finite.
     """
     m = x.shape[0]
     half = m // 2
+    rows = torch.arange(m, device=x.device)
     sims = x @ x.detach().t() / temperature  # (M, M)
     eye = torch.eye(m, dtype=torch.bool, device=x.device)
     sims = sims.masked_fill(eye, float("-inf"))
-    row_max = sims.max(dim=1, keepdim=True).values.detach()
-    q = torch.exp(sims - row_max)  # q_ii = 0
-    z = q.sum(dim=1, keepdim=True) + PD_EPS * torch.exp(-row_max)
-    p = q / z
-    pos_idx = (torch.arange(m, device=x.device) + half) % m
-    log_p = sims - row_max - torch.log(z)  # -inf on the diagonal, never differentiated there
-    log_pos = log_p.gather(1, pos_idx[:, None]).squeeze(1)
-    neg_mask = (~eye).clone()
-    neg_mask[torch.arange(m, device=x.device), pos_idx] = False
-    log_neg = torch.log1p(-p.masked_fill(~neg_mask, 0.0)).sum(dim=1)  # masked before log1p: no inf*0 in backward
+    row_max, argmax = sims.detach().max(dim=1, keepdim=True)
+    q = torch.exp(sims - row_max)  # q_ii = 0, q at the arg-max = 1
+    is_max = torch.zeros_like(eye).scatter_(1, argmax, True)
+    eps = PD_EPS * torch.exp(-row_max)
+    rest = q.masked_fill(is_max, 0.0).sum(dim=1, keepdim=True) + eps  # W - q_max, no cancellation
+    w = rest + q.gather(1, argmax)
+    others = torch.where(is_max, rest.expand_as(q), w - q)  # W - q_ij
+    pos_idx = (rows + half) % m
+    log_w = torch.log(w).squeeze(1)
+    log_pos = (sims - row_max).gather(1, pos_idx[:, None]).squeeze(1) - log_w
+    neg_mask = ~eye
+    neg_mask[rows, pos_idx] = False
+    log_neg = (torch.log(others.masked_fill(~neg_mask, 1.0)) - log_w[:, None]).masked_fill(~neg_mask, 0.0).sum(dim=1)
     return -(log_pos + log_neg).sum() / m
 
 

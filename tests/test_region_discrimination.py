@@ -27,7 +27,12 @@ def test_values_and_gradients_float64(n, k, d, tau):
     assert_close_rel(loss, ref, rtol=1e-10, atol=1e-13)
     (g,) = torch.autograd.grad(loss, r)
     (rg,) = torch.autograd.grad(ref, r)
-    assert_close_rel(g, rg, rtol=1e-9, atol=1e-13)
+    # A centre c~_k that (nearly) cancels, e.g. D=1 where rows are exactly +-1, makes
+    # c = c~/(||c~|| + 1e-10) amplify rounding noise by up to 1e10 in any implementation; the
+    # tolerance follows that condition number.
+    cnorm = r.detach().mean(0).norm(dim=-1).min().item()
+    cond = max(1.0, 1e-4 / max(cnorm, 1e-10))
+    assert_close_rel(g, rg, rtol=1e-9 * cond, atol=1e-13)
 
 
 def test_published_formulation_agrees():

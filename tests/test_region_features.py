@@ -110,13 +110,21 @@ def test_hypothesis_shapes_float64(n, d, k, spatial, mode, normalize):
     feats, ent = ld_ext.region_features_and_entropy(z, s, normalize=normalize, assignment=mode)
     rf = R.region_features_bmm(z, s, normalize=normalize, assignment=mode)
     re = R.assignment_entropy(s, mode)
-    assert_close_rel(feats, rf, rtol=1e-10, atol=1e-13)
+    # When a region feature r~ nearly cancels (e.g. D=1 with normalize: e = +-1), r = r~/||r~|| is
+    # ill-conditioned and any two summation orders differ by ~1e-16/||r~|| relative; the tolerance
+    # grows with that condition number instead of the case being left out.
+    _, rnorm, _ = torch.ops.ld_ext.region_features(z.detach(), s.detach(), normalize, ld_ext.ops.ASSIGNMENT_MODES[mode], False)
+    cond = max(1.0, 1e-4 / max(rnorm.min().item(), 1e-300))
+    assert_close_rel(feats, rf, rtol=1e-10 * cond, atol=1e-13)
     assert_close_rel(ent, re, rtol=1e-10, atol=1e-13)
     w = torch.randn_like(rf)
     g = torch.autograd.grad(_weighted_sum(feats, ent, w), (z, s))
     rg = torch.autograd.grad(_weighted_sum(rf, re, w), (z, s))
+    # (errors measured against the larger of the two gradients: a gradient that is zero in exact
+    # arithmetic, such as ds with K=1, holds only rounding noise of the other's size)
+    gscale = max(t.abs().max().item() for t in rg)
     for a, b in zip(g, rg):
-        assert_close_rel(a, b, rtol=1e-9, atol=1e-12)
+        assert_close_rel(a, b, rtol=1e-9 * cond, atol=1e-12 + 1e-9 * cond * gscale)
 
 
 def test_large_p_spans_many_chunks():

@@ -108,17 +108,26 @@ at::Tensor region_discrimination_backward_cpu(const at::Tensor& grad, const at::
 // patch_discrimination. Row i pairs with i' = (i + M/2) mod M. With s_ij = <x_i, sg(x_j)>/T,
 // q_ij = exp(s_ij - max_j s_ij) (j != i), W_i = sum_j q_ij + 1e-10 exp(-max), p_ij = q_ij / W_i:
 //   f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij),   loss = -(1/M) sum_i f_i.
+// Stability: log(1 - p_ij) = log(W_i - q_ij) - log W_i, where W_i - q_ij is the sum of the OTHER
+// terms. For the row's largest term (q = 1) that sum is accumulated directly (no cancellation),
+// so a negative that takes almost all the mass gives a finite, accurate log(1 - p) instead of
+// log(0). For every other j, W_i - q_ij >= 1 and the subtraction loses nothing.
 
 struct PDRow {
-  std::vector<double> s;  // logits of row i (M entries; entry i unused)
-  double mx = 0.0, W = 0.0;
+  std::vector<double> s, q;  // logits and shifted exponentials of row i (entry i unused)
+  double mx = 0.0, W = 0.0, rest = 0.0;  // rest = W - q[am], summed without q[am]
+  int64_t am = -1;
+  // W_i - q_ij, computed without cancellation
+  double others(int64_t j) const { return j == am ? rest : W - q[j]; }
 };
 
 template <typename T>
 void pd_row(const T* x, int64_t M, int64_t D, int64_t i, double inv_t, PDRow& row) {
   row.s.resize(M);
+  row.q.resize(M);
   const T* xi = x + i * D;
   double mx = -std::numeric_limits<double>::infinity();
+  int64_t am = -1;
   bool nan = false;
   for (int64_t j = 0; j < M; ++j) {
     if (j == i) continue;
@@ -127,16 +136,23 @@ void pd_row(const T* x, int64_t M, int64_t D, int64_t i, double inv_t, PDRow& ro
     for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(xi[d]) * static_cast<double>(xj[d]);
     row.s[j] = acc * inv_t;
     nan |= row.s[j] != row.s[j];
-    mx = row.s[j] > mx ? row.s[j] : mx;
+    if (am < 0 || row.s[j] > mx) {  // first strict maximum; NaN never replaces it
+      mx = row.s[j];
+      am = j;
+    }
   }
   if (nan || !std::isfinite(mx)) mx = nan ? std::numeric_limits<double>::quiet_NaN() : 0.0;
-  double z = 0.0;
+  const double eps = kSoftmaxEps * std::exp(-mx);
+  double rest = 0.0;
   for (int64_t j = 0; j < M; ++j) {
     if (j == i) continue;
-    z += std::exp(row.s[j] - mx);
+    row.q[j] = std::exp(row.s[j] - mx);
+    if (j != am) rest += row.q[j];
   }
   row.mx = mx;
-  row.W = z + kSoftmaxEps * std::exp(-mx);
+  row.am = am;
+  row.rest = rest + eps;
+  row.W = row.rest + row.q[am];
 }
 
 template <typename T>
@@ -151,7 +167,7 @@ double pd_forward(const T* x, int64_t M, int64_t D, double inv_t) {
       double fi = row.s[ip] - row.mx - logW;
       for (int64_t j = 0; j < M; ++j) {
         if (j == i || j == ip) continue;
-        fi += std::log1p(-std::exp(row.s[j] - row.mx - logW));
+        fi += std::log(row.others(j)) - logW;
       }
       f[i] = fi;
     }
@@ -161,27 +177,29 @@ double pd_forward(const T* x, int64_t M, int64_t D, double inv_t) {
   return -tot / static_cast<double>(M);
 }
 
+// d f_i / d s_ij = [j == i'] - p_ij - [j not in {i,i'}] p_ij/(1-p_ij) + p_ij R_i,
+// R_i = sum_{l not in {i,i'}} p_il/(1-p_il), with p/(1-p) = q / (W - q) from the stable sum.
 template <typename T>
 void pd_backward(const T* x, int64_t M, int64_t D, double inv_t, double g, T* gx) {
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     PDRow row;
-    std::vector<double> p(M), acc(D);
+    std::vector<double> odds(M), acc(D);
     for (int64_t i = b; i < e; ++i) {
       pd_row<T>(x, M, D, i, inv_t, row);
       const int64_t ip = (i + M / 2) % M;
-      const double logW = std::log(row.W);
       double R = 0.0;
       for (int64_t j = 0; j < M; ++j) {
-        if (j == i) continue;
-        p[j] = std::exp(row.s[j] - row.mx - logW);
-        if (j != ip) R += p[j] / (1.0 - p[j]);
+        if (j == i || j == ip) continue;
+        odds[j] = row.q[j] / row.others(j);
+        R += odds[j];
       }
       for (int64_t d = 0; d < D; ++d) acc[d] = 0.0;
       const double scale = -g / static_cast<double>(M) * inv_t;
       for (int64_t j = 0; j < M; ++j) {
         if (j == i) continue;
-        double df = (j == ip ? 1.0 : 0.0) - p[j] + p[j] * R;
-        if (j != ip) df -= p[j] / (1.0 - p[j]);
+        const double p = row.q[j] / row.W;
+        double df = (j == ip ? 1.0 : 0.0) - p + p * R;
+        if (j != ip) df -= odds[j];
         const double w = scale * df;
         const T* xj = x + j * D;
         for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<double>(xj[d]);

@@ -17,22 +17,15 @@ template <typename T>
 LD_INLINE void ps_forward_task_impl(const T* z, const T* proto, T* out, const PSShape& sh, int64_t n, int64_t c0,
                                     int64_t c1, T inv_tau, bool normalize) {
   const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
-  std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts);
+  std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts), prs(K * D);
   const T* zn = z + n * D * P;
   const T* pr = proto + (sh.shared ? 0 : n * K * D);
+  for (int64_t i = 0; i < K * D; ++i) prs[i] = pr[i] * inv_tau;  // prototypes / tau
   T* on = out + n * K * P;
   for (int64_t p0 = c0; p0 < c1; p0 += ts) {
     const int64_t tn = std::min(ts, c1 - p0);
     load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, E.data(), m.data(), inv.data());
-    for (int64_t k = 0; k < K; ++k) {
-      T* l = L.data() + k * ts;
-      for (int64_t t = 0; t < tn; ++t) l[t] = T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T w = pr[k * D + d] * inv_tau;
-        const T* e = E.data() + d * ts;
-        for (int64_t t = 0; t < tn; ++t) l[t] += w * e[t];
-      }
-    }
+    tile_combine<T>(prs.data(), 1, D, E.data(), D, K, ts, round_up(tn, Lanes<T>::value), L.data());
     for (int64_t t = 0; t < tn; ++t) mx[t] = L[t];
     for (int64_t k = 1; k < K; ++k) {
       const T* l = L.data() + k * ts;
@@ -94,21 +87,10 @@ LD_INLINE void ps_backward_task_impl(const T* go, const T* z, const T* proto, co
       for (int64_t t = 0; t < tn; ++t) gl[t] = sk[t] * (gk[t] - dotv[t]) * inv_tau;
       for (int64_t t = tn; t < ts; ++t) gl[t] = T(0);
     }
-    // prototype gradient partials
+    // prototype gradient partials, and gE[d,t] = sum_k proto[k,d] gL[k,t]
     const int64_t tl = round_up(tn, Lanes<T>::value);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < D; ++d)
-        partial[k * D + d] += static_cast<double>(dot_lanes<T>(GL.data() + k * ts, E.data() + d * ts, tl));
-    // gE[d,t] = sum_k proto[k,d] gL[k,t]
-    for (int64_t d = 0; d < D; ++d) {
-      T* ge = GE.data() + d * ts;
-      for (int64_t t = 0; t < tn; ++t) ge[t] = T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T w = pr[k * D + d];
-        const T* gl = GL.data() + k * ts;
-        for (int64_t t = 0; t < tn; ++t) ge[t] += w * gl[t];
-      }
-    }
+    tile_dot_block<T>(GL.data(), K, E.data(), D, ts, tl, partial);
+    tile_combine<T>(pr, D, 1, GL.data(), K, D, ts, tl, GE.data());
     if (!normalize) {
       for (int64_t d = 0; d < D; ++d) {
         const T* ge = GE.data() + d * ts;

@@ -109,10 +109,7 @@ LD_INLINE void rf_forward_task_impl(const T* z, const T* s, const RFShape& sh, i
     if (entropy) {
       for (int64_t k = 0; k < K; ++k) ent += static_cast<double>(entropy_sum_lanes<T>(w.A.data() + k * ts, tl));
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const T* a = w.A.data() + k * ts;
-      for (int64_t d = 0; d < D; ++d) partial[k * D + d] += static_cast<double>(dot_lanes<T>(a, w.E.data() + d * ts, tl));
-    }
+    tile_dot_block<T>(w.A.data(), K, w.E.data(), D, ts, tl, partial);
   }
   *ent_sum = ent;
 }
@@ -217,26 +214,14 @@ LD_INLINE void rf_backward_task_impl(const T* z, const T* s, const T* G, T cent,
     const int64_t tn = std::min(ts, c1 - p0);
     load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, E, w.m.data(), w.inv.data());
     load_assignments<T>(sn, P, K, p0, tn, ts, mode, A, w.sig.data(), w.U.data());
-    // gE[d,t] = sum_k G[k,d] A[k,t]
-    for (int64_t d = 0; d < D; ++d) {
-      T* ge = gE + d * ts;
-      for (int64_t t = 0; t < tn; ++t) ge[t] = T(0);
+    // gE[d,t] = sum_k G[k,d] A[k,t];  gA[k,t] = sum_d G[k,d] E[d,t] (+ entropy term).
+    // Padded lanes of A and E are zero, so whole lane groups can be combined.
+    const int64_t tl = round_up(tn, Lanes<T>::value);
+    tile_combine<T>(Gn, D, 1, A, K, D, ts, tl, gE);
+    tile_combine<T>(Gn, 1, D, E, D, K, ts, tl, gA);
+    if (entropy) {
       for (int64_t k = 0; k < K; ++k) {
-        const T g = Gn[k * D + d];
-        const T* a = A + k * ts;
-        for (int64_t t = 0; t < tn; ++t) ge[t] += g * a[t];
-      }
-    }
-    // gA[k,t] = sum_d G[k,d] E[d,t] (+ entropy term)
-    for (int64_t k = 0; k < K; ++k) {
-      T* ga = gA + k * ts;
-      for (int64_t t = 0; t < tn; ++t) ga[t] = T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T g = Gn[k * D + d];
-        const T* e = E + d * ts;
-        for (int64_t t = 0; t < tn; ++t) ga[t] += g * e[t];
-      }
-      if (entropy) {
+        T* ga = gA + k * ts;
         const T* a = A + k * ts;
         for (int64_t t = 0; t < tn; ++t) ga[t] += cent * binary_entropy_grad<T>(a[t]);
       }
