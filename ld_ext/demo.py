@@ -207,7 +207,17 @@ def add_pretrain_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .tasks import demos as task_demos
+
+    parser.add_argument(
+        "--task",
+        choices=("pretrain",) + task_demos.TASKS,
+        default="pretrain",
+        help="pretrain (default): LD pre-training + cluster scores; or a downstream-task demo "
+        "(give --checkpoint OUT/model.pt of a pretrain demo to skip its own pre-training)",
+    )
     add_pretrain_demo_arguments(parser)
+    task_demos.add_task_arguments(parser)
 
 
 def run_pretrain_demo(args: argparse.Namespace) -> dict:
@@ -274,5 +284,9 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "pretrain") != "pretrain":
+        from .tasks import demos as task_demos
+
+        return int(task_demos.run_task_demo(args.task, args) or 0)
     run_pretrain_demo(args)
     return 0
