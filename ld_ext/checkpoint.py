@@ -23,7 +23,7 @@ from torch import nn
 
 from .models import DEFAULT_DEPTHS, LDNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "infer_config", "atomic_write_bytes", "FORMAT", "VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "infer_config", "atomic_write", "atomic_write_bytes", "FORMAT", "VERSION"]
 
 FORMAT = "ld_ext.checkpoint"
 VERSION = 1
@@ -68,6 +68,9 @@ def _atomic(path: str | os.PathLike, write) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+atomic_write = _atomic  # public name: atomic_write(path, write) for writers that take a binary file
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

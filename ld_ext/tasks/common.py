@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..checkpoint import atomic_write, atomic_write_bytes
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -488,25 +488,8 @@ def embed(model, images, batch: int = 8):
 # ----------------------------------------------------------------------------- atomic writers
 
 
-def _atomic(path, write, binary: bool) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def atomic_write_text(path, text: str) -> Path:
-    return _atomic(path, lambda f: f.write(text), binary=False)
+    return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path, obj) -> Path:
@@ -528,7 +511,7 @@ def atomic_savefig(fig, path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
