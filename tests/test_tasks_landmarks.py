@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from ld_ext.checkpoint import save_checkpoint
 from ld_ext.models import LDNet
-from ld_ext.tasks import common
 from ld_ext.tasks import landmarks as lm
 
 

@@ -21,7 +21,6 @@ count through their false positives.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 from typing import Sequence
