@@ -32,7 +32,10 @@ def _extension():
     debug = os.environ.get("LD_EXT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline in ATen's OpenMP backend headers; without the flag its
+    # `#pragma omp parallel` is ignored and every kernel runs on one thread.
+    cxx = opt + ["-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     use_cuda = _want_cuda()
     if use_cuda:
         # Default targets: Ampere (sm_80) and Hopper (sm_90); TORCH_CUDA_ARCH_LIST overrides.
@@ -47,8 +50,9 @@ def _extension():
             sources,
             define_macros=[("LD_EXT_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("ld_ext._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("ld_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
