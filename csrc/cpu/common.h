@@ -190,6 +190,38 @@ LD_INLINE void load_embeddings(const T* __restrict z, int64_t P, int64_t D, int6
   }
 }
 
+// Backward of load_embeddings: writes dL/dz for pixels [p0, p0+tn) of one image (rows of stride P)
+// from dL/de in gE (D x ts). With normalize, e = z/(m+eps) gives
+// dL/dz = (g - e (e.g) (m+eps)/m) / (m+eps), the second term 0 where m = 0 (as torch's norm).
+// dotv is scratch of ts entries.
+template <typename T>
+LD_INLINE void store_embedding_grad(const T* __restrict gE, const T* __restrict E, const T* __restrict m,
+                                    const T* __restrict inv, int64_t P, int64_t D, int64_t p0, int64_t tn,
+                                    int64_t ts, bool normalize, T* __restrict dotv, T* __restrict gz) {
+  if (!normalize) {
+    for (int64_t d = 0; d < D; ++d) {
+      const T* ge = gE + d * ts;
+      T* dst = gz + d * P + p0;
+      for (int64_t t = 0; t < tn; ++t) dst[t] = ge[t];
+    }
+    return;
+  }
+  const T eps = static_cast<T>(kNormEps);
+  for (int64_t t = 0; t < tn; ++t) dotv[t] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* ge = gE + d * ts;
+    const T* e = E + d * ts;
+    for (int64_t t = 0; t < tn; ++t) dotv[t] += ge[t] * e[t];
+  }
+  for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (m[t] + eps) / m[t] : T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* ge = gE + d * ts;
+    const T* e = E + d * ts;
+    T* dst = gz + d * P + p0;
+    for (int64_t t = 0; t < tn; ++t) dst[t] = (ge[t] - dotv[t] * e[t]) * inv[t];
+  }
+}
+
 // ---- register-blocked tile products ------------------------------------------------------------
 // Written with GCC vector extensions (64-byte vectors: one AVX-512 register, two AVX2 registers, or
 // four SSE registers in the baseline clone), so that the blocking is explicit and the

@@ -91,28 +91,7 @@ LD_INLINE void ps_backward_task_impl(const T* go, const T* z, const T* proto, co
     const int64_t tl = round_up(tn, Lanes<T>::value);
     tile_dot_block<T>(GL.data(), K, E.data(), D, ts, tl, partial);
     tile_combine<T>(pr, D, 1, GL.data(), K, D, ts, tl, GE.data());
-    if (!normalize) {
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = GE.data() + d * ts;
-        T* dst = gzn + d * P + p0;
-        for (int64_t t = 0; t < tn; ++t) dst[t] = ge[t];
-      }
-    } else {
-      const T eps = static_cast<T>(kNormEps);
-      for (int64_t t = 0; t < tn; ++t) dotv[t] = T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = GE.data() + d * ts;
-        const T* e = E.data() + d * ts;
-        for (int64_t t = 0; t < tn; ++t) dotv[t] += ge[t] * e[t];
-      }
-      for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (m[t] + eps) / m[t] : T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = GE.data() + d * ts;
-        const T* e = E.data() + d * ts;
-        T* dst = gzn + d * P + p0;
-        for (int64_t t = 0; t < tn; ++t) dst[t] = (ge[t] - dotv[t] * e[t]) * inv[t];
-      }
-    }
+    store_embedding_grad<T>(GE.data(), E.data(), m.data(), inv.data(), P, D, p0, tn, ts, normalize, dotv.data(), gzn);
   }
 }
 

@@ -258,30 +258,7 @@ LD_INLINE void rf_backward_task_impl(const T* z, const T* s, const T* G, T cent,
       }
     }
     // through the embedding normalisation
-    if (!normalize) {
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = gE + d * ts;
-        T* dst = gzn + d * P + p0;
-        for (int64_t t = 0; t < tn; ++t) dst[t] = ge[t];
-      }
-    } else {
-      const T eps = static_cast<T>(kNormEps);
-      const T* m = w.m.data();
-      const T* inv = w.inv.data();
-      for (int64_t t = 0; t < tn; ++t) dotv[t] = T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = gE + d * ts;
-        const T* e = E + d * ts;
-        for (int64_t t = 0; t < tn; ++t) dotv[t] += ge[t] * e[t];
-      }
-      for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (m[t] + eps) / m[t] : T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        const T* ge = gE + d * ts;
-        const T* e = E + d * ts;
-        T* dst = gzn + d * P + p0;
-        for (int64_t t = 0; t < tn; ++t) dst[t] = (ge[t] - dotv[t] * e[t]) * inv[t];
-      }
-    }
+    store_embedding_grad<T>(gE, E, w.m.data(), w.inv.data(), P, D, p0, tn, ts, normalize, dotv.data(), gzn);
   }
 }
 
