@@ -84,3 +84,22 @@ def test_cli_with_masks(tmp_path):
     args.clusters = 1
     with pytest.raises(ValueError, match="--clusters must be >= 2"):
         sg.run(args)
+
+
+def test_init_keeps_the_checkpoint_clustering_branch_unless_clusters_given(tmp_path):
+    torch.manual_seed(0)
+    net = LDNet(in_channels=1, emb_dim=8, n_clusters=5, widths=(4, 4, 8, 8, 8))
+    save_checkpoint(tmp_path / "ld.pt", net)
+    kept = sg._init_model(tmp_path / "ld.pt", None, seed=0)
+    assert kept.n_clusters == 5
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), kept.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    fresh = sg._init_model(tmp_path / "ld.pt", 3, seed=0)
+    assert fresh.n_clusters == 3
+    enc = {k: v for k, v in net.state_dict().items() if k.startswith("encoder")}
+    assert enc and all(torch.equal(fresh.state_dict()[k], v) for k, v in enc.items())
+    save_checkpoint(tmp_path / "s1.pt", LDNet(in_channels=1, emb_dim=8, n_clusters=None, widths=(4, 4, 8, 8, 8)))
+    with pytest.raises(ValueError, match="no clustering branch"):
+        sg._init_model(tmp_path / "s1.pt", None, seed=0)
+    assert sg._init_model(tmp_path / "s1.pt", 4, seed=0).n_clusters == 4
+    assert sg._init_model(None, None, seed=0).n_clusters == sg.DEFAULT_CLUSTERS

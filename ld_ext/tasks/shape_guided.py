@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 PRIOR_THRESHOLD = 0.1
+DEFAULT_CLUSTERS = 8  # K of a fresh clustering branch when neither a checkpoint's nor --clusters is given
 
 
 class ShapeDiscriminator(nn.Module):
@@ -114,17 +115,28 @@ def _noisy(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
     return x if sigma <= 0 else x + sigma * torch.randn(x.shape, generator=g)
 
 
-def _init_model(checkpoint, n_clusters: int, seed: int):
+def _init_model(checkpoint, n_clusters: int | None, seed: int):
+    """The network to train. From a checkpoint with a clustering branch and ``n_clusters=None``:
+    the pre-trained network as it is (LD training continues, now with the prior). With
+    ``n_clusters=K``: the checkpoint's encoder/decoder/embedding and a fresh K-cluster branch.
+    Without a checkpoint: a random network with ``n_clusters`` (default 8) clusters."""
     from ..models import CLUSTER_PREFIX, LDNet
 
     torch.manual_seed(seed)
     if checkpoint is None:
-        return LDNet(in_channels=1, n_clusters=n_clusters)
+        return LDNet(in_channels=1, n_clusters=n_clusters or DEFAULT_CLUSTERS)
     ld = common.load_ld_model(checkpoint)
     cfg = dict(ld.config)
-    cfg["n_clusters"] = n_clusters
     if cfg.get("in_channels", 1) != 1:
         raise ValueError(f"checkpoint {checkpoint}: the shape-guided task uses 1-channel networks, got {cfg['in_channels']}")
+    if n_clusters is None:
+        if ld.n_clusters is None:
+            raise ValueError(
+                f"checkpoint {checkpoint} has no clustering branch (a stage-1 network): pass n_clusters "
+                "(--clusters K) to add a fresh one"
+            )
+        return ld
+    cfg["n_clusters"] = n_clusters
     model = LDNet(**cfg)
     sd = {k: v for k, v in ld.state_dict().items() if not k.startswith(CLUSTER_PREFIX)}
     model.load_stage1(sd)
@@ -136,7 +148,7 @@ def train_shape_guided(
     priors: np.ndarray | None,
     *,
     checkpoint=None,
-    n_clusters: int = 8,
+    n_clusters: int | None = None,
     steps: int = 300,
     batch: int = 4,
     lr: float = 1e-3,
@@ -238,36 +250,39 @@ def evaluate_clusters(a: np.ndarray, S: np.ndarray, masks: np.ndarray) -> dict:
     }
 
 
-def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n_show: int = 4) -> None:
+def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n_show: int = 4, guided_a=None) -> None:
+    """Columns: ``n_show`` images. Rows: image, guided a[:, 0] (if given), guided S[0], plain LD's
+    best S[k], and one augmented-free prior each; red contours: ground truth (if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     idx = np.linspace(0, len(images) - 1, n_show).round().astype(int)
-    rows = 4 if masks is not None else 3
-    fig, ax = plt.subplots(rows, n_show, figsize=(2.3 * n_show, 2.4 * rows), squeeze=False)
     pidx = np.linspace(0, len(priors) - 1, n_show).round().astype(int)
+    panels = [("image", images, "gray")]
+    if guided_a is not None:
+        panels.append(("guided: a[0]", guided_a, "viridis"))
+    panels += [("guided: S[0]", guided, "viridis"), (f"plain LD: best S[{best_k}]", plain, "viridis")]
+    rows = len(panels) + 1
+    fig, ax = plt.subplots(rows, n_show, figsize=(2.3 * n_show, 2.3 * rows), squeeze=False)
     for c, j in enumerate(idx):
-        ax[0, c].imshow(images[j], cmap="gray")
-        ax[0, c].set_title("image", fontsize=8)
-        ax[1, c].imshow(guided[j], cmap="viridis", vmin=0, vmax=1)
-        ax[1, c].set_title("guided: S[0]", fontsize=8)
-        ax[2, c].imshow(plain[j], cmap="viridis", vmin=0, vmax=1)
-        ax[2, c].set_title(f"plain LD: best S[{best_k}]", fontsize=8)
-        if masks is not None:
-            ax[3, c].imshow(priors[pidx[c]], cmap="gray")
-            ax[3, c].set_title("a shape prior (other source)", fontsize=8)
-            for r in (1, 2):
+        for r, (title, arr, cmap) in enumerate(panels):
+            kw = {} if cmap == "gray" else {"vmin": 0, "vmax": 1}
+            ax[r, c].imshow(arr[j], cmap=cmap, **kw)
+            ax[r, c].set_title(title, fontsize=8)
+            if masks is not None and r > 0:
                 ax[r, c].contour(masks[j].astype(float), levels=[0.5], colors="red", linewidths=0.6)
+        ax[rows - 1, c].imshow(priors[pidx[c]], cmap="gray")
+        ax[rows - 1, c].set_title("a shape prior (other source)", fontsize=8)
         for r in range(rows):
             ax[r, c].axis("off")
-    fig.suptitle("shape-guided LD (cluster 0) vs plain LD; red: ground truth", fontsize=9)
+    fig.suptitle("shape-guided LD (cluster 0) vs plain LD" + ("; red: ground truth" if masks is not None else ""), fontsize=9)
     common.atomic_savefig(fig, path)
 
 
 def shape_guided_experiment(
-    images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=8, lr=1e-3, batch=4, seed=0, progress=True,
+    images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=None, lr=1e-3, batch=4, seed=0, progress=True,
     d_lr_factor: float = 0.05, instance_noise: float = 0.0,
 ) -> dict:
     """Train guided and plain LD from the same initialisation, evaluate both (if masks given)."""
@@ -285,6 +300,7 @@ def shape_guided_experiment(
         progress=progress, desc="plain LD",
     )
     out["seconds_plain"] = time.perf_counter() - t0
+    out["n_clusters"] = guided.n_clusters
     out["final_losses"] = {"guided": hg[-1], "plain": hp[-1]}
     ag, sg = soft_segmentation(guided, images)
     ap, sp = soft_segmentation(plain, images)
@@ -333,7 +349,7 @@ def write_results(out: Path, res: dict, images, masks, priors) -> str | None:
         common.atomic_write_text(out / "results.md", md)
         best = res["dice"]["plain_best_S_cluster"]
     common.atomic_write_json(out / "results.json", {k: v for k, v in res.items() if not k.startswith("_")})
-    plot_shape_guided(out / "shape_guided.png", images, masks, priors, sg[:, 0], sp[:, best], best)
+    plot_shape_guided(out / "shape_guided.png", images, masks, priors, sg[:, 0], sp[:, best], best, guided_a=ag[:, 0])
     return md
 
 
@@ -348,7 +364,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="initialise from this LD checkpoint (default: random)")
     parser.add_argument("--size", type=int, default=96, help="images and priors are resized to SIZE x SIZE (default 96)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--clusters", type=int, default=8, help="K (default 8)")
+    parser.add_argument("--clusters", type=int, default=None,
+                        help="replace the checkpoint's clustering branch by a fresh one with K clusters "
+                             "(default: keep the checkpoint's; without --checkpoint, 8)")
     parser.add_argument("--batch", type=int, default=4, help="B pairs per step (5B images through the net)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--d-lr-factor", type=float, default=0.05,
@@ -361,7 +379,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     common.check_positive_int("--size", args.size, 16)
     common.check_positive_int("--steps", args.steps)
-    common.check_positive_int("--clusters", args.clusters, 2)
+    if args.clusters is not None:
+        common.check_positive_int("--clusters", args.clusters, 2)
     common.check_positive_int("--batch", args.batch)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
