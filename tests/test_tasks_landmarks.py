@@ -25,6 +25,9 @@ def test_pooling_kernel_properties():
     assert g.sum().item() == pytest.approx(1.0) and u.sum().item() == pytest.approx(1.0)
     assert g[4, 4] > u[4, 4]  # centre-weighted
     assert g[0, 0] == 0 and u[0, 0] == 0  # disc support
+    assert torch.equal(g > 0, u > 0)  # the same support
+    wide = lm.pooling_kernel(4, "gaussian", torch.float64, sigma_frac=2.0)
+    assert u[4, 4] < wide[4, 4] < g[4, 4]
     assert lm.pooling_kernel(0).item() == 1.0
     with pytest.raises(ValueError, match="mode"):
         lm.pooling_kernel(2, "box")
@@ -62,15 +65,104 @@ def test_subpixel_peak_recovers_parabola_vertex():
     assert bx == pytest.approx(4.3) and by == 0
 
 
+def test_subpixel_quadratic_handles_the_cross_term():
+    # an elongated, rotated peak: the per-axis parabola is biased, the 2-D quadratic is exact
+    yy, xx = np.mgrid[0:9, 0:9].astype(float)
+    dx, dy = xx - 4.3, yy - 3.8
+    s = -(dx**2 + 1.6 * dx * dy + dy**2)
+    x, y = lm.subpixel_peak(s, 4, 4, "quadratic")
+    assert x == pytest.approx(4.3, abs=1e-9) and y == pytest.approx(3.8, abs=1e-9)
+    px, py = lm.subpixel_peak(s, 4, 4, "parabola")
+    assert abs(px - 4.3) + abs(py - 3.8) > 0.1
+    flat = np.zeros((5, 5))  # no maximum: falls back to the integer peak
+    assert lm.subpixel_peak(flat, 2, 2, "quadratic") == (2.0, 2.0)
+    with pytest.raises(ValueError, match="method"):
+        lm.subpixel_peak(s, 4, 4, "cubic")
+
+
+def test_peak_candidates_are_sorted_local_maxima():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = lambda x, y, a: a * torch.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.0)
+    maps = torch.stack([blob(5, 6, 1.0) + blob(20, 25, 0.7) + blob(28, 3, 0.4)])
+    xy, sc = lm.peak_candidates(maps, k=3)
+    assert xy.shape == (1, 3, 2) and sc.shape == (1, 3)
+    assert xy[0].tolist() == [[5, 6], [20, 25], [28, 3]]
+    assert np.all(np.diff(sc[0]) < 0)
+
+
+def _affine(angle_deg, scale, shift):
+    th = np.radians(angle_deg)
+    lin = scale * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    return np.concatenate([lin.T, np.asarray(shift, float)[None]], 0)  # (3, 2): [p, 1] @ b
+
+
+def test_fit_affine_exact_and_weighted():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 60, (7, 2))
+    b = _affine(20, 1.1, (3.0, -2.0))
+    assert np.allclose(lm.fit_affine(src, lm.apply_affine(b, src)), b)
+    dst = lm.apply_affine(b, src)
+    dst[0] += 30  # an outlier with zero weight does not count
+    assert np.allclose(lm.fit_affine(src, dst, np.r_[0.0, np.ones(6)]), b)
+
+
+def _mirror_case(seed=0, m=12, k=3):
+    """Landmarks of a left-right symmetric layout; for 5 of them the best candidate peak is the
+    mirror-image position (the typical LD/NCC confusion), the true one is ranked second."""
+    rng = np.random.default_rng(seed)
+    pts = np.c_[rng.uniform(8, 56, m), rng.uniform(8, 56, m)]
+    b = _affine(12, 1.05, (2.0, -1.5))
+    true = lm.apply_affine(b, pts)
+    mirror = lm.apply_affine(b, np.c_[63 - pts[:, 0], pts[:, 1]])
+    cand = np.stack([true, mirror, rng.uniform(0, 63, (m, 2))], 1)[:, :k]
+    score = np.tile([0.9, 0.8, 0.5][:k], (m, 1))
+    cand[:5, [0, 1]] = cand[:5, [1, 0]]
+    return pts, b, true, cand, score
+
+
+def test_robust_affine_ignores_mirror_confusions():
+    pts, b, true, cand, score = _mirror_case()
+    fit = lm.robust_affine(pts, cand, score, tol=3.0)
+    assert fit is not None
+    bb, inl = fit
+    assert np.allclose(bb, b, atol=1e-6) and inl.all()
+    assert lm.robust_affine(pts[:2], cand[:2], score[:2]) is None  # too few landmarks
+    # a pure reflection is never accepted, even when every best peak supports it
+    refl = np.concatenate([np.diag([-1.0, 1.0]), [[63.0, 0.0]]], 0)
+    c2 = lm.apply_affine(refl, pts)[:, None, :]
+    assert lm.robust_affine(pts, c2, np.ones((len(pts), 1))) is None
+
+
+def test_locate_in_maps_consistent_vs_global():
+    pts, b, true, cand, score = _mirror_case(m=10)
+    ax = torch.arange(64.0, dtype=torch.float64)
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    maps = torch.stack([
+        sum(s * torch.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / 3.0) for c, s in zip(cm, sm))
+        for cm, sm in zip(cand, score)
+    ])
+    glob, info = lm.locate_in_maps(maps, pts, search="global")
+    assert info["affine"] is None
+    assert np.linalg.norm(glob - true, axis=1)[:5].min() > 5  # the mirror peaks win
+    cons, info = lm.locate_in_maps(maps, pts, search="consistent", window=3.0, tol=4.0)
+    assert info["inliers"].all()
+    assert np.abs(cons - true).max() < 0.6  # integer peaks: sub-pixel leaves < 0.5 px
+    near = lm.search_near(maps[:1], np.array([[40.0, 40.0]]), window=2.0)
+    assert np.linalg.norm(near - [40.0, 40.0]) <= 2.0 + 0.75
+    with pytest.raises(ValueError, match="search"):
+        lm.locate_in_maps(maps, pts, search="best")
+
+
 @pytest.mark.parametrize("mode", ["gaussian", "uniform"])
 def test_locator_finds_shifted_landmarks(mode):
     e = _smooth_unit_embeddings(d=16, h=48, w=48, seed=1)
     pts = np.array([[20.0, 18.0], [30.0, 27.0], [15.0, 33.0]])
     dx, dy = 3, -2
     target = torch.roll(e, shifts=(dy, dx), dims=(2, 3))
-    loc = lm.LandmarkLocator(radii=(1, 3, 6), mode=mode, stride=4).fit(e, pts)
-    pred = loc.locate(target)
-    assert np.abs(pred - (pts + [dx, dy])).max() < 0.5
+    for search in ("global", "consistent"):
+        loc = lm.LandmarkLocator(radii=(1, 3, 6), mode=mode, search=search).fit(e, pts)
+        pred = loc.locate(target)
+        assert np.abs(pred - (pts + [dx, dy])).max() < 0.5
 
 
 def test_ncc_map_matches_brute_force_and_locates():
@@ -88,6 +180,41 @@ def test_ncc_map_matches_brute_force_and_locates():
     shifted = np.roll(smooth, (2, -3), axis=(0, 1))
     pred = lm.ncc_locate(smooth, np.array([[20.0, 20.0]]), shifted, half=5)
     assert np.abs(pred - [[17.0, 22.0]]).max() < 0.3
+    patches = torch.stack([img[5:10, 7:12], img[2:7, 3:8]])
+    both = lm.ncc_maps(img, patches)  # one convolution for all patches
+    assert torch.allclose(both[0], m) and torch.allclose(both[1], lm.ncc_map(img, patches[1]))
+
+
+def test_rectify_and_two_stage_locate_undo_a_rotation():
+    smooth = F.interpolate(torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
+                           size=(48, 48), mode="bicubic")[0, 0].numpy()
+    ident = np.concatenate([np.eye(2), np.zeros((1, 2))], 0)
+    assert np.allclose(lm.rectify(smooth, ident, smooth.shape), smooth, atol=1e-6)
+    shift = np.concatenate([np.eye(2), [[2.0, 0.0]]], 0)  # template q -> target q + (2, 0)
+    assert np.allclose(lm.rectify(smooth, shift, smooth.shape)[:, :40], smooth[:, 2:42], atol=1e-6)
+    # a target rotated by 20 deg about the centre; the points' true positions follow the warp
+    b = _affine(20, 1.0, (0.0, 0.0))
+    c = np.array([23.5, 23.5])
+    b[2] = c - c @ b[:2]
+    inv = np.linalg.inv(np.c_[b, [0, 0, 1]])[:, :2]
+    target = lm.rectify(smooth, inv, smooth.shape)  # target[p] = smooth[inv(p)]
+    pts = np.array([[16.0, 18.0], [30.0, 15.0], [28.0, 31.0], [17.0, 30.0], [24.0, 24.0]])
+    true = lm.apply_affine(b, pts)
+    fn = lambda img: lm.ncc_score_maps(smooth, pts, img, 6)
+    out, info = lm.locate_image(fn, target, pts, smooth.shape, window=3.0)
+    assert info["affine"] is not None
+    assert np.linalg.norm(out - true, axis=1).max() < 0.5
+
+
+def test_paired_difference():
+    t = np.repeat(np.arange(10), 3)
+    a = np.ones(30)
+    b = a + 0.5
+    r = lm.paired_difference(a, b, t)
+    assert r["mean_diff_px"] == pytest.approx(-0.5) and r["ci95_px"] == pytest.approx([-0.5, -0.5])
+    assert r["targets_a_better"] == 1.0 and r["n_targets"] == 10
+    with pytest.raises(ValueError):
+        lm.paired_difference(a, b[:5], t)
 
 
 def test_load_points_formats_and_errors(tmp_path):
@@ -169,3 +296,7 @@ def test_centre_sensitive_training_runs_and_keeps_the_original():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     w = "encoder.groups.0.0.0.weight"
     assert not torch.equal(tuned.state_dict()[w], before[w])
+    # the variant on pooled descriptors (measured, not used by the demo) trains too
+    tuned2, hist2 = lm.train_centre_sensitive(net, imgs, steps=1, batch=2, points_per_image=8, progress=False,
+                                              pooling=dict(radii=(1, 2), mode="gaussian"))
+    assert np.isfinite(hist2[0]) and not torch.equal(tuned2.state_dict()[w], before[w])

@@ -2,24 +2,29 @@
 
 From ONE annotated template image each landmark is described by the template's unit pixel
 embeddings pooled around it at several radii. Centre-sensitive pooling weights pixels with a
-Gaussian (sigma = radius / 2, truncated at the radius), so the descriptor changes quickly when
-the window moves off the centre; the ablation pools uniformly over the same discs. Pooled maps
-are L2-normalised per radius, concatenated and divided by sqrt(#radii) (unit vectors), so one
-inner product is the mean cosine over radii.
+Gaussian (sigma = ``sigma_frac`` * radius, truncated at the radius), so the descriptor is
+dominated by the centre; the ablation pools uniformly over the same discs. Pooled maps are
+L2-normalised per radius, concatenated and divided by sqrt(#radii) (unit vectors), so one inner
+product is the mean cosine over radii.
 
-Search, per landmark and target image:
-1. coarse: the similarity of the large-radius part of the descriptor on a stride-``f`` lattice;
-   the best ``top_k`` lattice peaks (3x3 non-maximum suppression) are candidates;
-2. fine: the full descriptor's similarity at every pixel of a ``(2w+1)^2`` window around each
-   candidate; the best pixel over all windows wins;
-3. sub-pixel: a 1-D parabola through the peak and its two neighbours, per axis.
+Search, per target image, identical for every method (LD centre-sensitive, LD uniform, NCC):
+they differ only in their similarity maps (M, H, W), one per template landmark.
+1. candidates: the ``top_k`` local maxima of every map;
+2. geometric consistency: all landmarks of one target share one warp, so one affine template ->
+   target is fitted robustly (RANSAC over triples of candidates, soft inlier count, reflections
+   rejected, least-squares refinement on the inliers); mirror-image confusions do not fit it;
+3. second pass in the template frame: the target is resampled through that affine (rotation,
+   scale and shear undone), the maps are recomputed there, and each landmark is the best peak
+   within ``window`` px of its template position, mapped back through the affine;
+4. sub-pixel: a 2-D quadratic on the 3 x 3 neighbourhood (or bicubic interpolation at 1/8 px).
+With fewer than 3 landmarks or no admissible affine, each map's arg-max is used.
 
-Every similarity map goes through the fused ``ld_ext.pixel_cluster_similarity`` op: the
+Every LD similarity map goes through the fused ``ld_ext.pixel_cluster_similarity`` op: the
 prototypes are the landmark descriptors plus one all-zero prototype at temperature 1, so
 ``log S_k - log S_zero = <proto_k, x_p>`` is the cosine map exactly (softmax over K cancels).
 
 The baseline is normalised cross-correlation (NCC) of intensity patches around each template
-landmark, searched exhaustively with the same sub-pixel step.
+landmark (all landmarks in one convolution).
 
 CLI (``ld-ext landmark``): predict ``--targets DIR`` from ``--template IMG --points POINTS.json``,
 or ``--evaluate N``: warp the template with N random known affine + elastic deformations and
@@ -47,35 +52,69 @@ __all__ = [
     "sample_descriptors",
     "cosine_maps",
     "subpixel_peak",
+    "peak_candidates",
+    "fit_affine",
+    "apply_affine",
+    "robust_affine",
+    "search_near",
+    "locate_in_maps",
+    "rectify",
+    "locate_image",
     "LandmarkLocator",
     "ncc_map",
+    "ncc_maps",
+    "ncc_score_maps",
     "ncc_locate",
     "load_points",
     "evaluate_methods",
     "radial_errors_table",
+    "paired_difference",
     "add_arguments",
     "run",
 ]
 
 DEFAULT_RADII = (1, 3, 6, 12)
+DEFAULT_SIGMA_FRAC = 0.35
+DEFAULT_WINDOW = 2.0
 POOLING_MODES = ("gaussian", "uniform")
 
+# Per-method settings selected on DEVELOPMENT data only (never the evaluation targets): the demo's
+# two settings built on other template slices (z = -4, +20, +32 mm; 17/20/20 Dosenbach landmarks;
+# 20 targets each per setting, seeds 100 + z) with the LD network + the centre-sensitive term
+# (60 steps for sigma, window and sub-pixel; 60 and 150 steps for the radii); criterion: the
+# mean of the mild and hard mean radial errors. Each method
+# got the same choices: LD radii (1,3,6,12) or (1,3,6,12,24), Gaussian sigma_frac 0.35 or 0.5;
+# every method window 2 or 3 px and sub-pixel "quadratic" or "bicubic" (see docs/tasks.md).
+SELECTED_LD = {
+    "centre-sensitive": dict(radii=(1, 3, 6, 12), mode="gaussian", sigma_frac=0.35, window=2.0, subpixel="quadratic"),
+    "uniform pooling": dict(radii=(1, 3, 6, 12), mode="uniform", window=2.0, subpixel="quadratic"),
+}
+SELECTED_NCC = {  # half-size: search settings
+    4: dict(window=2.0, subpixel="bicubic"),
+    8: dict(window=3.0, subpixel="bicubic"),
+    12: dict(window=3.0, subpixel="bicubic"),
+}
 
 # ----------------------------------------------------------------------------- pooling
 
 
-def pooling_kernel(radius: int, mode: str = "gaussian", dtype=torch.float32) -> torch.Tensor:
-    """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = r/2) or uniform."""
+def pooling_kernel(
+    radius: int, mode: str = "gaussian", dtype=torch.float32, sigma_frac: float = DEFAULT_SIGMA_FRAC
+) -> torch.Tensor:
+    """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = sigma_frac * r,
+    truncated at r) or uniform. Both modes have the same support."""
     if mode not in POOLING_MODES:
         raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ValueError(f"radius must be an int >= 0, got {radius!r}")
+    if not sigma_frac > 0:
+        raise ValueError(f"sigma_frac must be > 0, got {sigma_frac!r}")
     r = int(radius)
     yy, xx = torch.meshgrid(torch.arange(-r, r + 1, dtype=dtype), torch.arange(-r, r + 1, dtype=dtype), indexing="ij")
     d2 = xx**2 + yy**2
     inside = d2 <= r * r + 1e-9
     if mode == "gaussian" and r > 0:
-        sigma = r / 2.0
+        sigma = sigma_frac * r
         w = torch.exp(-d2 / (2 * sigma * sigma)) * inside
     else:
         w = inside.to(dtype)
@@ -83,7 +122,10 @@ def pooling_kernel(radius: int, mode: str = "gaussian", dtype=torch.float32) -> 
 
 
 def pooled_descriptors(
-    e: torch.Tensor, radii: Sequence[int] = DEFAULT_RADII, mode: str = "gaussian"
+    e: torch.Tensor,
+    radii: Sequence[int] = DEFAULT_RADII,
+    mode: str = "gaussian",
+    sigma_frac: float = DEFAULT_SIGMA_FRAC,
 ) -> torch.Tensor:
     """Pooled descriptor maps (N, R*D, H, W) of unit embeddings e (N, D, H, W).
 
@@ -99,7 +141,7 @@ def pooled_descriptors(
     parts = []
     ones = torch.ones(1, 1, h, w, dtype=e.dtype)
     for r in radii:
-        k = pooling_kernel(r, mode, dtype=e.dtype)
+        k = pooling_kernel(r, mode, dtype=e.dtype, sigma_frac=sigma_frac)
         pooled = _same_conv_fft(e, k) / _same_conv_fft(ones, k).clamp_min(1e-12)
         parts.append(pooled / (pooled.norm(dim=1, keepdim=True) + 1e-10))
     return torch.cat(parts, dim=1) / math.sqrt(len(radii))
@@ -144,21 +186,214 @@ def cosine_maps(desc: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     return torch.log(s[:, :k]) - torch.log(s[:, k : k + 1])
 
 
-def subpixel_peak(score: torch.Tensor | np.ndarray, iy: int, ix: int) -> tuple[float, float]:
-    """(x, y) of the peak of a 2-D score map near integer (ix, iy): per-axis parabola through the
-    peak and its neighbours, offset clamped to [-0.5, 0.5]; at the border the integer is kept."""
+SUBPIXEL_METHODS = ("parabola", "quadratic", "bicubic")
+SEARCH_MODES = ("consistent", "global")
+
+# least-squares fit of a + b x + c y + d x^2 + e x y + f y^2 on the 3 x 3 neighbourhood
+_QY, _QX = np.mgrid[-1:2, -1:2]
+_Q_PINV = np.linalg.pinv(
+    np.stack([np.ones(9), _QX.ravel(), _QY.ravel(), _QX.ravel() ** 2, (_QX * _QY).ravel(), _QY.ravel() ** 2], 1)
+)
+
+
+def subpixel_peak(score: torch.Tensor | np.ndarray, iy: int, ix: int, method: str = "parabola") -> tuple[float, float]:
+    """(x, y) of the peak of a 2-D score map near integer (ix, iy).
+
+    ``"parabola"``: per-axis parabola through the peak and its two neighbours. ``"quadratic"``:
+    least-squares 2-D quadratic (with the xy term) on the 3 x 3 neighbourhood, its vertex when
+    the fit is a maximum, else the per-axis parabola. ``"bicubic"``: the maximum of the bicubic
+    interpolation of the 5 x 5 neighbourhood on a 1/8 px grid (``"quadratic"`` within 2 px of the
+    border). Offsets are clamped to [-0.5, 0.5]; at the border the integer coordinate is kept
+    along that axis.
+    """
+    if method not in SUBPIXEL_METHODS:
+        raise ValueError(f"method must be one of {SUBPIXEL_METHODS}, got {method!r}")
     s = np.asarray(score.detach().cpu() if isinstance(score, torch.Tensor) else score, dtype=np.float64)
     h, w = s.shape
+    if method == "bicubic":
+        if 2 <= ix < w - 2 and 2 <= iy < h - 2 and np.isfinite(s[iy - 2 : iy + 3, ix - 2 : ix + 3]).all():
+            nb = torch.as_tensor(s[iy - 2 : iy + 3, ix - 2 : ix + 3])[None, None]
+            up = F.interpolate(nb, size=(33, 33), mode="bicubic", align_corners=True)[0, 0, 12:21, 12:21]
+            oy, ox = divmod(int(up.argmax()), 9)
+            return ix + (ox - 4) / 8.0, iy + (oy - 4) / 8.0
+        method = "quadratic"
+    if method == "quadratic" and 0 < ix < w - 1 and 0 < iy < h - 1:
+        nb = s[iy - 1 : iy + 2, ix - 1 : ix + 2]
+        if np.isfinite(nb).all():
+            _, b, c, d, e, f = _Q_PINV @ nb.ravel()
+            hess = np.array([[2 * d, e], [e, 2 * f]])
+            if 2 * d < 0 and np.linalg.det(hess) > 1e-12:
+                ox, oy = np.clip(-np.linalg.solve(hess, [b, c]), -0.5, 0.5)
+                return ix + float(ox), iy + float(oy)
 
     def off(a, b, c):
         den = a - 2 * b + c
-        if den >= 0:  # not a maximum of a parabola
+        if not np.isfinite(den) or den >= 0:  # not a maximum of a parabola
             return 0.0
         return float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
 
     dx = off(s[iy, ix - 1], s[iy, ix], s[iy, ix + 1]) if 0 < ix < w - 1 else 0.0
     dy = off(s[iy - 1, ix], s[iy, ix], s[iy + 1, ix]) if 0 < iy < h - 1 else 0.0
     return ix + dx, iy + dy
+
+
+# ----------------------------------------------------------------------------- search (shared by all methods)
+
+
+def peak_candidates(maps: torch.Tensor, k: int = 5, nms: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best local maxima (``nms`` x ``nms`` non-maximum suppression) of each score map
+    (M, H, W): positions (M, k, 2) as (x, y) and scores (M, k) (-inf where a map has fewer peaks)."""
+    m, h, w = maps.shape
+    mx = F.max_pool2d(maps[None], nms, 1, nms // 2)[0]
+    cand = torch.where(maps == mx, maps, torch.full_like(maps, -math.inf)).flatten(1)
+    v, idx = cand.topk(min(k, h * w), dim=1)
+    xy = torch.stack([idx % w, idx // w], -1).double().numpy()
+    return xy, v.double().numpy()
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares affine B (3, 2) with ``[src, 1] @ B ~ dst`` for points (M, 2), M >= 3."""
+    x = np.concatenate([src, np.ones((len(src), 1))], 1)
+    if weights is not None:
+        sw = np.sqrt(np.asarray(weights, dtype=np.float64))[:, None]
+        x, dst = x * sw, dst * sw
+    return np.linalg.lstsq(x, dst, rcond=None)[0]
+
+
+def apply_affine(b: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return np.asarray(pts, dtype=np.float64) @ b[:2] + b[2]
+
+
+def robust_affine(
+    points: np.ndarray, cand_xy: np.ndarray, cand_score: np.ndarray, tol: float = 4.0, n_hyp: int = 512,
+    max_scale: float = 2.0, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One affine map template -> target shared by all landmarks, robust to wrong peaks.
+
+    RANSAC-style: ``n_hyp`` hypotheses from 3 random landmarks with one random candidate peak
+    each (a quarter of them use the best peaks only); a hypothesis is scored by the soft inlier
+    count sum_m max(0, 1 - (d_m / tol)^2), d_m = distance from landmark m's predicted position to
+    its nearest candidate. Hypotheses with a reflection (det < 0) or a singular value outside
+    [1/max_scale, max_scale] are rejected (mirror-image assignments are exactly what this removes).
+    The best one is refined by least squares on its inliers (3 rounds). Returns (B (3, 2), inlier
+    mask (M,)) or None with fewer than 3 landmarks or no admissible hypothesis. Deterministic.
+    """
+    m, k, _ = cand_xy.shape
+    if m < 3:
+        return None
+    rng = np.random.default_rng(seed)
+    tri = np.argsort(rng.random((n_hyp, m)), axis=1)[:, :3]
+    ci = rng.integers(0, k, (n_hyp, 3))
+    ci[: n_hyp // 4] = 0
+    ok_c = np.isfinite(cand_score[tri, ci]).all(1)
+    x = np.concatenate([points[tri], np.ones((n_hyp, 3, 1))], 2)  # (n, 3, 3)
+    ext = np.ptp(points, axis=0).max() + 1e-9
+    area = np.abs(np.linalg.det(x)) / 2
+    ok = ok_c & (area > 1e-3 * ext * ext)
+    if not ok.any():
+        return None
+    x, y = x[ok], cand_xy[tri[ok], ci[ok]]
+    b = np.linalg.solve(x, y)  # (n, 3, 2)
+    lin = b[:, :2, :]
+    sv = np.linalg.svd(lin, compute_uv=False)
+    ok = (np.linalg.det(lin) > 0) & (sv[:, 0] <= max_scale) & (sv[:, 1] >= 1.0 / max_scale)
+    if not ok.any():
+        return None
+    b = b[ok]
+    valid = np.isfinite(cand_score)
+    pred = np.einsum("mi,nij->nmj", points, b[:, :2]) + b[:, None, 2]  # (n, M, 2)
+    d = np.linalg.norm(pred[:, :, None, :] - cand_xy[None], axis=-1)
+    d = np.where(valid[None], d, np.inf).min(-1)
+    score = np.clip(1 - (d / tol) ** 2, 0, None).sum(1)
+    best = b[int(score.argmax())]
+    inl = np.zeros(m, dtype=bool)
+    for _ in range(3):
+        pred = apply_affine(best, points)
+        d = np.where(valid, np.linalg.norm(pred[:, None] - cand_xy, axis=-1), np.inf)
+        j = d.argmin(1)
+        inl = d[np.arange(m), j] < tol
+        if inl.sum() < 3:
+            break
+        best = fit_affine(points[inl], cand_xy[np.arange(m), j][inl])
+    return best, inl
+
+
+def search_near(maps: torch.Tensor, centres: np.ndarray, window: float, subpixel: str = "quadratic") -> np.ndarray:
+    """Per map (M, H, W): the sub-pixel arg-max within ``window`` px of its centre (M, 2)."""
+    m, h, w = maps.shape
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    c = torch.as_tensor(np.asarray(centres, dtype=np.float64))
+    d2 = (xx[None] - c[:, 0, None, None]) ** 2 + (yy[None] - c[:, 1, None, None]) ** 2
+    # the nearest pixel is always admissible, also for a centre outside the image
+    near = d2 <= torch.maximum(d2.flatten(1).min(1).values, torch.full((m,), float(window) ** 2))[:, None, None]
+    masked = torch.where(near, maps.double(), torch.full_like(maps, -math.inf, dtype=torch.float64)).flatten(1)
+    idx = masked.argmax(1)
+    out = np.zeros((m, 2))
+    for i in range(m):
+        iy, ix = divmod(int(idx[i]), w)
+        out[i] = subpixel_peak(maps[i], iy, ix, subpixel)
+    return out
+
+
+def locate_in_maps(
+    maps: torch.Tensor, points: np.ndarray, search: str = "consistent", top_k: int = 5, tol: float = 4.0,
+    window: float = DEFAULT_WINDOW, subpixel: str = "quadratic", seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """Landmark positions (M, 2) from one similarity map per template landmark (M, H, W).
+
+    ``"global"``: each map's arg-max. ``"consistent"``: candidates = the ``top_k`` local maxima of
+    every map, one robust affine (``robust_affine``) from the template points to them, then each
+    landmark is the best peak within ``window`` px of its affine prediction (falls back to
+    ``"global"`` with fewer than 3 landmarks or no admissible affine). Both end with the same
+    sub-pixel step. The same function serves LD and NCC, so they differ only in their maps.
+    """
+    if search not in SEARCH_MODES:
+        raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
+    info: dict = {"affine": None, "inliers": None}
+    if search == "consistent":
+        cxy, csc = peak_candidates(maps, top_k)
+        fit = robust_affine(np.asarray(points, dtype=np.float64), cxy, csc, tol=tol, seed=seed)
+        if fit is not None:
+            info["affine"], info["inliers"] = fit
+            return search_near(maps, apply_affine(fit[0], points), window, subpixel), info
+    m, h, w = maps.shape
+    idx = maps.flatten(1).argmax(1)
+    out = np.array([subpixel_peak(maps[i], *divmod(int(idx[i]), w), subpixel) for i in range(m)]).reshape(m, 2)
+    return out, info
+
+
+def rectify(image: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The target ``image`` resampled into the template frame (``shape``) through the affine
+    template -> target ``b`` (3, 2): out[q] = image[q @ b[:2] + b[2]], bilinear, zeros outside."""
+    h, w = shape
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    q = apply_affine(b, np.stack([xs.ravel(), ys.ravel()], 1))
+    th, tw = np.asarray(image).shape
+    grid = np.stack([(2 * q[:, 0] + 1) / tw - 1, (2 * q[:, 1] + 1) / th - 1], 1).reshape(1, h, w, 2)
+    t = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+    g = torch.as_tensor(grid, dtype=torch.float32)
+    out = F.grid_sample(t, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def locate_image(score_fn, image: np.ndarray, points: np.ndarray, template_shape: tuple[int, int],
+                 rectified: bool = True, maps: torch.Tensor | None = None, **search) -> tuple[np.ndarray, dict]:
+    """Landmarks (M, 2) in a target ``image`` for any matcher ``score_fn(image) -> (M, H, W)`` maps.
+
+    ``locate_in_maps`` on the target's maps; with ``rectified`` and a consistent affine found, a
+    second pass resamples the target into the template frame through that affine (``rectify``),
+    recomputes the maps there, where rotation, scale and shear are undone, takes each landmark's
+    best peak within ``window`` px of its template position and maps it back through the affine.
+    ``maps``: the target's maps if already computed.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    out, info = locate_in_maps(score_fn(image) if maps is None else maps, points, **search)
+    if rectified and info["affine"] is not None:
+        b = info["affine"]
+        maps2 = score_fn(rectify(image, b, template_shape))
+        q = search_near(maps2, points, search.get("window", DEFAULT_WINDOW), search.get("subpixel", "quadratic"))
+        out = apply_affine(b, q)
+    return out, info
 
 
 # ----------------------------------------------------------------------------- LD locator
@@ -170,98 +405,78 @@ class LandmarkLocator:
     Args:
         radii: pooling radii in pixels.
         mode: "gaussian" (centre-sensitive) or "uniform" (ablation).
-        stride: coarse lattice stride f.
-        coarse_min_radius: radii >= this form the coarse descriptor (default: stride).
-        top_k: coarse candidates refined per landmark.
-        window: half-size w of the fine search window (default: stride + 1).
+        search, top_k, tol, window, subpixel: see ``locate_in_maps``.
+        rectified: in ``locate_image``, a second pass in the template frame (see ``locate_image``).
     """
 
     def __init__(
         self,
         radii: Sequence[int] = DEFAULT_RADII,
         mode: str = "gaussian",
-        stride: int = 4,
-        coarse_min_radius: int | None = None,
-        top_k: int = 3,
-        window: int | None = None,
+        sigma_frac: float = DEFAULT_SIGMA_FRAC,
+        search: str = "consistent",
+        top_k: int = 5,
+        tol: float = 4.0,
+        window: float = DEFAULT_WINDOW,
+        subpixel: str = "quadratic",
+        rectified: bool = True,
     ) -> None:
         if mode not in POOLING_MODES:
             raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
         self.radii = tuple(int(r) for r in radii)
         if not self.radii or min(self.radii) < 0:
             raise ValueError(f"radii must be non-negative ints, got {radii!r}")
+        if search not in SEARCH_MODES:
+            raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
+        if subpixel not in SUBPIXEL_METHODS:
+            raise ValueError(f"subpixel must be one of {SUBPIXEL_METHODS}, got {subpixel!r}")
         self.mode = mode
-        self.stride = common.check_positive_int("stride", stride)
-        cmin = self.stride if coarse_min_radius is None else coarse_min_radius
-        self.coarse_idx = [i for i, r in enumerate(self.radii) if r >= cmin] or [len(self.radii) - 1]
-        self.top_k = common.check_positive_int("top_k", top_k)
-        self.window = self.stride + 1 if window is None else common.check_positive_int("window", window)
+        self.sigma_frac = float(sigma_frac)
+        self.search = dict(search=search, top_k=common.check_positive_int("top_k", top_k), tol=float(tol),
+                           window=float(window), subpixel=subpixel)
+        self.rectified = bool(rectified)
         self.protos: torch.Tensor | None = None
-
-    def _split(self, desc: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        d = desc.shape[1] // len(self.radii)
-        parts = [desc[:, i * d : (i + 1) * d] for i in idx]
-        return torch.cat(parts, 1) * math.sqrt(len(self.radii) / len(idx))
+        self.points: np.ndarray | None = None
+        self.template_shape: tuple[int, int] | None = None
 
     def fit(self, template_emb: torch.Tensor, points: np.ndarray) -> "LandmarkLocator":
         """Describe the landmarks ``points`` (M, 2) of the template's unit embeddings (1, D, H, W)."""
-        desc = pooled_descriptors(template_emb, self.radii, self.mode)
-        self.protos = sample_descriptors(desc, points)  # (M, R*D)
+        desc = pooled_descriptors(template_emb, self.radii, self.mode, self.sigma_frac)
+        self.points = np.asarray(points, dtype=np.float64)
+        self.protos = sample_descriptors(desc, self.points)  # (M, R*D)
+        self.template_shape = tuple(template_emb.shape[-2:])
         return self
+
+    @torch.no_grad()
+    def score_maps(self, target_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine maps (M, H, W) of the landmark descriptors over one target (fused op)."""
+        if self.protos is None:
+            raise RuntimeError("call fit() first")
+        desc = pooled_descriptors(target_emb, self.radii, self.mode, self.sigma_frac)
+        return cosine_maps(desc, self.protos.to(desc.dtype))[0]
 
     @torch.no_grad()
     def locate(self, target_emb: torch.Tensor, return_maps: bool = False):
         """Landmark positions (M, 2) in one target's unit embeddings (1, D, H, W)."""
+        maps = self.score_maps(target_emb)
+        out, _ = locate_in_maps(maps, self.points, **self.search)
+        return (out, maps) if return_maps else out
+
+    @torch.no_grad()
+    def locate_image(self, model, image: np.ndarray, target_emb: torch.Tensor | None = None) -> np.ndarray:
+        """Landmark positions (M, 2) in a target image (H, W) in [0, 1], embedded with the LD
+        network ``model`` (``target_emb``: its embeddings if already computed); with ``rectified``
+        the second pass embeds the target resampled into the template frame."""
         if self.protos is None:
             raise RuntimeError("call fit() first")
-        desc = pooled_descriptors(target_emb, self.radii, self.mode)  # (1, C, H, W)
-        _, c, h, w = desc.shape
-        m = self.protos.shape[0]
-        # 1. coarse
-        f = self.stride
-        cdesc = self._split(desc, self.coarse_idx)[:, :, f // 2 :: f, f // 2 :: f].contiguous()
-        cprot = self._split(self.protos[:, :, None, None], self.coarse_idx)[:, :, 0, 0]
-        cprot = cprot / (cprot.norm(dim=1, keepdim=True) + 1e-10)
-        cmap = cosine_maps(cdesc, cprot)[0]  # (M, h', w')
-        nms = cmap == F.max_pool2d(cmap[None], 3, 1, 1)[0]
-        cand = torch.where(nms, cmap, torch.full_like(cmap, -math.inf)).flatten(1)
-        k = min(self.top_k, cand.shape[1])
-        top = cand.topk(k, dim=1).indices  # (M, k)
-        cw = cmap.shape[-1]
-        # 2. fine windows (all windows of all landmarks as one batch, per-image prototypes)
-        win = self.window
-        size = 2 * win + 1
-        padded = F.pad(desc, (win, win, win, win))
-        crops, protos, origins = [], [], []
-        for li in range(m):
-            for j in range(k):
-                idx = int(top[li, j])
-                cy = (idx // cw) * f + f // 2
-                cx = (idx % cw) * f + f // 2
-                cy, cx = min(cy, h - 1), min(cx, w - 1)
-                crops.append(padded[0, :, cy : cy + size, cx : cx + size])
-                protos.append(self.protos[li])
-                origins.append((li, cy - win, cx - win))
-        crops_t = torch.stack(crops)  # (M*k, C, size, size)
-        prot_t = torch.stack(protos)[:, None, :]  # (M*k, 1, C)
-        fine = cosine_maps(crops_t, prot_t)[:, 0]  # (M*k, size, size)
-        # mask the padding outside the image
-        out = np.zeros((m, 2))
-        best = np.full(m, -np.inf)
-        for i, (li, oy, ox) in enumerate(origins):
-            sc = fine[i].clone()
-            ys = torch.arange(size) + oy
-            xs = torch.arange(size) + ox
-            valid = ((ys >= 0) & (ys < h))[:, None] & ((xs >= 0) & (xs < w))[None, :]
-            sc[~valid] = -math.inf
-            v, flat = sc.flatten().max(0)
-            if float(v) > best[li]:
-                best[li] = float(v)
-                iy, ix = divmod(int(flat), size)
-                sx, sy = subpixel_peak(torch.where(valid, sc, fine[i]), iy, ix)
-                out[li] = (ox + sx, oy + sy)
-        if return_maps:
-            return out, cosine_maps(desc, self.protos)[0]
+        dtype = self.protos.dtype
+        emb = common.embed(model, np.asarray(image, dtype=np.float32)[None])[0] if target_emb is None else target_emb
+
+        def fn(img):
+            return self.score_maps(common.embed(model, np.asarray(img, dtype=np.float32)[None])[0].to(dtype))
+
+        out, _ = locate_image(fn, image, self.points, self.template_shape, rectified=self.rectified,
+                              maps=self.score_maps(emb.to(dtype)), **self.search)
         return out
 
 
@@ -271,18 +486,24 @@ class LandmarkLocator:
 def ncc_map(image: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
     """Normalised cross-correlation (H, W) of a (2h+1)^2 patch at every pixel of ``image`` (H, W)
     (reflect padding at the border)."""
-    ph, pw = patch.shape
+    return ncc_maps(image, patch[None])[0]
+
+
+def ncc_maps(image: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """NCC maps (M, H, W) of M same-sized odd patches (M, ph, pw) over ``image`` (H, W), one
+    convolution for all (reflect padding at the border)."""
+    m, ph, pw = patches.shape
     hy, hx = ph // 2, pw // 2
-    t = patch - patch.mean()
-    tn = t.norm()
+    t = patches - patches.mean(dim=(1, 2), keepdim=True)
+    tn = t.flatten(1).norm(dim=1)
     img = F.pad(image[None, None], (hx, hx, hy, hy), mode="reflect")
     n = ph * pw
-    num = F.conv2d(img, t[None, None])[0, 0]
+    num = F.conv2d(img, t[:, None])[0]
     box = torch.ones(1, 1, ph, pw, dtype=image.dtype)
     s1 = F.conv2d(img, box)[0, 0]
     s2 = F.conv2d(img * img, box)[0, 0]
     var = (s2 - s1 * s1 / n).clamp_min(0)
-    return num / (tn * var.sqrt() + 1e-8)
+    return num / (tn[:, None, None] * var.sqrt()[None] + 1e-8)
 
 
 def _patch(image: torch.Tensor, x: float, y: float, half: int) -> torch.Tensor:
@@ -294,16 +515,21 @@ def _patch(image: torch.Tensor, x: float, y: float, half: int) -> torch.Tensor:
     return F.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0, 0]
 
 
-def ncc_locate(template: np.ndarray, points: np.ndarray, target: np.ndarray, half: int = 8) -> np.ndarray:
-    """NCC template matching of intensity patches (2*half+1)^2 around each template point."""
+def ncc_score_maps(template: np.ndarray, points: np.ndarray, target: np.ndarray, half: int = 8) -> torch.Tensor:
+    """NCC maps (M, H, W) of the intensity patches (2*half+1)^2 around each template point."""
     tmpl = torch.as_tensor(np.asarray(template, dtype=np.float64))
     tgt = torch.as_tensor(np.asarray(target, dtype=np.float64))
-    out = np.zeros((len(points), 2))
-    for i, (x, y) in enumerate(np.asarray(points, dtype=np.float64)):
-        sc = ncc_map(tgt, _patch(tmpl, x, y, half))
-        iy, ix = divmod(int(sc.flatten().argmax()), sc.shape[1])
-        out[i] = subpixel_peak(sc, iy, ix)
-    return out
+    patches = torch.stack([_patch(tmpl, x, y, half) for x, y in np.asarray(points, dtype=np.float64)])
+    return ncc_maps(tgt, patches)
+
+
+def ncc_locate(
+    template: np.ndarray, points: np.ndarray, target: np.ndarray, half: int = 8, rectified: bool = True, **search
+) -> np.ndarray:
+    """NCC template matching of intensity patches (2*half+1)^2 around each template point, with
+    exactly the search of LD (``locate_image``: ``rectified`` and the ``search`` keywords)."""
+    fn = lambda img: ncc_score_maps(template, points, img, half)  # noqa: E731
+    return locate_image(fn, target, points, np.asarray(template).shape, rectified=rectified, **search)[0]
 
 
 # ----------------------------------------------------------------------------- training term
@@ -347,10 +573,15 @@ def centre_sensitive_loss(
 
 def train_centre_sensitive(
     model, images: np.ndarray, *, steps: int = 100, batch: int = 4, points_per_image: int = 64, lr: float = 1e-4,
-    radius: int = 4, temperature: float = 0.1, seed: int = 0, progress: bool = True,
+    radius: int = 4, temperature: float = 0.1, seed: int = 0, progress: bool = True, pooling: dict | None = None,
 ):
     """Fine-tune a copy of ``model`` with ``centre_sensitive_loss`` on random affine + elastic
-    warps of ``images`` (M, H, W) in [0, 1] (no labels). Returns (model copy, loss history)."""
+    warps of ``images`` (M, H, W) in [0, 1] (no labels). Returns (model copy, loss history).
+
+    With ``pooling`` (keywords of ``pooled_descriptors``: radii, mode, sigma_frac) the loss is
+    applied to the pooled descriptor maps that the locator matches instead of the raw pixel
+    embeddings, so the near (1..radius px) negatives are exactly the offsets the search must
+    reject."""
     import copy
 
     from tqdm import tqdm
@@ -374,6 +605,8 @@ def train_centre_sensitive(
             warps.append((wp, t))
         z, _ = net(common.model_input(np.stack(v1 + v2).astype(np.float32)))
         e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
+        if pooling:
+            e = pooled_descriptors(e, **pooling)
         loss = 0.0
         for j, (wp, t) in enumerate(warps):
             fg = np.argwhere(t > 0.05)  # (row, col) of the warped copy
@@ -505,48 +738,85 @@ def evaluate_methods(
     gts: list[np.ndarray],
     radii: Sequence[int] = DEFAULT_RADII,
     ncc_halves: Sequence[int] = (4, 8, 12),
+    search: dict | None = None,
     progress: bool = True,
+    ld_methods: dict | None = None,
+    ncc_methods: dict | None = None,
 ) -> dict:
     """Radial errors (px) of LD centre-sensitive, LD uniform and NCC (one entry per patch size).
 
     ``model`` is one LD network, or a dict ``{label: network}`` (e.g. with and without the
     centre-sensitive training term); each network gives a centre-sensitive and a uniform row.
-    Points that the warp moves outside the image are left out.
+    Every method goes through the same search (``locate_image``; ``search``: its keywords and
+    ``rectified``), so they differ only in their similarity maps. ``ld_methods`` ({row suffix:
+    ``LandmarkLocator`` keywords}) and ``ncc_methods`` ({half: search keywords}) replace the
+    defaults (``radii``/``search`` with gaussian and uniform pooling; ``ncc_halves``/``search``),
+    e.g. with per-method settings selected on development data (``SELECTED``). Points that the
+    warp moves outside the image are left out. Returns the table rows, the pooled errors per
+    method and ``target`` (the target index of every error, for paired comparisons).
     """
     from tqdm import tqdm
 
+    search = dict(search or {})
+    if ld_methods is None:
+        ld_methods = {"centre-sensitive": dict(radii=radii, mode="gaussian", **search),
+                      "uniform pooling": dict(radii=radii, mode="uniform", **search)}
+    if ncc_methods is None:
+        ncc_methods = {hh: search for hh in ncc_halves}
     models = model if isinstance(model, dict) else {"LD": model}
     locs = {}
     for label, net in models.items():
         t_emb, _ = common.embed(net, template[None])
         t_emb = t_emb.double()
-        locs[f"{label} centre-sensitive"] = (net, LandmarkLocator(radii, "gaussian").fit(t_emb, points))
-        locs[f"{label} uniform pooling"] = (net, LandmarkLocator(radii, "uniform").fit(t_emb, points))
+        for suffix, kw in ld_methods.items():
+            locs[f"{label} {suffix}"] = (net, LandmarkLocator(**kw).fit(t_emb, points))
     errors: dict[str, list] = {k: [] for k in locs}
-    for hh in ncc_halves:
+    for hh in ncc_methods:
         errors[f"NCC {2 * hh + 1}x{2 * hh + 1}"] = []
     timing: dict[str, float] = {k: 0.0 for k in errors}
     h, w = template.shape
-    for tgt, gt in tqdm(list(zip(targets, gts)), desc="landmark eval", disable=not progress):
+    tid = []
+    for ti, (tgt, gt) in enumerate(tqdm(list(zip(targets, gts)), desc="landmark eval", disable=not progress)):
         valid = (gt[:, 0] >= 0) & (gt[:, 0] <= w - 1) & (gt[:, 1] >= 0) & (gt[:, 1] <= h - 1)
+        tid.append(np.full(int(valid.sum()), ti))
         cache = {}
         for name, (net, loc) in locs.items():
             t0 = time.perf_counter()
             if id(net) not in cache:
                 cache[id(net)] = common.embed(net, tgt[None])[0].double()
-            pred = loc.locate(cache[id(net)])
+            pred = loc.locate_image(net, tgt, cache[id(net)])
             timing[name] += time.perf_counter() - t0
             errors[name].append(np.linalg.norm(pred - gt, axis=1)[valid])
-        for hh in ncc_halves:
+        for hh, kw in ncc_methods.items():
             t0 = time.perf_counter()
-            pred = ncc_locate(template, points, tgt, hh)
+            pred = ncc_locate(template, points, tgt, hh, **kw)
             timing[f"NCC {2 * hh + 1}x{2 * hh + 1}"] += time.perf_counter() - t0
             errors[f"NCC {2 * hh + 1}x{2 * hh + 1}"].append(np.linalg.norm(pred - gt, axis=1)[valid])
     errs = {k: np.concatenate(v) for k, v in errors.items()}
     rows = radial_errors_table(errs)
     for r in rows:
         r["sec_per_image"] = timing[r["method"]] / max(len(targets), 1)
-    return {"rows": rows, "errors": errs}
+    return {"rows": rows, "errors": errs, "target": np.concatenate(tid) if tid else np.zeros(0, dtype=int)}
+
+
+def paired_difference(
+    err_a: np.ndarray, err_b: np.ndarray, target: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> dict:
+    """Mean radial error difference a - b over the same landmarks and targets, with a 95 %
+    bootstrap interval that resamples whole targets (errors within a target are correlated),
+    and the fraction of targets on which a has the lower mean error."""
+    a, b, t = np.asarray(err_a, float), np.asarray(err_b, float), np.asarray(target)
+    if not (a.shape == b.shape == t.shape) or a.size == 0:
+        raise ValueError("err_a, err_b and target must be non-empty and of one shape")
+    ids = np.unique(t)
+    da = np.array([a[t == i].mean() - b[t == i].mean() for i in ids])
+    cnt = np.array([(t == i).sum() for i in ids], dtype=float)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(ids), (n_boot, len(ids)))
+    boot = (da[pick] * cnt[pick]).sum(1) / cnt[pick].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"mean_diff_px": float((a - b).mean()), "ci95_px": [float(lo), float(hi)],
+            "targets_a_better": float((da < 0).mean()), "n_targets": int(len(ids))}
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:
@@ -585,6 +855,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", type=int, nargs="+", default=list(DEFAULT_RADII), help="pooling radii (px)")
     parser.add_argument("--pooling", choices=POOLING_MODES, default="gaussian")
     parser.add_argument(
+        "--sigma-frac", type=float, default=DEFAULT_SIGMA_FRAC, help="Gaussian pooling: sigma = F * radius"
+    )
+    parser.add_argument(
+        "--search", choices=SEARCH_MODES, default="consistent",
+        help="consistent (default): one robust affine over all landmarks, then a local search; global: each arg-max",
+    )
+    parser.add_argument(
+        "--window", type=float, default=DEFAULT_WINDOW, help="local search radius (px) around the affine prediction"
+    )
+    parser.add_argument("--no-rectify", action="store_true", help="skip the second pass in the template frame")
+    parser.add_argument(
         "--evaluate", type=int, default=0, metavar="N",
         help="instead of (or besides) --targets: warp the template N times with random known "
         "affine+elastic deformations and report radial errors for LD and NCC",
@@ -622,7 +903,11 @@ def run(args: argparse.Namespace) -> int:
     if ((points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)).any():
         raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
     out = Path(args.out)
-    result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii}
+    if not args.window > 0:
+        raise ValueError(f"--window must be > 0, got {args.window}")
+    search = dict(search=args.search, window=args.window, rectified=not args.no_rectify)
+    result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii,
+                    "search": search}
     if args.centre_term_steps < 0:
         raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
     if args.centre_term_steps:
@@ -634,7 +919,7 @@ def run(args: argparse.Namespace) -> int:
         result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
     if args.targets is not None:
         t_emb, _ = common.embed(model, template[None])
-        loc = LandmarkLocator(args.radii, args.pooling).fit(t_emb.double(), points)
+        loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, **search).fit(t_emb.double(), points)
         preds = {}
         files = common.list_images(args.targets, "targets")
         from tqdm import tqdm
@@ -642,8 +927,7 @@ def run(args: argparse.Namespace) -> int:
         first = None
         for f in tqdm(files, desc="landmarks"):
             img = _load_scaled(f, args.size)
-            e, _ = common.embed(model, img[None])
-            p = loc.locate(e.double())
+            p = loc.locate_image(model, img)
             preds[f.name] = {n: [float(x), float(y)] for n, (x, y) in zip(names, p)}
             if first is None:
                 first = (img, p)
@@ -651,7 +935,7 @@ def run(args: argparse.Namespace) -> int:
         plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
     if args.evaluate:
         targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
-        ev = evaluate_methods(model, template, points, targets, gts, args.radii)
+        ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search)
         result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
         print(table_markdown(ev["rows"]))
     common.atomic_write_json(out, result)
