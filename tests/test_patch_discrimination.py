@@ -107,3 +107,115 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ld_ext.patch_discrimination.default, (x, 0.1))
     torch.library.opcheck(torch.ops.ld_ext.patch_discrimination.default, (x.detach().float(), 0.2))
     torch.library.opcheck(torch.ops.ld_ext.patch_discrimination_backward.default, (torch.tensor(0.7, dtype=torch.float64), x.detach(), 0.1))
+
+
+# ---- the blocked CPU path: rows in blocks of 4, logit rows padded to a multiple of 32 (float) or
+# 16 (double) columns, D padded to the vector width in backward; partial blocks and padding must
+# not leak into the result.
+
+
+def _value_and_grad(fn, x, tau):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x, tau)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss.detach(), g
+
+
+def test_odd_sizes_float64():
+    # M = 2 (one negative-free pair), M not a multiple of the 4-row block or of the lane count,
+    # D below, at and above one vector.
+    for m, d in [(2, 1), (2, 7), (6, 3), (34, 17), (66, 33), (130, 1), (98, 16), (18, 40)]:
+        x = _rows(m, d)
+        loss, g = _value_and_grad(ld_ext.patch_discrimination, x, 0.2)
+        ref, rg = _value_and_grad(R.patch_discrimination, x, 0.2)
+        assert_close_rel(loss, ref, rtol=1e-10, atol=1e-12)
+        assert_close_rel(g, rg, rtol=1e-9, atol=1e-12)
+
+
+def test_odd_sizes_float32_no_worse_than_plain_pytorch():
+    for m, d in [(2, 5), (34, 17), (130, 33), (1022, 32)]:
+        x64 = _rows(m, d)
+        exact, gexact = _value_and_grad(ld_ext.patch_discrimination, x64, 0.1)
+        got, g = _value_and_grad(ld_ext.patch_discrimination, x64.float(), 0.1)
+        ref32, rg32 = _value_and_grad(R.patch_discrimination, x64.float(), 0.1)
+        assert got.dtype == g.dtype == torch.float32
+        tol = TOL[torch.float32]
+        assert max_err(got, exact) <= max_err(ref32, exact) + tol * abs(exact.item())
+        assert max_err(g, gexact) <= max_err(rg32, gexact) + tol * gexact.abs().max().item()
+
+
+def test_large_m_float32():
+    # M = 4096 rows (the PD size of B = 16 images): the float32 loss and gradient are no less
+    # accurate than PyTorch's float32 computation of the same formula.
+    x64 = _rows(4096, 32)
+    exact, gexact = _value_and_grad(ld_ext.patch_discrimination, x64, 0.1)
+    got, g = _value_and_grad(ld_ext.patch_discrimination, x64.float(), 0.1)
+    ref32, rg32 = _value_and_grad(R.patch_discrimination, x64.float(), 0.1)
+    tol = TOL[torch.float32]
+    assert max_err(got, exact) <= max_err(ref32, exact) + tol * abs(exact.item())
+    assert max_err(g, gexact) <= max_err(rg32, gexact) + tol * gexact.abs().max().item()
+    # and the float64 op at this size against the float64 reference (value only: the reference
+    # gradient at M = 4096 adds nothing the smaller cases do not check)
+    assert_close_rel(exact, R.patch_discrimination(x64, 0.1), rtol=1e-10)
+
+
+def test_same_bits_for_any_thread_count():
+    old = torch.get_num_threads()
+    try:
+        for dtype in (torch.float32, torch.float64):
+            x = _rows(1030, 24, dtype)
+            results = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                results.append(_value_and_grad(ld_ext.patch_discrimination, x, 0.1))
+            for loss, g in results[1:]:
+                assert torch.equal(loss, results[0][0])
+                assert torch.equal(g, results[0][1])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_nan_anywhere_gives_nan_loss_and_gradient():
+    # A NaN in one row reaches every row's logits (through its column), so every gradient row is NaN.
+    for dtype in (torch.float32, torch.float64):
+        for m, row in [(2, 1), (70, 0), (70, 69), (1030, 517)]:
+            x = _rows(m, 9, dtype)
+            x[row, 4] = float("nan")
+            loss, g = _value_and_grad(ld_ext.patch_discrimination, x, 0.1)
+            assert torch.isnan(loss)
+            assert torch.isnan(g).all()
+
+
+def test_infinite_input_follows_reference():
+    # An inf entry makes the row maximum infinite (rows leave the blocked path); the result is not
+    # finite, as in the reference.
+    for dtype in (torch.float32, torch.float64):
+        x = _rows(40, 6, dtype)
+        x[5] = 0.0
+        x[5, 0] = float("inf")
+        loss = ld_ext.patch_discrimination(x, 0.1)
+        ref = R.patch_discrimination(x, 0.1)
+        assert not torch.isfinite(ref)
+        assert not torch.isfinite(loss)
+
+
+def test_one_negative_takes_the_row():
+    # Rows with an exact duplicate among their negatives (or as positive and negative at once) and a
+    # small temperature: 1 - p of that negative is ~e^-(1 - cos)/T, far below float precision, and the
+    # odds 1/rest of the gradient reach ~1e40; the loss and the gradient must stay accurate (no
+    # cancellation of those odds against p R), in float64 and in float32.
+    x = _rows(64, 6)
+    x[5] = x[2]
+    x[40] = x[2]  # row 2's positive is row 34; 40 duplicates 2 and 5 among the negatives
+    x[9] = x[41]  # 9 and 41 are a positive pair and equal
+    for tau in (0.05, 0.01, 0.004):
+        ref, rg = _value_and_grad(R.patch_discrimination, x, tau)
+        loss, g = _value_and_grad(ld_ext.patch_discrimination, x, tau)
+        assert_close_rel(loss, ref, rtol=1e-10)
+        assert_close_rel(g, rg, rtol=1e-9)
+        got32, g32 = _value_and_grad(ld_ext.patch_discrimination, x.float(), tau)
+        ref32, rg32 = _value_and_grad(R.patch_discrimination, x.float(), tau)
+        assert torch.isfinite(got32) and torch.isfinite(g32).all()
+        tol = TOL[torch.float32]
+        assert max_err(got32, ref) <= max_err(ref32, ref) + tol * abs(ref.item())
+        assert max_err(g32, rg) <= max_err(rg32, rg) + tol * rg.abs().max().item()
