@@ -2,14 +2,22 @@
 // stable form of ld_ext.reference.patch_discrimination.
 //
 // x (M, D), s_ij = <x_i, sg(x_j)> / T for j != i, i' = (i + M/2) mod M the positive. Per row:
-// mx = max_{j != i} s_ij, q_ij = exp(s_ij - mx), Z = sum_{j != i} q_ij + 1e-10 exp(-mx),
-// p_ij = q_ij / Z, f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij); loss = -(1/M) sum_i f_i.
+// mx = max_{j != i} s_ij (first arg-max a), q_ij = exp(s_ij - mx), W = sum_{j != i} q_ij + 1e-10 exp(-mx),
+// p_ij = q_ij / W, f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij); loss = -(1/M) sum_i f_i.
+// Cancellation-free, as the CPU kernel and the reference: rest = W - q_ia = W - 1 is summed without
+// the arg-max term, so log(1 - p_ia) = log(rest) - log(W) stays finite and accurate when one negative
+// takes almost all of the row's mass; every other negative has W - q_ij >= W/2 (p_ij <= 1/2), where
+// log1p(-p_ij) is exact enough; log p_ii' = s_ii' - mx - log W (no underflow to log 0).
 // One block per row recomputes its M inner products in each pass (nothing of size M x M is kept);
 // the row terms are added by one block in a fixed order.
 //
 // Backward (gradients only through the first argument of each inner product):
 // df_i/ds_ij = [j == i'] - p_ij - [j in N_i] p_ij / (1 - p_ij) + p_ij R_i,
-// R_i = sum_{l in N_i} p_il / (1 - p_il); dL/dx_i = -(g/M) sum_j df_i/ds_ij x_j / T.
+// R_i = sum_{l in N_i} p_il / (1 - p_il), with p/(1-p) = q / (W - q) (1 / rest at the arg-max);
+// dL/dx_i = -(g/M) sum_j df_i/ds_ij x_j / T. Written without cancellation, as the CPU kernel: with
+// R = R' + A (R' over the negatives other than the arg-max, A = 1/rest if the arg-max is a
+// negative), p_ij A = q_ij / (W rest) <= 1/W; at the arg-max p (R - 1) - 1/rest = (R' - 2)/W (as
+// W - 1 = rest); if the arg-max is i', 1 + p (R' - 1) = (rest + R')/W.
 #include "common.cuh"
 
 namespace ld_ext {
@@ -24,27 +32,52 @@ __device__ __forceinline__ acc_t row_dot(const acc_t* xi, const scalar_t* __rest
   return s;
 }
 
-// Row max and partition function of row i over j != i; every thread gets (mx, Z).
+// Smallest v over the block (fixed tree); every thread gets it. `buf` holds blockDim.x ints; ends
+// with a barrier so `buf` may be reused.
+__device__ int block_min_int(int v, int* buf) {
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (t < s) buf[t] = min(buf[t], buf[t + s]);
+    __syncthreads();
+  }
+  const int r = buf[0];
+  __syncthreads();
+  return r;
+}
+
+// Row statistics of row i over j != i; every thread gets them: mx, its first arg-max am,
+// rest = sum_{j != i, am} q_ij + 1e-10 exp(-mx) (without the arg-max term, so no cancellation)
+// and W = rest + 1. Each thread keeps its own maximum, first arg-max and the sum of its other
+// terms; the block combines them in a fixed order. `buf` holds blockDim.x acc_t (>= ints).
 template <typename scalar_t, typename acc_t>
 __device__ void row_softmax_stats(const acc_t* xi, const scalar_t* __restrict__ x, int64_t i, int64_t M, int64_t D,
-                                  acc_t tau, acc_t* buf, acc_t& mx_out, acc_t& z_out) {
+                                  acc_t tau, acc_t* buf, acc_t& mx_out, int64_t& am_out, acc_t& rest_out,
+                                  acc_t& w_out) {
   acc_t mx = neg_inf<acc_t>();
-  acc_t se = 0;
+  acc_t rt = 0;  // sum of this thread's terms other than its maximum, relative to exp(mx)
+  int am = static_cast<int>(M);
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
     if (j == i) continue;
     const acc_t s = row_dot<scalar_t, acc_t>(xi, x, j, D) / tau;
-    if (s > mx) {
-      se = se * dev_exp(mx - s) + acc_t(1);
+    if (s > mx) {  // first strict maximum of this thread; the old maximum joins the rest
+      rt = (am < M ? rt + acc_t(1) : rt) * dev_exp(mx - s);  // first term: rt * 0 (keeps a NaN)
       mx = s;
+      am = static_cast<int>(j);
     } else {
-      se += dev_exp(s - mx);
+      rt += dev_exp(s - mx);  // NaN logits land here and propagate
     }
   }
   const acc_t MX = block_max(mx, buf);
-  const acc_t part = se > acc_t(0) ? se * dev_exp(mx - MX) : acc_t(0);
+  const int AM = block_min_int(mx == MX ? am : static_cast<int>(M), reinterpret_cast<int*>(buf));
+  acc_t part = rt * acc_t(0);  // 0, or NaN after a NaN logit
+  if (am < M) part = (am == AM ? rt : rt + acc_t(1)) * dev_exp(mx - MX);
   const acc_t total = block_sum(part, buf);
   mx_out = MX;
-  z_out = total + static_cast<acc_t>(kSoftmaxEps) * dev_exp(-MX);
+  am_out = AM;
+  rest_out = total + static_cast<acc_t>(kSoftmaxEps) * dev_exp(-MX);
+  w_out = rest_out + acc_t(1);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -58,16 +91,20 @@ __global__ void __launch_bounds__(kSmallThreads) pd_forward_rows_kernel(const sc
   const int64_t ip = (i + M / 2) % M;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
   __syncthreads();
-  acc_t mx, Z;
-  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, Z);
+  acc_t mx, rest, W;
+  int64_t am;
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, W);
+  const acc_t logW = dev_log(W);
   acc_t pos = 0, neg = 0;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
     if (j == i) continue;
-    const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
+    const acc_t d = row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx;
     if (j == ip) {
-      pos = dev_log(p);
+      pos = d - logW;
+    } else if (j == am) {
+      neg += dev_log(rest) - logW;
     } else {
-      neg += dev_log1p(-p);
+      neg += dev_log1p(-dev_exp(d) / W);
     }
   }
   pos = block_sum(pos, buf);
@@ -90,26 +127,30 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
   for (int64_t q = threadIdx.x; q < groups * D; q += blockDim.x) GX[q] = 0;
   __syncthreads();
-  acc_t mx, Z;
-  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, Z);
-  acc_t R = 0;
+  acc_t mx, rest, Z;
+  int64_t am;
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, Z);
+  acc_t R = 0;  // R'
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-    if (j == i || j == ip) continue;
-    const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
-    R += p / (acc_t(1) - p);
+    if (j == i || j == ip || j == am) continue;
+    const acc_t q = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx);
+    R += q / (Z - q);
   }
   R = block_sum(R, buf);
+  const acc_t A = am != ip ? acc_t(1) / rest : acc_t(0);
   const acc_t scale = -grad[0] / static_cast<acc_t>(M);
   for (int64_t j0 = 0; j0 < M; j0 += blockDim.x) {
     const int64_t j = j0 + threadIdx.x;
     acc_t w = 0;
     if (j < M && j != i) {
-      const acc_t p = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx) / Z;
-      acc_t df = p * R - p;
-      if (j == ip) {
-        df += acc_t(1);
+      acc_t df;
+      if (j == am) {
+        df = j == ip ? (rest + R) / Z : (R - acc_t(2)) / Z;
       } else {
-        df -= p / (acc_t(1) - p);
+        const acc_t q = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx);
+        const acc_t p = q / Z;
+        df = p * (R - acc_t(1)) + p * A;
+        df += j == ip ? acc_t(1) : -q / (Z - q);
       }
       w = scale * df;
     }
