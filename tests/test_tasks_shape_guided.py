@@ -103,3 +103,43 @@ def test_init_keeps_the_checkpoint_clustering_branch_unless_clusters_given(tmp_p
         sg._init_model(tmp_path / "s1.pt", None, seed=0)
     assert sg._init_model(tmp_path / "s1.pt", 4, seed=0).n_clusters == 4
     assert sg._init_model(None, None, seed=0).n_clusters == sg.DEFAULT_CLUSTERS
+
+
+def test_restarts_keep_the_lowest_adversarial_loss_and_report_all():
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 32, 32)).astype(np.float32)
+    masks = images > 0.5
+    priors = np.zeros((2, 32, 32), bool)
+    priors[:, 8:24, 10:22] = True
+    res = sg.shape_guided_experiment(
+        images, priors, masks, n_clusters=3, steps=2, batch=1, seed=5, progress=False, restarts=2,
+        d_lr_factor=1.0, d_spectral_norm=True,
+    )
+    seeds = [r["seed"] for r in res["restarts"]]
+    assert seeds == [5, 6]
+    losses = {r["seed"]: r["final_adv_g"] for r in res["restarts"]}
+    assert res["chosen_seed"] == min(losses, key=losses.get)
+    assert all(0.0 <= r["dice_cluster0_a"] <= 1.0 for r in res["restarts"])
+    md = sg.results_markdown(res)
+    assert "(kept)" in md and md.count("\n| 5") + md.count("\n| 6") == 2
+
+
+def test_final_adversarial_loss_averages_the_tail_and_needs_the_term():
+    hist = [{"adv_g": float(i)} for i in range(20)]
+    assert sg.final_adversarial_loss(hist, tail=4) == pytest.approx(17.5)
+    with pytest.raises(ValueError, match="no adversarial term"):
+        sg.final_adversarial_loss([{"pd": 1.0}])
+
+
+def test_spectral_norm_discriminator_bounds_each_layer():
+    torch.manual_seed(0)
+    d = sg.ShapeDiscriminator(spectral_norm=True)
+    x = torch.rand(2, 1, 160, 160)
+    for _ in range(3):  # power iterations settle in training mode
+        d(x)
+    d.eval()
+    convs = [m for m in d.net if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9
+    for m in convs:
+        w = m.weight.flatten(1)
+        assert torch.linalg.matrix_norm(w, ord=2) <= 1.0 + 0.2

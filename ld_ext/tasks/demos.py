@@ -38,6 +38,17 @@ FINETUNE_Z = tuple(range(-24, 64, 4))
 SHAPE_Z = tuple(range(-12, 52, 4))
 SHAPE_PRIOR_Z = tuple(z + 2 for z in SHAPE_Z)
 LANDMARK_Z = 8.0
+# The shape-guided demo continues LD training of the pre-trained network (its 16-cluster branch)
+# for SHAPE_STEPS steps with and without the prior. Departures from the published settings, for a
+# CPU budget of minutes instead of 80 epochs (measurements in docs/tasks.md section 3): with the
+# published discriminator learning rate (0.05 x the network's) the discriminator does not learn in
+# time (no effect after 150 steps), so it trains at the network's rate (--d-lr-factor overrides);
+# it has spectral normalisation; and since such short adversarial runs succeed for some seeds and
+# not others, SHAPE_RESTARTS guided runs are made and the one with the lowest final adversarial
+# loss is kept (no labels involved; every restart is reported).
+SHAPE_STEPS = 100
+SHAPE_D_LR_FACTOR = 1.0
+SHAPE_RESTARTS = 3
 
 
 def _add(parser: argparse.ArgumentParser, *flags, **kw) -> None:
@@ -54,7 +65,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--pretrain-steps", type=int, default=150, help="LD pre-training steps if no checkpoint (default 150)")
     _add(parser, "--task-steps", type=int, default=None, help="training steps of the task (default: per task)")
     _add(parser, "--quick", action="store_true", help="tiny settings (smoke test, numbers meaningless)")
-    _add(parser, "--d-lr-factor", type=float, default=0.05, help="shape-guided: discriminator lr factor (published 0.05)")
+    _add(parser, "--d-lr-factor", type=float, default=None,
+         help="shape-guided: discriminator lr = FACTOR x the network's (published 0.05; the demo's short schedule uses 1)")
     _add(parser, "--instance-noise", type=float, default=0.0, help="shape-guided: noise sd on the discriminator's inputs")
     _add(parser, "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on an oversubscribed machine)")
 
@@ -268,13 +280,32 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
         _save_png(d / "data" / "masks" / f"t1_z{z:+03d}.png", m)
     for z, p in zip(pz, priors):
         _save_png(d / "data" / "priors" / f"wm_prior_z{z:+03d}.png", p)
-    steps = args.task_steps or (3 if args.quick else 80)
+    steps = args.task_steps or (3 if args.quick else SHAPE_STEPS)
+    d_lr = getattr(args, "d_lr_factor", None)
     res = sg.shape_guided_experiment(
         images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
-        d_lr_factor=getattr(args, "d_lr_factor", 0.05) or 0.05,
+        d_lr_factor=SHAPE_D_LR_FACTOR if d_lr is None else d_lr,
         instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
+        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS,
     )
     md = sg.write_results(d, res, images, masks, priors)
+    # context for reading the Dice values: how well the whole brain (a blob enclosing the white
+    # matter) would score, and how much of the guided cluster 0 is just that blob
+    brain = (mni_slices("gm", zs, size) + mni_slices("wm", zs, size)) > 0.5
+    a0, s0 = res["_maps"][0][:, 0] > 0.5, res["_maps"][1][:, 0] > 0.5
+    context = {
+        "brain_mask_vs_white_matter": common.dice(brain, masks),
+        "guided_a0_vs_brain_mask": common.dice(a0, brain),
+        "guided_S0_vs_brain_mask": common.dice(s0, brain),
+    }
+    md += (
+        "\nContext (not a method): the whole-brain mask (GM + WM > 0.5) scores Dice "
+        f"{context['brain_mask_vs_white_matter']:.3f} against the white matter; the guided cluster 0 overlaps "
+        f"that brain mask with Dice {context['guided_a0_vs_brain_mask']:.3f} (a > 0.5) and "
+        f"{context['guided_S0_vs_brain_mask']:.3f} (S > 0.5).\n"
+    )
+    common.atomic_write_text(d / "results.md", md)
+    common.atomic_write_json(d / "context.json", context)
     print(md)
     return {"markdown": md}
 

@@ -52,7 +52,7 @@ class ShapeDiscriminator(nn.Module):
     -> one logit per image (the sigmoid is folded into ``BCEWithLogits``). Inputs are resized to
     ``input_size`` (160 = 5 * 2^5, so the valid convolutions end at 1x1)."""
 
-    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), input_size: int = 160) -> None:
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), input_size: int = 160, spectral_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 1
@@ -62,6 +62,8 @@ class ShapeDiscriminator(nn.Module):
         layers += [nn.Conv2d(cin, cin, 3), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(cin, cin, 3)]
         layers += [nn.LeakyReLU(0.2, inplace=True), nn.AdaptiveAvgPool2d(1)]
         layers += [nn.Conv2d(cin, cin // 2, 1), nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(cin // 2, 1, 1)]
+        if spectral_norm:
+            layers = [nn.utils.parametrizations.spectral_norm(m) if isinstance(m, nn.Conv2d) else m for m in layers]
         self.net = nn.Sequential(*layers)
         self.input_size = int(input_size)
 
@@ -155,6 +157,7 @@ def train_shape_guided(
     adv_weight: float = 1.0,
     d_lr_factor: float = 0.05,
     instance_noise: float = 0.0,
+    d_spectral_norm: bool = False,
     seed: int = 0,
     progress: bool = True,
     desc: str = "shape-guided",
@@ -181,7 +184,7 @@ def train_shape_guided(
     pri = None
     if priors is not None:
         torch.manual_seed(seed + 7)
-        disc = ShapeDiscriminator()
+        disc = ShapeDiscriminator(spectral_norm=d_spectral_norm)
         d_opt = torch.optim.Adam(disc.parameters(), lr=d_lr_factor * lr)
         pri = torch.from_numpy(np.asarray(priors, dtype=np.float32))
     bce = nn.BCEWithLogitsLoss()
@@ -281,22 +284,53 @@ def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n
     common.atomic_savefig(fig, path)
 
 
+ADV_TAIL = 10  # steps over which the final adversarial loss is averaged to choose among restarts
+
+
+def final_adversarial_loss(hist: list[dict], tail: int = ADV_TAIL) -> float:
+    """Mean of the network's adversarial term ``BCE(D(fake), 1)`` over the last ``tail`` steps:
+    low when the discriminator takes cluster 0 for a prior mask (uses no labels)."""
+    vals = [h["adv_g"] for h in hist[-tail:] if "adv_g" in h]
+    if not vals:
+        raise ValueError("hist has no adversarial term (was it a plain-LD run?)")
+    return float(np.mean(vals))
+
+
 def shape_guided_experiment(
     images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=None, lr=1e-3, batch=4, seed=0, progress=True,
-    d_lr_factor: float = 0.05, instance_noise: float = 0.0,
+    d_lr_factor: float = 0.05, instance_noise: float = 0.0, d_spectral_norm: bool = False, restarts: int = 1,
 ) -> dict:
-    """Train guided and plain LD from the same initialisation, evaluate both (if masks given)."""
+    """Train guided and plain LD from the same initialisation, evaluate both (if masks given).
+
+    ``restarts > 1``: the guided run is repeated with seeds ``seed, seed+1, ...`` and the one with the
+    lowest final adversarial loss (:func:`final_adversarial_loss`, no labels involved) is kept;
+    every restart's loss (and Dice, when masks are given) is recorded in ``out["restarts"]``.
+    """
+    common.check_positive_int("restarts", restarts)
     out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed, "d_lr_factor": d_lr_factor,
-                 "instance_noise": instance_noise}
+                 "instance_noise": instance_noise, "d_spectral_norm": d_spectral_norm, "restarts": []}
     t0 = time.perf_counter()
-    guided, hg = train_shape_guided(
-        images, priors, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed,
-        progress=progress, desc="LD + shape prior", d_lr_factor=d_lr_factor, instance_noise=instance_noise,
-    )
+    best = None
+    for r in range(restarts):
+        model, hist = train_shape_guided(
+            images, priors, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed + r,
+            progress=progress, desc=f"LD + shape prior (seed {seed + r})", d_lr_factor=d_lr_factor,
+            instance_noise=instance_noise, d_spectral_norm=d_spectral_norm,
+        )
+        rec = {"seed": seed + r, "final_adv_g": final_adversarial_loss(hist)}
+        if masks is not None:
+            a_r, s_r = soft_segmentation(model, images)
+            rec["dice_cluster0_a"] = common.dice(a_r[:, 0] > 0.5, masks)
+            rec["dice_cluster0_S"] = common.dice(s_r[:, 0] > 0.5, masks)
+        out["restarts"].append(rec)
+        if best is None or rec["final_adv_g"] < best[2]["final_adv_g"]:
+            best = (model, hist, rec)
+    guided, hg, chosen = best
+    out["chosen_seed"] = chosen["seed"]
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain, hp = train_shape_guided(
-        images, None, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed,
+        images, None, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=chosen["seed"],
         progress=progress, desc="plain LD",
     )
     out["seconds_plain"] = time.perf_counter() - t0
@@ -326,12 +360,22 @@ def shape_guided_experiment(
 
 def results_markdown(res: dict) -> str:
     d = res["dice"]
-    return (
+    md = (
         "| method | Dice of a[:,k] > 0.5 | Dice of S[k] > 0.5 |\n|---|---|---|\n"
-        f"| LD + shape prior, cluster 0 | {d['guided_cluster0_a']:.3f} | {d['guided_cluster0_S']:.3f} |\n"
+        f"| LD + shape prior, cluster 0 (seed {res.get('chosen_seed', res['seed'])}) | {d['guided_cluster0_a']:.3f} | {d['guided_cluster0_S']:.3f} |\n"
         f"| plain LD, best cluster (a: k={d['plain_best_a_cluster']}, S: k={d['plain_best_S_cluster']}) | "
         f"{d['plain_best_a']:.3f} | {d['plain_best_S']:.3f} |\n"
     )
+    rs = res.get("restarts") or []
+    if len(rs) > 1:
+        md += (
+            "\nGuided restarts (the kept one has the lowest final adversarial loss; no labels used):\n\n"
+            "| seed | final BCE(D(fake), 1) | Dice a[:,0] > 0.5 | Dice S[0] > 0.5 |\n|---|---|---|---|\n"
+        )
+        for r in rs:
+            mark = " (kept)" if r["seed"] == res.get("chosen_seed") else ""
+            md += f"| {r['seed']}{mark} | {r['final_adv_g']:.3f} | {r.get('dice_cluster0_a', float('nan')):.3f} | {r.get('dice_cluster0_S', float('nan')):.3f} |\n"
+    return md
 
 
 def write_results(out: Path, res: dict, images, masks, priors) -> str | None:
@@ -373,6 +417,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="discriminator lr = FACTOR x --lr (published: 0.05)")
     parser.add_argument("--instance-noise", type=float, default=0.0,
                         help="sd of Gaussian noise added to the discriminator's inputs (default 0, as published)")
+    parser.add_argument("--d-spectral-norm", action="store_true",
+                        help="spectral normalisation on the discriminator's convolutions (default off, as published)")
+    parser.add_argument("--restarts", type=int, default=1,
+                        help="train the guided network from R seeds and keep the one with the lowest final adversarial "
+                             "loss (label-free; default 1)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -382,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clusters is not None:
         common.check_positive_int("--clusters", args.clusters, 2)
     common.check_positive_int("--batch", args.batch)
+    common.check_positive_int("--restarts", args.restarts)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not args.d_lr_factor > 0:
@@ -398,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     res = shape_guided_experiment(
         images, priors, masks, checkpoint=args.checkpoint, steps=args.steps, n_clusters=args.clusters, lr=args.lr,
         batch=args.batch, seed=args.seed, d_lr_factor=args.d_lr_factor,
-        instance_noise=args.instance_noise,
+        instance_noise=args.instance_noise, d_spectral_norm=args.d_spectral_norm, restarts=args.restarts,
     )
     md = write_results(Path(args.out), res, images, masks, priors)
     if md:
