@@ -299,64 +299,14 @@ LD_INLINE double pd_log1m<double>(double p) {
   return (lo ? -0.6931471805599453 : 0.0) + logm + e / w;
 }
 
-// S[r*ld + c] = inv_t * sum_d A[r*D + d] * Xt[d*ld + c] for r < kPDRows, c < ld (ld a multiple of
-// two vectors). A: the block's rows, Xt: all rows transposed (D, ld), zero past M.
+// S[r*ld + c] = inv_t * sum_d A[r*D + d] * Xt[d*ld + c] for r < kPDRows, c < ld: the common
+// tile_combine (weights A with row stride D, inputs Xt: all rows transposed (D, ld), zero past M;
+// ld a multiple of two vectors), then the temperature.
 template <typename T>
 LD_INLINE void pd_block_logits(const T* __restrict A, const T* __restrict Xt, int64_t D, int64_t ld, T inv_t,
                                T* __restrict S) {
-  using V = typename VecT<T>::type;
-  constexpr int L = Lanes<T>::value;
-  for (int64_t c = 0; c < ld; c += 2 * L) {
-    V acc[kPDRows][2];
-    for (int r = 0; r < kPDRows; ++r) acc[r][0] = acc[r][1] = V{};
-    for (int64_t d = 0; d < D; ++d) {
-      const V b0 = vload<T>(Xt + d * ld + c), b1 = vload<T>(Xt + d * ld + c + L);
-      for (int r = 0; r < kPDRows; ++r) {
-        const T a = A[r * D + d];
-        acc[r][0] += a * b0;
-        acc[r][1] += a * b1;
-      }
-    }
-    for (int r = 0; r < kPDRows; ++r) {
-      vstore<T>(S + r * ld + c, acc[r][0] * inv_t);
-      vstore<T>(S + r * ld + c + L, acc[r][1] * inv_t);
-    }
-  }
-}
-
-// G[r*Dp + d] = sum_{j < M} S[r*ld + j] * Xp[j*Dp + d] for r < kPDRows, d < Dp (Dp a multiple of
-// one vector; Xp: the rows zero-padded to Dp), summed over j in order.
-template <typename T>
-LD_INLINE void pd_block_combine(const T* __restrict S, int64_t ld, const T* __restrict Xp, int64_t M, int64_t Dp,
-                                T* __restrict G) {
-  using V = typename VecT<T>::type;
-  constexpr int L = Lanes<T>::value;
-  int64_t c = 0;
-  for (; c + 2 * L <= Dp; c += 2 * L) {
-    V acc[kPDRows][2];
-    for (int r = 0; r < kPDRows; ++r) acc[r][0] = acc[r][1] = V{};
-    for (int64_t j = 0; j < M; ++j) {
-      const V x0 = vload<T>(Xp + j * Dp + c), x1 = vload<T>(Xp + j * Dp + c + L);
-      for (int r = 0; r < kPDRows; ++r) {
-        const T w = S[r * ld + j];
-        acc[r][0] += w * x0;
-        acc[r][1] += w * x1;
-      }
-    }
-    for (int r = 0; r < kPDRows; ++r) {
-      vstore<T>(G + r * Dp + c, acc[r][0]);
-      vstore<T>(G + r * Dp + c + L, acc[r][1]);
-    }
-  }
-  for (; c < Dp; c += L) {
-    V acc[kPDRows];
-    for (int r = 0; r < kPDRows; ++r) acc[r] = V{};
-    for (int64_t j = 0; j < M; ++j) {
-      const V x0 = vload<T>(Xp + j * Dp + c);
-      for (int r = 0; r < kPDRows; ++r) acc[r] += S[r * ld + j] * x0;
-    }
-    for (int r = 0; r < kPDRows; ++r) vstore<T>(G + r * Dp + c, acc[r]);
-  }
+  tile_combine<T>(A, 1, D, Xt, D, kPDRows, ld, ld, S);
+  for (int64_t k = 0; k < kPDRows * ld; ++k) S[k] *= inv_t;
 }
 
 // Load rows [i0, i0 + kPDRows) of x into A (D columns), zero past M.
@@ -542,7 +492,8 @@ LD_INLINE void pd_backward_task_impl(const T* x, const T* Xt, const T* Xp, int64
       }
       for (int64_t j = 0; j < ld; ++j) s[j] = T(0);
     }
-    pd_block_combine<T>(S.data(), ld, Xp, M, Dp, G.data());
+    // G[r*Dp + d] = sum_{j < M} S[r*ld + j] * Xp[j*Dp + d] (Xp: rows zero-padded to Dp), j in order
+    tile_combine<T>(S.data(), 1, ld, Xp, M, kPDRows, Dp, Dp, G.data());
     for (int64_t r = 0; r < kPDRows && i0 + r < M; ++r) {
       const int64_t i = i0 + r;
       T* gxi = gx + i * D;
