@@ -60,32 +60,46 @@ __device__ __forceinline__ acc_t neg_inf() {
 // Fixed tree over the threads of the block (blockDim.x a power of two); every thread gets the
 // result. `buf` holds blockDim.x elements; the function ends with a barrier so `buf` may be reused.
 
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* buf) {
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return dev_max(a, b); }
+};
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return b < a ? b : a; }
+};
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* buf, Op op) {
   const int t = threadIdx.x;
   buf[t] = v;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (t < s) buf[t] += buf[t + s];
+    if (t < s) buf[t] = op(buf[t], buf[t + s]);
     __syncthreads();
   }
-  const acc_t r = buf[0];
+  const T r = buf[0];
   __syncthreads();
   return r;
 }
 
 template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* buf) {
+  return block_reduce(v, buf, SumOp{});
+}
+
+template <typename acc_t>
 __device__ acc_t block_max(acc_t v, acc_t* buf) {
-  const int t = threadIdx.x;
-  buf[t] = v;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (t < s) buf[t] = dev_max(buf[t], buf[t + s]);
-    __syncthreads();
-  }
-  const acc_t r = buf[0];
-  __syncthreads();
-  return r;
+  return block_reduce(v, buf, MaxOp{});
+}
+
+template <typename T>
+__device__ T block_min(T v, T* buf) {
+  return block_reduce(v, buf, MinOp{});
 }
 
 // out[b * L + i] = sum_{t < T} part[(b * T + t) * L + i], summed in order t = 0, 1, ... (so the

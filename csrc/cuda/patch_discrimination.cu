@@ -32,21 +32,6 @@ __device__ __forceinline__ acc_t row_dot(const acc_t* xi, const scalar_t* __rest
   return s;
 }
 
-// Smallest v over the block (fixed tree); every thread gets it. `buf` holds blockDim.x ints; ends
-// with a barrier so `buf` may be reused.
-__device__ int block_min_int(int v, int* buf) {
-  const int t = threadIdx.x;
-  buf[t] = v;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (t < s) buf[t] = min(buf[t], buf[t + s]);
-    __syncthreads();
-  }
-  const int r = buf[0];
-  __syncthreads();
-  return r;
-}
-
 // Row statistics of row i over j != i; every thread gets them: mx, its first arg-max am,
 // rest = sum_{j != i, am} q_ij + 1e-10 exp(-mx) (without the arg-max term, so no cancellation)
 // and W = rest + 1. Each thread keeps its own maximum, first arg-max and the sum of its other
@@ -70,7 +55,7 @@ __device__ void row_softmax_stats(const acc_t* xi, const scalar_t* __restrict__ 
     }
   }
   const acc_t MX = block_max(mx, buf);
-  const int AM = block_min_int(mx == MX ? am : static_cast<int>(M), reinterpret_cast<int*>(buf));
+  const int AM = block_min(mx == MX ? am : static_cast<int>(M), reinterpret_cast<int*>(buf));
   acc_t part = rt * acc_t(0);  // 0, or NaN after a NaN logit
   if (am < M) part = (am == AM ? rt : rt + acc_t(1)) * dev_exp(mx - MX);
   const acc_t total = block_sum(part, buf);
