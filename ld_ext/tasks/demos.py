@@ -288,7 +288,6 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
         instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
         d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS,
     )
-    md = sg.write_results(d, res, images, masks, priors)
     # context for reading the Dice values: how well the whole brain (a blob enclosing the white
     # matter) would score, and how much of the guided cluster 0 is just that blob
     brain = (mni_slices("gm", zs, size) + mni_slices("wm", zs, size)) > 0.5
@@ -298,13 +297,13 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
         "guided_a0_vs_brain_mask": common.dice(a0, brain),
         "guided_S0_vs_brain_mask": common.dice(s0, brain),
     }
-    md += (
+    note = (
         "\nContext (not a method): the whole-brain mask (GM + WM > 0.5) scores Dice "
         f"{context['brain_mask_vs_white_matter']:.3f} against the white matter; the guided cluster 0 overlaps "
         f"that brain mask with Dice {context['guided_a0_vs_brain_mask']:.3f} (a > 0.5) and "
         f"{context['guided_S0_vs_brain_mask']:.3f} (S > 0.5).\n"
     )
-    common.atomic_write_text(d / "results.md", md)
+    md = sg.write_results(d, res, images, masks, priors, note=note)
     common.atomic_write_json(d / "context.json", context)
     print(md)
     return {"markdown": md}

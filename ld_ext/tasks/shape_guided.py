@@ -255,7 +255,7 @@ def evaluate_clusters(a: np.ndarray, S: np.ndarray, masks: np.ndarray) -> dict:
 
 def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n_show: int = 4, guided_a=None) -> None:
     """Columns: ``n_show`` images. Rows: image, guided a[:, 0] (if given), guided S[0], plain LD's
-    best S[k], and one augmented-free prior each; red contours: ground truth (if given)."""
+    best S[k], and one prior each (as loaded, not augmented); red contours: ground truth (if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,14 +318,15 @@ def shape_guided_experiment(
             instance_noise=instance_noise, d_spectral_norm=d_spectral_norm,
         )
         rec = {"seed": seed + r, "final_adv_g": final_adversarial_loss(hist)}
+        maps = None
         if masks is not None:
-            a_r, s_r = soft_segmentation(model, images)
-            rec["dice_cluster0_a"] = common.dice(a_r[:, 0] > 0.5, masks)
-            rec["dice_cluster0_S"] = common.dice(s_r[:, 0] > 0.5, masks)
+            maps = soft_segmentation(model, images)
+            rec["dice_cluster0_a"] = common.dice(maps[0][:, 0] > 0.5, masks)
+            rec["dice_cluster0_S"] = common.dice(maps[1][:, 0] > 0.5, masks)
         out["restarts"].append(rec)
         if best is None or rec["final_adv_g"] < best[2]["final_adv_g"]:
-            best = (model, hist, rec)
-    guided, hg, chosen = best
+            best = (model, hist, rec, maps)
+    guided, hg, chosen, guided_maps = best
     out["chosen_seed"] = chosen["seed"]
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -336,7 +337,7 @@ def shape_guided_experiment(
     out["seconds_plain"] = time.perf_counter() - t0
     out["n_clusters"] = guided.n_clusters
     out["final_losses"] = {"guided": hg[-1], "plain": hp[-1]}
-    ag, sg = soft_segmentation(guided, images)
+    ag, sg = guided_maps if guided_maps is not None else soft_segmentation(guided, images)
     ap, sp = soft_segmentation(plain, images)
     out["_maps"] = (ag, sg, ap, sp)
     out["_models"] = (guided, plain)
@@ -378,7 +379,8 @@ def results_markdown(res: dict) -> str:
     return md
 
 
-def write_results(out: Path, res: dict, images, masks, priors) -> str | None:
+def write_results(out: Path, res: dict, images, masks, priors, note: str = "") -> str | None:
+    """Checkpoints, results.json, the picture and (with masks) results.md, with ``note`` appended."""
     from ..checkpoint import save_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
@@ -389,7 +391,7 @@ def write_results(out: Path, res: dict, images, masks, priors) -> str | None:
     md = None
     best = 0
     if "dice" in res:
-        md = results_markdown(res)
+        md = results_markdown(res) + note
         common.atomic_write_text(out / "results.md", md)
         best = res["dice"]["plain_best_S_cluster"]
     common.atomic_write_json(out / "results.json", {k: v for k, v in res.items() if not k.startswith("_")})
