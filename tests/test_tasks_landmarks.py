@@ -185,6 +185,63 @@ def test_ncc_map_matches_brute_force_and_locates():
     assert torch.allclose(both[0], m) and torch.allclose(both[1], lm.ncc_map(img, patches[1]))
 
 
+def _shift_field(field: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """out(x, y) = field(x - dx, y - dy), bicubic (a known sub-pixel translation)."""
+    h, w = field.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([(2 * (xx - dx) + 1) / w - 1, (2 * (yy - dy) + 1) / h - 1], -1)[None]
+    return F.grid_sample(field, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def test_gauss_newton_recovers_a_subpixel_shift_of_a_descriptor_field():
+    e = F.interpolate(torch.randn(1, 6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+                      size=(40, 40), mode="bicubic")
+    e = e / e.norm(dim=1, keepdim=True)  # unit descriptors, as the matchers give
+    pts = np.array([[12.0, 15.0], [25.0, 20.0], [18.0, 28.0]])
+    protos = lm._sample(e, torch.as_tensor(pts))
+    dx, dy = 0.37, -0.21
+    target = _shift_field(e, dx, dy)
+    start = np.round(pts + [dx, dy])
+    got = lm.refine_gauss_newton(target, protos, start)
+    assert np.abs(got - (pts + [dx, dy])).max() < 0.06
+    # every step stays within max_offset of the integer start
+    far = lm.refine_gauss_newton(target, protos, start + [3.0, 0.0], max_offset=1.0)
+    assert (np.abs(far - (start + [3.0, 0.0])) <= 1.0 + 1e-12).all()
+    # through the search: features are required, the map methods refuse to pretend
+    maps = torch.einsum("mc,chw->mhw", protos, target[0])
+    near = lm.search_near(maps, start, 2.0, "gauss-newton", (target, protos))
+    assert np.abs(near - (pts + [dx, dy])).max() < 0.06
+    with pytest.raises(ValueError, match="needs features"):
+        lm.search_near(maps, start, 2.0, "gauss-newton")
+    with pytest.raises(ValueError, match="refine_gauss_newton"):
+        lm.subpixel_peak(maps[0], 15, 12, "gauss-newton")
+
+
+def test_ncc_patch_field_inner_products_are_the_ncc_maps():
+    img = F.interpolate(torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+                        size=(24, 21), mode="bicubic")[0, 0]
+    field = lm.ncc_patch_field(img, 3)
+    assert field.shape == (1, 49, 24, 21)
+    pts = np.array([[7.0, 9.0], [14.0, 12.0]])
+    ref = lm.ncc_score_maps(img.numpy(), pts, img.numpy(), 3)
+    protos = field[0, :, [9, 12], [7, 14]].t()
+    got = torch.einsum("mc,chw->mhw", protos, field[0])
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_ncc_gauss_newton_locates_a_subpixel_shift():
+    smooth = F.interpolate(torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)),
+                           size=(40, 40), mode="bicubic")
+    pts = np.array([[14.0, 15.0], [25.0, 17.0], [20.0, 26.0], [13.0, 25.0]])
+    dx, dy = 0.4, 0.3
+    target = _shift_field(smooth, dx, dy)[0, 0].numpy()
+    gn = lm.ncc_locate(smooth[0, 0].numpy(), pts, target, 5, subpixel="gauss-newton")
+    quad = lm.ncc_locate(smooth[0, 0].numpy(), pts, target, 5, subpixel="quadratic")
+    err_gn = np.linalg.norm(gn - (pts + [dx, dy]), axis=1).max()
+    assert err_gn < 0.08
+    assert err_gn < np.linalg.norm(quad - (pts + [dx, dy]), axis=1).max()
+
+
 def test_rectify_and_two_stage_locate_undo_a_rotation():
     smooth = F.interpolate(torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3)),
                            size=(48, 48), mode="bicubic")[0, 0].numpy()
@@ -204,6 +261,12 @@ def test_rectify_and_two_stage_locate_undo_a_rotation():
     out, info = lm.locate_image(fn, target, pts, smooth.shape, window=3.0)
     assert info["affine"] is not None
     assert np.linalg.norm(out - true, axis=1).max() < 0.5
+    # further passes through the refitted affine: no worse here, and the affine moves towards b
+    out3, info3 = lm.locate_image(fn, target, pts, smooth.shape, window=3.0, passes=3)
+    assert np.linalg.norm(out3 - true, axis=1).max() < 0.5
+    assert np.abs(info3["affine"] - b).max() <= np.abs(info["affine"] - b).max() + 0.05
+    with pytest.raises(ValueError, match="passes"):
+        lm.LandmarkLocator(passes=0)
 
 
 def test_paired_difference():
@@ -263,6 +326,11 @@ def test_cli_predict_and_evaluate(tmp_path):
     assert methods[:2] == ["LD centre-sensitive", "LD uniform pooling"] and any(m.startswith("NCC") for m in methods)
     assert out.with_suffix(".png").stat().st_size > 0
     assert res["centre_term"]["steps"] == 1
+    assert res["search"]["subpixel"] == "gauss-newton"  # the default sub-pixel step
+    args.subpixel, args.evaluate, args.centre_term_steps = "quadratic", 0, 0
+    assert lm.run(args) == 0
+    quad = json.loads(out.read_text())
+    assert quad["search"]["subpixel"] == "quadratic" and set(quad["predictions"]["x.png"]) == {"blob", "corner"}
     (tmp_path / "bad.json").write_text(json.dumps({"far": [100, 3]}))
     args.points = str(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="inside the template"):
