@@ -43,6 +43,7 @@ def test_quick_landmark_demo_with_given_checkpoint(tmp_path):
     args = p.parse_args(["--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--quick", "--task-size", "32"])
     assert demos.run_task_demo("landmark", args) == 0
     res = json.loads((tmp_path / "o" / "landmark" / "results.json").read_text())
+    assert set(res["rows"]) == {"mild", "hard", "cross-slice"}
     methods = [r["method"] for r in res["rows"]["hard"]]
     assert "LD+term centre-sensitive" in methods and "NCC 17x17" in methods
     assert (tmp_path / "o" / "landmark" / "landmarks.png").stat().st_size > 0
