@@ -201,6 +201,31 @@ inline Tile make_tile(int cp, int64_t D, int64_t K) {
   return Tile{cp, static_cast<int>(D), static_cast<int>(K), static_cast<int>(D + 1), static_cast<int>(K + 1)};
 }
 
+// Writes the embedding gradient of one chunk, ge_n[d * P + p0 + j] for j < np, from the gradient
+// GE with respect to the (normalised) tile E: with normalize, e = z / (m + eps) and
+// dL/dz = (g_e - e (e . g_e) (m + eps) / m) / (m + eps), DE[j] = e_j . g_e,j, M[j] = m (the
+// projection term is 0 when m == 0). Used by every kernel that reads z through a tile.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_grad_emb(scalar_t* __restrict__ ge_n, int64_t P, int64_t p0, int np,
+                                               const Tile& tl, bool normalize, const acc_t* GE, const acc_t* E,
+                                               const acc_t* M, const acc_t* DE) {
+  const int cp = tl.cp;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
+    const int d = i / cp;
+    const int j = i - d * cp;
+    if (j >= np) continue;
+    acc_t v = GE[j * tl.ds + d];
+    if (normalize) {
+      const acc_t m = M[j];
+      const acc_t den = m + eps;
+      if (m > acc_t(0)) v -= E[j * tl.ds + d] * DE[j] * den / m;
+      v = v / den;
+    }
+    ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
+  }
+}
+
 inline at::ScalarType out_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }

@@ -56,6 +56,33 @@ __device__ __forceinline__ void load_prototypes(const scalar_t* __restrict__ pro
   }
 }
 
+// L[j*ks + k] = <proto_k, e_j> / tau for every pixel j of the chunk (past-the-end pixels have
+// e = 0), then the softmax statistics MX[j] = max_k L and SU[j] = sum_k exp(L - MX). Ends with a
+// barrier.
+template <typename acc_t>
+__device__ __forceinline__ void chunk_logits(const Tile& tl, acc_t tau, const acc_t* Ps, const acc_t* E, acc_t* L,
+                                             acc_t* MX, acc_t* SU) {
+  const int cp = tl.cp;
+  for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
+    const int j = i / tl.K;
+    const int k = i - j * tl.K;
+    acc_t s = 0;
+    for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
+    L[j * tl.ks + k] = s / tau;
+  }
+  __syncthreads();
+  if (threadIdx.x < cp) {
+    const int j = threadIdx.x;
+    acc_t mx = neg_inf<acc_t>();
+    for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, L[j * tl.ks + k]);
+    acc_t s = 0;
+    for (int k = 0; k < tl.K; ++k) s += dev_exp(L[j * tl.ks + k] - mx);
+    MX[j] = mx;
+    SU[j] = s;
+  }
+  __syncthreads();
+}
+
 // Grid: N * T blocks; block b: image n = b / T, chunks t, t + T, ...
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* __restrict__ emb,
@@ -85,24 +112,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
     __syncthreads();
     load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);
-    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
-      const int j = i / tl.K;
-      const int k = i - j * tl.K;
-      acc_t s = 0;
-      for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
-      L[j * tl.ks + k] = s / tau;
-    }
-    __syncthreads();
-    if (threadIdx.x < cp) {
-      const int j = threadIdx.x;
-      acc_t mx = neg_inf<acc_t>();
-      for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, L[j * tl.ks + k]);
-      acc_t s = 0;
-      for (int k = 0; k < tl.K; ++k) s += dev_exp(L[j * tl.ks + k] - mx);
-      MX[j] = mx;
-      SU[j] = s;
-    }
-    __syncthreads();
+    chunk_logits<acc_t>(tl, tau, Ps, E, L, MX, SU);
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
@@ -142,7 +152,6 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
   const scalar_t* e_n = emb + n * D * P;
   const scalar_t* g_n = grad_out + n * K * P;
   scalar_t* ge_n = grad_emb + n * D * P;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
   load_prototypes<scalar_t, acc_t>(per_image ? proto + n * K * D : proto, tl, Ps);
   for (int i = threadIdx.x; i < KD; i += blockDim.x) accs[i] = 0;
 
@@ -158,24 +167,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);  // ends with a barrier
     // Recompute S in the accumulation type from e and the prototypes (more accurate than the
     // saved output, which is rounded to the input dtype, and no extra pass over memory).
-    for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
-      const int j = i / tl.K;
-      const int k = i - j * tl.K;
-      acc_t s = 0;
-      for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
-      SS[j * tl.ks + k] = s / tau;
-    }
-    __syncthreads();
-    if (threadIdx.x < cp) {
-      const int j = threadIdx.x;
-      acc_t mx = neg_inf<acc_t>();
-      for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, SS[j * tl.ks + k]);
-      acc_t se = 0;
-      for (int k = 0; k < tl.K; ++k) se += dev_exp(SS[j * tl.ks + k] - mx);
-      MX[j] = mx;
-      SU[j] = se;
-    }
-    __syncthreads();
+    chunk_logits<acc_t>(tl, tau, Ps, E, SS, MX, SU);
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
@@ -218,19 +210,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
       DE[j] = s;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
-      const int d = i / cp;
-      const int j = i - d * cp;
-      if (j >= np) continue;
-      acc_t v = GE[j * tl.ds + d];
-      if (normalize) {
-        const acc_t m = M[j];
-        const acc_t den = m + eps;
-        if (m > acc_t(0)) v -= E[j * tl.ds + d] * DE[j] * den / m;
-        v = v / den;
-      }
-      ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
-    }
+    store_grad_emb<scalar_t, acc_t>(ge_n, P, p0, np, tl, normalize, GE, E, M, DE);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < KD; i += blockDim.x) part[b * KD + i] = accs[i];

@@ -261,7 +261,6 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
   const scalar_t* s_n = asg + n * K * P;
   scalar_t* ge_n = grad_emb + n * D * P;
   scalar_t* gs_n = grad_asg + n * K * P;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
 
   for (int i = threadIdx.x; i < tl.K * tl.D; i += blockDim.x) {
     const int k = i / tl.D;
@@ -311,19 +310,7 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
       }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < tl.D * cp; i += blockDim.x) {
-      const int d = i / cp;
-      const int j = i - d * cp;
-      if (j >= np) continue;
-      acc_t v = GE[j * tl.ds + d];
-      if (normalize) {
-        const acc_t m = M[j];
-        const acc_t den = m + eps;
-        if (m > acc_t(0)) v -= E[j * tl.ds + d] * DE[j] * den / m;
-        v = v / den;
-      }
-      ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
-    }
+    store_grad_emb<scalar_t, acc_t>(ge_n, P, p0, np, tl, normalize, GE, E, M, DE);
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
