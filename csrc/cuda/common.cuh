@@ -201,6 +201,17 @@ inline Tile make_tile(int cp, int64_t D, int64_t K) {
   return Tile{cp, static_cast<int>(D), static_cast<int>(K), static_cast<int>(D + 1), static_cast<int>(K + 1)};
 }
 
+// Softmax statistics of one row of K logits x[0..K): *mx = max_k x, *su = sum_k exp(x - max).
+template <typename acc_t>
+__device__ __forceinline__ void softmax_stats(const acc_t* x, int K, acc_t* mx, acc_t* su) {
+  acc_t m = neg_inf<acc_t>();
+  for (int k = 0; k < K; ++k) m = dev_max(m, x[k]);
+  acc_t s = 0;
+  for (int k = 0; k < K; ++k) s += dev_exp(x[k] - m);
+  *mx = m;
+  *su = s;
+}
+
 // Writes the embedding gradient of one chunk, ge_n[d * P + p0 + j] for j < np, from the gradient
 // GE with respect to the (normalised) tile E: with normalize, e = z / (m + eps) and
 // dL/dz = (g_e - e (e . g_e) (m + eps) / m) / (m + eps), DE[j] = e_j . g_e,j, M[j] = m (the

@@ -71,15 +71,7 @@ __device__ __forceinline__ void chunk_logits(const Tile& tl, acc_t tau, const ac
     L[j * tl.ks + k] = s / tau;
   }
   __syncthreads();
-  if (threadIdx.x < cp) {
-    const int j = threadIdx.x;
-    acc_t mx = neg_inf<acc_t>();
-    for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, L[j * tl.ks + k]);
-    acc_t s = 0;
-    for (int k = 0; k < tl.K; ++k) s += dev_exp(L[j * tl.ks + k] - mx);
-    MX[j] = mx;
-    SU[j] = s;
-  }
+  if (threadIdx.x < cp) softmax_stats<acc_t>(L + threadIdx.x * tl.ks, tl.K, MX + threadIdx.x, SU + threadIdx.x);
   __syncthreads();
 }
 

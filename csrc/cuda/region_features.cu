@@ -65,12 +65,7 @@ __device__ __forceinline__ void pixel_scalars(const Tile& tl, bool normalize, in
     for (int k = 0; k < tl.K; ++k) u += A[j * tl.ks + k];
     U[j] = u;
   } else if (mode == kSoftmax) {
-    acc_t mx = neg_inf<acc_t>();
-    for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, A[j * tl.ks + k]);
-    acc_t u = 0;
-    for (int k = 0; k < tl.K; ++k) u += dev_exp(A[j * tl.ks + k] - mx);
-    MX[j] = mx;
-    U[j] = u;
+    softmax_stats<acc_t>(A + j * tl.ks, tl.K, MX + j, U + j);
   }
 }
 
