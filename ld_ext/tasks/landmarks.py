@@ -284,6 +284,13 @@ def apply_affine(b: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return np.asarray(pts, dtype=np.float64) @ b[:2] + b[2]
 
 
+def _admissible(lin: np.ndarray, max_scale: float = 2.0) -> np.ndarray:
+    """Whether linear parts (..., 2, 2) keep orientation (det > 0) and have both singular values
+    in [1/max_scale, max_scale]."""
+    sv = np.linalg.svd(lin, compute_uv=False)
+    return (np.linalg.det(lin) > 0) & (sv[..., 0] <= max_scale) & (sv[..., 1] >= 1.0 / max_scale)
+
+
 def robust_affine(
     points: np.ndarray, cand_xy: np.ndarray, cand_score: np.ndarray, tol: float = 4.0, n_hyp: int = 512,
     max_scale: float = 2.0, seed: int = 0,
@@ -314,9 +321,7 @@ def robust_affine(
         return None
     x, y = x[ok], cand_xy[tri[ok], ci[ok]]
     b = np.linalg.solve(x, y)  # (n, 3, 2)
-    lin = b[:, :2, :]
-    sv = np.linalg.svd(lin, compute_uv=False)
-    ok = (np.linalg.det(lin) > 0) & (sv[:, 0] <= max_scale) & (sv[:, 1] >= 1.0 / max_scale)
+    ok = _admissible(b[:, :2, :], max_scale)
     if not ok.any():
         return None
     b = b[ok]
@@ -383,9 +388,13 @@ def _peak_positions(maps: torch.Tensor, idx: torch.Tensor, subpixel: str, featur
     return out
 
 
-def _admissible(lin: np.ndarray, max_scale: float = 2.0) -> bool:
-    sv = np.linalg.svd(lin, compute_uv=False)
-    return bool(np.linalg.det(lin) > 0 and sv[0] <= max_scale and sv[1] >= 1.0 / max_scale)
+def _refit_affine(points: np.ndarray, found: np.ndarray, inliers: np.ndarray) -> np.ndarray | None:
+    """The least-squares affine from the template ``points`` to the ``found`` positions of the
+    ``inliers`` (both (M, 2)), or None with fewer than 3 inliers or an inadmissible fit."""
+    if inliers.sum() < 3:
+        return None
+    b = fit_affine(points[inliers], found[inliers])
+    return b if _admissible(b[:2]) else None
 
 
 def search_near(
@@ -421,18 +430,17 @@ def locate_in_maps(
         raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
     info: dict = {"affine": None, "inliers": None}
     if search == "consistent":
+        pts = np.asarray(points, dtype=np.float64)
         cxy, csc = peak_candidates(maps, top_k)
-        fit = robust_affine(np.asarray(points, dtype=np.float64), cxy, csc, tol=tol, seed=seed)
+        fit = robust_affine(pts, cxy, csc, tol=tol, seed=seed)
         if fit is not None:
-            pts = np.asarray(points, dtype=np.float64)
             info["affine"], info["inliers"] = fit
             out = search_near(maps, apply_affine(fit[0], pts), window, subpixel, features)
             # the affine again, from the sub-pixel positions of its inliers (the RANSAC fit saw
             # whole-pixel candidates only)
-            if fit[1].sum() >= 3:
-                b = fit_affine(pts[fit[1]], out[fit[1]])
-                if _admissible(b[:2]):
-                    info["affine"] = b
+            b = _refit_affine(pts, out, fit[1])
+            if b is not None:
+                info["affine"] = b
             return out, info
     return _peak_positions(maps, maps.flatten(1).argmax(1), subpixel, features), info
 
@@ -477,19 +485,15 @@ def locate_image(score_fn, image: np.ndarray, points: np.ndarray, template_shape
     out, info = locate_in_maps(maps1, points, features=feats1, **search)
     if rectified and info["affine"] is not None:
         b = info["affine"]
+        window, subpixel = search.get("window", DEFAULT_WINDOW), search.get("subpixel", "quadratic")
         for k in range(int(passes)):
             if k:
-                inl = info["inliers"]
-                if inl.sum() < 3:
+                b = _refit_affine(points, out, info["inliers"])
+                if b is None:
                     break
-                b_new = fit_affine(points[inl], out[inl])
-                if not _admissible(b_new[:2]):
-                    break
-                b = info["affine"] = b_new
+                info["affine"] = b
             maps2, feats2 = _split(score_fn(rectify(image, b, template_shape)))
-            window, subpixel = search.get("window", DEFAULT_WINDOW), search.get("subpixel", "quadratic")
-            q = search_near(maps2, points, window, subpixel, feats2)
-            out = apply_affine(b, q)
+            out = apply_affine(b, search_near(maps2, points, window, subpixel, feats2))
     return out, info
 
 
@@ -549,10 +553,7 @@ class LandmarkLocator:
     @torch.no_grad()
     def score_maps(self, target_emb: torch.Tensor) -> torch.Tensor:
         """Cosine maps (M, H, W) of the landmark descriptors over one target (fused op)."""
-        if self.protos is None:
-            raise RuntimeError("call fit() first")
-        desc = pooled_descriptors(target_emb, self.radii, self.mode, self.sigma_frac)
-        return cosine_maps(desc, self.protos.to(desc.dtype))[0]
+        return _split(self.match(target_emb))[0]
 
     @torch.no_grad()
     def match(self, target_emb: torch.Tensor):
@@ -633,15 +634,19 @@ def ncc_score_maps(template: np.ndarray, points: np.ndarray, target: np.ndarray,
     return ncc_maps(tgt, patches)
 
 
+def _zero_mean_unit(u: torch.Tensor, dim: int) -> torch.Tensor:
+    """``u`` minus its mean along ``dim``, divided by its norm (+1e-8) along ``dim``."""
+    u = u - u.mean(dim, keepdim=True)
+    return u / (u.norm(dim=dim, keepdim=True) + 1e-8)
+
+
 def ncc_patch_field(image: np.ndarray | torch.Tensor, half: int) -> torch.Tensor:
     """The (2*half+1)^2 intensity patch around every pixel of ``image`` (H, W), zero-mean and
     unit-norm: (1, (2*half+1)^2, H, W) (reflect padding). The inner product of two such patches
     is their NCC, so this is the descriptor field of the NCC matcher."""
     t = torch.as_tensor(np.asarray(image, dtype=np.float64))[None, None]
     k = 2 * half + 1
-    u = F.unfold(F.pad(t, (half,) * 4, mode="reflect"), k)  # (1, k*k, H*W)
-    u = u - u.mean(1, keepdim=True)
-    u = u / (u.norm(dim=1, keepdim=True) + 1e-8)
+    u = _zero_mean_unit(F.unfold(F.pad(t, (half,) * 4, mode="reflect"), k), 1)  # (1, k*k, H*W)
     return u.reshape(1, k * k, *t.shape[-2:])
 
 
@@ -654,9 +659,7 @@ def ncc_locate(
     pts = np.asarray(points, dtype=np.float64)
     if search.get("subpixel") == "gauss-newton":
         tmpl = torch.as_tensor(np.asarray(template, dtype=np.float64))
-        protos = torch.stack([_patch(tmpl, x, y, half).flatten() for x, y in pts])
-        protos = protos - protos.mean(1, keepdim=True)
-        protos = protos / (protos.norm(dim=1, keepdim=True) + 1e-8)
+        protos = _zero_mean_unit(torch.stack([_patch(tmpl, x, y, half).flatten() for x, y in pts]), 1)
         fn = lambda img: (ncc_score_maps(template, pts, img, half), (ncc_patch_field(img, half), protos))  # noqa: E731
     else:
         fn = lambda img: ncc_score_maps(template, pts, img, half)  # noqa: E731
