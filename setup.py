@@ -6,6 +6,7 @@ Environment knobs:
   LD_EXT_NO_CUDA=1      never compile the CUDA sources
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default here: "8.0;9.0")
   LD_EXT_DEBUG=1        -O0 -g builds
+  LD_EXT_PTXAS_VERBOSE=1  print ptxas' per-kernel resource report (registers, shared memory, spills)
 """
 import glob
 import os
@@ -43,6 +44,8 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         # No fast-math: the kernels must match the float64 reference within the dtype's rounding.
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        if os.environ.get("LD_EXT_PTXAS_VERBOSE", "0") == "1":
+            nvcc += ["-Xptxas", "-v"]
         # The CUDA sources include only c10/cuda headers (not ATen/cuda/CUDAContext.h), so a bare
         # CUDA toolkit without cuBLAS/cuSPARSE headers is enough to build them.
         return CUDAExtension(

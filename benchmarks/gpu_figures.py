@@ -99,6 +99,53 @@ def _peak_extra_bytes(step, e, s) -> int:
     return peak - base - grads
 
 
+def _kernel_breakdown(step, reps: int = 3) -> list[dict]:
+    """Per-kernel device time (microseconds per step) of `step`, from torch.profiler (CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us and us > 0:
+            rows.append({"kernel": evt.key[:110], "us_per_step": us / reps, "calls_per_step": evt.count / reps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:14]
+
+
+def _fused_correctness(fused, e, s) -> dict:
+    """Relative errors of the fused fp32 loss and gradients at the benchmark size vs float64."""
+    from ld_ext import reference as R
+
+    def run(fn, ee, ss):
+        ee = ee.detach().clone().requires_grad_()
+        ss = ss.detach().clone().requires_grad_()
+        l_rd, l_ent = fn(ee, ss)
+        (10 * l_rd + 0.1 * l_ent).backward()
+        return [l_rd.detach(), l_ent.detach(), ee.grad, ss.grad]
+
+    def ref(ee, ss):
+        return R.region_discrimination_loss(ee, ss, temperature=TAU, normalize=True, assignment="sigmoid",
+                                            return_entropy=True)
+
+    got = run(fused, e, s)
+    want = run(ref, e.double(), s.double())
+    out = {}
+    for name, g, w in zip(["loss_rd", "loss_ent", "grad_e", "grad_s"], got, want):
+        g = g.double()
+        out[name] = float("inf") if not torch.isfinite(g).all() else ((g - w).norm() / w.norm()).item()
+    del want
+    torch.cuda.empty_cache()
+    return out
+
+
 def measure(quick: bool = False) -> dict:
     import ld_ext
     from ld_ext import reference as R
@@ -123,7 +170,10 @@ def measure(quick: bool = False) -> dict:
                                                       return_entropy=True)
 
     e, s = _inputs(torch.float32)
+    res["fused_fp32_rel_err"] = _fused_correctness(fused, e, s)
     res["fused_fp32_ms"] = _time_ms(_loss_step(fused, e, s), warm, iters)
+    res["fused_fp32_fwd_ms"] = _time_ms(lambda: fused(e.detach(), s.detach()), warm, iters)
+    res["fused_fp32_kernels"] = _kernel_breakdown(_loss_step(fused, e, s))
     res["fused_fp32_extra_mib"] = _peak_extra_bytes(_loss_step(fused, e, s), e, s) / 2**20
     nbytes = 4 * N * (D + K) * H * W * e.element_size()
     res["fused_fp32_bw"] = nbytes / (res["fused_fp32_ms"] * 1e-3)
@@ -151,6 +201,7 @@ def measure(quick: bool = False) -> dict:
     del e, s
     torch.cuda.empty_cache()
     res["fused_bf16_ms"] = _time_ms(_loss_step(fused, eb, sb), warm, iters)
+    res["fused_bf16_kernels"] = _kernel_breakdown(_loss_step(fused, eb, sb))
     del eb, sb
     torch.cuda.empty_cache()
 
@@ -169,6 +220,7 @@ def measure(quick: bool = False) -> dict:
 
     res["pcs_fused_ms"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
     res["pcs_eager_ms"] = _time_ms(pcs_step(R.pixel_cluster_similarity), warm, iters)
+    res["pcs_fused_kernels"] = _kernel_breakdown(pcs_step(ld_ext.pixel_cluster_similarity))
     return res
 
 
@@ -210,6 +262,15 @@ def table(res: dict) -> str:
     ]
     for name, got, target, ok in _targets(res):
         lines.append(f"| {name} | {got} | {target} | {'-' if ok is None else ('yes' if ok else 'NO')} |")
+    errs = res.get("fused_fp32_rel_err", {})
+    if errs:
+        lines.append("fused fp32 at this size vs float64 reference (rel. error): "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    lines.append(f"fused fp32 forward only: {res['fused_fp32_fwd_ms']:.3f} ms")
+    for key in ("fused_fp32_kernels", "fused_bf16_kernels", "pcs_fused_kernels"):
+        rows = res.get(key) or []
+        if rows:
+            lines.append(f"{key} (us/step): " + "; ".join(f"{r['kernel'][:48]} {r['us_per_step']:.0f}" for r in rows[:6]))
     if res.get("compiled_error"):
         lines.append(f"torch.compile failed: {res['compiled_error']}")
     return "\n".join(lines)
