@@ -195,6 +195,19 @@ def measure(quick: bool = False) -> dict:
         res["broadcast_fp32_ms"] = "OOM"
     torch.cuda.empty_cache()
 
+    # Chunk sizes of the register-blocked kernels (LD_EXT_CUDA_RB_*_CP; 0 = the general kernels),
+    # fwd+bwd time of the same fp32 loss; the defaults are what the figures above use.
+    variants = {}
+    for fwd_cp, bwd_cp in ((128, 64), (64, 64), (128, 32), (128, 128), (0, 0)):
+        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
+        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
+        try:
+            variants[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(_loss_step(fused, e, s), warm, iters)
+        finally:
+            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
+            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
+    res["fused_fp32_chunk_variants_ms"] = variants
+
     # Same values in bf16: the fused kernels read half the bytes and accumulate in fp32.
     eb = e.detach().to(torch.bfloat16).requires_grad_()
     sb = s.detach().to(torch.bfloat16).requires_grad_()
@@ -221,6 +234,16 @@ def measure(quick: bool = False) -> dict:
     res["pcs_fused_ms"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
     res["pcs_eager_ms"] = _time_ms(pcs_step(R.pixel_cluster_similarity), warm, iters)
     res["pcs_fused_kernels"] = _kernel_breakdown(pcs_step(ld_ext.pixel_cluster_similarity))
+    variants = {}
+    for fwd_cp, bwd_cp in ((128, 32), (64, 64), (0, 0)):
+        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
+        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
+        try:
+            variants[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
+        finally:
+            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
+            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
+    res["pcs_chunk_variants_ms"] = variants
     return res
 
 
@@ -267,6 +290,13 @@ def table(res: dict) -> str:
         lines.append("fused fp32 at this size vs float64 reference (rel. error): "
                      + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     lines.append(f"fused fp32 forward only: {res['fused_fp32_fwd_ms']:.3f} ms")
+    var = res.get("fused_fp32_chunk_variants_ms") or {}
+    if var:
+        lines.append("fused fp32 fwd+bwd by chunk (LD_EXT_CUDA_RB_FWD_CP/BWD_CP; 0 = general kernels), ms: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in var.items()))
+    var = res.get("pcs_chunk_variants_ms") or {}
+    if var:
+        lines.append("pcs fwd+bwd by chunk, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in var.items()))
     for key in ("fused_fp32_kernels", "fused_bf16_kernels", "pcs_fused_kernels"):
         rows = res.get(key) or []
         if rows:

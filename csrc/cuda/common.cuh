@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../ld_ext.h"
 
@@ -235,6 +236,62 @@ __device__ __forceinline__ void store_grad_emb(scalar_t* __restrict__ ge_n, int6
     }
     ge_n[d * P + p0 + j] = static_cast<scalar_t>(v);
   }
+}
+
+// Four accumulation-type values read or written together from shared memory (one 16-byte access
+// for float, two for double). Callers keep the address a multiple of 4 elements: every row stride
+// and array offset of the register-blocked kernels' shared memory is.
+template <typename T>
+struct alignas(16) Vec4 {
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec4<T> ld4(const T* p) {
+  return *reinterpret_cast<const Vec4<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void st4(T* p, const Vec4<T>& x) {
+  *reinterpret_cast<Vec4<T>*>(p) = x;
+}
+
+// Tile geometry of the register-blocked kernels: cp pixels per chunk (a power of two, 4..128),
+// channel rows of cs = cp + 4 elements (so that consecutive rows start 16 bytes apart modulo 128
+// and the 16-byte reads of a warp along the rows hit distinct banks), D and K padded to multiples
+// of 4 (DP, KP; the padding rows are zeros) and split into DQ = DP/4, KQ = KP/4 row classes: a
+// thread's 4x4 register block holds rows {q, q + DQ, q + 2 DQ, q + 3 DQ}.
+struct RBTile {
+  int cp;
+  int lcp;  // log2(cp)
+  int cs;
+  int D, K, DP, KP, DQ, KQ;
+};
+
+inline RBTile make_rb_tile(int cp, int64_t D, int64_t K) {
+  int lcp = 0;
+  while ((1 << lcp) < cp) ++lcp;
+  const int DP = static_cast<int>((D + 3) / 4 * 4), KP = static_cast<int>((K + 3) / 4 * 4);
+  return RBTile{cp, lcp, cp + 4, static_cast<int>(D), static_cast<int>(K), DP, KP, DP / 4, KP / 4};
+}
+
+// Plan of a register-blocked kernel: its tile, the offset of the arrays that follow the region
+// shared with the final reduction (region0, in elements) and its shared-memory bytes.
+// tile.cp == 0 means the fast path does not apply and the general kernels run.
+struct RBPlan {
+  RBTile tile;
+  int region0;
+  size_t bytes;
+};
+
+inline RBPlan rb_none() { return RBPlan{RBTile{0, 0, 0, 0, 0, 0, 0, 0, 0}, 0, 0}; }
+
+// Cap on the register-blocked kernels' chunk from an environment variable (a tuning knob for
+// benchmarks: LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP; 0 forces the general kernels).
+inline int env_cap(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return std::max(0, std::min(128, std::atoi(v)));
 }
 
 inline at::ScalarType out_type(at::ScalarType t) {

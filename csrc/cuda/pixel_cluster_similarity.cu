@@ -208,6 +208,311 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
   for (int i = threadIdx.x; i < KD; i += blockDim.x) part[b * KD + i] = accs[i];
 }
 
+// ------------------------------------------------------------------ register-blocked fast path
+// Used when the prototype gradient's 4x4 output blocks fit one per thread ((KP/4) * (DP/4) <= 256)
+// and the tiles fit in shared memory; the kernels above are the general fallback. Channels are
+// rows of pixels in shared memory (RBTile); the logits, g_e and the prototype gradient are 4x4
+// register-blocked products fed by 16-byte shared-memory reads; per-pixel work (norms, softmax,
+// the normalisation's backward) runs one thread per pixel with coalesced global stores.
+
+// Z[d*cs + j] = z[d, p0 + j] (0 for padding rows and pixels >= np); with G, also
+// G[k*cs + j] = grad_out[k, p0 + j].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void pcs_rb_load(const scalar_t* __restrict__ e_n, const scalar_t* __restrict__ g_n,
+                                            int64_t P, int64_t p0, int np, const RBTile& tl, acc_t* Z, acc_t* G) {
+  const int cp = tl.cp;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < tl.DP * cp; i += blockDim.x) {
+    const int d = i >> tl.lcp;
+    const int j = i & (cp - 1);
+    Z[d * tl.cs + j] = (d < tl.D && j < np) ? static_cast<acc_t>(e_n[d * P + p0 + j]) : acc_t(0);
+  }
+  if (G == nullptr) return;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < tl.KP * cp; i += blockDim.x) {
+    const int k = i >> tl.lcp;
+    const int j = i & (cp - 1);
+    G[k * tl.cs + j] = (k < tl.K && j < np) ? static_cast<acc_t>(g_n[k * P + p0 + j]) : acc_t(0);
+  }
+}
+
+// Prototypes of the image in the two register-block orders (padding entries 0):
+// Pd[d*KP + 4*kb + r] = proto[kb + KQ r, d] and, when Pk is given, Pk[k*DP + 4*db + c] = proto[k, db + DQ c].
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void pcs_rb_prototypes(const scalar_t* __restrict__ pr, const RBTile& tl, acc_t* Pd,
+                                                  acc_t* Pk) {
+  for (int i = threadIdx.x; i < tl.KP * tl.DP; i += blockDim.x) {
+    const int k = i / tl.DP;
+    const int d = i - k * tl.DP;
+    const acc_t v = (k < tl.K && d < tl.D) ? static_cast<acc_t>(pr[k * tl.D + d]) : acc_t(0);
+    Pd[d * tl.KP + 4 * (k % tl.KQ) + k / tl.KQ] = v;
+    if (Pk != nullptr) Pk[k * tl.DP + 4 * (d % tl.DQ) + d / tl.DQ] = v;
+  }
+}
+
+// L[k*cs + j] = sum_d proto[k, d] Z[d, j] for all rows k < KP and pixels of the chunk, in 4x4
+// register blocks (unit u: rows kb + KQ r, pixels 4q..4q+3), by threads tid, tid + blockDim, ...
+template <typename acc_t>
+__device__ __forceinline__ void pcs_rb_logits(const RBTile& tl, const acc_t* Pd, const acc_t* Z, acc_t* L) {
+  const int nq = tl.cp / 4;
+  for (int u = threadIdx.x; u < tl.KQ * nq; u += blockDim.x) {
+    const int kb = u % tl.KQ, q = u / tl.KQ;
+    acc_t acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = 0;
+    for (int d = 0; d < tl.D; ++d) {
+      const Vec4<acc_t> pv = ld4(Pd + d * tl.KP + 4 * kb);
+      const Vec4<acc_t> zv = ld4(Z + d * tl.cs + 4 * q);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] += pv.v[r] * zv.v[c];
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      st4(L + (kb + tl.KQ * r) * tl.cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+  }
+}
+
+// Per pixel j: im = 1/(||z_j|| + eps) (1 without normalize; M[j] = ||z_j||), logits
+// l_k = L[k, j] im / tau, and L[k, j] := S[k, j] = softmax_k(l). Returns im.
+template <typename acc_t>
+__device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool normalize, acc_t tau, const acc_t* Z,
+                                                acc_t* L, acc_t* M) {
+  const int cs = tl.cs;
+  acc_t m = 0, im = 1;
+  if (normalize) {
+    acc_t sq = 0;
+    for (int d = 0; d < tl.D; ++d) {
+      const acc_t v = Z[d * cs + j];
+      sq += v * v;
+    }
+    m = dev_sqrt(sq);
+    im = acc_t(1) / (m + static_cast<acc_t>(kNormEps));
+  }
+  if (M != nullptr) M[j] = m;
+  acc_t mx = neg_inf<acc_t>();
+  for (int k = 0; k < tl.K; ++k) {
+    const acc_t l = L[k * cs + j] * im / tau;
+    L[k * cs + j] = l;
+    mx = dev_max(mx, l);
+  }
+  acc_t su = 0;
+  for (int k = 0; k < tl.K; ++k) {
+    const acc_t x = dev_exp(L[k * cs + j] - mx);
+    L[k * cs + j] = x;
+    su += x;
+  }
+  for (int k = 0; k < tl.K; ++k) L[k * cs + j] = L[k * cs + j] / su;
+  return im;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t* __restrict__ emb,
+                                                                 const scalar_t* __restrict__ proto,
+                                                                 scalar_t* __restrict__ out, int64_t P, int64_t T,
+                                                                 int64_t nchunks, RBTile tl, bool per_image,
+                                                                 bool normalize, acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cs = tl.cs, cp = tl.cp;
+  acc_t* Z = sm;                  // DP * cs
+  acc_t* L = Z + tl.DP * cs;      // KP * cs
+  acc_t* Pd = L + tl.KP * cs;     // DP * KP
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * static_cast<int64_t>(tl.D) * P;
+  scalar_t* o_n = out + n * static_cast<int64_t>(tl.K) * P;
+  pcs_rb_prototypes<scalar_t, acc_t>(per_image ? proto + n * tl.K * tl.D : proto, tl, Pd, nullptr);
+
+  for (int64_t ch = t; ch < nchunks; ch += T) {
+    const int64_t p0 = ch * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    pcs_rb_load<scalar_t, acc_t>(e_n, nullptr, P, p0, np, tl, Z, nullptr);
+    __syncthreads();
+    pcs_rb_logits<acc_t>(tl, Pd, Z, L);
+    __syncthreads();
+    const int j = threadIdx.x;
+    if (j < np) {
+      pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, nullptr);
+      for (int k = 0; k < tl.K; ++k) o_n[k * P + p0 + j] = static_cast<scalar_t>(L[k * cs + j]);
+    }
+  }
+}
+
+// Backward. Per chunk: load z and grad_out, logits, per pixel S and g_l = S (g - <g, S>) / tau
+// (into G) and e = z im (into Z), then g_e = proto^T g_l (4x4 blocks into GE) while every thread
+// adds its fixed 4x4 block of the prototype gradient sum_j g_l[k, j] e[d, j] in registers (pixel
+// group g: quads g, g + Gn, ...), then per pixel the normalisation's backward and the stores.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
+    scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t P, int64_t T, int64_t nchunks, RBTile tl,
+    int region0, bool per_image, bool normalize, acc_t tau) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cs = tl.cs, cp = tl.cp;
+  const int D = tl.D, K = tl.K, DQ = tl.DQ, KQ = tl.KQ;
+  acc_t* Z = sm;                  // DP * cs (z, then e)
+  acc_t* GE = Z + tl.DP * cs;     // DP * cs
+  acc_t* RED = sm;                // Gn * nob * 16 after the chunk loop (aliases Z and GE)
+  acc_t* G = sm + region0;        // KP * cs (grad_out, then g_l)
+  acc_t* L = G + tl.KP * cs;      // KP * cs (logits, then S)
+  acc_t* Pd = L + tl.KP * cs;     // DP * KP
+  acc_t* Pk = Pd + tl.DP * tl.KP; // KP * DP
+  acc_t* M = Pk + tl.KP * tl.DP;  // cp
+
+  const int tid = threadIdx.x;
+  const int nob = KQ * DQ;
+  const int Gn = max(1, static_cast<int>(blockDim.x) / nob);
+  const int ob = tid % nob, g = tid / nob;
+  const int kb = ob / DQ, db = ob - kb * DQ;
+  const int nq = cp / 4;
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * static_cast<int64_t>(D) * P;
+  const scalar_t* g_n = grad_out + n * static_cast<int64_t>(K) * P;
+  scalar_t* ge_n = grad_emb + n * static_cast<int64_t>(D) * P;
+  pcs_rb_prototypes<scalar_t, acc_t>(per_image ? proto + n * K * D : proto, tl, Pd, Pk);
+
+  acc_t pacc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) pacc[r][c] = 0;
+
+  for (int64_t ch = t; ch < nchunks; ch += T) {
+    const int64_t p0 = ch * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    pcs_rb_load<scalar_t, acc_t>(e_n, g_n, P, p0, np, tl, Z, G);
+    __syncthreads();
+    pcs_rb_logits<acc_t>(tl, Pd, Z, L);
+    __syncthreads();
+    if (tid < cp) {
+      const int j = tid;
+      const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, M);
+      acc_t dt = 0;
+      for (int k = 0; k < K; ++k) dt += G[k * cs + j] * L[k * cs + j];
+      for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) / tau;
+      if (normalize) {
+        for (int d = 0; d < D; ++d) Z[d * cs + j] *= im;
+      }
+    }
+    __syncthreads();
+    // g_e[d, j] = sum_k proto[k, d] g_l[k, j]: unit u = rows db' + DQ c, pixels 4q'..4q'+3.
+    for (int u = tid; u < DQ * nq; u += blockDim.x) {
+      const int dbu = u % DQ, q = u / DQ;
+      acc_t acc[4][4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0;
+      for (int k = 0; k < K; ++k) {
+        const Vec4<acc_t> pv = ld4(Pk + k * tl.DP + 4 * dbu);
+        const Vec4<acc_t> gv = ld4(G + k * cs + 4 * q);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[r][c] += pv.v[r] * gv.v[c];
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        st4(GE + (dbu + DQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+    }
+    if (g < Gn) {
+      for (int q = g; q < nq; q += Gn) {
+        Vec4<acc_t> ev[4], gv[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          ev[r] = ld4(Z + (db + DQ * r) * cs + 4 * q);
+          gv[r] = ld4(G + (kb + KQ * r) * cs + 4 * q);
+        }
+#pragma unroll
+        for (int x = 0; x < 4; ++x)
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) pacc[r][c] += gv[r].v[x] * ev[c].v[x];
+      }
+    }
+    __syncthreads();
+    if (tid < np) {
+      // dL/dz = (g_e - e (e . g_e) (m + eps) / m) / (m + eps) with normalize (0 projection when
+      // m == 0), else g_e. Z holds e here.
+      const int j = tid;
+      if (normalize) {
+        const acc_t m = M[j];
+        const acc_t den = m + static_cast<acc_t>(kNormEps);
+        acc_t de = 0;
+        for (int d = 0; d < D; ++d) de += Z[d * cs + j] * GE[d * cs + j];
+        for (int d = 0; d < D; ++d) {
+          acc_t v = GE[d * cs + j];
+          if (m > acc_t(0)) v -= Z[d * cs + j] * de * den / m;
+          ge_n[d * P + p0 + j] = static_cast<scalar_t>(v / den);
+        }
+      } else {
+        for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
+      }
+    }
+  }
+  __syncthreads();
+  if (g < Gn) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) RED[(g * nob + ob) * 16 + r * 4 + c] = pacc[r][c];
+  }
+  __syncthreads();
+  for (int o = tid; o < nob * 16; o += blockDim.x) {
+    acc_t s = 0;
+    for (int gg = 0; gg < Gn; ++gg) s += RED[gg * nob * 16 + o];
+    const int obo = o / 16, rc = o - obo * 16;
+    const int k = obo / DQ + KQ * (rc / 4);
+    const int d = obo % DQ + DQ * (rc % 4);
+    if (k < K && d < D) part[b * K * D + k * D + d] = s;
+  }
+}
+
+// Plans of the register-blocked kernels (tile.cp == 0: use the general kernels). The backward's
+// prototype-gradient blocks must fit one per thread. LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP
+// cap the chunk (tuning knob; 0 forces the general kernels).
+RBPlan pcs_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
+  const int max_cp = env_cap("LD_EXT_CUDA_RB_FWD_CP", 128);
+  const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
+  if (max_cp < 4) return rb_none();
+  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
+    for (int cp = max_cp; cp >= 4; cp /= 2) {
+      const size_t bytes = static_cast<size_t>((DP + KP) * (cp + 4) + DP * KP) * elem;
+      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
+    }
+  }
+  return rb_none();
+}
+
+RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
+  const int max_cp = env_cap("LD_EXT_CUDA_RB_BWD_CP", 64);
+  const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
+  const int64_t nob = (DP / 4) * (KP / 4);
+  if (nob > kThreads || max_cp < 4) return rb_none();
+  const int64_t Gn = std::max<int64_t>(1, kThreads / nob);
+  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
+    for (int cp = max_cp; cp >= 4; cp /= 2) {
+      const int64_t region0 = std::max<int64_t>(2 * DP * (cp + 4), Gn * nob * 16);
+      const size_t bytes = static_cast<size_t>(region0 + 2 * KP * (cp + 4) + 2 * DP * KP + cp) * elem;
+      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+    }
+  }
+  return rb_none();
+}
+
 constexpr const char* kOp = "ld_ext::pixel_cluster_similarity (CUDA)";
 constexpr const char* kOpB = "ld_ext::pixel_cluster_similarity_backward (CUDA)";
 
@@ -244,6 +549,18 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
+    const RBPlan rb = pcs_forward_plan(D, K, sizeof(acc_t), device);
+    if (rb.tile.cp > 0) {
+      const int64_t nch = ceil_div(P, rb.tile.cp);
+      auto rbk = pcs_forward_rb_kernel<scalar_t, acc_t>;
+      allow_smem(rbk, rb.bytes);
+      const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
+      rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(
+          e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), P, Trb, nch, rb.tile, per_image,
+          normalize, static_cast<acc_t>(temperature));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     const TilePlan plan =
         plan_tile(K * (D + 1), (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp, "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
@@ -285,14 +602,30 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, plan.bytes);
-    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
-    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
-    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-        g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize,
-        static_cast<acc_t>(temperature));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const RBPlan rb = pcs_backward_plan(D, K, sizeof(acc_t), device);
+    int64_t T = 0;
+    at::Tensor part;
+    if (rb.tile.cp > 0) {
+      const int64_t nch = ceil_div(P, rb.tile.cp);
+      auto rbk = pcs_backward_rb_kernel<scalar_t, acc_t>;
+      allow_smem(rbk, rb.bytes);
+      T = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
+      part = at::empty({N * T * K * D}, acc_opts);
+      rbk<<<static_cast<unsigned>(N * T), kThreads, rb.bytes, stream>>>(
+          g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
+          part.data_ptr<acc_t>(), P, T, nch, rb.tile, rb.region0, per_image, normalize,
+          static_cast<acc_t>(temperature));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, plan.bytes);
+      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+      part = at::empty({N * T * K * D}, acc_opts);
+      kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+          g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
+          part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize, static_cast<acc_t>(temperature));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     at::Tensor gp = at::empty(pr.sizes(), acc_opts);
     if (per_image) {
       launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), N, T, K * D, stream);

@@ -325,10 +325,360 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
   }
 }
 
+// ------------------------------------------------------------------ register-blocked fast path
+// Used when the 4x4 output blocks of the K x D product fit one per thread ((KP/4) * (DP/4) <= 256)
+// and the tiles fit in shared memory; the kernels above are the general fallback. Same math, same
+// determinism (fixed per-thread order, groups reduced in a fixed order, no atomics). Tiles hold
+// channels as rows of pixels (coalesced global loads, conflict-free per-pixel loops); products
+// read 4 pixels x 4 rows per pair of 16-byte loads and do 16 FMAs with them.
+
+// Chunk load for the fast kernels: E[d*cs + j] = z[d, p0+j], A[k*cs + j] = s (sigmoid mode:
+// sigmoid(s) + 1e-9, and sigmoid(s) in SG when SG is given). Padding rows and pixels >= np: 0.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void rb_load_chunk(const scalar_t* __restrict__ e_n, const scalar_t* __restrict__ s_n,
+                                              int64_t P, int64_t p0, int np, const RBTile& tl, int mode,
+                                              acc_t* E, acc_t* A, acc_t* SG) {
+  const int cp = tl.cp;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < tl.DP * cp; i += blockDim.x) {
+    const int d = i >> tl.lcp;
+    const int j = i & (cp - 1);
+    acc_t v = 0;
+    if (d < tl.D && j < np) v = static_cast<acc_t>(e_n[d * P + p0 + j]);
+    E[d * tl.cs + j] = v;
+  }
+#pragma unroll 4
+  for (int i = threadIdx.x; i < tl.KP * cp; i += blockDim.x) {
+    const int k = i >> tl.lcp;
+    const int j = i & (cp - 1);
+    acc_t v = 0;
+    acc_t sg = 0;
+    if (k < tl.K && j < np) {
+      v = static_cast<acc_t>(s_n[k * P + p0 + j]);
+      if (mode == kSigmoid) {
+        sg = dev_sigmoid(v);
+        v = sg + static_cast<acc_t>(kAssignEps);
+      }
+    }
+    A[k * tl.cs + j] = v;
+    if (SG != nullptr) SG[k * tl.cs + j] = sg;
+  }
+}
+
+// Per-pixel part shared by forward and backward (thread j < cp): the norm of z (M[j], and
+// IM[j] = 1/(m + eps), 1 without normalize) and the assignment normalisation of column j in place
+// (A[k*cs + j] = a[k, j]; 0 for pixels >= np); U[j] = sum_k (sigmoid(s) + 1e-9) in sigmoid mode.
+// With `entropy`, returns sum_k h(a[k, j]).
+template <typename acc_t>
+__device__ __forceinline__ acc_t rb_pixel_prep(int j, int np, const RBTile& tl, bool normalize, int mode,
+                                               bool entropy, const acc_t* E, acc_t* A, acc_t* M, acc_t* IM,
+                                               acc_t* U) {
+  const int cs = tl.cs;
+  acc_t m = 0, im = 1;
+  if (normalize) {
+    acc_t sq = 0;
+    for (int d = 0; d < tl.D; ++d) {
+      const acc_t v = E[d * cs + j];
+      sq += v * v;
+    }
+    m = dev_sqrt(sq);
+    im = acc_t(1) / (m + static_cast<acc_t>(kNormEps));
+  }
+  if (M != nullptr) M[j] = m;
+  IM[j] = im;
+  acc_t u = 1, mx = 0;
+  if (mode == kSigmoid) {
+    u = 0;
+    for (int k = 0; k < tl.K; ++k) u += A[k * cs + j];
+  } else if (mode == kSoftmax) {
+    mx = neg_inf<acc_t>();
+    for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, A[k * cs + j]);
+    u = 0;
+    for (int k = 0; k < tl.K; ++k) u += dev_exp(A[k * cs + j] - mx);
+  }
+  if (U != nullptr) U[j] = u;
+  acc_t h = 0;
+  for (int k = 0; k < tl.K; ++k) {
+    acc_t a = A[k * cs + j];
+    if (mode == kSigmoid) {
+      a = a / u;
+    } else if (mode == kSoftmax) {
+      a = dev_exp(a - mx) / u;
+    }
+    if (j >= np) a = 0;
+    if (entropy && j < np) h += binary_entropy(a);
+    A[k * cs + j] = a;
+  }
+  return h;
+}
+
+// Forward. Grid: N * T blocks, block b: image n = b / T, chunks t, t + T, ... (t = b % T).
+// Thread tid: output block ob = tid % nob (rows k = kb + KQ r, columns d = db + DQ c), pixel
+// group g = tid / nob < G (pixel quads g, g + G, ...). part as in rf_forward_partial_kernel.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
+    const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
+    acc_t* __restrict__ ent_part, int64_t P, int64_t T, int64_t nchunks, RBTile tl, int region0, bool normalize,
+    int mode, bool entropy) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cs = tl.cs, cp = tl.cp;
+  acc_t* E = sm;                  // DP * cs
+  acc_t* A = E + tl.DP * cs;      // KP * cs
+  acc_t* RED = sm;                // G * nob * 16, after the chunk loop (aliases E and A)
+  acc_t* IM = sm + region0;       // cp
+  acc_t* U = IM + cp;             // cp
+  acc_t* red = U + cp;            // kThreads
+
+  const int D = tl.D, K = tl.K;
+  const int nob = tl.KQ * tl.DQ;
+  const int G = max(1, static_cast<int>(blockDim.x) / nob);
+  const int tid = threadIdx.x;
+  const int ob = tid % nob, g = tid / nob;
+  const int kb = ob / tl.DQ, db = ob - kb * tl.DQ;
+  const int nq = cp / 4;
+
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * static_cast<int64_t>(D) * P;
+  const scalar_t* s_n = asg + n * static_cast<int64_t>(K) * P;
+
+  acc_t acc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = 0;
+  acc_t h = 0;
+
+  for (int64_t ch = t; ch < nchunks; ch += T) {
+    const int64_t p0 = ch * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();  // the previous chunk is fully consumed
+    rb_load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, E, A, nullptr);
+    __syncthreads();
+    if (tid < cp) {
+      h += rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, entropy, E, A, nullptr, IM, U);
+      // Fold 1/(||z|| + eps) into the assignments: sum_j a[k,j] (z[d,j] im_j).
+      if (normalize) {
+        const acc_t im = IM[tid];
+        for (int k = 0; k < K; ++k) A[k * cs + tid] *= im;
+      }
+    }
+    __syncthreads();
+    if (g < G) {
+      for (int q = g; q < nq; q += G) {
+        Vec4<acc_t> ev[4], av[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          ev[r] = ld4(E + (db + tl.DQ * r) * cs + 4 * q);
+          av[r] = ld4(A + (kb + tl.KQ * r) * cs + 4 * q);
+        }
+#pragma unroll
+        for (int x = 0; x < 4; ++x)
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] += av[r].v[x] * ev[c].v[x];
+      }
+    }
+  }
+  __syncthreads();
+  if (g < G) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) RED[(g * nob + ob) * 16 + r * 4 + c] = acc[r][c];
+  }
+  __syncthreads();
+  for (int o = tid; o < nob * 16; o += blockDim.x) {
+    acc_t s = 0;
+    for (int gg = 0; gg < G; ++gg) s += RED[gg * nob * 16 + o];
+    const int obo = o / 16, rc = o - obo * 16;
+    const int k = obo / tl.DQ + tl.KQ * (rc / 4);
+    const int d = obo % tl.DQ + tl.DQ * (rc % 4);
+    if (k < K && d < D) part[b * K * D + k * D + d] = s;
+  }
+  if (entropy) {
+    h = block_sum(h, red);
+    if (tid == 0) ent_part[b] = h;
+  }
+}
+
+// Backward. Grid as the forward. Per chunk: load, per-pixel prep, then the two products
+// GA[k, j] = sum_d G[k, d] z[d, j] (4 rows k x 4 pixels per unit) and GE[d, j] = sum_k G[k, d] a[k, j]
+// (4 rows d x 4 pixels), then per pixel (threads j < cp: assignments, cp <= tid < 2 cp: embeddings)
+// the two normalisations' backward and the coalesced stores.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
+    const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, const acc_t* __restrict__ Gg,
+    const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
+    int64_t P, int64_t T, int64_t nchunks, RBTile tl, bool normalize, int mode, bool entropy, acc_t ent_scale) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const int cs = tl.cs, cp = tl.cp;
+  const int D = tl.D, K = tl.K, DP = tl.DP, KP = tl.KP, DQ = tl.DQ, KQ = tl.KQ;
+  acc_t* Z = sm;                  // DP * cs
+  acc_t* GE = Z + DP * cs;        // DP * cs
+  acc_t* A = GE + DP * cs;        // KP * cs
+  acc_t* GA = A + KP * cs;        // KP * cs
+  acc_t* SG = GA + KP * cs;       // KP * cs
+  acc_t* Gk = SG + KP * cs;       // KP * DP: Gk[k*DP + 4*db + c] = G[k, db + DQ c]
+  acc_t* Gd = Gk + KP * DP;       // DP * KP: Gd[d*KP + 4*kb + r] = G[kb + KQ r, d]
+  acc_t* M = Gd + DP * KP;        // cp
+  acc_t* IM = M + cp;             // cp
+  acc_t* U = IM + cp;             // cp
+
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t n = b / T;
+  const int64_t t = b - n * T;
+  const scalar_t* e_n = emb + n * static_cast<int64_t>(D) * P;
+  const scalar_t* s_n = asg + n * static_cast<int64_t>(K) * P;
+  scalar_t* ge_n = grad_emb + n * static_cast<int64_t>(D) * P;
+  scalar_t* gs_n = grad_asg + n * static_cast<int64_t>(K) * P;
+
+  for (int i = tid; i < KP * DP; i += blockDim.x) {
+    const int k = i / DP;
+    const int d = i - k * DP;
+    const acc_t v = (k < K && d < D) ? Gg[n * K * D + k * D + d] : acc_t(0);
+    Gk[k * DP + 4 * (d % DQ) + d / DQ] = v;
+    Gd[d * KP + 4 * (k % KQ) + k / KQ] = v;
+  }
+  const acc_t gent = entropy ? grad_ent[0] * ent_scale : acc_t(0);
+  const int nq = cp / 4;
+  const int nga = KQ * nq, nge = DQ * nq;
+
+  for (int64_t ch = t; ch < nchunks; ch += T) {
+    const int64_t p0 = ch * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    __syncthreads();
+    rb_load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, Z, A, mode == kSigmoid ? SG : nullptr);
+    __syncthreads();
+    if (tid < cp) rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, false, Z, A, M, IM, U);
+    __syncthreads();
+    for (int u = tid; u < nga + nge; u += blockDim.x) {
+      acc_t acc[4][4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = 0;
+      if (u < nga) {
+        const int kb = u % KQ, q = u / KQ;
+        for (int d = 0; d < D; ++d) {
+          const Vec4<acc_t> gv = ld4(Gd + d * KP + 4 * kb);
+          const Vec4<acc_t> zv = ld4(Z + d * cs + 4 * q);
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] += gv.v[r] * zv.v[c];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) st4(GA + (kb + KQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+      } else {
+        const int v = u - nga;
+        const int db = v % DQ, q = v / DQ;
+        for (int k = 0; k < K; ++k) {
+          const Vec4<acc_t> gv = ld4(Gk + k * DP + 4 * db);
+          const Vec4<acc_t> av = ld4(A + k * cs + 4 * q);
+#pragma unroll
+          for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] += gv.v[r] * av.v[c];
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) st4(GE + (db + DQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+      }
+    }
+    __syncthreads();
+    if (tid < cp) {
+      // Assignments: g_a = im * GA (+ entropy), then the normalisation's backward.
+      const int j = tid;
+      if (j < np) {
+        const acc_t im = IM[j];
+        acc_t da = 0;
+        for (int k = 0; k < K; ++k) {
+          const acc_t a = A[k * cs + j];
+          acc_t ga = GA[k * cs + j] * im;
+          if (entropy) ga += gent * binary_entropy_grad(a);
+          GA[k * cs + j] = ga;
+          da += ga * a;
+        }
+        for (int k = 0; k < K; ++k) {
+          const acc_t ga = GA[k * cs + j];
+          acc_t v;
+          if (mode == kSigmoid) {
+            const acc_t sg = SG[k * cs + j];
+            v = sg * (acc_t(1) - sg) * (ga - da) / U[j];
+          } else if (mode == kSoftmax) {
+            v = A[k * cs + j] * (ga - da);
+          } else {
+            v = ga;
+          }
+          gs_n[k * P + p0 + j] = static_cast<scalar_t>(v);
+        }
+      }
+    } else if (tid < 2 * cp) {
+      // Embeddings: with normalize, e = z im and dL/dz = (g_e - z (e . g_e) / m) im (the projection
+      // term is 0 when m == 0); without, dL/dz = g_e.
+      const int j = tid - cp;
+      if (j < np) {
+        if (normalize) {
+          const acc_t im = IM[j];
+          const acc_t m = M[j];
+          acc_t s = 0;
+          for (int d = 0; d < D; ++d) s += Z[d * cs + j] * GE[d * cs + j];
+          const acc_t de = s * im;
+          for (int d = 0; d < D; ++d) {
+            acc_t v = GE[d * cs + j];
+            if (m > acc_t(0)) v -= Z[d * cs + j] * de / m;
+            ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * im);
+          }
+        } else {
+          for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
+        }
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------ host side
 
 constexpr const char* kOp = "ld_ext::region_features (CUDA)";
 constexpr const char* kOpB = "ld_ext::region_features_backward (CUDA)";
+
+// Plans of the register-blocked kernels: the tile and its shared-memory bytes; tile.cp == 0 when
+// the fast path does not apply (more than 256 output blocks, or no chunk fits) and the general
+// kernels run instead. LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP cap the chunk (tuning knob;
+// 0 forces the general kernels).
+RBPlan rb_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
+  const int max_cp = env_cap("LD_EXT_CUDA_RB_FWD_CP", 128);
+  const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
+  const int64_t nob = (DP / 4) * (KP / 4);
+  if (nob > kThreads || max_cp < 4) return rb_none();
+  const int64_t G = std::max<int64_t>(1, kThreads / nob);
+  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
+    for (int cp = max_cp; cp >= 4; cp /= 2) {
+      const int64_t region0 = std::max<int64_t>((DP + KP) * (cp + 4), G * nob * 16);
+      const size_t bytes = static_cast<size_t>(region0 + 2 * cp + kThreads) * elem;
+      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+    }
+  }
+  return rb_none();
+}
+
+RBPlan rb_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
+  const int max_cp = env_cap("LD_EXT_CUDA_RB_BWD_CP", 64);
+  const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
+  if ((DP / 4) * (KP / 4) > kThreads || max_cp < 4) return rb_none();
+  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
+    for (int cp = max_cp; cp >= 4; cp /= 2) {
+      const size_t bytes = static_cast<size_t>((2 * DP + 3 * KP) * (cp + 4) + 2 * KP * DP + 3 * cp) * elem;
+      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
+    }
+  }
+  return rb_none();
+}
 
 void check_inputs(const at::Tensor& e, const at::Tensor& a, int64_t mode, const char* op) {
   check_cuda_tensor(e, op, "embeddings");
@@ -362,20 +712,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_region_features_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const TilePlan plan = plan_tile(K * D + kThreads, (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp,
-                                    "K * D (clusters times channels)");
-    const Tile tl = make_tile(plan.pixels, D, K);
-    const int64_t nchunks = ceil_div(P, tl.cp);
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    auto kernel = rf_forward_partial_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, plan.bytes);
-    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
-    at::Tensor part = at::empty({N * T * K * D}, acc_opts);
-    at::Tensor ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
-    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-        e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K,
-        P, T, nchunks, tl, normalize, static_cast<int>(mode), entropy);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const RBPlan rb = rb_forward_plan(D, K, sizeof(acc_t), device);
+    int64_t T = 0;
+    at::Tensor part, ent_part;
+    if (rb.tile.cp > 0) {
+      const int64_t nchunks = ceil_div(P, rb.tile.cp);
+      auto kernel = rf_forward_rb_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, rb.bytes);
+      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, rb.bytes));
+      part = at::empty({N * T * K * D}, acc_opts);
+      ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
+      kernel<<<static_cast<unsigned>(N * T), kThreads, rb.bytes, stream>>>(
+          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), P, T,
+          nchunks, rb.tile, rb.region0, normalize, static_cast<int>(mode), entropy);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const TilePlan plan = plan_tile(K * D + kThreads, (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp,
+                                      "K * D (clusters times channels)");
+      const Tile tl = make_tile(plan.pixels, D, K);
+      const int64_t nchunks = ceil_div(P, tl.cp);
+      auto kernel = rf_forward_partial_kernel<scalar_t, acc_t>;
+      allow_smem(kernel, plan.bytes);
+      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+      part = at::empty({N * T * K * D}, acc_opts);
+      ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
+      kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
+          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K,
+          P, T, nchunks, tl, normalize, static_cast<int>(mode), entropy);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     rf_forward_finalize_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
         part.data_ptr<acc_t>(), feats.data_ptr<acc_t>(), rnorm.data_ptr<acc_t>(), K, D, T, P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -426,6 +792,19 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
         gf.data_ptr<acc_t>(), ft.data_ptr<acc_t>(), rn.data_ptr<acc_t>(), G.data_ptr<acc_t>(), D, P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const acc_t ent_scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
+    const RBPlan rb = rb_backward_plan(D, K, sizeof(acc_t), device);
+    if (rb.tile.cp > 0) {
+      const int64_t nch = ceil_div(P, rb.tile.cp);
+      auto rbk = rf_backward_rb_kernel<scalar_t, acc_t>;
+      allow_smem(rbk, rb.bytes);
+      const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
+      rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(
+          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(),
+          grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), P, Trb, nch, rb.tile, normalize,
+          static_cast<int>(mode), entropy, ent_scale);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     auto kernel = rf_backward_kernel<scalar_t, acc_t>;
     allow_smem(kernel, plan.bytes);
     const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
