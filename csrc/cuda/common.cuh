@@ -275,6 +275,75 @@ inline RBTile make_rb_tile(int cp, int64_t D, int64_t K) {
   return RBTile{cp, lcp, cp + 4, static_cast<int>(D), static_cast<int>(K), DP, KP, DP / 4, KP / 4};
 }
 
+// 4x4 register blocks of the register-blocked kernels.
+//
+// product44_store: dst rows r (r * rstep elements apart), 4 columns = sum_{i < n} X[i][r] Y[i][c],
+// with X[i] = ld4(X + i * xs) (4 rows' values at inner index i) and Y[i] = ld4(Y + i * ys)
+// (4 pixels' values), accumulated in i order.
+template <typename T>
+__device__ __forceinline__ void product44_store(const T* X, int xs, const T* Y, int ys, int n, T* dst, int rstep) {
+  T acc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = 0;
+  for (int i = 0; i < n; ++i) {
+    const Vec4<T> x = ld4(X + i * xs);
+    const Vec4<T> y = ld4(Y + i * ys);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] += x.v[r] * y.v[c];
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) st4(dst + r * rstep, Vec4<T>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+}
+
+// acc[r][c] += sum_{x < 4} A[r * as + x] B[c * bs + x]: one pixel quad of a sum over pixels, with
+// A and B pointing at the quad in the first of their 4 rows (as, bs: element distance of rows).
+template <typename T>
+__device__ __forceinline__ void accumulate_quad44(T (&acc)[4][4], const T* A, int as, const T* B, int bs) {
+  Vec4<T> a[4], b[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    a[r] = ld4(A + r * as);
+    b[r] = ld4(B + r * bs);
+  }
+#pragma unroll
+  for (int x = 0; x < 4; ++x)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] += a[r].v[x] * b[c].v[x];
+}
+
+// End of a block's sum over pixels: thread tid holds block ob = tid % nob (rows kb + KQ r,
+// columns db + DQ c; kb = ob / DQ, db = ob % DQ) of pixel group g = tid / nob < groups. Adds the
+// groups in order 0, 1, ... through RED (groups * nob * 16 elements of shared memory) and writes
+// out[k * D + d] for k < K, d < D. Every thread of the block must call it (it has a barrier).
+template <typename T>
+__device__ __forceinline__ void reduce_groups44(const T (&acc)[4][4], T* RED, const RBTile& tl, int groups,
+                                                T* __restrict__ out) {
+  const int nob = tl.KQ * tl.DQ;
+  const int tid = threadIdx.x;
+  const int ob = tid % nob, g = tid / nob;
+  if (g < groups) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) RED[(g * nob + ob) * 16 + r * 4 + c] = acc[r][c];
+  }
+  __syncthreads();
+  for (int o = tid; o < nob * 16; o += blockDim.x) {
+    T s = 0;
+    for (int gg = 0; gg < groups; ++gg) s += RED[gg * nob * 16 + o];
+    const int obo = o / 16, rc = o - obo * 16;
+    const int k = obo / tl.DQ + tl.KQ * (rc / 4);
+    const int d = obo % tl.DQ + tl.DQ * (rc % 4);
+    if (k < tl.K && d < tl.D) out[k * tl.D + d] = s;
+  }
+}
+
 // Plan of a register-blocked kernel: its tile, the offset of the arrays that follow the region
 // shared with the final reduction (region0, in elements) and its shared-memory bytes.
 // tile.cp == 0 means the fast path does not apply and the general kernels run.

@@ -9,6 +9,9 @@
 // g_l = S (g - sum_j g_j S_j) / tau, g_e = proto^T g_l and accumulates the prototype gradient
 // sum_p g_l[k,p] e[d,p] in shared memory; each block writes its partial (K, D) sum to a buffer
 // that a second kernel adds up in a fixed order (no atomics: bitwise reproducible).
+//
+// As in region_features.cu, register-blocked kernels (pcs_*_rb_kernel) are the default where
+// K x D allows (pcs_forward_plan / pcs_backward_plan); the general kernels below cover the rest.
 #include "common.cuh"
 
 namespace ld_ext {
@@ -257,22 +260,7 @@ __device__ __forceinline__ void pcs_rb_logits(const RBTile& tl, const acc_t* Pd,
   const int nq = tl.cp / 4;
   for (int u = threadIdx.x; u < tl.KQ * nq; u += blockDim.x) {
     const int kb = u % tl.KQ, q = u / tl.KQ;
-    acc_t acc[4][4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[r][c] = 0;
-    for (int d = 0; d < tl.D; ++d) {
-      const Vec4<acc_t> pv = ld4(Pd + d * tl.KP + 4 * kb);
-      const Vec4<acc_t> zv = ld4(Z + d * tl.cs + 4 * q);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] += pv.v[r] * zv.v[c];
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-      st4(L + (kb + tl.KQ * r) * tl.cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+    product44_store(Pd + 4 * kb, tl.KP, Z + 4 * q, tl.cs, tl.D, L + kb * tl.cs + 4 * q, tl.KQ * tl.cs);
   }
 }
 
@@ -410,37 +398,11 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
     // g_e[d, j] = sum_k proto[k, d] g_l[k, j]: unit u = rows db' + DQ c, pixels 4q'..4q'+3.
     for (int u = tid; u < DQ * nq; u += blockDim.x) {
       const int dbu = u % DQ, q = u / DQ;
-      acc_t acc[4][4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = 0;
-      for (int k = 0; k < K; ++k) {
-        const Vec4<acc_t> pv = ld4(Pk + k * tl.DP + 4 * dbu);
-        const Vec4<acc_t> gv = ld4(G + k * cs + 4 * q);
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[r][c] += pv.v[r] * gv.v[c];
-      }
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        st4(GE + (dbu + DQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+      product44_store(Pk + 4 * dbu, tl.DP, G + 4 * q, cs, K, GE + dbu * cs + 4 * q, DQ * cs);
     }
     if (g < Gn) {
       for (int q = g; q < nq; q += Gn) {
-        Vec4<acc_t> ev[4], gv[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          ev[r] = ld4(Z + (db + DQ * r) * cs + 4 * q);
-          gv[r] = ld4(G + (kb + KQ * r) * cs + 4 * q);
-        }
-#pragma unroll
-        for (int x = 0; x < 4; ++x)
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) pacc[r][c] += gv[r].v[x] * ev[c].v[x];
+        accumulate_quad44(pacc, G + kb * cs + 4 * q, KQ * cs, Z + db * cs + 4 * q, DQ * cs);
       }
     }
     __syncthreads();
@@ -464,22 +426,9 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
     }
   }
   __syncthreads();
-  if (g < Gn) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) RED[(g * nob + ob) * 16 + r * 4 + c] = pacc[r][c];
-  }
-  __syncthreads();
-  for (int o = tid; o < nob * 16; o += blockDim.x) {
-    acc_t s = 0;
-    for (int gg = 0; gg < Gn; ++gg) s += RED[gg * nob * 16 + o];
-    const int obo = o / 16, rc = o - obo * 16;
-    const int k = obo / DQ + KQ * (rc / 4);
-    const int d = obo % DQ + DQ * (rc % 4);
-    if (k < K && d < D) part[b * K * D + k * D + d] = s;
-  }
+  reduce_groups44(pacc, RED, tl, Gn, part + b * K * D);
 }
+
 
 // Plans of the register-blocked kernels (tile.cp == 0: use the general kernels). The backward's
 // prototype-gradient blocks must fit one per thread. LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP

@@ -11,6 +11,10 @@
 // buffer (N, T, K, D); a second kernel adds the T partials of each (n, k, d) in a fixed order and
 // normalises the rows. No atomics: the same input gives bitwise the same output on a given device.
 // Nothing of size N*K*D*P is ever formed; backward recomputes e and a per chunk from the inputs.
+//
+// Two implementations of that plan: the register-blocked kernels (rf_*_rb_kernel, the default
+// where K x D allows, see rb_forward_plan) and the general kernels (any K x D that fits in shared
+// memory). They compute the same function; tests/test_cuda.py checks that they agree.
 #include "common.cuh"
 
 namespace ld_ext {
@@ -468,37 +472,12 @@ __global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
     __syncthreads();
     if (g < G) {
       for (int q = g; q < nq; q += G) {
-        Vec4<acc_t> ev[4], av[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          ev[r] = ld4(E + (db + tl.DQ * r) * cs + 4 * q);
-          av[r] = ld4(A + (kb + tl.KQ * r) * cs + 4 * q);
-        }
-#pragma unroll
-        for (int x = 0; x < 4; ++x)
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[r][c] += av[r].v[x] * ev[c].v[x];
+        accumulate_quad44(acc, A + kb * cs + 4 * q, tl.KQ * cs, E + db * cs + 4 * q, tl.DQ * cs);
       }
     }
   }
   __syncthreads();
-  if (g < G) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) RED[(g * nob + ob) * 16 + r * 4 + c] = acc[r][c];
-  }
-  __syncthreads();
-  for (int o = tid; o < nob * 16; o += blockDim.x) {
-    acc_t s = 0;
-    for (int gg = 0; gg < G; ++gg) s += RED[gg * nob * 16 + o];
-    const int obo = o / 16, rc = o - obo * 16;
-    const int k = obo / tl.DQ + tl.KQ * (rc / 4);
-    const int d = obo % tl.DQ + tl.DQ * (rc % 4);
-    if (k < K && d < D) part[b * K * D + k * D + d] = s;
-  }
+  reduce_groups44(acc, RED, tl, G, part + b * K * D);
   if (entropy) {
     h = block_sum(h, red);
     if (tid == 0) ent_part[b] = h;
@@ -558,36 +537,12 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
     if (tid < cp) rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, false, Z, A, M, IM, U);
     __syncthreads();
     for (int u = tid; u < nga + nge; u += blockDim.x) {
-      acc_t acc[4][4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] = 0;
       if (u < nga) {
         const int kb = u % KQ, q = u / KQ;
-        for (int d = 0; d < D; ++d) {
-          const Vec4<acc_t> gv = ld4(Gd + d * KP + 4 * kb);
-          const Vec4<acc_t> zv = ld4(Z + d * cs + 4 * q);
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[r][c] += gv.v[r] * zv.v[c];
-        }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) st4(GA + (kb + KQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+        product44_store(Gd + 4 * kb, KP, Z + 4 * q, cs, D, GA + kb * cs + 4 * q, KQ * cs);
       } else {
-        const int v = u - nga;
-        const int db = v % DQ, q = v / DQ;
-        for (int k = 0; k < K; ++k) {
-          const Vec4<acc_t> gv = ld4(Gk + k * DP + 4 * db);
-          const Vec4<acc_t> av = ld4(A + k * cs + 4 * q);
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[r][c] += gv.v[r] * av.v[c];
-        }
-#pragma unroll
-        for (int r = 0; r < 4; ++r) st4(GE + (db + DQ * r) * cs + 4 * q, Vec4<acc_t>{{acc[r][0], acc[r][1], acc[r][2], acc[r][3]}});
+        const int db = (u - nga) % DQ, q = (u - nga) / DQ;
+        product44_store(Gk + 4 * db, DP, A + 4 * q, cs, K, GE + db * cs + 4 * q, DQ * cs);
       }
     }
     __syncthreads();
