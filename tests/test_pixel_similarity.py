@@ -66,6 +66,30 @@ def test_float32_error_no_worse_than_plain_pytorch(shared):
     assert max_err(got, exact) <= max_err(ref, exact) + TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_no_worse_than_plain_pytorch(dtype):
+    """float16/bfloat16 inputs: the backward recomputes S in float32 instead of using the rounded
+    output, whose rounding S (g - <g, S>) would amplify where one S_k is near 1 (one pixel, K=2,
+    random draws: many such cases among them)."""
+    g = torch.Generator().manual_seed(7)
+    worst = []
+    for _ in range(200):
+        z = torch.randn(1, 2, 1, dtype=torch.float64, generator=g).to(dtype)
+        p = torch.nn.functional.normalize(torch.randn(1, 2, 2, dtype=torch.float64, generator=g), dim=-1).to(dtype)
+        w = torch.randn(1, 2, 1, dtype=torch.float64, generator=g).to(dtype)
+        grads = []
+        for fn, dt in ((ld_ext.pixel_cluster_similarity, dtype), (R.pixel_cluster_similarity, dtype),
+                       (R.pixel_cluster_similarity, torch.float64)):
+            zz = z.detach().to(dt, copy=True).requires_grad_()
+            pp = p.detach().to(dt, copy=True).requires_grad_()
+            (fn(zz, pp, 0.2) * w.to(dt)).sum().backward()
+            grads.append(torch.cat([zz.grad.double().flatten(), pp.grad.double().flatten()]))
+        fused, plain, exact = grads
+        scale = exact.norm().item() + 1e-3
+        worst.append(((fused - exact).norm().item() - (plain - exact).norm().item()) / scale)
+    assert max(worst) <= 2e-2, f"fused gradient error exceeds plain {dtype} by {max(worst):.3e} (relative)"
+
+
 def test_large_p_and_determinism():
     z, p = _inputs(2, 8, 5, (250, 250), True, dtype=torch.float32)
     z.requires_grad_(True)

@@ -152,7 +152,11 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const a
   const auto ct = z.scalar_type();
   const at::Tensor pr = as_compute(prototypes).to(ct);
   const at::Tensor go = grad_out.contiguous().to(ct);
-  const at::Tensor so = out.contiguous().to(ct);
+  // float16/bfloat16 inputs: the saved output is rounded to the input dtype, and S (g - <g, S>)
+  // amplifies that rounding where one S_k is near 1; recompute S in the compute type instead (as
+  // the CUDA backward does for every dtype).
+  const at::Tensor so = out.scalar_type() == ct ? out.contiguous()
+                                                : pixel_cluster_similarity_cpu(z, pr, temperature, normalize);
   const PSShape sh = shape_of(z, pr);
   const int64_t nchunks = (sh.P + kChunk - 1) / kChunk;
   const int64_t ntasks = sh.N * nchunks;
