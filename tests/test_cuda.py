@@ -2,6 +2,8 @@
 
 Skipped as a whole when no CUDA device is present (the kernels are then only compile-checked, by
 .ci/cuda_compile.sh). On a GPU machine the extension must have been built with CUDA.
+LD_EXT_CUDA_TEST_DEVICE=cpu runs the same tests against the CPU kernels: that checks the tests'
+own logic (and the CPU ops by the same rules) on machines without a GPU; CI does it.
 
 Rules, after Liger-Kernel / cut-cross-entropy:
 * inputs are fresh random numbers on every run (never zeros); the seed is in every message;
@@ -14,6 +16,7 @@ Rules, after Liger-Kernel / cut-cross-entropy:
 """
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -22,10 +25,14 @@ import torch
 import ld_ext
 from ld_ext import reference as R
 
+DEV = os.environ.get("LD_EXT_CUDA_TEST_DEVICE", "cuda")
+if DEV not in ("cuda", "cpu"):
+    raise ValueError(f"LD_EXT_CUDA_TEST_DEVICE must be 'cuda' or 'cpu', got {DEV!r}")
 CUDA = torch.cuda.is_available()
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine: CUDA kernels are only compile-checked here"),
+    pytest.mark.skipif(DEV == "cuda" and not CUDA,
+                       reason="no CUDA device on this machine: CUDA kernels are only compile-checked here"),
 ]
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -45,7 +52,7 @@ def _dname(dt: torch.dtype) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def _built_with_cuda():
-    if CUDA and not ld_ext.build_info()["cuda_compiled"]:
+    if DEV == "cuda" and CUDA and not ld_ext.build_info()["cuda_compiled"]:
         pytest.fail("a CUDA device is present but ld_ext._C was built without CUDA: rebuild with nvcc on PATH")
 
 
@@ -89,8 +96,10 @@ def check(fused, plain, ref, dtype, what, seed, slack=0.0):
 
 def poison():
     """Fill the caching allocator's free blocks (small and large pools) with NaN."""
-    big = torch.full((16 << 20,), float("nan"), device="cuda")
-    small = [torch.full((1 << 16,), float("nan"), device="cuda") for _ in range(64)]
+    if DEV != "cuda":
+        return
+    big = torch.full((16 << 20,), float("nan"), device=DEV)
+    small = [torch.full((1 << 16,), float("nan"), device=DEV) for _ in range(64)]
     del big, small
 
 
@@ -102,8 +111,8 @@ def assignments_for(mode, shape, dtype):
 
 
 def rf_inputs(n, d, k, spatial, dtype, mode):
-    e = (torch.randn((n, d, *spatial), dtype=torch.float64) + 0.3).to(dtype).cuda()
-    a = assignments_for(mode, (n, k, *spatial), dtype).cuda()
+    e = (torch.randn((n, d, *spatial), dtype=torch.float64) + 0.3).to(dtype).to(DEV)
+    a = assignments_for(mode, (n, k, *spatial), dtype).to(DEV)
     return e, a
 
 
@@ -130,7 +139,7 @@ def test_region_features_forward_backward(dtype, mode, normalize, shape, seed):
     n, d, k, spatial = shape
     e, a = rf_inputs(n, d, k, spatial, dtype, mode)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    w = torch.randn((n, k, d), dtype=out_dtype, device="cuda")
+    w = torch.randn((n, k, d), dtype=out_dtype, device=DEV)
     c = float(torch.randn(()).item())
 
     ef, af = e.clone().requires_grad_(), a.clone().requires_grad_()
@@ -162,7 +171,7 @@ def test_region_features_large_p(seed):
     """P = 1024 * 1024 pixels: many tiles per image, long per-block sums."""
     n, d, k = 2, 16, 8
     e, a = rf_inputs(n, d, k, (1024, 1024), torch.float32, "sigmoid")
-    w = torch.randn((n, k, d), device="cuda")
+    w = torch.randn((n, k, d), device=DEV)
     ef, af = e.clone().requires_grad_(), a.clone().requires_grad_()
     feats, ent, loss = rf_loss_fused(ef, af, True, "sigmoid", w, 0.7)
     loss.backward()
@@ -214,7 +223,7 @@ def test_loss_module_end_to_end(dtype, seed):
 def test_region_discrimination(dtype, nkd, seed):
     n, k, d = nkd
     r = torch.randn((n, k, d), dtype=torch.float64)
-    r = (r / r.norm(dim=-1, keepdim=True)).to(dtype).cuda()
+    r = (r / r.norm(dim=-1, keepdim=True)).to(dtype).to(DEV)
     tau = random.choice([0.2, 0.07, 1.0])
     g = float(torch.rand(()).item()) + 0.5
     rf = r.clone().requires_grad_()
@@ -244,12 +253,12 @@ def test_region_discrimination(dtype, nkd, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
 def test_pixel_cluster_similarity(dtype, normalize, per_image, shape, seed):
     n, d, k, spatial = shape
-    e = torch.randn((n, d, *spatial), dtype=torch.float64).to(dtype).cuda()
+    e = torch.randn((n, d, *spatial), dtype=torch.float64).to(dtype).to(DEV)
     pshape = (n, k, d) if per_image else (k, d)
     p = torch.randn(pshape, dtype=torch.float64)
-    p = (p / p.norm(dim=-1, keepdim=True)).to(dtype).cuda()
+    p = (p / p.norm(dim=-1, keepdim=True)).to(dtype).to(DEV)
     tau = random.choice([0.2, 0.5])
-    gout = torch.randn((n, k, *spatial), dtype=torch.float64).to(dtype).cuda()
+    gout = torch.randn((n, k, *spatial), dtype=torch.float64).to(dtype).to(DEV)
 
     ef, pf = e.clone().requires_grad_(), p.clone().requires_grad_()
     poison()
@@ -277,7 +286,7 @@ def test_pixel_cluster_similarity(dtype, normalize, per_image, shape, seed):
 def test_patch_discrimination(dtype, md, seed):
     m, d = md
     x = torch.randn((m, d), dtype=torch.float64)
-    x = (x / x.norm(dim=1, keepdim=True)).to(dtype).cuda()
+    x = (x / x.norm(dim=1, keepdim=True)).to(dtype).to(DEV)
     tau = random.choice([0.1, 0.3])
     g = float(torch.rand(()).item()) + 0.5
     xf = x.clone().requires_grad_()
@@ -336,7 +345,7 @@ def _all_ops_outputs(dtype, seed_inputs):
     return [o.detach() for o in outs]
 
 
-def _det_inputs(dtype, device="cuda", hw=(96, 97)):
+def _det_inputs(dtype, device=DEV, hw=(96, 97)):
     e = torch.randn((4, 32, *hw), dtype=torch.float64).to(dtype).to(device)
     a = torch.randn((4, 16, *hw), dtype=torch.float64).to(dtype).to(device)
     p = torch.nn.functional.normalize(torch.randn((16, 32), dtype=torch.float64), dim=1).to(dtype).to(device)
@@ -357,11 +366,12 @@ def test_deterministic(dtype, seed):
         assert torch.equal(u, v), f"output {i} differs between two runs [{_dname(dtype)}, seed {seed}]"
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="compares the CUDA kernels with the CPU kernels or with each other")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
 def test_cpu_and_cuda_agree(dtype, seed):
     inputs = _det_inputs(dtype, device="cpu", hw=(33, 35))
     cpu = _all_ops_outputs(dtype, inputs)
-    gpu = _all_ops_outputs(dtype, [t.cuda() for t in inputs])
+    gpu = _all_ops_outputs(dtype, [t.to(DEV) for t in inputs])
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     for i, (u, v) in enumerate(zip(cpu, gpu)):
         err = rel(v, u)
@@ -377,11 +387,11 @@ def test_strided_and_channels_last_inputs(seed):
     cl = ld_ext.region_features(e.to(memory_format=torch.channels_last), a.to(memory_format=torch.channels_last),
                                 normalize=True, assignment="sigmoid")
     assert rel(cl, base) <= 1e-6
-    big_e = torch.randn((2, 8, 20, 48), device="cuda")
+    big_e = torch.randn((2, 8, 20, 48), device=DEV)
     big_e[..., ::2] = e
     strided = ld_ext.region_features(big_e[..., ::2], a, normalize=True, assignment="sigmoid")
     assert rel(strided, base) <= 1e-6
-    p = torch.nn.functional.normalize(torch.randn(5, 8, device="cuda"), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(5, 8, device=DEV), dim=1)
     s1 = ld_ext.pixel_cluster_similarity(e, p)
     s2 = ld_ext.pixel_cluster_similarity(e.to(memory_format=torch.channels_last), p.t().contiguous().t())
     assert rel(s2, s1) <= 1e-6
@@ -392,10 +402,10 @@ def test_nan_in_gives_nan_out():
     e[1, 2, 3, 4] = float("nan")
     feats = ld_ext.region_features(e, a, normalize=True, assignment="sigmoid")
     assert torch.isnan(feats[1]).all() and torch.isfinite(feats[0]).all()
-    x = torch.nn.functional.normalize(torch.randn(8, 4, device="cuda"), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(8, 4, device=DEV), dim=1)
     x[3, 1] = float("nan")
     assert torch.isnan(ld_ext.patch_discrimination(x, 0.1))
-    r = torch.randn(3, 4, 5, device="cuda")
+    r = torch.randn(3, 4, 5, device=DEV)
     r[0, 0, 0] = float("nan")
     assert torch.isnan(ld_ext.region_discrimination(r, 0.2))
 
@@ -404,8 +414,8 @@ def test_nan_in_gives_nan_out():
 def test_autocast(low, seed):
     e, a = rf_inputs(2, 8, 4, (16, 16), torch.float32, "sigmoid")
     ef, af = e.clone().requires_grad_(), a.clone().requires_grad_()
-    with torch.autocast("cuda", dtype=low):
-        emb = torch.nn.functional.conv2d(ef, torch.eye(8, device="cuda")[:, :, None, None])  # low precision
+    with torch.autocast(DEV, dtype=low):
+        emb = torch.nn.functional.conv2d(ef, torch.eye(8, device=DEV)[:, :, None, None])  # low precision
         l_rd, l_ent = ld_ext.RegionDiscriminationLoss(normalize=True, assignment="sigmoid", return_entropy=True)(emb, af.to(emb.dtype))
     assert emb.dtype == low and l_rd.dtype == torch.float32 and l_ent.dtype == torch.float32
     (l_rd + l_ent).backward()
@@ -425,7 +435,7 @@ def test_gradcheck_float64(mode):
         return ld_ext.region_discrimination(feats, 0.2), ent
 
     assert torch.autograd.gradcheck(f, (e, a), eps=1e-6, atol=1e-6, rtol=1e-4)
-    p = torch.randn(4, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    p = torch.randn(4, 3, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda ee, pp: ld_ext.pixel_cluster_similarity(ee, pp, 0.3, normalize=True), (e, p))
     # patch_discrimination has stop-gradients (only the first argument of each inner product gets a
     # gradient), so finite differences do not apply; it is checked against the reference instead.
@@ -436,22 +446,23 @@ def test_opcheck():
     e, a = rf_inputs(2, 3, 4, (5, 6), torch.float32, "sigmoid")
     ops = torch.ops.ld_ext
     torch.library.opcheck(ops.region_features.default, (e.requires_grad_(), a.requires_grad_(), True, 1, True))
-    r = torch.nn.functional.normalize(torch.randn(3, 4, 5, device="cuda"), dim=2).requires_grad_()
+    r = torch.nn.functional.normalize(torch.randn(3, 4, 5, device=DEV), dim=2).requires_grad_()
     torch.library.opcheck(ops.region_discrimination.default, (r, 0.2))
-    p = torch.randn(4, 3, device="cuda", requires_grad=True)
+    p = torch.randn(4, 3, device=DEV, requires_grad=True)
     torch.library.opcheck(ops.pixel_cluster_similarity.default, (e, p, 0.2, True))
-    x = torch.nn.functional.normalize(torch.randn(6, 3, device="cuda"), dim=1).requires_grad_()
+    x = torch.nn.functional.normalize(torch.randn(6, 3, device=DEV), dim=1).requires_grad_()
     torch.library.opcheck(ops.patch_discrimination.default, (x, 0.1))
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="compares the CUDA kernels with the CPU kernels or with each other")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
 def test_register_blocked_and_general_kernels_agree(dtype, seed, monkeypatch):
     """The register-blocked kernels (default where K x D allows) and the general kernels
     (LD_EXT_CUDA_RB_*_CP=0) compute the same values and gradients, also at several chunk sizes."""
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     e, a = rf_inputs(2, 32, 16, (45, 37), dtype, "sigmoid")
-    p = torch.nn.functional.normalize(torch.randn(2, 16, 32, dtype=torch.float64), dim=2).to(dtype).cuda()
-    gout = torch.randn((2, 16, 45, 37), dtype=torch.float64).to(dtype).cuda()
+    p = torch.nn.functional.normalize(torch.randn(2, 16, 32, dtype=torch.float64), dim=2).to(dtype).to(DEV)
+    gout = torch.randn((2, 16, 45, 37), dtype=torch.float64).to(dtype).to(DEV)
 
     def run_all():
         ef, af = e.clone().requires_grad_(), a.clone().requires_grad_()
