@@ -61,9 +61,11 @@ fi
 
 # ---------------------------------------------------------------- CUDA tests
 echo "== CUDA tests ..."
-timeout "$(cap 150 150)" "$PY" -m pytest -q -rfE --maxfail=25 -p no:cacheprovider tests/test_cuda.py >"$DEST/test_cuda.log" 2>&1
+timeout "$(cap 150 150)" "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_cuda.py >"$DEST/test_cuda.log" 2>&1
 test_rc=$?
-grep -E "^(FAILED|ERROR)" "$DEST/test_cuda.log" | cut -c1-220 | head -n 25
+# Failures per test function (and parameter set), then the first messages.
+grep -E "^(FAILED|ERROR)" "$DEST/test_cuda.log" | sed -E 's/^(FAILED|ERROR) ([^[ ]*).*/\2/' | sort | uniq -c | head -n 20
+grep -E "^(FAILED|ERROR)" "$DEST/test_cuda.log" | cut -c1-220 | head -n 12
 test_summary="$(tail -n 1 "$DEST/test_cuda.log")"
 echo "== tests rc=$test_rc: $test_summary ($(elapsed)s)"
 
