@@ -69,7 +69,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSmallThreads) pd_forward_rows_kernel(const scalar_t* __restrict__ x,
                                                                        acc_t* __restrict__ f, int64_t M, int64_t D,
                                                                        acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
   acc_t* xi = buf + blockDim.x;                      // D
   const int64_t i = blockIdx.x;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
                                                                         const acc_t* __restrict__ grad,
                                                                         scalar_t* __restrict__ grad_x, int64_t M,
                                                                         int64_t D, int64_t groups, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
   acc_t* W = buf + blockDim.x;                       // blockDim
   acc_t* xi = W + blockDim.x;                        // D

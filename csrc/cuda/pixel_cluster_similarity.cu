@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
                                                               scalar_t* __restrict__ out, int64_t D, int64_t K,
                                                               int64_t P, int64_t T, int64_t nchunks, Tile tl,
                                                               bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cp = tl.cp;
   acc_t* Ps = sm;                 // K * ds
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
     int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cp = tl.cp;
   const int KD = tl.K * tl.D;
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t
                                                                  scalar_t* __restrict__ out, int64_t P, int64_t T,
                                                                  int64_t nchunks, RBTile tl, bool per_image,
                                                                  bool normalize, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cs = tl.cs, cp = tl.cp;
   acc_t* Z = sm;                  // DP * cs
@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t P, int64_t T, int64_t nchunks, RBTile tl,
     int region0, bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cs = tl.cs, cp = tl.cp;
   const int D = tl.D, K = tl.K, DQ = tl.DQ, KQ = tl.KQ;

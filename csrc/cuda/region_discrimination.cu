@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kSmallThreads) rd_rows_kernel(const scalar_t* 
                                                                acc_t* __restrict__ row_loss, acc_t* __restrict__ W,
                                                                const acc_t* __restrict__ grad, int64_t N, int64_t K,
                                                                int64_t D, acc_t tau) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* L = reinterpret_cast<acc_t*>(smem_raw);  // K
   acc_t* rs = L + K;                              // D
   acc_t* buf = rs + D;                            // blockDim

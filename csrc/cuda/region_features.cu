@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) rf_forward_partial_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
     acc_t* __restrict__ ent_part, int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl,
     bool normalize, int mode, bool entropy) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int KD = tl.K * tl.D;
   const int cp = tl.cp;
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
     const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
     int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool normalize, int mode, bool entropy,
     acc_t ent_scale) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cp = tl.cp;
   acc_t* Gs = sm;                 // K * ds
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
     acc_t* __restrict__ ent_part, int64_t P, int64_t T, int64_t nchunks, RBTile tl, int region0, bool normalize,
     int mode, bool entropy) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cs = tl.cs, cp = tl.cp;
   acc_t* E = sm;                  // DP * cs
@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, const acc_t* __restrict__ Gg,
     const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
     int64_t P, int64_t T, int64_t nchunks, RBTile tl, bool normalize, int mode, bool entropy, acc_t ent_scale) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   const int cs = tl.cs, cp = tl.cp;
   const int D = tl.D, K = tl.K, DP = tl.DP, KP = tl.KP, DQ = tl.DQ, KQ = tl.KQ;

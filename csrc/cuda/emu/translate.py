@@ -22,13 +22,15 @@ CSRC = os.path.dirname(os.path.dirname(HERE))
 def translate(text: str) -> str:
     s = re.sub(r"#include <c10/cuda/[^>]*>\n", "", text)
     s = s.replace("#include <cuda_runtime.h>", '#include "emu.h"')
-    s = s.replace("extern __shared__ unsigned char smem_raw[];", "unsigned char* smem_raw = emu::g_smem;")
+    s = s.replace("extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu::g_smem;")
     s = re.sub(r"__shared__ (\w+) (\w+)\[(\w+)\];", r"static \1 \2_emu_arr[\3]; \1* \2 = \2_emu_arr;", s)
     def launch(m: re.Match) -> str:
         cfg = re.sub(r"\bstream\b", "0", m.group(3))
         return m.group(1) + "emu::launch(" + m.group(2) + ", emu::Cfg{" + cfg + "})("
 
     s = re.sub(r"^(\s*)([\w:]+(?:<[^;\n]*?>)?)<<<(.*?)>>>\(", launch, s, flags=re.M | re.S)
+    if "extern __shared__" in s:
+        raise SystemExit("translate.py: a dynamic shared-memory declaration was not recognised")
     if "<<<" in s:
         raise SystemExit("translate.py: a kernel launch was not recognised (launches must start a statement)")
     s = s.replace('TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");', "(void)t; (void)op; (void)name;")
