@@ -216,6 +216,9 @@ def test_one_negative_takes_the_row():
         got32, g32 = _value_and_grad(ld_ext.patch_discrimination, x.float(), tau)
         ref32, rg32 = _value_and_grad(R.patch_discrimination, x.float(), tau)
         assert torch.isfinite(got32) and torch.isfinite(g32).all()
-        tol = TOL[torch.float32]
+        # Any float32 formulation rounds the logits x.x/T by about eps32/T (relative), and the two
+        # formulations round differently: beside the usual slack, allow that much (at T = 0.004 the
+        # fused gradient error was up to 1.6x the plain one, about 2e-5 apart, in 1 draw in 10).
+        tol = TOL[torch.float32] + torch.finfo(torch.float32).eps / tau
         assert max_err(got32, ref) <= max_err(ref32, ref) + tol * abs(ref.item())
         assert max_err(g32, rg) <= max_err(rg32, rg) + tol * rg.abs().max().item()
