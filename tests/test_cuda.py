@@ -238,7 +238,11 @@ def test_region_discrimination(dtype, nkd, seed):
     rp = r.clone().requires_grad_()
     loss_p = R.region_discrimination(rp, tau)
     (loss_p * g).backward()
-    check(loss, loss_p, loss_r, dtype, "loss", seed)
+    # Each row term is logsumexp - logit with logits up to 1/tau: its rounding is about eps/tau
+    # absolute, eps/(tau * loss) relative for a small, well-separated loss, whichever float
+    # formulation computes it (seen in the CUDA emulation: 7.9e-5 against plain 1.2e-5).
+    cond = 1.0 / (tau * max(abs(loss_r.item()), 1e-30))
+    check(loss, loss_p, loss_r, dtype, "loss", seed, 8 * torch.finfo(loss.dtype).eps * cond)
     check(rf.grad, rp.grad, rr.grad, dtype, "grad feats", seed)
 
 
