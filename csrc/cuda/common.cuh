@@ -275,6 +275,33 @@ inline RBTile make_rb_tile(int cp, int64_t D, int64_t K) {
   return RBTile{cp, lcp, cp + 4, static_cast<int>(D), static_cast<int>(K), DP, KP, DP / 4, KP / 4};
 }
 
+// Norm of pixel column j of a channels-as-rows tile Z (rows d < D, stride cs): *m = ||z_j||;
+// returns 1 / (||z_j|| + eps).
+template <typename acc_t>
+__device__ __forceinline__ acc_t column_inv_norm(const acc_t* Z, int j, const RBTile& tl, acc_t* m) {
+  acc_t sq = 0;
+  for (int d = 0; d < tl.D; ++d) {
+    const acc_t v = Z[d * tl.cs + j];
+    sq += v * v;
+  }
+  *m = dev_sqrt(sq);
+  return acc_t(1) / (*m + static_cast<acc_t>(kNormEps));
+}
+
+// Loads `rows` channel rows of one chunk, X[r*cs + j] = src[r, p0 + j], as the accumulation type;
+// rows rows..padded-1 and pixels >= np are 0 (padded = DP or KP).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_rows(const scalar_t* __restrict__ src, int64_t P, int64_t p0, int np, int rows,
+                                          int padded, const RBTile& tl, acc_t* X) {
+  const int cp = tl.cp;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < padded * cp; i += blockDim.x) {
+    const int r = i >> tl.lcp;
+    const int j = i & (cp - 1);
+    X[r * tl.cs + j] = (r < rows && j < np) ? static_cast<acc_t>(src[r * P + p0 + j]) : acc_t(0);
+  }
+}
+
 // 4x4 register blocks of the register-blocked kernels.
 //
 // product44_store: dst rows r (r * rstep elements apart), 4 columns = sum_{i < n} X[i][r] Y[i][c],

@@ -218,27 +218,6 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
 // register-blocked products fed by 16-byte shared-memory reads; per-pixel work (norms, softmax,
 // the normalisation's backward) runs one thread per pixel with coalesced global stores.
 
-// Z[d*cs + j] = z[d, p0 + j] (0 for padding rows and pixels >= np); with G, also
-// G[k*cs + j] = grad_out[k, p0 + j].
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void pcs_rb_load(const scalar_t* __restrict__ e_n, const scalar_t* __restrict__ g_n,
-                                            int64_t P, int64_t p0, int np, const RBTile& tl, acc_t* Z, acc_t* G) {
-  const int cp = tl.cp;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < tl.DP * cp; i += blockDim.x) {
-    const int d = i >> tl.lcp;
-    const int j = i & (cp - 1);
-    Z[d * tl.cs + j] = (d < tl.D && j < np) ? static_cast<acc_t>(e_n[d * P + p0 + j]) : acc_t(0);
-  }
-  if (G == nullptr) return;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < tl.KP * cp; i += blockDim.x) {
-    const int k = i >> tl.lcp;
-    const int j = i & (cp - 1);
-    G[k * tl.cs + j] = (k < tl.K && j < np) ? static_cast<acc_t>(g_n[k * P + p0 + j]) : acc_t(0);
-  }
-}
-
 // Prototypes of the image in the two register-block orders (padding entries 0):
 // Pd[d*KP + 4*kb + r] = proto[kb + KQ r, d] and, when Pk is given, Pk[k*DP + 4*db + c] = proto[k, db + DQ c].
 template <typename scalar_t, typename acc_t>
@@ -270,16 +249,8 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool normalize, acc_t tau, const acc_t* Z,
                                                 acc_t* L, acc_t* M) {
   const int cs = tl.cs;
-  acc_t m = 0, im = 1;
-  if (normalize) {
-    acc_t sq = 0;
-    for (int d = 0; d < tl.D; ++d) {
-      const acc_t v = Z[d * cs + j];
-      sq += v * v;
-    }
-    m = dev_sqrt(sq);
-    im = acc_t(1) / (m + static_cast<acc_t>(kNormEps));
-  }
+  acc_t m = 0;
+  const acc_t im = normalize ? column_inv_norm(Z, j, tl, &m) : acc_t(1);
   if (M != nullptr) M[j] = m;
   acc_t mx = neg_inf<acc_t>();
   for (int k = 0; k < tl.K; ++k) {
@@ -321,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
     __syncthreads();
-    pcs_rb_load<scalar_t, acc_t>(e_n, nullptr, P, p0, np, tl, Z, nullptr);
+    load_rows<scalar_t, acc_t>(e_n, P, p0, np, tl.D, tl.DP, tl, Z);
     __syncthreads();
     pcs_rb_logits<acc_t>(tl, Pd, Z, L);
     __syncthreads();
@@ -380,7 +351,8 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
     __syncthreads();
-    pcs_rb_load<scalar_t, acc_t>(e_n, g_n, P, p0, np, tl, Z, G);
+    load_rows<scalar_t, acc_t>(e_n, P, p0, np, D, tl.DP, tl, Z);
+    load_rows<scalar_t, acc_t>(g_n, P, p0, np, K, tl.KP, tl, G);
     __syncthreads();
     pcs_rb_logits<acc_t>(tl, Pd, Z, L);
     __syncthreads();

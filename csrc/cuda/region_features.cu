@@ -343,14 +343,7 @@ __device__ __forceinline__ void rb_load_chunk(const scalar_t* __restrict__ e_n, 
                                               int64_t P, int64_t p0, int np, const RBTile& tl, int mode,
                                               acc_t* E, acc_t* A, acc_t* SG) {
   const int cp = tl.cp;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < tl.DP * cp; i += blockDim.x) {
-    const int d = i >> tl.lcp;
-    const int j = i & (cp - 1);
-    acc_t v = 0;
-    if (d < tl.D && j < np) v = static_cast<acc_t>(e_n[d * P + p0 + j]);
-    E[d * tl.cs + j] = v;
-  }
+  load_rows<scalar_t, acc_t>(e_n, P, p0, np, tl.D, tl.DP, tl, E);
 #pragma unroll 4
   for (int i = threadIdx.x; i < tl.KP * cp; i += blockDim.x) {
     const int k = i >> tl.lcp;
@@ -378,16 +371,8 @@ __device__ __forceinline__ acc_t rb_pixel_prep(int j, int np, const RBTile& tl, 
                                                bool entropy, const acc_t* E, acc_t* A, acc_t* M, acc_t* IM,
                                                acc_t* U) {
   const int cs = tl.cs;
-  acc_t m = 0, im = 1;
-  if (normalize) {
-    acc_t sq = 0;
-    for (int d = 0; d < tl.D; ++d) {
-      const acc_t v = E[d * cs + j];
-      sq += v * v;
-    }
-    m = dev_sqrt(sq);
-    im = acc_t(1) / (m + static_cast<acc_t>(kNormEps));
-  }
+  acc_t m = 0;
+  const acc_t im = normalize ? column_inv_norm(E, j, tl, &m) : acc_t(1);
   if (M != nullptr) M[j] = m;
   IM[j] = im;
   acc_t u = 1, mx = 0;
