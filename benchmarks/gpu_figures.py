@@ -146,6 +146,21 @@ def _fused_correctness(fused, e, s) -> dict:
     return out
 
 
+def _chunk_variants(step, pairs, warm: int, iters: int) -> dict:
+    """Median ms of `step` with the register-blocked kernels' chunk caps set to each (forward,
+    backward) pair (LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP; 0 = the general kernels)."""
+    out = {}
+    for fwd_cp, bwd_cp in pairs:
+        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
+        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
+        try:
+            out[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(step, warm, iters)
+        finally:
+            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
+            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
+    return out
+
+
 def measure(quick: bool = False) -> dict:
     import ld_ext
     from ld_ext import reference as R
@@ -197,16 +212,8 @@ def measure(quick: bool = False) -> dict:
 
     # Chunk sizes of the register-blocked kernels (LD_EXT_CUDA_RB_*_CP; 0 = the general kernels),
     # fwd+bwd time of the same fp32 loss; the defaults are what the figures above use.
-    variants = {}
-    for fwd_cp, bwd_cp in ((128, 64), (64, 64), (128, 32), (128, 128), (0, 0)):
-        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
-        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
-        try:
-            variants[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(_loss_step(fused, e, s), warm, iters)
-        finally:
-            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
-            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
-    res["fused_fp32_chunk_variants_ms"] = variants
+    res["fused_fp32_chunk_variants_ms"] = _chunk_variants(
+        _loss_step(fused, e, s), ((128, 64), (64, 64), (128, 32), (128, 128), (0, 0)), warm, iters)
 
     # Same values in bf16: the fused kernels read half the bytes and accumulate in fp32.
     eb = e.detach().to(torch.bfloat16).requires_grad_()
@@ -234,16 +241,8 @@ def measure(quick: bool = False) -> dict:
     res["pcs_fused_ms"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
     res["pcs_eager_ms"] = _time_ms(pcs_step(R.pixel_cluster_similarity), warm, iters)
     res["pcs_fused_kernels"] = _kernel_breakdown(pcs_step(ld_ext.pixel_cluster_similarity))
-    variants = {}
-    for fwd_cp, bwd_cp in ((128, 32), (64, 64), (0, 0)):
-        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
-        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
-        try:
-            variants[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
-        finally:
-            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
-            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
-    res["pcs_chunk_variants_ms"] = variants
+    res["pcs_chunk_variants_ms"] = _chunk_variants(
+        pcs_step(ld_ext.pixel_cluster_similarity), ((128, 32), (64, 64), (0, 0)), warm, iters)
     return res
 
 
