@@ -85,7 +85,9 @@ if [[ $rc -ne 0 ]]; then
 fi
 if grep -q -E "warning #|warning:" "$WORK/build.log"; then
   echo "cuda_compile: compiler warnings:"
-  grep -E "warning #|warning:" "$WORK/build.log" | sort | uniq | head -n 20
+  # Unique warnings to a variable first: `... | head` fails under pipefail once head quits early.
+  warnings="$(grep -E "warning #|warning:" "$WORK/build.log" | sort -u)"
+  head -n 20 <<<"$warnings"
 fi
 SO="$(ls ld_ext/_C*.so)"
 echo "cuda_compile: built $(basename "$SO") in $(( $(date +%s) - start )) s"
