@@ -35,6 +35,7 @@ __all__ = [
     "region_discrimination_loss",
     "region_discrimination_loss_broadcast",
     "pixel_cluster_similarity",
+    "pixel_cluster_similarity_grad_condition",
     "patch_discrimination",
     "patch_discrimination_published",
 ]
@@ -162,6 +163,45 @@ def pixel_cluster_similarity(
         logits = torch.bmm(prototypes, ef)
     out = torch.softmax(logits / temperature, dim=1)
     return out.reshape(e.shape[0], prototypes.shape[-2], *e.shape[2:])
+
+
+def pixel_cluster_similarity_grad_condition(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, grad_out: torch.Tensor, temperature: float = 0.2, *,
+    normalize: bool = False,
+) -> tuple[float, float]:
+    """Condition numbers (embeddings, prototypes) of the similarity's backward for ``grad_out``:
+    a relative rounding error of about eps in each term can become ``eps * cond`` in the gradient.
+
+    g_l = S (g - <g, S>) / tau cancels where one S_k is near 1, and g_e = P^T g_l cancels for
+    near-equal prototypes, so tiny or degenerate inputs have large condition numbers; any
+    floating-point implementation (this one in float64 included) loses that much there. Computed
+    in float64 as ||bound|| / ||gradient|| with bound = S (|g| + <|g|, S>) / tau carried through |P|
+    (and, with ``normalize``, the projection). Used by the tests to size tolerances.
+    """
+    z = embeddings.detach().double().cpu()
+    p = prototypes.detach().double().cpu()
+    n, d = z.shape[:2]
+    zf = z.reshape(n, d, -1)
+    g = grad_out.detach().double().cpu().reshape(n, p.shape[-2], -1)
+    m = zf.norm(dim=1, keepdim=True)
+    x = zf / (m + NORM_EPS) if normalize else zf
+    pk = p if p.dim() == 3 else p.expand(n, -1, -1)
+    s = torch.softmax(torch.bmm(pk, x) / temperature, dim=1)
+    gl = s * (g - (g * s).sum(1, keepdim=True)) / temperature
+    gl_abs = s * (g.abs() + (g.abs() * s).sum(1, keepdim=True)) / temperature
+    ge, ge_abs = torch.bmm(pk.transpose(1, 2), gl), torch.bmm(pk.abs().transpose(1, 2), gl_abs)
+    gp, gp_abs = torch.bmm(gl, x.transpose(1, 2)), torch.bmm(gl_abs, x.abs().transpose(1, 2))
+    if normalize:
+        den = m + NORM_EPS
+        ge = (ge - x * (x * ge).sum(1, keepdim=True)) / den
+        ge_abs = (ge_abs + x.abs() * (x.abs() * ge_abs).sum(1, keepdim=True)) / den
+    if p.dim() == 2:
+        gp, gp_abs = gp.sum(0), gp_abs.sum(0)
+
+    def ratio(bound: torch.Tensor, grad: torch.Tensor) -> float:
+        return bound.norm().item() / max(grad.norm().item(), 1e-300)
+
+    return ratio(ge_abs, ge), ratio(gp_abs, gp)
 
 
 def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

@@ -135,3 +135,27 @@ def test_opcheck():
             torch.ops.ld_ext.pixel_cluster_similarity_backward.default,
             (torch.randn_like(out), z.detach(), p.detach(), out, 0.2, True),
         )
+
+
+def test_grad_condition_flags_cancellation():
+    """reference.pixel_cluster_similarity_grad_condition (used to size the CUDA tests' and the
+    emulation's tolerances) is modest for generic inputs and large where the backward cancels."""
+    torch.manual_seed(0)
+    e = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    p = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=1)
+    g = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    for normalize in (False, True):
+        ce, cp = R.pixel_cluster_similarity_grad_condition(e, p, g, 0.3, normalize=normalize)
+        assert 1.0 <= ce < 1e3 and 1.0 <= cp < 1e3, (ce, cp)
+    # Two prototypes equal up to 1e-9: g_e = P^T g_l cancels to ~1e-9 of its terms.
+    p2 = torch.nn.functional.normalize(torch.randn(1, 8, dtype=torch.float64), dim=1).repeat(2, 1)
+    p2[1, 0] += 1e-9
+    ce, _ = R.pixel_cluster_similarity_grad_condition(e[:, :, :1, :1], p2, g[:, :2, :1, :1], 0.3)
+    assert ce > 1e6, ce
+    # One assignment near 1 (large logits): S (g - <g, S>) cancels.
+    ce, cp = R.pixel_cluster_similarity_grad_condition(40 * e, p, g, 0.05)
+    assert ce > 1e3 and cp > 1e3, (ce, cp)
+    # Per-image prototypes (N, K, D) give the prototype condition per image summed the same way.
+    ce3, cp3 = R.pixel_cluster_similarity_grad_condition(e, p.expand(2, -1, -1), g, 0.3)
+    ce2, _ = R.pixel_cluster_similarity_grad_condition(e, p, g, 0.3)
+    assert abs(ce3 - ce2) <= 1e-9 * ce2 and cp3 >= 1.0
