@@ -56,6 +56,7 @@ if [[ "${LD_EXT_GPU_CHECK_SKIP_BUILD:-0}" != "1" ]]; then
   regs=$(grep -oE "Used [0-9]+ registers" "$DEST/build.log" | awk '{print $2}' | sort -n | tail -n 1)
   spills=$(grep -E "bytes spill" "$DEST/build.log" | grep -vc " 0 bytes spill stores, 0 bytes spill loads")
   echo "== built in $(elapsed)s (ptxas: at most ${regs:-?} registers per thread; $spills kernel(s) with spills)"
+  "$PY" benchmarks/ptxas_summary.py "$DEST/build.log" --match _rb_kernel | grep -E "<(f32|bf16)>" || true
 fi
 "$PY" -c "import ld_ext; print('== build_info', ld_ext.build_info())" || exit 1
 

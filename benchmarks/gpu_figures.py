@@ -146,19 +146,30 @@ def _fused_correctness(fused, e, s) -> dict:
     return out
 
 
-def _chunk_variants(step, pairs, warm: int, iters: int) -> dict:
-    """Median ms of `step` with the register-blocked kernels' chunk caps set to each (forward,
-    backward) pair (LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP; 0 = the general kernels)."""
+def _env_variants(step, variants, warm: int, iters: int) -> dict:
+    """Median ms of `step` under each (label, {environment variable: value}) of `variants`: the
+    register-blocked kernels' knobs LD_EXT_CUDA_RB_FWD_CP / LD_EXT_CUDA_RB_BWD_CP (chunk caps; 0 =
+    the general kernels) and LD_EXT_CUDA_RB_PREFETCH (0 = no reads one chunk ahead)."""
     out = {}
-    for fwd_cp, bwd_cp in pairs:
-        os.environ["LD_EXT_CUDA_RB_FWD_CP"] = str(fwd_cp)
-        os.environ["LD_EXT_CUDA_RB_BWD_CP"] = str(bwd_cp)
+    for label, env in variants:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
-            out[f"fwd{fwd_cp}/bwd{bwd_cp}"] = _time_ms(step, warm, iters)
+            out[label] = _time_ms(step, warm, iters)
         finally:
-            os.environ.pop("LD_EXT_CUDA_RB_FWD_CP")
-            os.environ.pop("LD_EXT_CUDA_RB_BWD_CP")
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return out
+
+
+def _cp(fwd: int, bwd: int) -> tuple[str, dict]:
+    return f"fwd{fwd}/bwd{bwd}", {"LD_EXT_CUDA_RB_FWD_CP": str(fwd), "LD_EXT_CUDA_RB_BWD_CP": str(bwd)}
+
+
+NO_PREFETCH = ("no prefetch", {"LD_EXT_CUDA_RB_PREFETCH": "0"})
 
 
 def measure(quick: bool = False) -> dict:
@@ -212,8 +223,9 @@ def measure(quick: bool = False) -> dict:
 
     # Chunk sizes of the register-blocked kernels (LD_EXT_CUDA_RB_*_CP; 0 = the general kernels),
     # fwd+bwd time of the same fp32 loss; the defaults are what the figures above use.
-    res["fused_fp32_chunk_variants_ms"] = _chunk_variants(
-        _loss_step(fused, e, s), ((128, 64), (64, 64), (128, 32), (128, 128), (0, 0)), warm, iters)
+    res["fused_fp32_chunk_variants_ms"] = _env_variants(
+        _loss_step(fused, e, s), [("default", {}), NO_PREFETCH, _cp(64, 64), _cp(128, 32), _cp(64, 32), _cp(0, 0)],
+        warm, iters)
 
     # Same values in bf16: the fused kernels read half the bytes and accumulate in fp32.
     eb = e.detach().to(torch.bfloat16).requires_grad_()
@@ -222,6 +234,7 @@ def measure(quick: bool = False) -> dict:
     torch.cuda.empty_cache()
     res["fused_bf16_ms"] = _time_ms(_loss_step(fused, eb, sb), warm, iters)
     res["fused_bf16_kernels"] = _kernel_breakdown(_loss_step(fused, eb, sb))
+    res["fused_bf16_variants_ms"] = _env_variants(_loss_step(fused, eb, sb), [NO_PREFETCH], warm, iters)
     del eb, sb
     torch.cuda.empty_cache()
 
@@ -241,8 +254,9 @@ def measure(quick: bool = False) -> dict:
     res["pcs_fused_ms"] = _time_ms(pcs_step(ld_ext.pixel_cluster_similarity), warm, iters)
     res["pcs_eager_ms"] = _time_ms(pcs_step(R.pixel_cluster_similarity), warm, iters)
     res["pcs_fused_kernels"] = _kernel_breakdown(pcs_step(ld_ext.pixel_cluster_similarity))
-    res["pcs_chunk_variants_ms"] = _chunk_variants(
-        pcs_step(ld_ext.pixel_cluster_similarity), ((128, 32), (64, 64), (0, 0)), warm, iters)
+    res["pcs_chunk_variants_ms"] = _env_variants(
+        pcs_step(ld_ext.pixel_cluster_similarity),
+        [("default", {}), NO_PREFETCH, _cp(128, 32), _cp(64, 64), _cp(64, 32), _cp(0, 0)], warm, iters)
     return res
 
 
@@ -271,6 +285,13 @@ def _targets(res: dict) -> list[tuple[str, str, str, bool | None]]:
     return rows
 
 
+def _short(kernel: str) -> str:
+    """Kernel name without return type, namespaces and template arguments: rf_forward_rb_kernel."""
+    name = kernel.split("(anonymous namespace)::")[-1].split("ld_ext::cuda::")[-1]
+    name = name.split("<")[0].split("(")[0]
+    return name.replace("void ", "")[:40]
+
+
 def table(res: dict) -> str:
     lines = [
         f"GPU figures on {res['device']} (torch {res['torch']}), {res['shape']}, fwd+bwd, median of CUDA-event timings",
@@ -293,13 +314,16 @@ def table(res: dict) -> str:
     if var:
         lines.append("fused fp32 fwd+bwd by chunk (LD_EXT_CUDA_RB_FWD_CP/BWD_CP; 0 = general kernels), ms: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in var.items()))
+    var = res.get("fused_bf16_variants_ms") or {}
+    if var:
+        lines.append("fused bf16 fwd+bwd variants, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in var.items()))
     var = res.get("pcs_chunk_variants_ms") or {}
     if var:
         lines.append("pcs fwd+bwd by chunk, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in var.items()))
     for key in ("fused_fp32_kernels", "fused_bf16_kernels", "pcs_fused_kernels"):
         rows = res.get(key) or []
         if rows:
-            lines.append(f"{key} (us/step): " + "; ".join(f"{r['kernel'][:48]} {r['us_per_step']:.0f}" for r in rows[:6]))
+            lines.append(f"{key} (us/step): " + "; ".join(f"{_short(r['kernel'])} {r['us_per_step']:.0f}" for r in rows[:6]))
     if res.get("compiled_error"):
         lines.append(f"torch.compile failed: {res['compiled_error']}")
     return "\n".join(lines)

@@ -280,6 +280,7 @@ inline RBTile make_rb_tile(int cp, int64_t D, int64_t K) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t column_inv_norm(const acc_t* Z, int j, const RBTile& tl, acc_t* m) {
   acc_t sq = 0;
+#pragma unroll 4
   for (int d = 0; d < tl.D; ++d) {
     const acc_t v = Z[d * tl.cs + j];
     sq += v * v;
@@ -288,18 +289,106 @@ __device__ __forceinline__ acc_t column_inv_norm(const acc_t* Z, int j, const RB
   return acc_t(1) / (*m + static_cast<acc_t>(kNormEps));
 }
 
-// Loads `rows` channel rows of one chunk, X[r*cs + j] = src[r, p0 + j], as the accumulation type;
-// rows rows..padded-1 and pixels >= np are 0 (padded = DP or KP).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_rows(const scalar_t* __restrict__ src, int64_t P, int64_t p0, int np, int rows,
-                                          int padded, const RBTile& tl, acc_t* X) {
-  const int cp = tl.cp;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < padded * cp; i += blockDim.x) {
-    const int r = i >> tl.lcp;
-    const int j = i & (cp - 1);
-    X[r * tl.cs + j] = (r < rows && j < np) ? static_cast<acc_t>(src[r * P + p0 + j]) : acc_t(0);
+// Hides a value from the optimiser (no code): it cannot hoist or precompute what depends on it.
+template <typename T>
+__device__ __forceinline__ void opaque(T*& p) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+l"(p));
+#endif
+}
+__device__ __forceinline__ void opaque(int& x) {
+#ifdef __CUDA_ARCH__
+  asm volatile("" : "+r"(x));
+#endif
+}
+
+// Register staging of one chunk, for software pipelining: the global reads of the next chunk are
+// issued into registers before the current chunk's work and written to shared memory after it, so
+// their latency overlaps that work (and all NPF reads of a thread are in flight together).
+// A thread holds elements i = threadIdx.x + r * kThreads (r < NPF) of the (rows0 + rows1) x cp
+// tile whose rows [0, rows0) are rows of src0 (0 where row >= n0) and rows [rows0, rows0 + rows1)
+// rows of src1 (0 where row - rows0 >= n1); pixels >= np are 0. Kernels using it run kThreads
+// threads, and their plans keep (rows0 + rows1) * cp <= NPF * kThreads (stage_fits). Raw values
+// stay in the input type until `store` converts them, so no conversion waits on a read in flight.
+template <typename scalar_t, int NPF>
+struct StagedChunk {
+  scalar_t v[NPF];
+
+  // Blocks have kThreads threads and cp <= kThreads divides kThreads, so a thread's pixel
+  // j = tid % cp is the same for all its elements and its rows are tid / cp + r * (kThreads / cp).
+  __device__ __forceinline__ void load(const scalar_t* __restrict__ src0, int n0, int rows0,
+                                       const scalar_t* __restrict__ src1, int n1, int rows1, int64_t P, int64_t p0,
+                                       int np, const RBTile& tl) {
+    const int j = static_cast<int>(threadIdx.x) & (tl.cp - 1);
+    const int row0 = static_cast<int>(threadIdx.x) >> tl.lcp;
+    const int rstep = kThreads >> tl.lcp;
+    const bool in = j < np;
+    // One running pointer (rows rstep apart), switched to src1 at its first row, rather than an
+    // offset per element, which the compiler would hoist out of the chunk loop into registers.
+    const int64_t step = static_cast<int64_t>(rstep) * P;
+    const scalar_t* q = src0 + row0 * P + p0 + j;
+    bool second = false;
+    int row = row0;
+#pragma unroll
+    for (int r = 0; r < NPF; ++r) {
+      if (!second && row >= rows0) {
+        second = true;
+        q = src1 + (row - rows0) * P + p0 + j;
+      }
+      scalar_t x{};
+      if (in && (second ? row - rows0 < n1 : row < n0)) x = *q;
+      v[r] = x;
+      q += step;
+      row += rstep;
+      // Opaque to the optimiser, so that it steps the pointer and row instead of keeping an offset
+      // and a predicate per element live across the chunk loop (which cost ~100 registers).
+      opaque(q);
+      opaque(row);
+    }
   }
+
+  // X0[row * cs + j] for rows < rows0 and X1[(row - rows0) * cs + j] for the others, as acc_t. With
+  // mode == kSigmoid the src1 rows become sigmoid(s) + kAssignEps, and sigmoid(s) goes to SG (same
+  // layout as X1) when SG is given; padding rows and pixels stay 0 in both.
+  template <typename acc_t>
+  __device__ __forceinline__ void store(acc_t* X0, int rows0, acc_t* X1, int n1, int rows1, int np, const RBTile& tl,
+                                        int mode, acc_t* SG) const {
+    const int j = static_cast<int>(threadIdx.x) & (tl.cp - 1);
+    const int row0 = static_cast<int>(threadIdx.x) >> tl.lcp;
+    const int rstep = kThreads >> tl.lcp;
+    const int rows = rows0 + rows1;
+#pragma unroll
+    for (int r = 0; r < NPF; ++r) {
+      const int row = row0 + r * rstep;
+      if (row < rows) {
+        acc_t x = static_cast<acc_t>(v[r]);
+        if (row < rows0) {
+          X0[row * tl.cs + j] = x;
+        } else {
+          const int k = row - rows0;
+          if (mode == kSigmoid) {
+            acc_t sg = 0;
+            if (k < n1 && j < np) {
+              sg = dev_sigmoid(x);
+              x = sg + static_cast<acc_t>(kAssignEps);
+            }
+            if (SG != nullptr) SG[k * tl.cs + j] = sg;
+          }
+          X1[k * tl.cs + j] = x;
+        }
+      }
+    }
+  }
+};
+
+// Whether a chunk of cp pixels of `rows` staged rows fits the NPF registers per thread.
+inline bool stage_fits(int64_t rows, int cp, int npf) { return rows * cp <= static_cast<int64_t>(npf) * kThreads; }
+
+// Environment switch of the register-blocked kernels' software pipelining (a benchmark knob:
+// LD_EXT_CUDA_RB_PREFETCH=0 reads each chunk just before its use instead of one chunk ahead).
+inline bool env_prefetch() {
+  const char* v = std::getenv("LD_EXT_CUDA_RB_PREFETCH");
+  return v == nullptr || *v == '\0' || std::atoi(v) != 0;
 }
 
 // 4x4 register blocks of the register-blocked kernels.

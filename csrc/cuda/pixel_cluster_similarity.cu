@@ -218,6 +218,10 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
 // register-blocked products fed by 16-byte shared-memory reads; per-pixel work (norms, softmax,
 // the normalisation's backward) runs one thread per pixel with coalesced global stores.
 
+// Registers per thread that stage the next chunk (StagedChunk): rows * cp <= kStage * kThreads.
+constexpr int kStageFwd = 16;
+constexpr int kStageBwd = 16;
+
 // Prototypes of the image in the two register-block orders (padding entries 0):
 // Pd[d*KP + 4*kb + r] = proto[kb + KQ r, d] and, when Pk is given, Pk[k*DP + 4*db + c] = proto[k, db + DQ c].
 template <typename scalar_t, typename acc_t>
@@ -252,24 +256,29 @@ __device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool no
   acc_t m = 0;
   const acc_t im = normalize ? column_inv_norm(Z, j, tl, &m) : acc_t(1);
   if (M != nullptr) M[j] = m;
+  const acc_t scale = im / tau;
   acc_t mx = neg_inf<acc_t>();
+#pragma unroll 4
   for (int k = 0; k < tl.K; ++k) {
-    const acc_t l = L[k * cs + j] * im / tau;
+    const acc_t l = L[k * cs + j] * scale;
     L[k * cs + j] = l;
     mx = dev_max(mx, l);
   }
   acc_t su = 0;
+#pragma unroll 4
   for (int k = 0; k < tl.K; ++k) {
     const acc_t x = dev_exp(L[k * cs + j] - mx);
     L[k * cs + j] = x;
     su += x;
   }
-  for (int k = 0; k < tl.K; ++k) L[k * cs + j] = L[k * cs + j] / su;
+  const acc_t isu = acc_t(1) / su;
+#pragma unroll 4
+  for (int k = 0; k < tl.K; ++k) L[k * cs + j] = L[k * cs + j] * isu;
   return im;
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t* __restrict__ emb,
+template <typename scalar_t, typename acc_t, bool prefetch>
+__global__ void __launch_bounds__(kThreads, 2) pcs_forward_rb_kernel(const scalar_t* __restrict__ emb,
                                                                  const scalar_t* __restrict__ proto,
                                                                  scalar_t* __restrict__ out, int64_t P, int64_t T,
                                                                  int64_t nchunks, RBTile tl, bool per_image,
@@ -288,17 +297,27 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t
   scalar_t* o_n = out + n * static_cast<int64_t>(tl.K) * P;
   pcs_rb_prototypes<scalar_t, acc_t>(per_image ? proto + n * tl.K * tl.D : proto, tl, Pd, nullptr);
 
+  // Chunk ch's reads: issued one chunk ahead with prefetch, else just before their use.
+  StagedChunk<scalar_t, kStageFwd> st;
+  auto issue = [&](int64_t c) {
+    const int64_t q0 = c * cp;
+    st.load(e_n, tl.D, tl.DP, e_n, 0, 0, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
+  };
+  if (prefetch && t < nchunks) issue(t);
   for (int64_t ch = t; ch < nchunks; ch += T) {
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    if (!prefetch) issue(ch);
     __syncthreads();
-    load_rows<scalar_t, acc_t>(e_n, P, p0, np, tl.D, tl.DP, tl, Z);
+    st.template store<acc_t>(Z, tl.DP, Z, 0, 0, np, tl, kProbs, nullptr);
     __syncthreads();
+    if (prefetch && ch + T < nchunks) issue(ch + T);
     pcs_rb_logits<acc_t>(tl, Pd, Z, L);
     __syncthreads();
     const int j = threadIdx.x;
     if (j < np) {
       pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, nullptr);
+#pragma unroll 4
       for (int k = 0; k < tl.K; ++k) o_n[k * P + p0 + j] = static_cast<scalar_t>(L[k * cs + j]);
     }
   }
@@ -308,8 +327,8 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_rb_kernel(const scalar_t
 // (into G) and e = z im (into Z), then g_e = proto^T g_l (4x4 blocks into GE) while every thread
 // adds its fixed 4x4 block of the prototype gradient sum_j g_l[k, j] e[d, j] in registers (pixel
 // group g: quads g, g + Gn, ...), then per pixel the normalisation's backward and the stores.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
+template <typename scalar_t, typename acc_t, bool prefetch>
+__global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t P, int64_t T, int64_t nchunks, RBTile tl,
     int region0, bool per_image, bool normalize, acc_t tau) {
@@ -347,22 +366,33 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
 #pragma unroll
     for (int c = 0; c < 4; ++c) pacc[r][c] = 0;
 
+  StagedChunk<scalar_t, kStageBwd> st;  // z and grad_out rows, as in the forward
+  auto issue = [&](int64_t c) {
+    const int64_t q0 = c * cp;
+    st.load(e_n, D, tl.DP, g_n, K, tl.KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
+  };
+  if (prefetch && t < nchunks) issue(t);
   for (int64_t ch = t; ch < nchunks; ch += T) {
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    if (!prefetch) issue(ch);
     __syncthreads();
-    load_rows<scalar_t, acc_t>(e_n, P, p0, np, D, tl.DP, tl, Z);
-    load_rows<scalar_t, acc_t>(g_n, P, p0, np, K, tl.KP, tl, G);
+    st.template store<acc_t>(Z, tl.DP, G, K, tl.KP, np, tl, kProbs, nullptr);
     __syncthreads();
+    if (prefetch && ch + T < nchunks) issue(ch + T);
     pcs_rb_logits<acc_t>(tl, Pd, Z, L);
     __syncthreads();
     if (tid < cp) {
       const int j = tid;
       const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, M);
       acc_t dt = 0;
+#pragma unroll 4
       for (int k = 0; k < K; ++k) dt += G[k * cs + j] * L[k * cs + j];
-      for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) / tau;
+      const acc_t itau = acc_t(1) / tau;
+#pragma unroll 4
+      for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) * itau;
       if (normalize) {
+#pragma unroll 4
         for (int d = 0; d < D; ++d) Z[d * cs + j] *= im;
       }
     }
@@ -386,13 +416,18 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_rb_kernel(
         const acc_t m = M[j];
         const acc_t den = m + static_cast<acc_t>(kNormEps);
         acc_t de = 0;
+#pragma unroll 4
         for (int d = 0; d < D; ++d) de += Z[d * cs + j] * GE[d * cs + j];
+        // projection coefficient (e . g_e) (m + eps) / m, 0 when m == 0; then one reciprocal
+        const acc_t c = m > acc_t(0) ? de * den / m : acc_t(0);
+        const acc_t iden = acc_t(1) / den;
+#pragma unroll 4
         for (int d = 0; d < D; ++d) {
-          acc_t v = GE[d * cs + j];
-          if (m > acc_t(0)) v -= Z[d * cs + j] * de * den / m;
-          ge_n[d * P + p0 + j] = static_cast<scalar_t>(v / den);
+          const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
+          ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * iden);
         }
       } else {
+#pragma unroll 4
         for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
       }
     }
@@ -412,7 +447,7 @@ RBPlan pcs_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
   for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
     for (int cp = max_cp; cp >= 4; cp /= 2) {
       const size_t bytes = static_cast<size_t>((DP + KP) * (cp + 4) + DP * KP) * elem;
-      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
+      if (bytes <= budget && stage_fits(DP, cp, kStageFwd)) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
     }
   }
   return rb_none();
@@ -428,7 +463,9 @@ RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
     for (int cp = max_cp; cp >= 4; cp /= 2) {
       const int64_t region0 = std::max<int64_t>(2 * DP * (cp + 4), Gn * nob * 16);
       const size_t bytes = static_cast<size_t>(region0 + 2 * KP * (cp + 4) + 2 * DP * KP + cp) * elem;
-      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+      if (bytes <= budget && stage_fits(DP + KP, cp, kStageBwd)) {
+        return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+      }
     }
   }
   return rb_none();
@@ -473,7 +510,8 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
     const RBPlan rb = pcs_forward_plan(D, K, sizeof(acc_t), device);
     if (rb.tile.cp > 0) {
       const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = pcs_forward_rb_kernel<scalar_t, acc_t>;
+      auto rbk = env_prefetch() ? pcs_forward_rb_kernel<scalar_t, acc_t, true>
+                                 : pcs_forward_rb_kernel<scalar_t, acc_t, false>;
       allow_smem(rbk, rb.bytes);
       const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
       rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(
@@ -528,7 +566,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
     at::Tensor part;
     if (rb.tile.cp > 0) {
       const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = pcs_backward_rb_kernel<scalar_t, acc_t>;
+      auto rbk = env_prefetch() ? pcs_backward_rb_kernel<scalar_t, acc_t, true>
+                                 : pcs_backward_rb_kernel<scalar_t, acc_t, false>;
       allow_smem(rbk, rb.bytes);
       T = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
       part = at::empty({N * T * K * D}, acc_opts);

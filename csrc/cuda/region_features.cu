@@ -336,31 +336,10 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
 // channels as rows of pixels (coalesced global loads, conflict-free per-pixel loops); products
 // read 4 pixels x 4 rows per pair of 16-byte loads and do 16 FMAs with them.
 
-// Chunk load for the fast kernels: E[d*cs + j] = z[d, p0+j], A[k*cs + j] = s (sigmoid mode:
-// sigmoid(s) + 1e-9, and sigmoid(s) in SG when SG is given). Padding rows and pixels >= np: 0.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void rb_load_chunk(const scalar_t* __restrict__ e_n, const scalar_t* __restrict__ s_n,
-                                              int64_t P, int64_t p0, int np, const RBTile& tl, int mode,
-                                              acc_t* E, acc_t* A, acc_t* SG) {
-  const int cp = tl.cp;
-  load_rows<scalar_t, acc_t>(e_n, P, p0, np, tl.D, tl.DP, tl, E);
-#pragma unroll 4
-  for (int i = threadIdx.x; i < tl.KP * cp; i += blockDim.x) {
-    const int k = i >> tl.lcp;
-    const int j = i & (cp - 1);
-    acc_t v = 0;
-    acc_t sg = 0;
-    if (k < tl.K && j < np) {
-      v = static_cast<acc_t>(s_n[k * P + p0 + j]);
-      if (mode == kSigmoid) {
-        sg = dev_sigmoid(v);
-        v = sg + static_cast<acc_t>(kAssignEps);
-      }
-    }
-    A[k * tl.cs + j] = v;
-    if (SG != nullptr) SG[k * tl.cs + j] = sg;
-  }
-}
+// Registers per thread that stage the next chunk (StagedChunk): (DP + KP) * cp <= kStage * kThreads.
+// The forward holds z and s rows of 128 pixels for D = 32, K = 16.
+constexpr int kStageFwd = 24;
+constexpr int kStageBwd = 16;
 
 // Per-pixel part shared by forward and backward (thread j < cp): the norm of z (M[j], and
 // IM[j] = 1/(m + eps), 1 without normalize) and the assignment normalisation of column j in place
@@ -378,21 +357,26 @@ __device__ __forceinline__ acc_t rb_pixel_prep(int j, int np, const RBTile& tl, 
   acc_t u = 1, mx = 0;
   if (mode == kSigmoid) {
     u = 0;
+#pragma unroll 4
     for (int k = 0; k < tl.K; ++k) u += A[k * cs + j];
   } else if (mode == kSoftmax) {
     mx = neg_inf<acc_t>();
+#pragma unroll 4
     for (int k = 0; k < tl.K; ++k) mx = dev_max(mx, A[k * cs + j]);
     u = 0;
+#pragma unroll 4
     for (int k = 0; k < tl.K; ++k) u += dev_exp(A[k * cs + j] - mx);
   }
   if (U != nullptr) U[j] = u;
+  const acc_t iu = acc_t(1) / u;  // one division per pixel, then products
   acc_t h = 0;
+#pragma unroll 4
   for (int k = 0; k < tl.K; ++k) {
     acc_t a = A[k * cs + j];
     if (mode == kSigmoid) {
-      a = a / u;
+      a = a * iu;
     } else if (mode == kSoftmax) {
-      a = dev_exp(a - mx) / u;
+      a = dev_exp(a - mx) * iu;
     }
     if (j >= np) a = 0;
     if (entropy && j < np) h += binary_entropy(a);
@@ -404,8 +388,8 @@ __device__ __forceinline__ acc_t rb_pixel_prep(int j, int np, const RBTile& tl, 
 // Forward. Grid: N * T blocks, block b: image n = b / T, chunks t, t + T, ... (t = b % T).
 // Thread tid: output block ob = tid % nob (rows k = kb + KQ r, columns d = db + DQ c), pixel
 // group g = tid / nob < G (pixel quads g, g + G, ...). part as in rf_forward_partial_kernel.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
+template <typename scalar_t, typename acc_t, bool prefetch>
+__global__ void __launch_bounds__(kThreads, 2) rf_forward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
     acc_t* __restrict__ ent_part, int64_t P, int64_t T, int64_t nchunks, RBTile tl, int region0, bool normalize,
     int mode, bool entropy) {
@@ -440,17 +424,28 @@ __global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
     for (int c = 0; c < 4; ++c) acc[r][c] = 0;
   acc_t h = 0;
 
+  // Chunk ch's reads: issued one chunk ahead with prefetch (before the previous chunk's work),
+  // else just before its use.
+  StagedChunk<scalar_t, kStageFwd> st;
+  auto issue = [&](int64_t c) {
+    const int64_t q0 = c * cp;
+    st.load(e_n, D, tl.DP, s_n, K, tl.KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
+  };
+  if (prefetch && t < nchunks) issue(t);
   for (int64_t ch = t; ch < nchunks; ch += T) {
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    if (!prefetch) issue(ch);
     __syncthreads();  // the previous chunk is fully consumed
-    rb_load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, E, A, nullptr);
+    st.template store<acc_t>(E, tl.DP, A, K, tl.KP, np, tl, mode, nullptr);
     __syncthreads();
+    if (prefetch && ch + T < nchunks) issue(ch + T);
     if (tid < cp) {
       h += rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, entropy, E, A, nullptr, IM, U);
       // Fold 1/(||z|| + eps) into the assignments: sum_j a[k,j] (z[d,j] im_j).
       if (normalize) {
         const acc_t im = IM[tid];
+#pragma unroll 4
         for (int k = 0; k < K; ++k) A[k * cs + tid] *= im;
       }
     }
@@ -473,8 +468,8 @@ __global__ void __launch_bounds__(kThreads) rf_forward_rb_kernel(
 // GA[k, j] = sum_d G[k, d] z[d, j] (4 rows k x 4 pixels per unit) and GE[d, j] = sum_k G[k, d] a[k, j]
 // (4 rows d x 4 pixels), then per pixel (threads j < cp: assignments, cp <= tid < 2 cp: embeddings)
 // the two normalisations' backward and the coalesced stores.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
+template <typename scalar_t, typename acc_t, bool prefetch>
+__global__ void __launch_bounds__(kThreads, 2) rf_backward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, const acc_t* __restrict__ Gg,
     const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
     int64_t P, int64_t T, int64_t nchunks, RBTile tl, bool normalize, int mode, bool entropy, acc_t ent_scale) {
@@ -513,12 +508,20 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
   const int nq = cp / 4;
   const int nga = KQ * nq, nge = DQ * nq;
 
+  StagedChunk<scalar_t, kStageBwd> st;  // as in the forward
+  auto issue = [&](int64_t c) {
+    const int64_t q0 = c * cp;
+    st.load(e_n, D, DP, s_n, K, KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
+  };
+  if (prefetch && t < nchunks) issue(t);
   for (int64_t ch = t; ch < nchunks; ch += T) {
     const int64_t p0 = ch * cp;
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    if (!prefetch) issue(ch);
     __syncthreads();
-    rb_load_chunk<scalar_t, acc_t>(e_n, s_n, P, p0, np, tl, mode, Z, A, mode == kSigmoid ? SG : nullptr);
+    st.template store<acc_t>(Z, DP, A, K, KP, np, tl, mode, mode == kSigmoid ? SG : nullptr);
     __syncthreads();
+    if (prefetch && ch + T < nchunks) issue(ch + T);
     if (tid < cp) rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, false, Z, A, M, IM, U);
     __syncthreads();
     for (int u = tid; u < nga + nge; u += blockDim.x) {
@@ -537,6 +540,7 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
       if (j < np) {
         const acc_t im = IM[j];
         acc_t da = 0;
+#pragma unroll 4
         for (int k = 0; k < K; ++k) {
           const acc_t a = A[k * cs + j];
           acc_t ga = GA[k * cs + j] * im;
@@ -544,12 +548,14 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
           GA[k * cs + j] = ga;
           da += ga * a;
         }
+        const acc_t iu = acc_t(1) / U[j];
+#pragma unroll 4
         for (int k = 0; k < K; ++k) {
           const acc_t ga = GA[k * cs + j];
           acc_t v;
           if (mode == kSigmoid) {
             const acc_t sg = SG[k * cs + j];
-            v = sg * (acc_t(1) - sg) * (ga - da) / U[j];
+            v = sg * (acc_t(1) - sg) * (ga - da) * iu;
           } else if (mode == kSoftmax) {
             v = A[k * cs + j] * (ga - da);
           } else {
@@ -567,14 +573,17 @@ __global__ void __launch_bounds__(kThreads) rf_backward_rb_kernel(
           const acc_t im = IM[j];
           const acc_t m = M[j];
           acc_t s = 0;
+#pragma unroll 4
           for (int d = 0; d < D; ++d) s += Z[d * cs + j] * GE[d * cs + j];
-          const acc_t de = s * im;
+          // projection coefficient (e . g_e) / m, 0 when m == 0
+          const acc_t c = m > acc_t(0) ? s * im / m : acc_t(0);
+#pragma unroll 4
           for (int d = 0; d < D; ++d) {
-            acc_t v = GE[d * cs + j];
-            if (m > acc_t(0)) v -= Z[d * cs + j] * de / m;
+            const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
             ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * im);
           }
         } else {
+#pragma unroll 4
           for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
         }
       }
@@ -601,7 +610,9 @@ RBPlan rb_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
     for (int cp = max_cp; cp >= 4; cp /= 2) {
       const int64_t region0 = std::max<int64_t>((DP + KP) * (cp + 4), G * nob * 16);
       const size_t bytes = static_cast<size_t>(region0 + 2 * cp + kThreads) * elem;
-      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+      if (bytes <= budget && stage_fits(DP + KP, cp, kStageFwd)) {
+        return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
+      }
     }
   }
   return rb_none();
@@ -614,7 +625,7 @@ RBPlan rb_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
   for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
     for (int cp = max_cp; cp >= 4; cp /= 2) {
       const size_t bytes = static_cast<size_t>((2 * DP + 3 * KP) * (cp + 4) + 2 * KP * DP + 3 * cp) * elem;
-      if (bytes <= budget) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
+      if (bytes <= budget && stage_fits(DP + KP, cp, kStageBwd)) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
     }
   }
   return rb_none();
@@ -658,7 +669,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Te
     at::Tensor part, ent_part;
     if (rb.tile.cp > 0) {
       const int64_t nchunks = ceil_div(P, rb.tile.cp);
-      auto kernel = rf_forward_rb_kernel<scalar_t, acc_t>;
+      auto kernel = env_prefetch() ? rf_forward_rb_kernel<scalar_t, acc_t, true>
+                                 : rf_forward_rb_kernel<scalar_t, acc_t, false>;
       allow_smem(kernel, rb.bytes);
       T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, rb.bytes));
       part = at::empty({N * T * K * D}, acc_opts);
@@ -735,7 +747,8 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
     const RBPlan rb = rb_backward_plan(D, K, sizeof(acc_t), device);
     if (rb.tile.cp > 0) {
       const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = rf_backward_rb_kernel<scalar_t, acc_t>;
+      auto rbk = env_prefetch() ? rf_backward_rb_kernel<scalar_t, acc_t, true>
+                                 : rf_backward_rb_kernel<scalar_t, acc_t, false>;
       allow_smem(rbk, rb.bytes);
       const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
       rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(

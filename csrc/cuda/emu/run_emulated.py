@@ -12,6 +12,7 @@ last and exits non-zero on any failure. Needs only torch (any build) and a C++20
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import os
@@ -144,13 +145,17 @@ def check_pcs(ops, R, chk, dtype, shape, per_image, normalize):
     otol = TOL[dtype] if dtype != torch.bfloat16 else 8e-3  # output is in the input dtype
     chk(tag + " out", out.dtype == dtype and rel(out, outr) <= otol, f"{rel(out, outr):.2e}")
     # g_l = S (g - <g, S>) / tau cancels when one S_k is near 1 (as in PyTorch's softmax backward),
-    # so tiny degenerate shapes can exceed plain rounding: rule "error <= same-dtype plain error + tol".
+    # and g_e = P^T g_l for near-equal prototypes, so tiny degenerate shapes can exceed plain
+    # rounding: rule "error <= same-dtype plain error + tol + 8 eps cond" (the reference's condition).
     ep, pp = e.clone().requires_grad_(), p.clone().requires_grad_()
     (R.pixel_cluster_similarity(ep, pp, 0.3, normalize=normalize) * go.to(dtype)).sum().backward()
-    ptol_e, ptol_p = rel(ep.grad, er.grad), rel(pp.grad, pr.grad)
-    chk(tag + " grad_e", rel(ge, er.grad) <= ptol_e + GTOL[dtype], f"{rel(ge, er.grad):.2e} (plain {ptol_e:.2e})")
+    cond_e, cond_p = R.pixel_cluster_similarity_grad_condition(e, p, go, 0.3, normalize=normalize)
+    eps = torch.finfo(torch.float32 if dtype == torch.bfloat16 else dtype).eps
+    ptol_e = rel(ep.grad, er.grad) + 8 * eps * cond_e
+    ptol_p = rel(pp.grad, pr.grad) + 8 * eps * cond_p
+    chk(tag + " grad_e", rel(ge, er.grad) <= ptol_e + GTOL[dtype], f"{rel(ge, er.grad):.2e} (allowed {ptol_e:.2e} + tol)")
     chk(tag + " grad_p", gp.shape == p.shape and rel(gp, pr.grad) <= ptol_p + GTOL[dtype],
-        f"{rel(gp, pr.grad):.2e} (plain {ptol_p:.2e})")
+        f"{rel(gp, pr.grad):.2e} (allowed {ptol_p:.2e} + tol)")
 
 
 def check_pd(ops, R, chk, dtype, md):
@@ -164,6 +169,20 @@ def check_pd(ops, R, chk, dtype, md):
     tag = f"patch_discrimination[{dtype} {md}]"
     chk(tag + " loss", rel(loss, lr) <= TOL[dtype], f"{rel(loss, lr):.2e}")
     chk(tag + " grad", rel(g, xr.grad) <= GTOL[dtype], f"{rel(g, xr.grad):.2e}")
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """Set an environment variable that the emulated host code reads (a kernel knob) for a block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def main(argv=None) -> int:
@@ -201,6 +220,10 @@ def main(argv=None) -> int:
             check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
             check_region_features(ops, R, chk, torch.float64, (2, 33, 17, (37, 41)), mode, True)
             check_region_features(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), mode, True)
+        with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):  # each chunk read just before its use
+            for mode in MODES:
+                check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
+                check_region_features(ops, R, chk, torch.bfloat16, (2, 8, 5, (33, 35)), mode, False)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         if "rd" in want:
             for nkd in [(1, 1, 1), (2, 3, 5), (7, 16, 32), (3, 33, 130)]:
@@ -216,6 +239,9 @@ def main(argv=None) -> int:
     if "pcs" in want:
         check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
         check_pcs(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), False, True)
+        with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):
+            check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
+            check_pcs(ops, R, chk, torch.bfloat16, (2, 32, 16, (16, 17)), False, False)
     print(f"run_emulated: {time.perf_counter() - t0:.0f} s")
     print(f"emulated CUDA kernels: {chk.passed} passed, {len(chk.failed)} failed")
     return 1 if chk.failed else 0
