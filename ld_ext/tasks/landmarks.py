@@ -299,7 +299,9 @@ class FractionalSampler:
         ey = torch.tensor([0.0, s], dtype=torch.float64)
         m = xy.shape[0]
         both = self(torch.cat([xy + ex, xy - ex, xy + ey, xy - ey], 0)).to(torch.float64)
-        return torch.stack([(both[:m] - both[m : 2 * m]) / (2 * s), (both[2 * m : 3 * m] - both[3 * m :]) / (2 * s)], -1)
+        dx = (both[:m] - both[m : 2 * m]) / (2 * s)
+        dy = (both[2 * m : 3 * m] - both[3 * m :]) / (2 * s)
+        return torch.stack([dx, dy], -1)
 
 
 def cosine_maps(desc: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
