@@ -368,3 +368,94 @@ def test_centre_sensitive_training_runs_and_keeps_the_original():
     tuned2, hist2 = lm.train_centre_sensitive(net, imgs, steps=1, batch=2, points_per_image=8, progress=False,
                                               pooling=dict(radii=(1, 2), mode="gaussian"))
     assert np.isfinite(hist2[0]) and not torch.equal(tuned2.state_dict()[w], before[w])
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "uniform"])
+@pytest.mark.parametrize("edge", ["hard", "soft"])
+def test_fractional_descriptors_at_integer_centres_equal_the_pooled_field(mode, edge):
+    e = _smooth_unit_embeddings(d=6, h=40, w=44, seed=2)
+    radii = (0, 1, 2, 4, 8)
+    desc = lm.pooled_descriptors(e, radii, mode, 0.7, edge)
+    pts = np.array([[20.0, 18.0], [12.0, 25.0], [30.0, 11.0], [0.0, 0.0], [43.0, 39.0]])  # incl. corners
+    got = lm.fractional_descriptors(e, pts, radii, mode, 0.7, edge)
+    ref = desc[0][:, pts[:, 1].astype(int), pts[:, 0].astype(int)].t()
+    assert got.shape == (5, 6 * len(radii))
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert torch.allclose(got.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    # the soft kernel differs from the hard one only on the rim
+    kh = lm.pooling_kernel(4, mode, torch.float64, edge="hard")
+    ks = lm.pooling_kernel(4, mode, torch.float64, edge=edge)
+    assert torch.equal(ks > 0, (ks > 0) | (kh > 0)) and ks.sum().item() == pytest.approx(1.0)
+
+
+def test_fractional_descriptors_are_continuous_with_soft_edges():
+    e = _smooth_unit_embeddings(d=6, h=40, w=40, seed=3)
+    xs = np.linspace(20.0, 21.0, 41)
+    pts = np.stack([xs, np.full_like(xs, 18.3)], 1)
+    steps = {}
+    for mode in ("gaussian", "uniform"):
+        for edge in ("hard", "soft"):
+            f = lm.fractional_descriptors(e, pts, (4,), mode, 0.7, edge)
+            steps[mode, edge] = (f[1:] - f[:-1]).norm(dim=1).max().item()
+    # a hard uniform disc jumps when pixels enter or leave it; the soft-edged windows move smoothly
+    assert steps["uniform", "soft"] < 0.5 * steps["uniform", "hard"]
+    assert steps["gaussian", "soft"] < 0.5 * steps["gaussian", "hard"]
+    # radius 0 is the bilinear interpolation of the embeddings
+    r0 = lm.fractional_descriptors(e, pts[:3], (0,))
+    b = lm._sample(e, torch.as_tensor(pts[:3]))
+    assert torch.allclose(r0, b / b.norm(dim=1, keepdim=True))
+
+
+def test_fractional_descriptors_and_sampler_argument_errors():
+    e = _smooth_unit_embeddings(d=4, h=20, w=20)
+    pts = np.array([[5.5, 6.25]])
+    with pytest.raises(ValueError, match="mode"):
+        lm.fractional_descriptors(e, pts, mode="box")
+    with pytest.raises(ValueError, match="edge"):
+        lm.fractional_descriptors(e, pts, edge="fuzzy")
+    with pytest.raises(ValueError, match="sigma_frac"):
+        lm.fractional_descriptors(e, pts, sigma_frac=0.0)
+    with pytest.raises(ValueError, match="radii"):
+        lm.fractional_descriptors(e, pts, radii=())
+    with pytest.raises(ValueError, match="radii"):
+        lm.fractional_descriptors(e, pts, radii=(1, -2))
+    with pytest.raises(ValueError, match="radii"):
+        lm.fractional_descriptors(e, pts, radii=(1.5,))
+    with pytest.raises(ValueError, match=r"\(M, 2\)"):
+        lm.fractional_descriptors(e, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="finite"):
+        lm.fractional_descriptors(e, np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r"\(1, D, H, W\)"):
+        lm.fractional_descriptors(e[0], pts)
+    with pytest.raises(ValueError, match="step"):
+        lm.FractionalSampler(e, step=0)
+    with pytest.raises(ValueError, match="fractional"):
+        lm.LandmarkLocator(fractional="nearest")
+    with pytest.raises(ValueError, match="edge"):
+        lm.LandmarkLocator(edge="round")
+    with pytest.raises(ValueError, match="jac_step"):
+        lm.LandmarkLocator(jac_step=-1.0)
+
+
+@pytest.mark.parametrize("mode,edge", [("gaussian", "hard"), ("gaussian", "soft"), ("uniform", "soft")])
+def test_exact_fractional_locator_recovers_a_subpixel_shift(mode, edge):
+    e = _smooth_unit_embeddings(d=8, h=48, w=48, seed=4)
+    e = F.interpolate(e, scale_factor=0.5, mode="bilinear")  # smoother, so a sub-pixel shift is well posed
+    e = F.interpolate(e, size=(48, 48), mode="bicubic")
+    e = e / e.norm(dim=1, keepdim=True)
+    pts = np.array([[20.0, 18.0], [30.0, 27.0], [15.0, 33.0], [27.0, 14.0]])
+    dx, dy = 0.4, -0.3
+    target = _shift_field(e, dx, dy)
+    target = target / target.norm(dim=1, keepdim=True)
+    loc = lm.LandmarkLocator(radii=(0, 1, 2, 4), mode=mode, edge=edge, fractional="exact").fit(e, pts)
+    assert torch.allclose(loc.protos, lm.fractional_descriptors(e, pts, (0, 1, 2, 4), mode, edge=edge))
+    pred = loc.locate(target)
+    assert np.abs(pred - (pts + [dx, dy])).max() < 0.15
+    if edge == "hard":
+        return  # pixels enter and leave the disc: the descriptor has jumps, no derivative there
+    # the sampler's Jacobian is the derivative of the (continuous) descriptor
+    s = lm.FractionalSampler(target, (0, 1, 2, 4), mode, edge=edge, step=1e-4)
+    p = torch.as_tensor(pts + 0.3)
+    jac = s.jacobian(p)
+    fd = (s(p + torch.tensor([0.05, 0.0], dtype=torch.float64)) - s(p - torch.tensor([0.05, 0.0], dtype=torch.float64))) / 0.1
+    assert torch.allclose(jac[..., 0], fd, atol=0.05)

@@ -19,7 +19,8 @@ they differ only in their similarity maps (M, H, W), one per template landmark.
    within ``window`` px of its template position, mapped back through the affine (optionally
    more passes, each through the affine refitted to the previous one);
 4. sub-pixel: Gauss-Newton on the descriptors (feature-metric: the offset that brings the
-   bilinearly interpolated target descriptor closest to the landmark's), or a fit to the score
+   target descriptor closest to the landmark's; by default both are pooled exactly at their
+   fractional centres, ``fractional_descriptors``, else bilinearly interpolated), or a fit to the score
    map (2-D quadratic on the 3 x 3 neighbourhood, bicubic interpolation at 1/8 px).
 With fewer than 3 landmarks or no admissible affine, each map's arg-max is used.
 
@@ -55,6 +56,8 @@ __all__ = [
     "pooling_kernel",
     "pooled_descriptors",
     "sample_descriptors",
+    "fractional_descriptors",
+    "FractionalSampler",
     "cosine_maps",
     "subpixel_peak",
     "refine_gauss_newton",
@@ -82,10 +85,15 @@ __all__ = [
 
 # defaults = the centre-sensitive settings selected on development data (SELECTED_LD below)
 DEFAULT_RADII = (0, 1, 2, 4, 8)
-DEFAULT_SIGMA_FRAC = 0.7
+DEFAULT_SIGMA_FRAC = 1.0
+DEFAULT_EDGE = "soft"  # of the locator; the pooling functions default to the plain (hard) disc
+DEFAULT_FRACTIONAL = "exact"
+DEFAULT_JAC_STEP = 0.5
 DEFAULT_WINDOW = 3.0
 DEFAULT_SUBPIXEL = "gauss-newton"
 POOLING_MODES = ("gaussian", "uniform")
+EDGE_MODES = ("hard", "soft")
+FRACTIONAL_MODES = ("bilinear", "exact")
 
 # Per-method settings selected on DEVELOPMENT data only (never the evaluation targets): the demo's
 # mild and hard settings built on other template slices (z = -4, +20, +32 mm; 17/20/20 Dosenbach
@@ -96,10 +104,15 @@ POOLING_MODES = ("gaussian", "uniform")
 # template frame; LD radii (1,3,6,12), (1,3,6,12,24), (1,2,4,8), (1,2,4,8,16), (2,4,8,16), (2,4,8),
 # (1,2,4), (1,2,3,4,6,8), (0,1,2,4,8), (0,1,2,4), (0,1,2,3,4,6,8); Gaussian sigma_frac 0.35, 0.5
 # or 0.7 (figures in docs/tasks.md).
+# Then (same data and criterion) exact fractional-centre pooling (``fractional="exact"``, for the
+# landmark descriptors and D(p) in the Gauss-Newton step) with hard or soft (anti-aliased) disc
+# edges, for both poolings; then the Jacobian step 0.25, 0.5 or 1 px; then sigma_frac 0.35, 0.5,
+# 0.7 or 1.0; then radii (0,1,2,4,8) or (1,2,4,8).
 SELECTED_LD = {
-    "centre-sensitive": dict(radii=(0, 1, 2, 4, 8), mode="gaussian", sigma_frac=0.7, window=3.0,
-                             subpixel="gauss-newton"),
-    "uniform pooling": dict(radii=(0, 1, 2, 4, 8), mode="uniform", window=3.0, subpixel="gauss-newton"),
+    "centre-sensitive": dict(radii=(0, 1, 2, 4, 8), mode="gaussian", sigma_frac=1.0, window=3.0,
+                             subpixel="gauss-newton", fractional="exact", edge="soft", jac_step=0.5),
+    "uniform pooling": dict(radii=(0, 1, 2, 4, 8), mode="uniform", window=3.0, subpixel="gauss-newton",
+                            fractional="exact", edge="soft", jac_step=0.25),
 }
 SELECTED_NCC = {  # half-size: search settings
     4: dict(window=2.0, subpixel="gauss-newton", passes=3),
@@ -110,26 +123,44 @@ SELECTED_NCC = {  # half-size: search settings
 # ----------------------------------------------------------------------------- pooling
 
 
-def pooling_kernel(
-    radius: int, mode: str = "gaussian", dtype=torch.float32, sigma_frac: float = DEFAULT_SIGMA_FRAC
-) -> torch.Tensor:
-    """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = sigma_frac * r,
-    truncated at r) or uniform. Both modes have the same support."""
+def _check_pooling(mode: str, sigma_frac: float, edge: str) -> None:
     if mode not in POOLING_MODES:
         raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
-        raise ValueError(f"radius must be an int >= 0, got {radius!r}")
     if not sigma_frac > 0:
         raise ValueError(f"sigma_frac must be > 0, got {sigma_frac!r}")
-    r = int(radius)
-    yy, xx = torch.meshgrid(torch.arange(-r, r + 1, dtype=dtype), torch.arange(-r, r + 1, dtype=dtype), indexing="ij")
-    d2 = xx**2 + yy**2
-    inside = d2 <= r * r + 1e-9
-    if mode == "gaussian" and r > 0:
-        sigma = sigma_frac * r
-        w = torch.exp(-d2 / (2 * sigma * sigma)) * inside
+    if edge not in EDGE_MODES:
+        raise ValueError(f"edge must be one of {EDGE_MODES}, got {edge!r}")
+
+
+def _window_weights(dist: torch.Tensor, r: int, mode: str, sigma_frac: float, edge: str) -> torch.Tensor:
+    """Unnormalised pooling weights at distances ``dist`` from the centre (any shape, r >= 1):
+    the Gaussian (sigma = sigma_frac * r) or 1, times the disc's edge: ``"hard"`` dist <= r,
+    ``"soft"`` clamp(r + 0.5 - dist, 0, 1) (anti-aliased: continuous in the centre)."""
+    if edge == "hard":
+        inside = (dist * dist <= r * r + 1e-9).to(dist.dtype)
     else:
-        w = inside.to(dtype)
+        inside = (r + 0.5 - dist).clamp(0.0, 1.0)
+    if mode == "gaussian":
+        sigma = sigma_frac * r
+        return torch.exp(-dist * dist / (2 * sigma * sigma)) * inside
+    return inside
+
+
+def pooling_kernel(
+    radius: int, mode: str = "gaussian", dtype=torch.float32, sigma_frac: float = DEFAULT_SIGMA_FRAC,
+    edge: str = "hard",
+) -> torch.Tensor:
+    """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = sigma_frac * r,
+    truncated at r) or uniform. Both modes have the same support. ``edge="soft"``: the disc's rim
+    is anti-aliased, weight x clamp(r + 0.5 - distance, 0, 1) (see ``fractional_descriptors``)."""
+    _check_pooling(mode, sigma_frac, edge)
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+        raise ValueError(f"radius must be an int >= 0, got {radius!r}")
+    r = int(radius)
+    if r == 0:
+        return torch.ones(1, 1, dtype=dtype)
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1, dtype=dtype), torch.arange(-r, r + 1, dtype=dtype), indexing="ij")
+    w = _window_weights(torch.sqrt(xx**2 + yy**2), r, mode, sigma_frac, edge)
     return w / w.sum()
 
 
@@ -138,12 +169,14 @@ def pooled_descriptors(
     radii: Sequence[int] = DEFAULT_RADII,
     mode: str = "gaussian",
     sigma_frac: float = DEFAULT_SIGMA_FRAC,
+    edge: str = "hard",
 ) -> torch.Tensor:
     """Pooled descriptor maps (N, R*D, H, W) of unit embeddings e (N, D, H, W).
 
     Each radius: depthwise convolution with ``pooling_kernel`` (weights renormalised over the
     part of the disc inside the image), per-pixel L2 normalisation; concatenated over radii and
-    divided by sqrt(R), so every pixel's descriptor is a unit vector.
+    divided by sqrt(R), so every pixel's descriptor is a unit vector. ``edge``: see
+    ``pooling_kernel``.
     """
     if e.dim() != 4:
         raise ValueError(f"e must have shape (N, D, H, W), got {tuple(e.shape)}")
@@ -153,7 +186,7 @@ def pooled_descriptors(
     parts = []
     ones = torch.ones(1, 1, h, w, dtype=e.dtype)
     for r in radii:
-        k = pooling_kernel(r, mode, dtype=e.dtype, sigma_frac=sigma_frac)
+        k = pooling_kernel(r, mode, dtype=e.dtype, sigma_frac=sigma_frac, edge=edge)
         pooled = _same_conv_fft(e, k) / _same_conv_fft(ones, k).clamp_min(1e-12)
         parts.append(pooled / (pooled.norm(dim=1, keepdim=True) + 1e-10))
     return torch.cat(parts, dim=1) / math.sqrt(len(radii))
@@ -183,6 +216,92 @@ def sample_descriptors(desc: torch.Tensor, points: np.ndarray) -> torch.Tensor:
     returned as unit vectors."""
     v = _sample(desc, torch.as_tensor(np.asarray(points, dtype=np.float64), dtype=desc.dtype))
     return v / (v.norm(dim=1, keepdim=True) + 1e-10)
+
+
+def fractional_descriptors(
+    e: torch.Tensor,
+    points,
+    radii: Sequence[int] = DEFAULT_RADII,
+    mode: str = "gaussian",
+    sigma_frac: float = DEFAULT_SIGMA_FRAC,
+    edge: str = "hard",
+) -> torch.Tensor:
+    """Pooled descriptors (M, R*D) of unit embeddings e (1, D, H, W) evaluated exactly at
+    fractional centres ``points`` (M, 2) (x, y), instead of interpolating the pooled field.
+
+    Radius r >= 1: every pixel q weighted by the pooling window centred at the point,
+    w(|q - c|) (``pooling_kernel``'s weights at fractional offsets; pixels outside the image are
+    left out and the weights renormalised, as in ``pooled_descriptors``); radius 0: the bilinear
+    interpolation of e at c. Each radius L2-normalised, concatenated, divided by sqrt(R). At an
+    integer centre this equals ``pooled_descriptors(e, radii, mode, sigma_frac, edge)`` there. A
+    Gaussian with ``edge="soft"`` (or a uniform disc with ``edge="soft"``) varies continuously
+    with c; with ``edge="hard"`` pixels enter and leave the disc as c moves.
+    """
+    _check_pooling(mode, sigma_frac, edge)
+    if not isinstance(e, torch.Tensor) or e.dim() != 4 or e.shape[0] != 1:
+        raise ValueError(f"e must be a tensor of shape (1, D, H, W), got {getattr(e, 'shape', type(e))}")
+    radii = tuple(radii)
+    if len(radii) == 0:
+        raise ValueError("radii must not be empty")
+    if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0 for r in radii):
+        raise ValueError(f"radii must be ints >= 0, got {radii!r}")
+    c = torch.as_tensor(np.asarray(points, dtype=np.float64) if not isinstance(points, torch.Tensor) else points)
+    c = c.to(torch.float64)
+    if c.dim() != 2 or c.shape[1] != 2:
+        raise ValueError(f"points must have shape (M, 2), got {tuple(c.shape)}")
+    if not torch.isfinite(c).all():
+        raise ValueError("points must be finite")
+    _, d, h, w = e.shape
+    m = c.shape[0]
+    rmax = max(radii)
+    parts = []
+    if rmax > 0:
+        # one window of pixels around every centre, shared by all radii
+        o = torch.arange(-rmax - 1, rmax + 2, dtype=torch.float64)
+        oy, ox = torch.meshgrid(o, o, indexing="ij")
+        base = torch.floor(c)  # (M, 2)
+        qx = base[:, 0, None] + ox.reshape(1, -1)  # (M, K)
+        qy = base[:, 1, None] + oy.reshape(1, -1)
+        valid = (qx >= 0) & (qx <= w - 1) & (qy >= 0) & (qy <= h - 1)
+        idx = (qy.clamp(0, h - 1) * w + qx.clamp(0, w - 1)).long()
+        vals = e[0].reshape(d, h * w).t()[idx]  # (M, K, D)
+        dist = torch.sqrt((qx - c[:, 0, None]) ** 2 + (qy - c[:, 1, None]) ** 2)
+    for r in radii:
+        if r == 0:
+            v = _sample(e, c.to(e.dtype)).to(e.dtype) if m else e.new_zeros(0, d)
+        else:
+            wgt = _window_weights(dist, int(r), mode, sigma_frac, edge) * valid
+            wgt = (wgt / wgt.sum(1, keepdim=True).clamp_min(1e-12)).to(e.dtype)
+            v = torch.einsum("mk,mkd->md", wgt, vals)
+        parts.append(v / (v.norm(dim=1, keepdim=True) + 1e-10))
+    return torch.cat(parts, dim=1) / math.sqrt(len(radii))
+
+
+class FractionalSampler:
+    """The descriptor D(p) of ``fractional_descriptors`` as a function of the position (for
+    ``refine_gauss_newton``): ``sampler(xy)`` (M, C) and ``sampler.jacobian(xy)`` (M, C, 2) by
+    central differences of ``step`` px."""
+
+    def __init__(self, e: torch.Tensor, radii: Sequence[int] = DEFAULT_RADII, mode: str = "gaussian",
+                 sigma_frac: float = DEFAULT_SIGMA_FRAC, edge: str = "hard", step: float = DEFAULT_JAC_STEP) -> None:
+        _check_pooling(mode, sigma_frac, edge)
+        if not step > 0:
+            raise ValueError(f"step must be > 0, got {step!r}")
+        self.e, self.radii, self.mode, self.sigma_frac, self.edge = e, tuple(radii), mode, sigma_frac, edge
+        self.step = float(step)
+
+    def __call__(self, xy: torch.Tensor) -> torch.Tensor:
+        return fractional_descriptors(self.e, xy, self.radii, self.mode, self.sigma_frac, self.edge)
+
+    def jacobian(self, xy: torch.Tensor) -> torch.Tensor:
+        s = self.step
+        ex = torch.tensor([s, 0.0], dtype=torch.float64)
+        ey = torch.tensor([0.0, s], dtype=torch.float64)
+        m = xy.shape[0]
+        both = self(torch.cat([xy + ex, xy - ex, xy + ey, xy - ey], 0)).to(torch.float64)
+        dx = (both[:m] - both[m : 2 * m]) / (2 * s)
+        dy = (both[2 * m : 3 * m] - both[3 * m :]) / (2 * s)
+        return torch.stack([dx, dy], -1)
 
 
 def cosine_maps(desc: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -353,20 +472,33 @@ def refine_gauss_newton(
     descriptors: Gauss-Newton with central-difference Jacobians (1 px), ``iters`` steps, the
     position kept within ``max_offset`` px of its start along each axis. For unit descriptors this
     maximises the cosine, using every descriptor channel instead of nine samples of the score map.
+    ``desc`` may instead be a ``FractionalSampler`` (D(p) pooled exactly at p, its own Jacobian).
     """
     p0 = torch.as_tensor(np.asarray(start, dtype=np.float64))
     pr = protos.to(torch.float64)
-    d64 = desc.to(torch.float64)
-    ex = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    ey = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    if isinstance(desc, torch.Tensor):
+        d64 = desc.to(torch.float64)
+        ex = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        ey = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+        def value(q):
+            return _sample(d64, q)
+
+        def jacobian(q):
+            return torch.stack(
+                [(_sample(d64, q + ex) - _sample(d64, q - ex)) / 2, (_sample(d64, q + ey) - _sample(d64, q - ey)) / 2],
+                -1,
+            )
+    else:  # a FractionalSampler (or any callable with .jacobian)
+        def value(q):
+            return desc(q).to(torch.float64)
+
+        jacobian = desc.jacobian
     eye = 1e-9 * torch.eye(2, dtype=torch.float64)
     p = p0.clone()
     for _ in range(int(iters)):
-        jac = torch.stack(
-            [(_sample(d64, p + ex) - _sample(d64, p - ex)) / 2, (_sample(d64, p + ey) - _sample(d64, p - ey)) / 2],
-            -1,
-        )  # (M, C, 2)
-        res = pr - _sample(d64, p)
+        jac = jacobian(p)  # (M, C, 2)
+        res = pr - value(p)
         jt = jac.transpose(1, 2)
         step = torch.linalg.solve(jt @ jac + eye, (jt @ res[..., None])[..., 0])
         p = torch.minimum(torch.maximum(p + step, p0 - max_offset), p0 + max_offset)
@@ -508,6 +640,11 @@ class LandmarkLocator:
         mode: "gaussian" (centre-sensitive) or "uniform" (ablation).
         search, top_k, tol, window, subpixel: see ``locate_in_maps``.
         rectified: in ``locate_image``, a second pass in the template frame (see ``locate_image``).
+        edge: the discs' rim, "hard" or "soft" (anti-aliased; see ``pooling_kernel``).
+        fractional: how descriptors at fractional positions (the template landmarks, D(p) in the
+            Gauss-Newton step) are made: "bilinear" interpolation of the pooled field on the pixel
+            grid, or "exact": the window pooled at the fractional centre (``fractional_descriptors``).
+        jac_step: central-difference step (px) of the Gauss-Newton Jacobians with "exact".
     """
 
     def __init__(
@@ -522,9 +659,16 @@ class LandmarkLocator:
         subpixel: str = DEFAULT_SUBPIXEL,
         rectified: bool = True,
         passes: int = 1,
+        edge: str = DEFAULT_EDGE,
+        fractional: str = DEFAULT_FRACTIONAL,
+        jac_step: float = DEFAULT_JAC_STEP,
     ) -> None:
-        if mode not in POOLING_MODES:
-            raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
+        _check_pooling(mode, sigma_frac, edge)
+        if fractional not in FRACTIONAL_MODES:
+            raise ValueError(f"fractional must be one of {FRACTIONAL_MODES}, got {fractional!r}")
+        if not jac_step > 0:
+            raise ValueError(f"jac_step must be > 0, got {jac_step!r}")
+        self.edge, self.fractional, self.jac_step = edge, fractional, float(jac_step)
         self.radii = tuple(int(r) for r in radii)
         if not self.radii or min(self.radii) < 0:
             raise ValueError(f"radii must be non-negative ints, got {radii!r}")
@@ -544,9 +688,13 @@ class LandmarkLocator:
 
     def fit(self, template_emb: torch.Tensor, points: np.ndarray) -> "LandmarkLocator":
         """Describe the landmarks ``points`` (M, 2) of the template's unit embeddings (1, D, H, W)."""
-        desc = pooled_descriptors(template_emb, self.radii, self.mode, self.sigma_frac)
         self.points = np.asarray(points, dtype=np.float64)
-        self.protos = sample_descriptors(desc, self.points)  # (M, R*D)
+        if self.fractional == "exact":
+            self.protos = fractional_descriptors(template_emb, self.points, self.radii, self.mode, self.sigma_frac,
+                                                 self.edge)
+        else:
+            desc = pooled_descriptors(template_emb, self.radii, self.mode, self.sigma_frac, self.edge)
+            self.protos = sample_descriptors(desc, self.points)  # (M, R*D)
         self.template_shape = tuple(template_emb.shape[-2:])
         return self
 
@@ -561,10 +709,16 @@ class LandmarkLocator:
         sub-pixel step is ``"gauss-newton"`` (the answer ``locate_image`` expects of a matcher)."""
         if self.protos is None:
             raise RuntimeError("call fit() first")
-        desc = pooled_descriptors(target_emb, self.radii, self.mode, self.sigma_frac)
+        desc = pooled_descriptors(target_emb, self.radii, self.mode, self.sigma_frac, self.edge)
         protos = self.protos.to(desc.dtype)
         maps = cosine_maps(desc, protos)[0]
-        return (maps, (desc, protos)) if self.search["subpixel"] == "gauss-newton" else maps
+        if self.search["subpixel"] != "gauss-newton":
+            return maps
+        if self.fractional == "exact":
+            field = FractionalSampler(target_emb.to(desc.dtype), self.radii, self.mode, self.sigma_frac, self.edge,
+                                      self.jac_step)
+            return maps, (field, protos)
+        return maps, (desc, protos)
 
     @torch.no_grad()
     def locate(self, target_emb: torch.Tensor, return_maps: bool = False):
@@ -983,6 +1137,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sigma-frac", type=float, default=DEFAULT_SIGMA_FRAC, help="Gaussian pooling: sigma = F * radius"
     )
     parser.add_argument(
+        "--edge", choices=EDGE_MODES, default=DEFAULT_EDGE,
+        help="rim of the pooling discs: soft (anti-aliased, default) or hard",
+    )
+    parser.add_argument(
+        "--fractional", choices=FRACTIONAL_MODES, default=DEFAULT_FRACTIONAL,
+        help="descriptors at fractional positions (landmarks, Gauss-Newton): exact (pooled at the fractional "
+        "centre, default) or bilinear (interpolated from the pixel grid)",
+    )
+    parser.add_argument(
         "--search", choices=SEARCH_MODES, default="consistent",
         help="consistent (default): one robust affine over all landmarks, then a local search; global: each arg-max",
     )
@@ -1043,7 +1206,7 @@ def run(args: argparse.Namespace) -> int:
     search = dict(search=args.search, window=args.window, subpixel=args.subpixel, rectified=not args.no_rectify,
                   passes=args.passes)
     result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii,
-                    "search": search}
+                    "edge": args.edge, "fractional": args.fractional, "search": search}
     if args.centre_term_steps < 0:
         raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
     if args.centre_term_steps:
@@ -1055,7 +1218,8 @@ def run(args: argparse.Namespace) -> int:
         result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
     if args.targets is not None:
         t_emb, _ = common.embed(model, template[None])
-        loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, **search).fit(t_emb.double(), points)
+        loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional,
+                              **search).fit(t_emb.double(), points)
         preds = {}
         files = common.list_images(args.targets, "targets")
         from tqdm import tqdm
@@ -1071,7 +1235,10 @@ def run(args: argparse.Namespace) -> int:
         plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
     if args.evaluate:
         targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
-        ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search)
+        pool = dict(radii=args.radii, edge=args.edge, fractional=args.fractional, **search)
+        ld_methods = {"centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
+                      "uniform pooling": dict(mode="uniform", **pool)}
+        ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search, ld_methods=ld_methods)
         result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
         print(table_markdown(ev["rows"]))
     common.atomic_write_json(out, result)
