@@ -106,6 +106,11 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
     tmp.replace(path)
 
 
+def _progress(args) -> bool:
+    """Progress bars unless --no-progress was given."""
+    return not getattr(args, "no_progress", False)
+
+
 def demo_checkpoint(args, out: Path, size: int) -> Path:
     """The checkpoint given with --checkpoint, or a cached / fresh short LD pre-training on T1 slices."""
     if getattr(args, "checkpoint", None):
@@ -124,7 +129,7 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     e1 = max(1, steps // 3)
     cfg = TrainConfig(
         out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
-        device="cpu", amp=False, val_images=2, progress=True, seed=0,
+        device="cpu", amp=False, val_images=2, progress=_progress(args), seed=0,
     )
     # two epochs: stage 1 gets a third of the steps, stage 2 the rest
     cfg.epochs1, cfg.epochs2 = 1, 2
@@ -161,7 +166,8 @@ def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
     for name in targets:
         pairs = common.pair_images_masks(data / "images", data / f"masks_{name}")
         imgs, msks = common.load_pairs(pairs)
-        r = seg.transfer_experiment(imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name)
+        r = seg.transfer_experiment(imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name,
+                                    progress=_progress(args))
         r["_images"], r["_masks"] = imgs, msks
         r["foreground_fraction"] = float(msks.mean())
         results.append(r)
@@ -204,7 +210,8 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     if cs_path.exists():
         cs_model = common.load_ld_model(cs_path)
     else:
-        cs_model, hist = lm.train_centre_sensitive(model, mni_slices("t1", PRETRAIN_Z, size), steps=cs_steps)
+        cs_model, hist = lm.train_centre_sensitive(model, mni_slices("t1", PRETRAIN_Z, size), steps=cs_steps,
+                                                   progress=_progress(args))
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(cs_path, cs_model)
@@ -233,7 +240,7 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     for name, kw in settings.items():
         targets, gts = lm.make_eval_targets(template, points, n_eval, seed=1, **kw)
         ev = lm.evaluate_methods(models, template, points, targets, gts, ld_methods=lm.SELECTED_LD,
-                                 ncc_methods=lm.SELECTED_NCC)
+                                 ncc_methods=lm.SELECTED_NCC, progress=_progress(args))
         all_rows[name] = ev["rows"]
         md += f"**{name}**\n\n" + lm.table_markdown(ev["rows"]) + "\n"
         errs = ev["errors"]
@@ -289,7 +296,7 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
         images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
         d_lr_factor=SHAPE_D_LR_FACTOR if d_lr is None else d_lr,
         instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
-        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS,
+        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS, progress=_progress(args),
     )
     # context for reading the Dice values: how well the whole brain (a blob enclosing the white
     # matter) would score, and how much of the guided cluster 0 is just that blob
