@@ -99,8 +99,18 @@ def check_region_features(ops, R, chk, dtype, shape, mode, normalize):
     chk(tag + " feats", rel(feats, fr) <= TOL[dtype], f"{rel(feats, fr):.2e}")
     chk(tag + " entropy", rel(ent, hr) <= TOL[dtype], f"{rel(ent, hr):.2e}")
     chk(tag + " rnorm", rnorm.shape == (n, k) and feats.dtype == od and ent.dtype == od)
-    chk(tag + " grad_e", ge.dtype == dtype and rel(ge, er.grad) <= GTOL[dtype], f"{rel(ge, er.grad):.2e}")
-    chk(tag + " grad_a", ga.dtype == dtype and rel(ga, ar.grad) <= GTOL[dtype], f"{rel(ga, ar.grad):.2e}")
+    # Plain PyTorch at the kernels' accumulation precision on the same input values: where the
+    # gradient cancels (one pixel: a region feature does not depend on its assignment, so grad_a is
+    # the entropy term plus rounding noise of the feature path) any implementation rounds; rule
+    # "error <= 2 x plain error + tol" (1 draw in 150 of the 1-pixel sigmoid case exceeded tol alone).
+    ep, ap = e.to(od).clone().requires_grad_(), a.to(od).clone().requires_grad_()
+    fp = R.region_features_bmm(ep, ap, normalize=normalize, assignment=mode)
+    ((fp * w).sum() + R.assignment_entropy(ap, mode) * c).backward()
+    pe, pa = rel(ep.grad, er.grad), rel(ap.grad, ar.grad)
+    chk(tag + " grad_e", ge.dtype == dtype and rel(ge, er.grad) <= 2 * pe + GTOL[dtype],
+        f"{rel(ge, er.grad):.2e} (plain {pe:.2e})")
+    chk(tag + " grad_a", ga.dtype == dtype and rel(ga, ar.grad) <= 2 * pa + GTOL[dtype],
+        f"{rel(ga, ar.grad):.2e} (plain {pa:.2e})")
     same = all(torch.equal(u, v) for u, v in zip((feats, rnorm, ent, ge, ga), (*again, ge2, ga2)))
     chk(tag + " bitwise repeatable", same)
     f3, _, h3 = ops.region_features(e, a, normalize, m, False)
