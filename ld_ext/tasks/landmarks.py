@@ -188,8 +188,15 @@ def pooled_descriptors(
     for r in radii:
         k = pooling_kernel(r, mode, dtype=e.dtype, sigma_frac=sigma_frac, edge=edge)
         pooled = _same_conv_fft(e, k) / _same_conv_fft(ones, k).clamp_min(1e-12)
-        parts.append(pooled / (pooled.norm(dim=1, keepdim=True) + 1e-10))
-    return torch.cat(parts, dim=1) / math.sqrt(len(radii))
+        parts.append(pooled)
+    return _unit_concat(parts)
+
+
+def _unit_concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-radius descriptors (channels in dim 1) L2-normalised, concatenated and divided by
+    sqrt(R): one unit vector whose inner products are the mean cosine over radii."""
+    unit = [p / (p.norm(dim=1, keepdim=True) + 1e-10) for p in parts]
+    return torch.cat(unit, dim=1) / math.sqrt(len(parts))
 
 
 def _same_conv_fft(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -273,8 +280,8 @@ def fractional_descriptors(
             wgt = _window_weights(dist, int(r), mode, sigma_frac, edge) * valid
             wgt = (wgt / wgt.sum(1, keepdim=True).clamp_min(1e-12)).to(e.dtype)
             v = torch.einsum("mk,mkd->md", wgt, vals)
-        parts.append(v / (v.norm(dim=1, keepdim=True) + 1e-10))
-    return torch.cat(parts, dim=1) / math.sqrt(len(radii))
+        parts.append(v)
+    return _unit_concat(parts)
 
 
 class FractionalSampler:
