@@ -176,10 +176,17 @@ def test_ncc_map_matches_brute_force_and_locates():
         ref = (t * (win - win.mean())).sum() / (t.norm() * (win - win.mean()).norm())
         assert m[y, x].item() == pytest.approx(ref.item(), abs=1e-6)
     assert m[7, 9].item() == pytest.approx(1.0, abs=1e-6)
-    smooth = F.interpolate(torch.rand(1, 1, 8, 8, dtype=torch.float64), size=(40, 40), mode="bicubic")[0, 0].numpy()
+    gen = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 1, 8, 8, dtype=torch.float64, generator=gen), size=(40, 40),
+                           mode="bicubic")[0, 0].numpy()
     shifted = np.roll(smooth, (2, -3), axis=(0, 1))
+    # an integer shift: the Gauss-Newton step on the normalised patches lands on it exactly; a fit
+    # to the 3 x 3 map (quadratic, the default) only keeps the right pixel (an asymmetric peak
+    # biases it by up to ~0.4 px: 5 of 300 random fields exceeded 0.3)
+    pred = lm.ncc_locate(smooth, np.array([[20.0, 20.0]]), shifted, half=5, subpixel="gauss-newton")
+    assert np.abs(pred - [[17.0, 22.0]]).max() < 1e-6
     pred = lm.ncc_locate(smooth, np.array([[20.0, 20.0]]), shifted, half=5)
-    assert np.abs(pred - [[17.0, 22.0]]).max() < 0.3
+    assert np.abs(pred - [[17.0, 22.0]]).max() < 0.5
     patches = torch.stack([img[5:10, 7:12], img[2:7, 3:8]])
     both = lm.ncc_maps(img, patches)  # one convolution for all patches
     assert torch.allclose(both[0], m) and torch.allclose(both[1], lm.ncc_map(img, patches[1]))
@@ -404,6 +411,21 @@ def test_fractional_descriptors_are_continuous_with_soft_edges():
     r0 = lm.fractional_descriptors(e, pts[:3], (0,))
     b = lm._sample(e, torch.as_tensor(pts[:3]))
     assert torch.allclose(r0, b / b.norm(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("radii", [(), (1, -2), (1.5,), (True,), 3])
+def test_every_pooling_entry_point_rejects_bad_radii(radii):
+    e = _smooth_unit_embeddings(d=4, h=20, w=20)
+    pts = np.array([[5.5, 6.25]])
+    calls = [
+        lambda: lm.pooled_descriptors(e, radii=radii),
+        lambda: lm.fractional_descriptors(e, pts, radii=radii),
+        lambda: lm.FractionalSampler(e, radii=radii),
+        lambda: lm.LandmarkLocator(radii=radii),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="radii"):
+            call()
 
 
 def test_fractional_descriptors_and_sampler_argument_errors():

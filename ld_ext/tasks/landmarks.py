@@ -132,6 +132,19 @@ def _check_pooling(mode: str, sigma_frac: float, edge: str) -> None:
         raise ValueError(f"edge must be one of {EDGE_MODES}, got {edge!r}")
 
 
+def _check_radii(radii) -> tuple[int, ...]:
+    """The pooling radii as a tuple of ints; ValueError unless a non-empty sequence of ints >= 0."""
+    try:
+        out = tuple(radii)
+    except TypeError:
+        raise ValueError(f"radii must be a sequence of ints >= 0, got {radii!r}") from None
+    if not out:
+        raise ValueError("radii must not be empty")
+    if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0 for r in out):
+        raise ValueError(f"radii must be ints >= 0, got {radii!r}")
+    return tuple(int(r) for r in out)
+
+
 def _window_weights(dist: torch.Tensor, r: int, mode: str, sigma_frac: float, edge: str) -> torch.Tensor:
     """Unnormalised pooling weights at distances ``dist`` from the centre (any shape, r >= 1):
     the Gaussian (sigma = sigma_frac * r) or 1, times the disc's edge: ``"hard"`` dist <= r,
@@ -180,8 +193,7 @@ def pooled_descriptors(
     """
     if e.dim() != 4:
         raise ValueError(f"e must have shape (N, D, H, W), got {tuple(e.shape)}")
-    if len(radii) == 0:
-        raise ValueError("radii must not be empty")
+    radii = _check_radii(radii)
     n, d, h, w = e.shape
     parts = []
     ones = torch.ones(1, 1, h, w, dtype=e.dtype)
@@ -247,11 +259,7 @@ def fractional_descriptors(
     _check_pooling(mode, sigma_frac, edge)
     if not isinstance(e, torch.Tensor) or e.dim() != 4 or e.shape[0] != 1:
         raise ValueError(f"e must be a tensor of shape (1, D, H, W), got {getattr(e, 'shape', type(e))}")
-    radii = tuple(radii)
-    if len(radii) == 0:
-        raise ValueError("radii must not be empty")
-    if any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0 for r in radii):
-        raise ValueError(f"radii must be ints >= 0, got {radii!r}")
+    radii = _check_radii(radii)
     c = torch.as_tensor(np.asarray(points, dtype=np.float64) if not isinstance(points, torch.Tensor) else points)
     c = c.to(torch.float64)
     if c.dim() != 2 or c.shape[1] != 2:
@@ -294,7 +302,7 @@ class FractionalSampler:
         _check_pooling(mode, sigma_frac, edge)
         if not step > 0:
             raise ValueError(f"step must be > 0, got {step!r}")
-        self.e, self.radii, self.mode, self.sigma_frac, self.edge = e, tuple(radii), mode, sigma_frac, edge
+        self.e, self.radii, self.mode, self.sigma_frac, self.edge = e, _check_radii(radii), mode, sigma_frac, edge
         self.step = float(step)
 
     def __call__(self, xy: torch.Tensor) -> torch.Tensor:
@@ -676,9 +684,7 @@ class LandmarkLocator:
         if not jac_step > 0:
             raise ValueError(f"jac_step must be > 0, got {jac_step!r}")
         self.edge, self.fractional, self.jac_step = edge, fractional, float(jac_step)
-        self.radii = tuple(int(r) for r in radii)
-        if not self.radii or min(self.radii) < 0:
-            raise ValueError(f"radii must be non-negative ints, got {radii!r}")
+        self.radii = _check_radii(radii)
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         if subpixel not in SUBPIXEL_METHODS:
