@@ -347,6 +347,14 @@ struct StagedChunk {
     }
   }
 
+  // load() of chunk c: pixels [c * cp, min((c + 1) * cp, P)).
+  __device__ __forceinline__ void load_chunk(int64_t c, const scalar_t* __restrict__ src0, int n0, int rows0,
+                                             const scalar_t* __restrict__ src1, int n1, int rows1, int64_t P,
+                                             const RBTile& tl) {
+    const int64_t q0 = c * tl.cp;
+    load(src0, n0, rows0, src1, n1, rows1, P, q0, static_cast<int>(min(static_cast<int64_t>(tl.cp), P - q0)), tl);
+  }
+
   // X0[row * cs + j] for rows < rows0 and X1[(row - rows0) * cs + j] for the others, as acc_t. With
   // mode == kSigmoid the src1 rows become sigmoid(s) + kAssignEps, and sigmoid(s) goes to SG (same
   // layout as X1) when SG is given; padding rows and pixels stay 0 in both.
@@ -380,6 +388,27 @@ struct StagedChunk {
     }
   }
 };
+
+// The chunk loop of the register-blocked kernels: block t of T takes chunks t, t + T, ... <
+// nchunks of cp pixels. issue(c) stages chunk c's reads (StagedChunk::load_chunk), store(np) writes
+// the staged chunk to shared memory, work(p0, np) consumes it. With prefetch the next chunk's reads
+// are issued right after the store, so they are in flight during work(); without, each chunk's
+// reads are issued just before its store.
+template <bool prefetch, typename Issue, typename Store, typename Work>
+__device__ __forceinline__ void staged_chunk_loop(int64_t t, int64_t T, int64_t nchunks, int cp, int64_t P,
+                                                  Issue&& issue, Store&& store, Work&& work) {
+  if (prefetch && t < nchunks) issue(t);
+  for (int64_t ch = t; ch < nchunks; ch += T) {
+    const int64_t p0 = ch * cp;
+    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
+    if (!prefetch) issue(ch);
+    __syncthreads();  // the previous chunk is fully consumed
+    store(np);
+    __syncthreads();
+    if (prefetch && ch + T < nchunks) issue(ch + T);
+    work(p0, np);
+  }
+}
 
 // Whether a chunk of cp pixels of `rows` staged rows fits the NPF registers per thread.
 inline bool stage_fits(int64_t rows, int cp, int npf) { return rows * cp <= static_cast<int64_t>(npf) * kThreads; }

@@ -297,30 +297,20 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_forward_rb_kernel(const scala
   scalar_t* o_n = out + n * static_cast<int64_t>(tl.K) * P;
   pcs_rb_prototypes<scalar_t, acc_t>(per_image ? proto + n * tl.K * tl.D : proto, tl, Pd, nullptr);
 
-  // Chunk ch's reads: issued one chunk ahead with prefetch, else just before their use.
   StagedChunk<scalar_t, kStageFwd> st;
-  auto issue = [&](int64_t c) {
-    const int64_t q0 = c * cp;
-    st.load(e_n, tl.D, tl.DP, e_n, 0, 0, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
-  };
-  if (prefetch && t < nchunks) issue(t);
-  for (int64_t ch = t; ch < nchunks; ch += T) {
-    const int64_t p0 = ch * cp;
-    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
-    if (!prefetch) issue(ch);
-    __syncthreads();
-    st.template store<acc_t>(Z, tl.DP, Z, 0, 0, np, tl, kProbs, nullptr);
-    __syncthreads();
-    if (prefetch && ch + T < nchunks) issue(ch + T);
-    pcs_rb_logits<acc_t>(tl, Pd, Z, L);
-    __syncthreads();
-    const int j = threadIdx.x;
-    if (j < np) {
-      pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, nullptr);
+  staged_chunk_loop<prefetch>(
+      t, T, nchunks, cp, P, [&](int64_t c) { st.load_chunk(c, e_n, tl.D, tl.DP, e_n, 0, 0, P, tl); },
+      [&](int np) { st.template store<acc_t>(Z, tl.DP, Z, 0, 0, np, tl, kProbs, nullptr); },
+      [&](int64_t p0, int np) {
+        pcs_rb_logits<acc_t>(tl, Pd, Z, L);
+        __syncthreads();
+        const int j = threadIdx.x;
+        if (j < np) {
+          pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, nullptr);
 #pragma unroll 4
-      for (int k = 0; k < tl.K; ++k) o_n[k * P + p0 + j] = static_cast<scalar_t>(L[k * cs + j]);
-    }
-  }
+          for (int k = 0; k < tl.K; ++k) o_n[k * P + p0 + j] = static_cast<scalar_t>(L[k * cs + j]);
+        }
+      });
 }
 
 // Backward. Per chunk: load z and grad_out, logits, per pixel S and g_l = S (g - <g, S>) / tau
@@ -367,71 +357,62 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
     for (int c = 0; c < 4; ++c) pacc[r][c] = 0;
 
   StagedChunk<scalar_t, kStageBwd> st;  // z and grad_out rows, as in the forward
-  auto issue = [&](int64_t c) {
-    const int64_t q0 = c * cp;
-    st.load(e_n, D, tl.DP, g_n, K, tl.KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
-  };
-  if (prefetch && t < nchunks) issue(t);
-  for (int64_t ch = t; ch < nchunks; ch += T) {
-    const int64_t p0 = ch * cp;
-    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
-    if (!prefetch) issue(ch);
-    __syncthreads();
-    st.template store<acc_t>(Z, tl.DP, G, K, tl.KP, np, tl, kProbs, nullptr);
-    __syncthreads();
-    if (prefetch && ch + T < nchunks) issue(ch + T);
-    pcs_rb_logits<acc_t>(tl, Pd, Z, L);
-    __syncthreads();
-    if (tid < cp) {
-      const int j = tid;
-      const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, M);
-      acc_t dt = 0;
+  staged_chunk_loop<prefetch>(
+      t, T, nchunks, cp, P, [&](int64_t c) { st.load_chunk(c, e_n, D, tl.DP, g_n, K, tl.KP, P, tl); },
+      [&](int np) { st.template store<acc_t>(Z, tl.DP, G, K, tl.KP, np, tl, kProbs, nullptr); },
+      [&](int64_t p0, int np) {
+        pcs_rb_logits<acc_t>(tl, Pd, Z, L);
+        __syncthreads();
+        if (tid < cp) {
+          const int j = tid;
+          const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, M);
+          acc_t dt = 0;
 #pragma unroll 4
-      for (int k = 0; k < K; ++k) dt += G[k * cs + j] * L[k * cs + j];
-      const acc_t itau = acc_t(1) / tau;
+          for (int k = 0; k < K; ++k) dt += G[k * cs + j] * L[k * cs + j];
+          const acc_t itau = acc_t(1) / tau;
 #pragma unroll 4
-      for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) * itau;
-      if (normalize) {
+          for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) * itau;
+          if (normalize) {
 #pragma unroll 4
-        for (int d = 0; d < D; ++d) Z[d * cs + j] *= im;
-      }
-    }
-    __syncthreads();
-    // g_e[d, j] = sum_k proto[k, d] g_l[k, j]: unit u = rows db' + DQ c, pixels 4q'..4q'+3.
-    for (int u = tid; u < DQ * nq; u += blockDim.x) {
-      const int dbu = u % DQ, q = u / DQ;
-      product44_store(Pk + 4 * dbu, tl.DP, G + 4 * q, cs, K, GE + dbu * cs + 4 * q, DQ * cs);
-    }
-    if (g < Gn) {
-      for (int q = g; q < nq; q += Gn) {
-        accumulate_quad44(pacc, G + kb * cs + 4 * q, KQ * cs, Z + db * cs + 4 * q, DQ * cs);
-      }
-    }
-    __syncthreads();
-    if (tid < np) {
-      // dL/dz = (g_e - e (e . g_e) (m + eps) / m) / (m + eps) with normalize (0 projection when
-      // m == 0), else g_e. Z holds e here.
-      const int j = tid;
-      if (normalize) {
-        const acc_t m = M[j];
-        const acc_t den = m + static_cast<acc_t>(kNormEps);
-        acc_t de = 0;
-#pragma unroll 4
-        for (int d = 0; d < D; ++d) de += Z[d * cs + j] * GE[d * cs + j];
-        // projection coefficient (e . g_e) (m + eps) / m, 0 when m == 0; then one reciprocal
-        const acc_t c = m > acc_t(0) ? de * den / m : acc_t(0);
-        const acc_t iden = acc_t(1) / den;
-#pragma unroll 4
-        for (int d = 0; d < D; ++d) {
-          const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
-          ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * iden);
+            for (int d = 0; d < D; ++d) Z[d * cs + j] *= im;
+          }
         }
-      } else {
+        __syncthreads();
+        // g_e[d, j] = sum_k proto[k, d] g_l[k, j]: unit u = rows db' + DQ c, pixels 4q'..4q'+3.
+        for (int u = tid; u < DQ * nq; u += blockDim.x) {
+          const int dbu = u % DQ, q = u / DQ;
+          product44_store(Pk + 4 * dbu, tl.DP, G + 4 * q, cs, K, GE + dbu * cs + 4 * q, DQ * cs);
+        }
+        if (g < Gn) {
+          for (int q = g; q < nq; q += Gn) {
+            accumulate_quad44(pacc, G + kb * cs + 4 * q, KQ * cs, Z + db * cs + 4 * q, DQ * cs);
+          }
+        }
+        __syncthreads();
+        if (tid < np) {
+          // dL/dz = (g_e - e (e . g_e) (m + eps) / m) / (m + eps) with normalize (0 projection when
+          // m == 0), else g_e. Z holds e here.
+          const int j = tid;
+          if (normalize) {
+            const acc_t m = M[j];
+            const acc_t den = m + static_cast<acc_t>(kNormEps);
+            acc_t de = 0;
 #pragma unroll 4
-        for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
-      }
-    }
-  }
+            for (int d = 0; d < D; ++d) de += Z[d * cs + j] * GE[d * cs + j];
+            // projection coefficient (e . g_e) (m + eps) / m, 0 when m == 0; then one reciprocal
+            const acc_t c = m > acc_t(0) ? de * den / m : acc_t(0);
+            const acc_t iden = acc_t(1) / den;
+#pragma unroll 4
+            for (int d = 0; d < D; ++d) {
+              const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
+              ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * iden);
+            }
+          } else {
+#pragma unroll 4
+            for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
+          }
+        }
+      });
   __syncthreads();
   reduce_groups44(pacc, RED, tl, Gn, part + b * K * D);
 }

@@ -424,38 +424,27 @@ __global__ void __launch_bounds__(kThreads, 2) rf_forward_rb_kernel(
     for (int c = 0; c < 4; ++c) acc[r][c] = 0;
   acc_t h = 0;
 
-  // Chunk ch's reads: issued one chunk ahead with prefetch (before the previous chunk's work),
-  // else just before its use.
   StagedChunk<scalar_t, kStageFwd> st;
-  auto issue = [&](int64_t c) {
-    const int64_t q0 = c * cp;
-    st.load(e_n, D, tl.DP, s_n, K, tl.KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
-  };
-  if (prefetch && t < nchunks) issue(t);
-  for (int64_t ch = t; ch < nchunks; ch += T) {
-    const int64_t p0 = ch * cp;
-    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
-    if (!prefetch) issue(ch);
-    __syncthreads();  // the previous chunk is fully consumed
-    st.template store<acc_t>(E, tl.DP, A, K, tl.KP, np, tl, mode, nullptr);
-    __syncthreads();
-    if (prefetch && ch + T < nchunks) issue(ch + T);
-    if (tid < cp) {
-      h += rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, entropy, E, A, nullptr, IM, U);
-      // Fold 1/(||z|| + eps) into the assignments: sum_j a[k,j] (z[d,j] im_j).
-      if (normalize) {
-        const acc_t im = IM[tid];
+  staged_chunk_loop<prefetch>(
+      t, T, nchunks, cp, P, [&](int64_t c) { st.load_chunk(c, e_n, D, tl.DP, s_n, K, tl.KP, P, tl); },
+      [&](int np) { st.template store<acc_t>(E, tl.DP, A, K, tl.KP, np, tl, mode, nullptr); },
+      [&](int64_t /*p0*/, int np) {
+        if (tid < cp) {
+          h += rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, entropy, E, A, nullptr, IM, U);
+          // Fold 1/(||z|| + eps) into the assignments: sum_j a[k,j] (z[d,j] im_j).
+          if (normalize) {
+            const acc_t im = IM[tid];
 #pragma unroll 4
-        for (int k = 0; k < K; ++k) A[k * cs + tid] *= im;
-      }
-    }
-    __syncthreads();
-    if (g < G) {
-      for (int q = g; q < nq; q += G) {
-        accumulate_quad44(acc, A + kb * cs + 4 * q, tl.KQ * cs, E + db * cs + 4 * q, tl.DQ * cs);
-      }
-    }
-  }
+            for (int k = 0; k < K; ++k) A[k * cs + tid] *= im;
+          }
+        }
+        __syncthreads();
+        if (g < G) {
+          for (int q = g; q < nq; q += G) {
+            accumulate_quad44(acc, A + kb * cs + 4 * q, tl.KQ * cs, E + db * cs + 4 * q, tl.DQ * cs);
+          }
+        }
+      });
   __syncthreads();
   reduce_groups44(acc, RED, tl, G, part + b * K * D);
   if (entropy) {
@@ -509,86 +498,77 @@ __global__ void __launch_bounds__(kThreads, 2) rf_backward_rb_kernel(
   const int nga = KQ * nq, nge = DQ * nq;
 
   StagedChunk<scalar_t, kStageBwd> st;  // as in the forward
-  auto issue = [&](int64_t c) {
-    const int64_t q0 = c * cp;
-    st.load(e_n, D, DP, s_n, K, KP, P, q0, static_cast<int>(min(static_cast<int64_t>(cp), P - q0)), tl);
-  };
-  if (prefetch && t < nchunks) issue(t);
-  for (int64_t ch = t; ch < nchunks; ch += T) {
-    const int64_t p0 = ch * cp;
-    const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
-    if (!prefetch) issue(ch);
-    __syncthreads();
-    st.template store<acc_t>(Z, DP, A, K, KP, np, tl, mode, mode == kSigmoid ? SG : nullptr);
-    __syncthreads();
-    if (prefetch && ch + T < nchunks) issue(ch + T);
-    if (tid < cp) rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, false, Z, A, M, IM, U);
-    __syncthreads();
-    for (int u = tid; u < nga + nge; u += blockDim.x) {
-      if (u < nga) {
-        const int kb = u % KQ, q = u / KQ;
-        product44_store(Gd + 4 * kb, KP, Z + 4 * q, cs, D, GA + kb * cs + 4 * q, KQ * cs);
-      } else {
-        const int db = (u - nga) % DQ, q = (u - nga) / DQ;
-        product44_store(Gk + 4 * db, DP, A + 4 * q, cs, K, GE + db * cs + 4 * q, DQ * cs);
-      }
-    }
-    __syncthreads();
-    if (tid < cp) {
-      // Assignments: g_a = im * GA (+ entropy), then the normalisation's backward.
-      const int j = tid;
-      if (j < np) {
-        const acc_t im = IM[j];
-        acc_t da = 0;
-#pragma unroll 4
-        for (int k = 0; k < K; ++k) {
-          const acc_t a = A[k * cs + j];
-          acc_t ga = GA[k * cs + j] * im;
-          if (entropy) ga += gent * binary_entropy_grad(a);
-          GA[k * cs + j] = ga;
-          da += ga * a;
-        }
-        const acc_t iu = acc_t(1) / U[j];
-#pragma unroll 4
-        for (int k = 0; k < K; ++k) {
-          const acc_t ga = GA[k * cs + j];
-          acc_t v;
-          if (mode == kSigmoid) {
-            const acc_t sg = SG[k * cs + j];
-            v = sg * (acc_t(1) - sg) * (ga - da) * iu;
-          } else if (mode == kSoftmax) {
-            v = A[k * cs + j] * (ga - da);
+  staged_chunk_loop<prefetch>(
+      t, T, nchunks, cp, P, [&](int64_t c) { st.load_chunk(c, e_n, D, DP, s_n, K, KP, P, tl); },
+      [&](int np) { st.template store<acc_t>(Z, DP, A, K, KP, np, tl, mode, mode == kSigmoid ? SG : nullptr); },
+      [&](int64_t p0, int np) {
+        if (tid < cp) rb_pixel_prep<acc_t>(tid, np, tl, normalize, mode, false, Z, A, M, IM, U);
+        __syncthreads();
+        for (int u = tid; u < nga + nge; u += blockDim.x) {
+          if (u < nga) {
+            const int kb = u % KQ, q = u / KQ;
+            product44_store(Gd + 4 * kb, KP, Z + 4 * q, cs, D, GA + kb * cs + 4 * q, KQ * cs);
           } else {
-            v = ga;
+            const int db = (u - nga) % DQ, q = (u - nga) / DQ;
+            product44_store(Gk + 4 * db, DP, A + 4 * q, cs, K, GE + db * cs + 4 * q, DQ * cs);
           }
-          gs_n[k * P + p0 + j] = static_cast<scalar_t>(v);
         }
-      }
-    } else if (tid < 2 * cp) {
-      // Embeddings: with normalize, e = z im and dL/dz = (g_e - z (e . g_e) / m) im (the projection
-      // term is 0 when m == 0); without, dL/dz = g_e.
-      const int j = tid - cp;
-      if (j < np) {
-        if (normalize) {
-          const acc_t im = IM[j];
-          const acc_t m = M[j];
-          acc_t s = 0;
+        __syncthreads();
+        if (tid < cp) {
+          // Assignments: g_a = im * GA (+ entropy), then the normalisation's backward.
+          const int j = tid;
+          if (j < np) {
+            const acc_t im = IM[j];
+            acc_t da = 0;
 #pragma unroll 4
-          for (int d = 0; d < D; ++d) s += Z[d * cs + j] * GE[d * cs + j];
-          // projection coefficient (e . g_e) / m, 0 when m == 0
-          const acc_t c = m > acc_t(0) ? s * im / m : acc_t(0);
+            for (int k = 0; k < K; ++k) {
+              const acc_t a = A[k * cs + j];
+              acc_t ga = GA[k * cs + j] * im;
+              if (entropy) ga += gent * binary_entropy_grad(a);
+              GA[k * cs + j] = ga;
+              da += ga * a;
+            }
+            const acc_t iu = acc_t(1) / U[j];
 #pragma unroll 4
-          for (int d = 0; d < D; ++d) {
-            const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
-            ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * im);
+            for (int k = 0; k < K; ++k) {
+              const acc_t ga = GA[k * cs + j];
+              acc_t v;
+              if (mode == kSigmoid) {
+                const acc_t sg = SG[k * cs + j];
+                v = sg * (acc_t(1) - sg) * (ga - da) * iu;
+              } else if (mode == kSoftmax) {
+                v = A[k * cs + j] * (ga - da);
+              } else {
+                v = ga;
+              }
+              gs_n[k * P + p0 + j] = static_cast<scalar_t>(v);
+            }
           }
-        } else {
+        } else if (tid < 2 * cp) {
+          // Embeddings: with normalize, e = z im and dL/dz = (g_e - z (e . g_e) / m) im (the projection
+          // term is 0 when m == 0); without, dL/dz = g_e.
+          const int j = tid - cp;
+          if (j < np) {
+            if (normalize) {
+              const acc_t im = IM[j];
+              const acc_t m = M[j];
+              acc_t s = 0;
 #pragma unroll 4
-          for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
+              for (int d = 0; d < D; ++d) s += Z[d * cs + j] * GE[d * cs + j];
+              // projection coefficient (e . g_e) / m, 0 when m == 0
+              const acc_t c = m > acc_t(0) ? s * im / m : acc_t(0);
+#pragma unroll 4
+              for (int d = 0; d < D; ++d) {
+                const acc_t v = GE[d * cs + j] - Z[d * cs + j] * c;
+                ge_n[d * P + p0 + j] = static_cast<scalar_t>(v * im);
+              }
+            } else {
+#pragma unroll 4
+              for (int d = 0; d < D; ++d) ge_n[d * P + p0 + j] = static_cast<scalar_t>(GE[d * cs + j]);
+            }
+          }
         }
-      }
-    }
-  }
+      });
 }
 
 // ------------------------------------------------------------------------------------ host side
