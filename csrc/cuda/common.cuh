@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <cstdlib>
 
 #include "../ld_ext.h"
@@ -506,6 +507,24 @@ inline int env_cap(const char* name, int dflt) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return dflt;
   return std::max(0, std::min(128, std::atoi(v)));
+}
+
+// The chunk search shared by the register-blocked kernels' plans: the largest cp in max_cp,
+// max_cp / 2, ... >= 4 whose shared memory fits the default budget (else, the same search again
+// within the opt-in limit) and whose `staged_rows` rows fit the NPF staging registers per thread.
+// smem(cp) returns {region0, bytes} of that chunk. rb_none() when no chunk fits.
+template <typename Smem>
+RBPlan rb_search(int64_t D, int64_t K, int max_cp, int64_t staged_rows, int npf, int device, Smem smem) {
+  if (max_cp < 4) return rb_none();
+  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
+    for (int cp = max_cp; cp >= 4; cp /= 2) {
+      const std::pair<int64_t, size_t> rs = smem(cp);
+      if (rs.second <= budget && stage_fits(staged_rows, cp, npf)) {
+        return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(rs.first), rs.second};
+      }
+    }
+  }
+  return rb_none();
 }
 
 inline at::ScalarType out_type(at::ScalarType t) {

@@ -424,14 +424,9 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
 RBPlan pcs_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
   const int max_cp = env_cap("LD_EXT_CUDA_RB_FWD_CP", 128);
   const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
-  if (max_cp < 4) return rb_none();
-  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
-    for (int cp = max_cp; cp >= 4; cp /= 2) {
-      const size_t bytes = static_cast<size_t>((DP + KP) * (cp + 4) + DP * KP) * elem;
-      if (bytes <= budget && stage_fits(DP, cp, kStageFwd)) return RBPlan{make_rb_tile(cp, D, K), 0, bytes};
-    }
-  }
-  return rb_none();
+  return rb_search(D, K, max_cp, DP, kStageFwd, device, [&](int cp) {
+    return std::make_pair(int64_t{0}, static_cast<size_t>((DP + KP) * (cp + 4) + DP * KP) * elem);
+  });
 }
 
 RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
@@ -440,16 +435,10 @@ RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
   const int64_t nob = (DP / 4) * (KP / 4);
   if (nob > kThreads || max_cp < 4) return rb_none();
   const int64_t Gn = std::max<int64_t>(1, kThreads / nob);
-  for (size_t budget : {kDefaultSmem, smem_optin_limit(device)}) {
-    for (int cp = max_cp; cp >= 4; cp /= 2) {
-      const int64_t region0 = std::max<int64_t>(2 * DP * (cp + 4), Gn * nob * 16);
-      const size_t bytes = static_cast<size_t>(region0 + 2 * KP * (cp + 4) + 2 * DP * KP + cp) * elem;
-      if (bytes <= budget && stage_fits(DP + KP, cp, kStageBwd)) {
-        return RBPlan{make_rb_tile(cp, D, K), static_cast<int>(region0), bytes};
-      }
-    }
-  }
-  return rb_none();
+  return rb_search(D, K, max_cp, DP + KP, kStageBwd, device, [&](int cp) {
+    const int64_t region0 = std::max<int64_t>(2 * DP * (cp + 4), Gn * nob * 16);
+    return std::make_pair(region0, static_cast<size_t>(region0 + 2 * KP * (cp + 4) + 2 * DP * KP + cp) * elem);
+  });
 }
 
 constexpr const char* kOp = "ld_ext::pixel_cluster_similarity (CUDA)";
