@@ -1,8 +1,9 @@
-"""Build ld_ext._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found.
+"""Build ld_ext._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc is found
+(no GPU needs to be visible: a build on a machine without one works on a GPU later).
 
 Environment knobs:
-  LD_EXT_FORCE_CUDA=1   compile the CUDA sources even when no GPU is visible (needs a CUDA build of
-                        torch and nvcc; this is how CI compile-checks the kernels on a CPU machine)
+  LD_EXT_FORCE_CUDA=1   fail unless the CUDA kernels can be compiled (a CUDA build of torch and nvcc;
+                        CI's compile check on a CPU machine sets it)
   LD_EXT_NO_CUDA=1      never compile the CUDA sources
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default here: "8.0;9.0")
   LD_EXT_DEBUG=1        -O0 -g builds
@@ -14,19 +15,46 @@ import os
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils import cpp_extension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(home) -> bool:
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _cuda_home():
+    """torch's CUDA_HOME when it is a whole toolkit, else /usr/local/cuda (torch takes the directory
+    above the first nvcc on PATH, which is wrong when that nvcc is a wrapper script elsewhere); a
+    CUDA_HOME / CUDA_PATH set in the environment is taken as given."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for home in (cpp_extension.CUDA_HOME,) if explicit else (cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if _is_toolkit(home):
+            return os.path.realpath(home)
+    return None
 
 
 def _want_cuda() -> bool:
     if os.environ.get("LD_EXT_NO_CUDA", "0") == "1":
         return False
-    if torch.version.cuda is None or CUDA_HOME is None:
-        return False
+    missing = []
+    home = None
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is not a CUDA build")
+    else:
+        home = _cuda_home()
+        if home is None:
+            missing.append(f"no CUDA toolkit found (torch's guess: {cpp_extension.CUDA_HOME}); set CUDA_HOME")
     if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        missing.append("no csrc/cuda/*.cu sources")
+    if missing and os.environ.get("LD_EXT_FORCE_CUDA", "0") == "1":
+        raise RuntimeError("LD_EXT_FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
+    if missing:
         return False
-    return torch.cuda.is_available() or os.environ.get("LD_EXT_FORCE_CUDA", "0") == "1"
+    cpp_extension.CUDA_HOME = home  # what BuildExtension and CUDAExtension use for nvcc and libcudart
+    return True
 
 
 def _extension():

@@ -22,8 +22,6 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 # Build requirements first: the extension is built against the installed torch (no isolation).
 "${PIP[@]}" install -q setuptools wheel ninja
-# (and the CUDA kernels when setup.py finds a CUDA torch, nvcc and a GPU, or LD_EXT_FORCE_CUDA=1;
-# the "ready" line says whether they were built)
-echo "setup_env: building ld_ext"
+echo "setup_env: building ld_ext (C++ kernels$("$VENV/bin/python" -c 'import torch; print(" + CUDA if nvcc is found" if torch.version.cuda else "")'); the ready line says what was built)"
 "${PIP[@]}" install -q --no-build-isolation -e ".[medical,test]"
 "$VENV/bin/python" -c "import ld_ext, json; print('setup_env: ready', json.dumps(ld_ext.build_info()))"
