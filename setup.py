@@ -26,13 +26,14 @@ def _is_toolkit(home) -> bool:
 
 
 def _cuda_home():
-    """torch's CUDA_HOME when it is a whole toolkit, else /usr/local/cuda (torch takes the directory
-    above the first nvcc on PATH, which is wrong when that nvcc is a wrapper script elsewhere); a
-    CUDA_HOME / CUDA_PATH set in the environment is taken as given."""
-    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    for home in (cpp_extension.CUDA_HOME,) if explicit else (cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if _is_toolkit(home):
-            return os.path.realpath(home)
+    """torch's CUDA_HOME (CUDA_HOME / CUDA_PATH, else the directory above the first nvcc on PATH) when
+    it is a toolkit, else /usr/local/cuda (the guess is wrong when that nvcc is a wrapper script)."""
+    guess = cpp_extension.CUDA_HOME
+    if _is_toolkit(guess):
+        return os.path.realpath(guess)
+    if _is_toolkit("/usr/local/cuda"):
+        print(f"ld_ext setup: {guess} has no include/cuda_runtime.h; using the CUDA toolkit in /usr/local/cuda")
+        return os.path.realpath("/usr/local/cuda")
     return None
 
 
