@@ -181,12 +181,12 @@ def test_ncc_map_matches_brute_force_and_locates():
                            mode="bicubic")[0, 0].numpy()
     shifted = np.roll(smooth, (2, -3), axis=(0, 1))
     # an integer shift: the Gauss-Newton step on the normalised patches lands on it exactly; a fit
-    # to the 3 x 3 map (quadratic, the default) only keeps the right pixel (an asymmetric peak
-    # biases it by up to ~0.4 px: 5 of 300 random fields exceeded 0.3)
+    # to the 3 x 3 map (quadratic, the default) is biased by an asymmetric peak (0.21 px on this
+    # field; up to ~0.4 px over random fields, which is why the field is seeded)
     pred = lm.ncc_locate(smooth, np.array([[20.0, 20.0]]), shifted, half=5, subpixel="gauss-newton")
     assert np.abs(pred - [[17.0, 22.0]]).max() < 1e-6
     pred = lm.ncc_locate(smooth, np.array([[20.0, 20.0]]), shifted, half=5)
-    assert np.abs(pred - [[17.0, 22.0]]).max() < 0.5
+    assert np.abs(pred - [[17.0, 22.0]]).max() < 0.3
     patches = torch.stack([img[5:10, 7:12], img[2:7, 3:8]])
     both = lm.ncc_maps(img, patches)  # one convolution for all patches
     assert torch.allclose(both[0], m) and torch.allclose(both[1], lm.ncc_map(img, patches[1]))
