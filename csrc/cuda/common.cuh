@@ -17,8 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <cstdlib>
+#include <utility>
 
 #include "../ld_ext.h"
 

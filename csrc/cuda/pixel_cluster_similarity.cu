@@ -433,7 +433,7 @@ RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
   const int max_cp = env_cap("LD_EXT_CUDA_RB_BWD_CP", 64);
   const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
   const int64_t nob = (DP / 4) * (KP / 4);
-  if (nob > kThreads || max_cp < 4) return rb_none();
+  if (nob > kThreads) return rb_none();
   const int64_t Gn = std::max<int64_t>(1, kThreads / nob);
   return rb_search(D, K, max_cp, DP + KP, kStageBwd, device, [&](int cp) {
     const int64_t region0 = std::max<int64_t>(2 * DP * (cp + 4), Gn * nob * 16);

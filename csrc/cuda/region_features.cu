@@ -584,7 +584,7 @@ RBPlan rb_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
   const int max_cp = env_cap("LD_EXT_CUDA_RB_FWD_CP", 128);
   const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
   const int64_t nob = (DP / 4) * (KP / 4);
-  if (nob > kThreads || max_cp < 4) return rb_none();
+  if (nob > kThreads) return rb_none();
   const int64_t G = std::max<int64_t>(1, kThreads / nob);
   return rb_search(D, K, max_cp, DP + KP, kStageFwd, device, [&](int cp) {
     const int64_t region0 = std::max<int64_t>((DP + KP) * (cp + 4), G * nob * 16);
@@ -595,7 +595,7 @@ RBPlan rb_forward_plan(int64_t D, int64_t K, size_t elem, int device) {
 RBPlan rb_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
   const int max_cp = env_cap("LD_EXT_CUDA_RB_BWD_CP", 64);
   const int64_t DP = (D + 3) / 4 * 4, KP = (K + 3) / 4 * 4;
-  if ((DP / 4) * (KP / 4) > kThreads || max_cp < 4) return rb_none();
+  if ((DP / 4) * (KP / 4) > kThreads) return rb_none();
   return rb_search(D, K, max_cp, DP + KP, kStageBwd, device, [&](int cp) {
     return std::make_pair(int64_t{0}, static_cast<size_t>((2 * DP + 3 * KP) * (cp + 4) + 2 * KP * DP + 3 * cp) * elem);
   });
