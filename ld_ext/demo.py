@@ -239,7 +239,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
         out=str(out), size=args.size, channels=1, n_clusters=args.clusters, batch_size=args.batch_size,
         epochs1=args.epochs1, epochs2=args.epochs2, steps_per_epoch=args.steps_per_epoch, lr_step=args.lr_step,
         seed=args.seed, device=args.device, loss_impl=args.loss_impl, max_minutes=args.max_minutes,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=True,  # the demo's folder: a rerun replaces its run
     )
     vsel = torch.linspace(0, len(test_imgs) - 1, 4).round().long()
     summary = pretrain(cfg, dataset=ImageFolderDataset.from_tensor(train_imgs), val_images=test_imgs[vsel])

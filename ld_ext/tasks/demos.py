@@ -130,6 +130,7 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     cfg = TrainConfig(
         out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
         device="cpu", amp=False, val_images=2, progress=_progress(args), seed=0,
+        overwrite=True,  # an interrupted earlier pre-training here is replaced
     )
     # two epochs: stage 1 gets a third of the steps, stage 2 the rest
     cfg.epochs1, cfg.epochs2 = 1, 2
