@@ -60,3 +60,55 @@ def test_workflow_scripts_run(script, expected):
     res = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert expected in res.stdout
+
+
+def _cli(*argv, env=None, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ld_ext", *argv], capture_output=True, text=True, timeout=300, env=e, cwd=cwd)
+
+
+def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
+    res = _cli("pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2
+    assert res.stderr == f"ld-ext: error: data path does not exist: {tmp_path / 'missing'}\n"
+    assert not (tmp_path / "x").exists()  # nothing written
+    dbg = _cli("pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), env={"LD_EXT_TRACEBACK": "1"})
+    assert dbg.returncode == 1 and "Traceback" in dbg.stderr and "data path does not exist" in dbg.stderr
+
+
+def test_bad_checkpoint_message_is_ours(tmp_path):
+    import argparse
+
+    import torch
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": argparse.Namespace(a=1)}, bad)  # not a weights-only type
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for path, words in ((bad, "it holds a Python object of type argparse.Namespace"), (tmp_path / "junk.pt", "not a PyTorch checkpoint")):
+        res = _cli("landmark", "--checkpoint", str(path), "--template", "t.png", "--points", "p.json", "--targets", str(tmp_path),
+                   "--out", str(tmp_path / "o.json"))
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.startswith(f"ld-ext: error: could not read checkpoint {path}: {words}"), res.stderr
+        assert res.stderr.count("\n") == 1 and "weights_only" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_version_and_python_m():
+    import ld_ext
+
+    res = _cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"ld-ext {ld_ext.__version__}"
+    res = _cli("info")
+    assert res.returncode == 0 and json.loads(res.stdout)["torch_version_running"]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "image size (square) fed to the network (default: 128)" in out
+    assert "Adam learning rate (default: 0.001)" in out
+    assert "--overwrite" in out and "--resume" in out
