@@ -73,7 +73,7 @@ SWEEPS = ("P", "K", "D", "N", "dtype")
 
 # The headline configuration (core issue) and the base of every sweep.
 BASE = dict(N=16, D=32, K=16, H=128, W=128)
-RD_WEIGHT, ENT_WEIGHT = 10.0, 0.1  # LD_METHOD.md section 6: 10*L_rd + 0.1*L_ent
+RD_WEIGHT, ENT_WEIGHT = 10.0, 0.1  # docs/method.md section 6: 10*L_rd + 0.1*L_ent
 HEADLINE_KW = dict(normalize=True, assignment="sigmoid", return_entropy=True)
 
 FULL_SWEEPS = {
@@ -111,7 +111,7 @@ class Case:
     K: int = 16
     H: int = 128
     W: int = 128
-    M: int = 1024  # 4*B*G*G rows of the PD criterion, B=4, G=8 (LD_METHOD.md section 5)
+    M: int = 1024  # 4*B*G*G rows of the PD criterion, B=4, G=8 (docs/method.md section 5)
     dtype: str = "float32"
 
     @property
@@ -831,7 +831,7 @@ def run_headline(settings: Settings, machine: Machine, case: Case, rss: bool = T
 def _e2e_step_fallback(model, loss_impl: str, batch_size: int, size: int, device, seed: int):
     """A stage-2 LD training step built here (used only when ld_ext.train.make_training_step is absent).
 
-    5B images (4B views + B mixups, LD_METHOD.md section 6) go through the network; the loss is
+    5B images (4B views + B mixups, docs/method.md section 6) go through the network; the loss is
     10*L_rd + 0.1*L_ent on the 4B views plus the PD criterion on their 8x8 patch cells.
     """
     import torch.nn.functional as F

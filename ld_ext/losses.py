@@ -23,7 +23,7 @@ __all__ = ["RegionDiscriminationLoss", "PatchDiscriminationLoss"]
 
 
 class RegionDiscriminationLoss(nn.Module):
-    """Region discrimination loss of LD (LD_METHOD.md section 3), fused.
+    """Region discrimination loss of LD (docs/method.md section 3), fused.
 
     Drop-in for the published ``compute_clustering_loss(region_features, attention_map)`` pair:
     give it the raw decoder outputs and it computes the pixel normalisation, the assignment

@@ -4,7 +4,7 @@
 
 * stage 1: network without the clustering branch, L = L_pd + L_mix;
 * stage 2: the clustering branch is added, every other weight comes from stage 1 (by name),
-  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (LD_METHOD.md sections 5 and 6).
+  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6).
 
 Each stage has its own Adam optimiser (lr 1e-3) halved every ``lr_step`` epochs. All randomness
 of an epoch (item order, partner images, augmentations) is derived from (seed, stage, epoch,

@@ -238,7 +238,7 @@ def dice(pred, target) -> float:
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-2 * TP / (|G| + |P| + 1) (LD_METHOD.md section 8), sums taken over the whole batch.
+    """-2 * TP / (|G| + |P| + 1) (docs/method.md section 8), sums taken over the whole batch.
 
     Pooling over the batch (rather than averaging per-image values) matters for structures that
     are absent from some images: per image, an empty ground truth gives a constant 0 whatever the

@@ -1,4 +1,4 @@
-"""Centre-sensitive one-shot landmark localisation (LD_METHOD.md section 8, our concretisation).
+"""Centre-sensitive one-shot landmark localisation (docs/method.md section 8, our concretisation).
 
 From ONE annotated template image each landmark is described by the template's unit pixel
 embeddings pooled around it at several radii (radius 0 = the pixel itself). Centre-sensitive

@@ -1,6 +1,6 @@
 """Segmentation transfer: LD-initialised network vs the same network from random initialisation.
 
-LD_METHOD.md section 8. The network is the LD network (encoder + decoder + embedding branch,
+docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
 convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
 with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction

@@ -1,4 +1,4 @@
-"""Shape-guided cross-modality segmentation (LD_METHOD.md section 8).
+"""Shape-guided cross-modality segmentation (docs/method.md section 8).
 
 LD training in which cluster channel 0 is pushed towards the shape of a structure seen in
 another modality: a small CNN discriminator sees binary prior masks (real) and the soft
