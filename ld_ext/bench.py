@@ -1081,13 +1081,13 @@ SWEEP_XLABEL = {"P": "pixels P = H*W", "K": "clusters K", "D": "embedding channe
 def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     """Log-log time vs size, one line per implementation, one panel per mode. Returns a note on failure."""
     try:
-        import matplotlib
+        import matplotlib.figure  # noqa: F401  (only to know whether matplotlib is there)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .viz import new_figure
     except ImportError:
         return "matplotlib is not installed: plots skipped"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     styles = {"fused": "o-", "eager": "s-", "compile": "^-", "published": "x-"}
     for ax, mode in zip(axes, MODES):
         mrows = [r for r in rows if r["mode"] == mode]
@@ -1123,7 +1123,6 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     fig.suptitle(f"sweep {sweep} ({dev}; others at N=16 D=32 K=16 128x128 float32)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return None
 
 

@@ -259,7 +259,8 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
             viz.overlay_clusters(img, maps["untrained network"][i], args.clusters),
             viz.overlay_clusters(img, list(maps.values())[2][i], args.clusters),
         ])
-    overlay = viz.save_grid(rows, out / "demo_clusters.png")
+    columns = ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"]
+    overlay = viz.save_grid(rows, out / "demo_clusters.png", titles=columns)
     recs = summary["records"]
     results = {
         "seconds_total": round(time.time() - t0, 1),
@@ -271,7 +272,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
         "last_epoch": recs[-1] if recs else None,
         "scores": scores,
         "overlay": str(overlay),
-        "overlay_columns": ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"],
+        "overlay_columns": columns,
         "model": summary["model"],
         "metrics": summary["metrics"],
     }

@@ -431,6 +431,7 @@ def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
     from . import viz
 
     z, s = predict(model, images)
+    titles = ["image", "embedding (PCA)"] + (["clusters"] if s is not None else [])
     rows = []
     for i in range(images.shape[0]):
         row = [viz.overlay_clusters(images[i], torch.zeros(images.shape[-2:], dtype=torch.long), 1, alpha=0.0)]
@@ -438,7 +439,7 @@ def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
         if s is not None:
             row.append(viz.overlay_clusters(images[i], s[i].argmax(0), s.shape[1]))
         rows.append(row)
-    return viz.save_grid(rows, path)
+    return viz.save_grid(rows, path, titles=titles)
 
 
 # ----------------------------------------------------------------------------- the trainer

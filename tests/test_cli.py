@@ -112,3 +112,28 @@ def test_help_shows_defaults(capsys):
     assert "image size (square) fed to the network (default: 128)" in out
     assert "Adam learning rate (default: 0.001)" in out
     assert "--overwrite" in out and "--resume" in out
+
+
+def test_library_never_selects_a_matplotlib_backend(tmp_path):
+    """Plotting in the library leaves pyplot's figures and backend alone (a notebook's stay open)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "ld_ext"
+    hits = [p for p in src.rglob("*.py") if "matplotlib.use(" in p.read_text() or "pyplot" in p.read_text().replace("pyplot does not", "")]
+    assert hits == []
+    code = f"""
+import matplotlib
+matplotlib.use("svg")  # the user's choice
+import matplotlib.pyplot as plt
+fig = plt.figure()
+from ld_ext import viz
+viz.save_loss_curves([{{"stage": 1, "loss": 2.0}}, {{"stage": 2, "loss": 1.0, "rd": 0.5}}], r"{tmp_path / 'l.png'}")
+assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
+assert plt.get_fignums() == [fig.number], plt.get_fignums()
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

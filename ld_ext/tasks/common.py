@@ -507,13 +507,9 @@ def _json_default(o):
 
 
 def atomic_savefig(fig, path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    """Save a matplotlib figure as PNG atomically (figures come from ``viz.new_figure``, which
+    pyplot does not manage, so there is nothing to close)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

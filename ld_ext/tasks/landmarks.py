@@ -1112,12 +1112,10 @@ def paired_difference(
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:
-    import matplotlib
+    from ..viz import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4.8))
+    fig = new_figure(figsize=(9, 4.8))
+    ax = fig.subplots(1, 2)
     ax[0].imshow(template, cmap="gray")
     ax[0].plot(points[:, 0], points[:, 1], "y+", ms=8, mew=1.5)
     ax[0].set_title("template + landmarks")

@@ -223,13 +223,11 @@ def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
 
 def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3) -> None:
     """Rows: targets; columns: held-out images with ground truth (green) and LD / random predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..viz import new_figure
 
     rows = len(results)
-    fig, axes = plt.subplots(rows, 2 * n_show, figsize=(2.2 * 2 * n_show, 2.4 * rows), squeeze=False)
+    fig = new_figure(figsize=(2.2 * 2 * n_show, 2.4 * rows))
+    axes = fig.subplots(rows, 2 * n_show, squeeze=False)
     for ri, r in enumerate(results):
         test = np.asarray(r["test_indices"])
         gt_all = r.get("_masks", masks)[test]
