@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "mni_files",
@@ -234,7 +237,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     train_imgs = data["images"][data["train"]]
     test_imgs = data["images"][data["test"]]
     test_labels = tissue_labels(data["probs"][data["test"]])
-    print(f"MNI152 2009a: {len(train_imgs)} training and {len(test_imgs)} held-out axial slices at {args.size}x{args.size}")
+    logger.info("MNI152 2009a: %d training and %d held-out axial slices at %dx%d", len(train_imgs), len(test_imgs), args.size, args.size)
     cfg = TrainConfig(
         out=str(out), size=args.size, channels=1, n_clusters=args.clusters, batch_size=args.batch_size,
         epochs1=args.epochs1, epochs2=args.epochs2, steps_per_epoch=args.steps_per_epoch, lr_step=args.lr_step,
