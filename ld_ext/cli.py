@@ -65,7 +65,9 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "default" in text.lower()
-            or action.default in (None, False, argparse.SUPPRESS)
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
             or not action.option_strings
             or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
         ):
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         _add_common(p, argparse.SUPPRESS)
         importlib.import_module(module).add_arguments(p)
+        for action in p._actions:  # options without a help text: still show their default
+            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+                action.help = ""
+                action.help = HelpFormatter._get_help_string(None, action)  # type: ignore[arg-type]
     return parser
 
 
