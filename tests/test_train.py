@@ -365,3 +365,28 @@ def test_resume_rejects_malformed_training_checkpoints_naming_the_file(tmp_path,
         train.pretrain(_cfg(out, epochs1=1, epochs2=2, val_images=0, resume=True), dataset=ds)
     msg = str(info.value)
     assert str(out / "checkpoint.pt") in msg and words in msg, msg
+
+
+def test_sigterm_during_a_write_is_delivered_after_it(tmp_path):
+    import os
+    import signal
+
+    from ld_ext import checkpoint as ck
+
+    class Terminated(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        path = tmp_path / "c.pt"
+        with pytest.raises(Terminated):
+            with ck.defer_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                ck.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 3})  # not interrupted
+        assert load_checkpoint(path)["epoch"] == 3 and list(tmp_path.iterdir()) == [path]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        signal.signal(signal.SIGTERM, old)
