@@ -16,7 +16,7 @@ __all__ = ["cluster_palette", "overlay_clusters", "embedding_rgb", "save_grid", 
 
 def new_figure(**kwargs):
     """A matplotlib ``Figure`` that pyplot does not manage: drawing and saving it never selects a
-    backend or touches the figures of a notebook or GUI session (no ``matplotlib.use``)."""
+    backend or touches the figures of a notebook or GUI session (never calls matplotlib's use())."""
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
