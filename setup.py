@@ -5,7 +5,9 @@ Environment knobs:
   LD_EXT_FORCE_CUDA=1   fail unless the CUDA kernels can be compiled (a CUDA build of torch and nvcc;
                         CI's compile check on a CPU machine sets it)
   LD_EXT_NO_CUDA=1      never compile the CUDA sources
-  TORCH_CUDA_ARCH_LIST  CUDA architectures (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default: those of the visible GPUs; without a visible GPU
+                        "7.5;8.0;9.0+PTX": Turing, Ampere/Ada (sm_80 code runs on 8.6/8.9), Hopper,
+                        and PTX that newer GPUs compile when the module loads)
   LD_EXT_DEBUG=1        -O0 -g builds
   LD_EXT_PTXAS_VERBOSE=1  print ptxas' per-kernel resource report (registers, shared memory, spills)
 """
@@ -19,6 +21,23 @@ from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
+
+
+def _cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPUs' architectures; else DEFAULT_CUDA_ARCHS."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    caps = []
+    try:
+        if torch.cuda.is_available():
+            caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # a broken driver: build for the default list
+        caps = []
+    archs = ";".join(caps) if caps else DEFAULT_CUDA_ARCHS
+    why = "the visible GPU(s)" if caps else "no GPU visible; TORCH_CUDA_ARCH_LIST overrides"
+    print(f"ld_ext setup: CUDA architectures {archs} ({why})")
+    return archs
 
 
 def _is_toolkit(home) -> bool:
@@ -68,8 +87,7 @@ def _extension():
     link = ["-fopenmp"]
     use_cuda = _want_cuda()
     if use_cuda:
-        # Default targets: Ampere (sm_80) and Hopper (sm_90); TORCH_CUDA_ARCH_LIST overrides.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list()
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         # No fast-math: the kernels must match the float64 reference within the dtype's rounding.
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]

@@ -2,7 +2,10 @@
 
 Chen et al., "Unsupervised Local Discrimination for Medical Images" (arXiv 2108.09440).
 """
+import logging as _logging
+
 from . import reference
+from ._version import __version__
 from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss
 from .ops import (
     build_info,
@@ -13,7 +16,9 @@ from .ops import (
     region_features_and_entropy,
 )
 
-__version__ = "0.1.0"
+# Library code reports through logging (logger "ld_ext"); it prints nothing unless the program
+# configures logging (the ld-ext command does).
+_logging.getLogger("ld_ext").addHandler(_logging.NullHandler())
 
 __all__ = [
     "RegionDiscriminationLoss",

@@ -1,6 +1,6 @@
 """The LD view generator and its augmentations, in plain torch on the training device.
 
-LD_METHOD.md section 5. For each item of a batch two source images (img1, img2) are given;
+docs/method.md section 5. For each item of a batch two source images (img1, img2) are given;
 each gets a source augmentation (random h/v flips, rotation in [-180, 180], random resized crop
 with scale 0.9..1.0) and then two views (small rotation in [-2, 2], colour jitter
 (0.4, 0.4, 0.4, 0.02), grayscale with p = 0.2). The second view (v2) is additionally flipped

@@ -73,7 +73,7 @@ SWEEPS = ("P", "K", "D", "N", "dtype")
 
 # The headline configuration (core issue) and the base of every sweep.
 BASE = dict(N=16, D=32, K=16, H=128, W=128)
-RD_WEIGHT, ENT_WEIGHT = 10.0, 0.1  # LD_METHOD.md section 6: 10*L_rd + 0.1*L_ent
+RD_WEIGHT, ENT_WEIGHT = 10.0, 0.1  # docs/method.md section 6: 10*L_rd + 0.1*L_ent
 HEADLINE_KW = dict(normalize=True, assignment="sigmoid", return_entropy=True)
 
 FULL_SWEEPS = {
@@ -111,7 +111,7 @@ class Case:
     K: int = 16
     H: int = 128
     W: int = 128
-    M: int = 1024  # 4*B*G*G rows of the PD criterion, B=4, G=8 (LD_METHOD.md section 5)
+    M: int = 1024  # 4*B*G*G rows of the PD criterion, B=4, G=8 (docs/method.md section 5)
     dtype: str = "float32"
 
     @property
@@ -831,7 +831,7 @@ def run_headline(settings: Settings, machine: Machine, case: Case, rss: bool = T
 def _e2e_step_fallback(model, loss_impl: str, batch_size: int, size: int, device, seed: int):
     """A stage-2 LD training step built here (used only when ld_ext.train.make_training_step is absent).
 
-    5B images (4B views + B mixups, LD_METHOD.md section 6) go through the network; the loss is
+    5B images (4B views + B mixups, docs/method.md section 6) go through the network; the loss is
     10*L_rd + 0.1*L_ent on the 4B views plus the PD criterion on their 8x8 patch cells.
     """
     import torch.nn.functional as F
@@ -1081,13 +1081,13 @@ SWEEP_XLABEL = {"P": "pixels P = H*W", "K": "clusters K", "D": "embedding channe
 def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     """Log-log time vs size, one line per implementation, one panel per mode. Returns a note on failure."""
     try:
-        import matplotlib
+        import matplotlib.figure  # noqa: F401  (only to know whether matplotlib is there)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .viz import new_figure
     except ImportError:
         return "matplotlib is not installed: plots skipped"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     styles = {"fused": "o-", "eager": "s-", "compile": "^-", "published": "x-"}
     for ax, mode in zip(axes, MODES):
         mrows = [r for r in rows if r["mode"] == mode]
@@ -1123,7 +1123,6 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     fig.suptitle(f"sweep {sweep} ({dev}; others at N=16 D=32 K=16 128x128 float32)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return None
 
 

@@ -10,23 +10,46 @@ A checkpoint is a dict saved with ``torch.save``::
 form, or a plain state dict. ``load_model(path)`` rebuilds the ``LDNet``; for a plain state dict
 it infers the architecture from the tensor shapes. Every load uses ``weights_only=True`` and any
 problem is reported as a ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file.
+A stored ``config`` is checked (types, bounds, agreement with the tensor shapes) before any
+network is built, so a malformed file cannot make the loader allocate a huge model.
+
+``defer_signals()`` holds SIGINT/SIGTERM back while a file is being written and delivers them
+after; ``remove_stale_temp_files(folder)`` deletes temp files that a killed writer left behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import tempfile
+import threading
+import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .models import DEFAULT_DEPTHS, LDNet
+from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "infer_config", "atomic_write", "atomic_write_bytes", "FORMAT", "VERSION"]
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "load_model", "infer_config", "validate_config", "atomic_write",
+    "atomic_write_bytes", "defer_signals", "remove_stale_temp_files", "FORMAT", "VERSION",
+]
 
 FORMAT = "ld_ext.checkpoint"
 VERSION = 1
+
+# Bounds on a stored LDNet config (far above any real network; they stop a malformed file from
+# making the loader allocate gigabytes or loop for minutes before the shapes are compared).
+MAX_WIDTH = 8192
+MAX_DEPTH = 64
+MAX_CHANNELS = 8192
+
+# The temp names of _atomic: "." + final name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -70,6 +93,66 @@ def _atomic(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def remove_stale_temp_files(folder: str | os.PathLike, names: Iterator[str] | None = None) -> list[Path]:
+    """Delete the temp files of interrupted atomic writes in ``folder`` (not recursive).
+
+    Only names of this module's pattern (``.<name>.<8 random characters>.tmp``) are touched, and
+    with ``names`` only those whose ``<name>`` is one of them. Call it when no writer is running
+    in ``folder`` (a run's start or resume). Returns the deleted paths.
+    """
+    folder = Path(folder)
+    allowed = set(names) if names is not None else None
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not _TEMP_RE.match(p.name) or not p.is_file() or p.is_symlink():
+            continue
+        final = p.name[1:-13]  # strip "." and ".XXXXXXXX.tmp"
+        if allowed is not None and final not in allowed:
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+@contextlib.contextmanager
+def defer_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Hold the given signals back inside the block and deliver them when it ends.
+
+    A Ctrl-C in the middle of ``torch.save`` otherwise breaks the zip writer and ends the program
+    with a RuntimeError instead of a clean KeyboardInterrupt. Outside the main thread (where
+    handlers cannot be installed) the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+
+    def hold(signum, frame):
+        pending.append(signum)
+
+    try:
+        for sig in signals:
+            old[sig] = signal.signal(sig, hold)
+    except (ValueError, OSError):  # e.g. an embedded interpreter without signal support
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for sig in dict.fromkeys(pending):  # each held signal once, in arrival order
+            signal.raise_signal(sig)
+
+
 atomic_write = _atomic  # public name: atomic_write(path, write) for writers that take a binary file
 
 
@@ -106,10 +189,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not p.is_file():
         raise ValueError(f"checkpoint path is not a file: {p}")
     try:
-        obj = torch.load(str(p), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our message says it
+            obj = torch.load(str(p), map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt zip, pickle refusing a global, truncated file, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"could not read checkpoint {p}: not a valid ld_ext/PyTorch checkpoint ({first})") from exc
+        raise ValueError(f"could not read checkpoint {p}: {_why_unreadable(p, exc)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {p} holds a {type(obj).__name__}, expected a dict")
     if "model" not in obj:
@@ -126,13 +210,70 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return obj
 
 
+def _why_unreadable(p: Path, exc: Exception) -> str:
+    """torch.load's failure in our words (its own messages advise weights_only=False, which would
+    execute code from the file: not advice to pass on)."""
+    text = str(exc)
+    if p.stat().st_size == 0:
+        return "the file is empty"
+    is_zip = zipfile.is_zipfile(p)
+    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if is_zip and glob:
+        return (f"it holds a Python object of type {glob.group(1)}; ld_ext loads only tensors, numbers, strings "
+                "and containers of them (weights-only), so that loading a file cannot run code")
+    if is_zip and "central directory" not in text:
+        return f"the file is a damaged PyTorch archive ({type(exc).__name__})"
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return "the file is a truncated or damaged PyTorch archive"
+    return "not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)"
+
+
+def _int_in(name: str, v: Any, lo: int, hi: int, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where}: {name} must be an int, got {type(v).__name__} {v!r}"[:300])
+    if not lo <= v <= hi:
+        raise ValueError(f"{where}: {name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def validate_config(cfg: Any, where: str = "config") -> dict:
+    """Check an LDNet config dict (types, bounds) without building anything; returns a clean copy.
+
+    ``where`` starts every error message (e.g. ``"checkpoint path/model.pt"``).
+    """
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: 'config' must be a dict of LDNet arguments, got {type(cfg).__name__}")
+    known = {"in_channels", "emb_dim", "n_clusters", "widths", "depths"}
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        raise ValueError(f"{where}: 'config' has unknown entries {unknown[:5]!r} (LDNet takes {sorted(known)})"[:400])
+    out: dict = {}
+    if "in_channels" in cfg:
+        out["in_channels"] = _int_in("in_channels", cfg["in_channels"], 1, MAX_CHANNELS, where)
+    if "emb_dim" in cfg:
+        out["emb_dim"] = _int_in("emb_dim", cfg["emb_dim"], 1, MAX_CHANNELS, where)
+    if "n_clusters" in cfg:
+        k = cfg["n_clusters"]
+        out["n_clusters"] = None if k is None else _int_in("n_clusters", k, 1, MAX_CHANNELS, where)
+    for name, hi in (("widths", MAX_WIDTH), ("depths", MAX_DEPTH)):
+        if name not in cfg:
+            continue
+        v = cfg[name]
+        if not isinstance(v, (list, tuple)) or len(v) != 5:
+            raise ValueError(f"{where}: {name} must be a list of 5 ints, got {v!r}"[:300])
+        out[name] = [_int_in(f"{name}[{i}]", x, 1, hi, where) for i, x in enumerate(v)]
+    return out
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """LDNet constructor arguments recovered from the shapes in a state dict."""
     try:
         widths, depths = [], []
         for g in range(5):
             d = 0
-            while f"encoder.groups.{g}.{d}.0.weight" in state_dict:
+            while f"encoder.groups.{g}.{d}.0.weight" in state_dict and d <= MAX_DEPTH:
                 d += 1
             if d == 0:
                 raise KeyError(f"encoder.groups.{g}.0.0.weight")
@@ -142,8 +283,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
         emb_dim = int(state_dict["decoder.emb_head.1.weight"].shape[0])
         ck = "decoder.cluster_head.1.weight"
         n_clusters = int(state_dict[ck].shape[0]) if ck in state_dict else None
-    except (KeyError, IndexError, AttributeError) as exc:
-        raise ValueError(f"state dict is not an LDNet state dict (missing {exc})") from exc
+    except (KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(f"state dict is not an LDNet state dict (missing or malformed {exc})") from None
     cfg = {"in_channels": in_channels, "emb_dim": emb_dim, "n_clusters": n_clusters, "widths": widths}
     if tuple(depths) != DEFAULT_DEPTHS:
         cfg["depths"] = depths
@@ -153,16 +294,35 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LDNet:
     """Rebuild the ``LDNet`` saved in ``path`` (in eval mode)."""
     ckpt = load_checkpoint(path, map_location=map_location)
+    where = f"checkpoint {path}"
     sd = ckpt["model"]
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{where}: 'model' must map parameter names to tensors; {bad[0]!r} does not")
     try:
-        cfg = ckpt.get("config") or infer_config(sd)
+        inferred = infer_config(sd)
+    except ValueError as exc:
+        raise ValueError(f"{where} does not describe an LDNet: {exc}") from None
+    stored = ckpt.get("config")
+    if stored is None:
+        cfg = inferred
+    else:
+        cfg = validate_config(stored, where)
+        full = {"in_channels": 1, "emb_dim": 32, "n_clusters": 16, "widths": list(DEFAULT_WIDTHS),
+                "depths": list(DEFAULT_DEPTHS), **cfg}
+        have = {"depths": list(DEFAULT_DEPTHS), **inferred}
+        diff = [f"{k}={full[k]!r} (the tensors say {have[k]!r})" for k in have if full[k] != have[k]]
+        if diff:
+            raise ValueError(f"{where}: its config does not match its weights: " + "; ".join(diff))
+    try:
         model = LDNet(**cfg)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path} does not describe an LDNet: {exc}") from exc
+        raise ValueError(f"{where} does not describe an LDNet: {exc}") from None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not match the LDNet it describes: {exc}") from exc
+        msg = " ".join(str(exc).split())
+        raise ValueError(f"{where} does not match the LDNet it describes: {msg[:600]}") from None
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model = model.to(map_location)
     return model.eval()

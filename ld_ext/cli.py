@@ -1,11 +1,24 @@
 """The ``ld-ext`` command. Each subcommand lives in its own module, which provides
 ``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
-A subcommand whose module is not present is left out of the command."""
+A subcommand whose module is not present is left out of the command.
+
+User errors (a missing path, an empty folder, a bad checkpoint, a refused --out, ...) are raised
+by the library as ``ValueError``/``OSError``; here they become one line
+``ld-ext: error: <message>`` on stderr and exit status 2, without a traceback. ``--debug`` (or
+the environment variable ``LD_EXT_TRACEBACK=1``) shows the traceback instead. Ctrl-C ends with
+exit status 130. Library code reports progress through :mod:`logging` (logger ``ld_ext``); the
+command sends it to stderr, one plain line per message (``-q`` shows warnings only, ``-v`` debug).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
+
+from ._version import __version__
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -17,6 +30,11 @@ SUBCOMMANDS = {
     "shape-guided": ("ld_ext.tasks.shape_guided", "shape-guided cross-modality segmentation"),
     "info": ("ld_ext.cli", "print build facts (CUDA compiled?, CPU ISA, torch versions)"),
 }
+
+# Packages of the optional extras, for the message when one is missing.
+_EXTRAS = {"nibabel": "medical", "pydicom": "medical", "nilearn": "demo", "scipy": None}
+
+USER_ERRORS = (ValueError, OSError)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # for "info"
@@ -39,29 +57,139 @@ def _available(module: str) -> bool:
         return False
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help text, unless the text already names it or the
+    default says nothing (None, False of a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or not action.option_strings
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))
+        ):
+            return text
+        d = action.default
+        shown = " ".join(str(v) for v in d) if isinstance(d, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ld-ext", description="Local Discrimination (LD) with fused kernels.")
+    parser = argparse.ArgumentParser(
+        prog="ld-ext", description="Local Discrimination (LD) with fused kernels.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"ld-ext {__version__}")
+    _add_common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if not _available(module):
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
+        _add_common(p, argparse.SUPPRESS)
         importlib.import_module(module).add_arguments(p)
+        for action in p._actions:  # options without a help text: still show their default
+            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+                action.help = ""
+                action.help = HelpFormatter._get_help_string(None, action)  # type: ignore[arg-type]
     return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, default=None) -> None:
+    """--debug / -v / -q, accepted before or after the subcommand."""
+    kw = {"default": default} if default is not None else {}
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error", **kw)
+    parser.add_argument("-v", "--verbose", action="store_true", help="more messages (debug level)", **kw)
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only", **kw)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False):
+    """Send the ``ld_ext`` loggers' messages to stderr as plain lines (the command's own setting;
+    a program that imports ld_ext configures logging itself). Returns a function that undoes it."""
+    log = logging.getLogger("ld_ext")
+    saved = (log.level, log.propagate, warnings.showwarning)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    log.addHandler(handler)
+    log.propagate = False
+    warnings.showwarning = _show_warning  # one plain line per warning, no source echo
+
+    def undo() -> None:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        warnings.showwarning = saved[2]
+
+    return undo
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = " ".join(str(message).split())
+    print(f"ld-ext: warning: {text}", file=sys.stderr if file is None else file, flush=True)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"ld-ext: {record.levelname.lower()}: {msg}"
+        return msg
+
+
+def _missing_module_message(exc: ModuleNotFoundError) -> str:
+    name = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(name)
+    if name in _EXTRAS:
+        how = f"pip install 'ld_ext[{extra}]'" if extra else f"pip install {name}"
+        return f"this command needs the Python package {name!r}, which is not installed ({how})"
+    return f"missing Python module {exc.name!r}: {exc}"
+
+
+def error(message: str, code: int = 2) -> int:
+    print(f"ld-ext: error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("LD_EXT_TRACEBACK", "0") == "1"
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
+    undo_logging = configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("ld-ext: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        return error(_missing_module_message(exc))
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        msg = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in msg:
+            msg = f"{msg}: {exc.filename}"
+        return error(" ".join(msg.split()))
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":

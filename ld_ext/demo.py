@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "mni_files",
@@ -234,12 +237,12 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     train_imgs = data["images"][data["train"]]
     test_imgs = data["images"][data["test"]]
     test_labels = tissue_labels(data["probs"][data["test"]])
-    print(f"MNI152 2009a: {len(train_imgs)} training and {len(test_imgs)} held-out axial slices at {args.size}x{args.size}")
+    logger.info("MNI152 2009a: %d training and %d held-out axial slices at %dx%d", len(train_imgs), len(test_imgs), args.size, args.size)
     cfg = TrainConfig(
         out=str(out), size=args.size, channels=1, n_clusters=args.clusters, batch_size=args.batch_size,
         epochs1=args.epochs1, epochs2=args.epochs2, steps_per_epoch=args.steps_per_epoch, lr_step=args.lr_step,
         seed=args.seed, device=args.device, loss_impl=args.loss_impl, max_minutes=args.max_minutes,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=True,  # the demo's folder: a rerun replaces its run
     )
     vsel = torch.linspace(0, len(test_imgs) - 1, 4).round().long()
     summary = pretrain(cfg, dataset=ImageFolderDataset.from_tensor(train_imgs), val_images=test_imgs[vsel])
@@ -259,7 +262,8 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
             viz.overlay_clusters(img, maps["untrained network"][i], args.clusters),
             viz.overlay_clusters(img, list(maps.values())[2][i], args.clusters),
         ])
-    overlay = viz.save_grid(rows, out / "demo_clusters.png")
+    columns = ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"]
+    overlay = viz.save_grid(rows, out / "demo_clusters.png", titles=columns)
     recs = summary["records"]
     results = {
         "seconds_total": round(time.time() - t0, 1),
@@ -271,7 +275,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
         "last_epoch": recs[-1] if recs else None,
         "scores": scores,
         "overlay": str(overlay),
-        "overlay_columns": ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"],
+        "overlay_columns": columns,
         "model": summary["model"],
         "metrics": summary["metrics"],
     }

@@ -1,6 +1,6 @@
 """The LD network: a VGG16-BN-tiny encoder and a U-Net style two-branch decoder.
 
-LD_METHOD.md section 1. ``LDNet(in_channels, emb_dim, n_clusters)`` returns the raw pixel
+docs/method.md section 1. ``LDNet(in_channels, emb_dim, n_clusters)`` returns the raw pixel
 embeddings ``z`` (not normalised) and the raw clustering logits ``s`` (pre-sigmoid); with
 ``n_clusters=None`` (stage 1) the clustering branch is absent and ``s`` is ``None``.
 
@@ -131,7 +131,7 @@ class LDDecoder(nn.Module):
 
 
 class LDNet(nn.Module):
-    """The LD network (LD_METHOD.md section 1).
+    """The LD network (docs/method.md section 1).
 
     Args:
         in_channels: image channels (1 for grayscale, 3 for RGB / replicated gray).

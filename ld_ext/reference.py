@@ -10,7 +10,7 @@ Two formulations of region features are given:
 * ``*_bmm`` (the default names): the same quantity as a batched matrix product, the
   efficient eager formulation.
 
-Constants follow LD_METHOD.md exactly (see ``NORM_EPS`` etc.).
+Constants follow docs/method.md exactly (see ``NORM_EPS`` etc.).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def region_features_broadcast(
 
 
 def assignment_entropy(assignments: torch.Tensor, assignment: str = "probs") -> torch.Tensor:
-    """Mean binary entropy (log2) of the normalised assignment, LD_METHOD.md section 4."""
+    """Mean binary entropy (log2) of the normalised assignment, docs/method.md section 4."""
     a = normalize_assignments(assignments, assignment)
     h = -a * torch.log2(a + ENTROPY_EPS) - (1 - a) * torch.log2(1 - a + ENTROPY_EPS)
     return h.mean()

@@ -4,7 +4,7 @@
 
 * stage 1: network without the clustering branch, L = L_pd + L_mix;
 * stage 2: the clustering branch is added, every other weight comes from stage 1 (by name),
-  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (LD_METHOD.md sections 5 and 6).
+  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6).
 
 Each stage has its own Adam optimiser (lr 1e-3) halved every ``lr_step`` epochs. All randomness
 of an epoch (item order, partner images, augmentations) is derived from (seed, stage, epoch,
@@ -13,12 +13,16 @@ step, item) so that ``--resume`` continues exactly and 2 processes x B equal 1 p
 Outputs in ``--out``: ``checkpoint.pt`` (latest complete epoch, with optimiser, scheduler, RNG
 states), ``stage1.pt``/``stage2.pt`` (weights at the end of each stage), ``model.pt`` (final),
 ``metrics.jsonl`` (one JSON record per epoch), ``overlays/`` (PNG per epoch of a fixed
-validation set), ``losses.png``. All files are written to a temp name and renamed.
+validation set), ``losses.png``. All files are written to a temp name and renamed; SIGINT/SIGTERM
+arriving during a checkpoint write are delivered after it. An ``--out`` that already holds a run
+is refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set. Progress is
+reported through logging (logger ``ld_ext.train``): one line per epoch.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 from . import distributed as dist_utils
 from . import reference
 from .augment import AugmentConfig, LDViewGenerator, ViewBatch, align_to_v1, item_generator
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, defer_signals, load_checkpoint, remove_stale_temp_files, save_checkpoint
 from .data import ImageFolderDataset
 from .models import DEFAULT_WIDTHS, LDNet
 
@@ -49,6 +53,8 @@ __all__ = [
     "add_arguments",
     "run",
 ]
+
+logger = logging.getLogger(__name__)
 
 LOSS_IMPLS = ("fused", "reference")
 W_RD = 10.0
@@ -175,6 +181,7 @@ class TrainConfig:
     min_foreground: float = 0.05
     fit: str = "pad"
     resume: bool = False
+    overwrite: bool = False
     init_stage1: str | None = None
     max_minutes: float | None = None
     progress: bool = True
@@ -207,7 +214,130 @@ class TrainConfig:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
         return self
+
+
+# The files a run writes into --out (overlays/ holds stageS_epochEEE.png).
+RUN_FILES = ("checkpoint.pt", "stage1.pt", "stage2.pt", "model.pt", "metrics.jsonl", "losses.png")
+
+
+def existing_run_files(out: Path) -> list[str]:
+    """The files of a previous run in ``out`` (names relative to it)."""
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    ov = out / "overlays"
+    if ov.is_dir():
+        found += [f"overlays/{p.name}" for p in sorted(ov.glob("stage*_epoch*.png"))]
+    return found
+
+
+def _clean_temp_files(out: Path) -> None:
+    """Temp files of checkpoint/metric/overlay writes that a killed run left in out."""
+    removed = remove_stale_temp_files(out, RUN_FILES) + remove_stale_temp_files(out / "overlays")
+    if removed:
+        logger.info("removed %d temp file(s) of an interrupted write in %s", len(removed), out)
+
+
+def _validate_resume_state(state: dict, path: Path) -> dict:
+    """Check a training checkpoint's entries (types, ranges) before anything is built from it."""
+    where = f"checkpoint {path}"
+    for key in ("stage", "epoch", "optimizer", "scheduler", "model"):
+        if key not in state:
+            raise ValueError(f"{where} is not a training checkpoint (no {key!r}); resume needs OUT/checkpoint.pt")
+    stage, epoch = state["stage"], state["epoch"]
+    if isinstance(stage, bool) or stage not in (1, 2) or not isinstance(stage, int):
+        raise ValueError(f"{where}: 'stage' must be 1 or 2, got {stage!r}"[:300])
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= 10**7:
+        raise ValueError(f"{where}: 'epoch' must be an int >= 0, got {epoch!r}"[:300])
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"{where}: {key!r} must be a dict (a state_dict), got {type(state[key]).__name__}")
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise ValueError(f"{where}: 'optimizer' is not an optimiser state_dict (needs 'state' and 'param_groups')")
+    tc = state.get("train_config", {})
+    if not isinstance(tc, dict):
+        raise ValueError(f"{where}: 'train_config' must be a dict, got {type(tc).__name__}")
+    rng = state.get("rng")
+    if rng is not None:
+        ok = (
+            isinstance(rng, dict)
+            and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("python"), list) and len(rng["python"]) == 626
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in rng["python"])
+            and isinstance(rng.get("numpy"), torch.Tensor) and rng["numpy"].numel() == 624
+            and isinstance(rng.get("numpy_pos"), int)
+        )
+        if not ok:
+            raise ValueError(f"{where}: 'rng' is not the RNG state ld_ext writes")
+    return state
+
+
+def _same_kind(fresh, loaded) -> bool:
+    """Loaded value has the type of the freshly made one (numbers: int/float interchangeable)."""
+    num = (int, float)
+    if isinstance(fresh, bool) or isinstance(loaded, bool):
+        return isinstance(fresh, bool) and isinstance(loaded, bool)
+    if isinstance(fresh, num):
+        return isinstance(loaded, num) and math.isfinite(loaded)
+    if isinstance(fresh, (list, tuple)):
+        return isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh) and all(
+            _same_kind(a, b) for a, b in zip(fresh, loaded)
+        )
+    if fresh is None:
+        return loaded is None
+    return type(fresh) is type(loaded)
+
+
+def _check_like(fresh: dict, loaded: dict, what: str) -> None:
+    """``loaded`` has exactly the entries of ``fresh``, each of the same kind (a torch state_dict
+    of the same optimiser/scheduler); torch's load_state_dict checks little of this itself."""
+    extra = [k for k in loaded if k not in fresh]
+    missing = [k for k in fresh if k not in loaded]
+    if extra or missing:
+        raise ValueError(f"{what} has entries {sorted(map(str, extra))[:5]} it should not have and lacks {missing[:5]}")
+    for k, v in fresh.items():
+        if not _same_kind(v, loaded[k]):
+            raise ValueError(f"{what} entry {k!r} is {loaded[k]!r:.80}, expected something like {v!r:.80}")
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
+    fresh = opt.state_dict()
+    groups = sd["param_groups"]
+    if len(groups) != len(fresh["param_groups"]) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError(f"{len(groups)} parameter groups, expected {len(fresh['param_groups'])}")
+    for fg, g in zip(fresh["param_groups"], groups):
+        _check_like({k: v for k, v in fg.items() if k != "params"}, {k: v for k, v in g.items() if k != "params"},
+                    "parameter group")
+        if not isinstance(g.get("params"), list) or len(g["params"]) != len(fg["params"]):
+            raise ValueError("parameter group lists the wrong number of parameters")
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for key, st in sd["state"].items():
+        if key not in ids or not isinstance(st, dict):
+            raise ValueError(f"state of unknown parameter {key!r}")
+        shape = params[ids.index(key)].shape
+        for name, t in st.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"state {name!r} of parameter {key} is not a tensor")
+            if t.dim() > 0 and t.shape != shape:
+                raise ValueError(f"state {name!r} of parameter {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    opt.load_state_dict(sd)
+
+
+def _load_scheduler(sched, sd: dict) -> None:
+    _check_like(sched.state_dict(), sd, "scheduler state")
+    sched.load_state_dict(sd)
+
+
+def _restore(path: Path, what: str, fn) -> None:
+    """Load a part of a training checkpoint; any failure becomes a ValueError naming the file."""
+    try:
+        fn()
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        msg = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise ValueError(f"checkpoint {path}: its {what} cannot be restored ({type(exc).__name__}: {msg})") from exc
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -301,6 +431,7 @@ def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
     from . import viz
 
     z, s = predict(model, images)
+    titles = ["image", "embedding (PCA)"] + (["clusters"] if s is not None else [])
     rows = []
     for i in range(images.shape[0]):
         row = [viz.overlay_clusters(images[i], torch.zeros(images.shape[-2:], dtype=torch.long), 1, alpha=0.0)]
@@ -308,7 +439,7 @@ def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
         if s is not None:
             row.append(viz.overlay_clusters(images[i], s[i].argmax(0), s.shape[1]))
         rows.append(row)
-    return viz.save_grid(rows, path)
+    return viz.save_grid(rows, path, titles=titles)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -334,8 +465,26 @@ def pretrain(
     info = dist_utils.init_from_env(cfg.device)
     device, ws, rank = info.device, info.world_size, info.rank
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} exists and is not a folder")
+    previous = existing_run_files(out) if out.is_dir() else []
+    if previous and not (cfg.resume or cfg.overwrite):
+        shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+        raise ValueError(
+            f"{out} already holds a run ({shown}); use --resume to continue it, --overwrite to replace it, "
+            "or another --out"
+        )
+    if dataset is None:  # a mistyped path is reported before anything is written
+        for d in cfg.data:
+            if not Path(d).exists():
+                raise ValueError(f"data path does not exist: {d}")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        _clean_temp_files(out)
+        if cfg.overwrite and previous:
+            for name in previous:
+                (out / name).unlink(missing_ok=True)
+            logger.info("--overwrite: removed the previous run's %d file(s) in %s", len(previous), out)
         (out / "overlays").mkdir(exist_ok=True)
     if dataset is None:
         if not cfg.data:
@@ -361,10 +510,7 @@ def pretrain(
     if cfg.resume:
         if not ckpt_path.exists():
             raise ValueError(f"--resume: no checkpoint to resume from at {ckpt_path}")
-        resume_state = load_checkpoint(ckpt_path, map_location="cpu")
-        for key in ("stage", "epoch", "optimizer", "scheduler"):
-            if key not in resume_state:
-                raise ValueError(f"checkpoint {ckpt_path} is not a training checkpoint (no {key!r})")
+        resume_state = _validate_resume_state(load_checkpoint(ckpt_path, map_location="cpu"), ckpt_path)
         prev = resume_state.get("train_config", {})
         for key in ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid"):
             if key in prev and prev[key] != getattr(cfg, key):
@@ -425,11 +571,12 @@ def pretrain(
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         if resume_state is not None and resume_state["stage"] == stage:
-            model.load_state_dict(resume_state["model"])
-            opt.load_state_dict(resume_state["optimizer"])
-            sched.load_state_dict(resume_state["scheduler"])
-            if "rng" in resume_state:
-                _set_rng_state(resume_state["rng"])
+            rs = resume_state
+            _restore(ckpt_path, "model weights", lambda: model.load_state_dict(rs["model"]))
+            _restore(ckpt_path, "optimiser state", lambda: _load_optimizer(opt, rs["optimizer"]))
+            _restore(ckpt_path, "learning-rate schedule", lambda: _load_scheduler(sched, rs["scheduler"]))
+            if "rng" in rs:
+                _restore(ckpt_path, "RNG state", lambda: _set_rng_state(rs["rng"]))
             resume_state = None  # consumed
         elif resume_state is not None and resume_state["stage"] < stage:
             resume_state = None
@@ -490,11 +637,12 @@ def pretrain(
                     "epoch": epoch + 1,
                     "train_config": _cfg_dict(cfg),
                 }
-                save_checkpoint(ckpt_path, state)
-                _write_jsonl(metrics_path, records)
+                with defer_signals():  # a Ctrl-C here would break torch.save's zip writer
+                    save_checkpoint(ckpt_path, state)
+                    _write_jsonl(metrics_path, records)
                 if val_images is not None and len(val_images):
                     save_overlays(_plain_model(model), val_images, out / "overlays" / f"stage{stage}_epoch{epoch + 1:03d}.png")
-                print(json.dumps(rec), flush=True)
+                logger.info(_epoch_line(rec, n_epochs))
             dist_utils.barrier()
             if on_epoch_end is not None:
                 on_epoch_end(rec)
@@ -502,14 +650,15 @@ def pretrain(
             over = time.time() - stage_t0 + dt > stage_budget if stage_budget is not None else False
             if stage_budget is not None and _agree(over) and epoch + 1 < n_epochs:
                 stopped_early = True
-                warnings.warn(
-                    f"time budget: stage {stage} stopped after epoch {epoch + 1} of {n_epochs} "
-                    f"({(time.time() - stage_t0) / 60:.1f} of {stage_budget / 60:.1f} min)",
-                    stacklevel=2,
-                )
+                if info.is_main:
+                    logger.info(
+                        "time budget: stage %d stopped after epoch %d of %d (%.1f of its %.1f min)",
+                        stage, epoch + 1, n_epochs, (time.time() - stage_t0) / 60, stage_budget / 60,
+                    )
                 break
         if info.is_main:
-            save_checkpoint(out / f"stage{stage}.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model), "stage": stage})
+            with defer_signals():
+                save_checkpoint(out / f"stage{stage}.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model), "stage": stage})
         stage1_state = _unwrap_state(model) if stage == 1 else stage1_state
 
     if model is None:  # everything was already done: rebuild the final model from disk
@@ -518,14 +667,15 @@ def pretrain(
         last = out / ("stage2.pt" if cfg.epochs2 else "stage1.pt")
         model = load_model(last)
     if info.is_main:
-        save_checkpoint(out / "model.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model)})
+        with defer_signals():
+            save_checkpoint(out / "model.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model)})
         if records:
             from . import viz
 
             try:
                 viz.save_loss_curves(records, out / "losses.png")
             except Exception as exc:  # plotting must never lose a finished run
-                warnings.warn(f"could not plot losses: {exc}", stacklevel=2)
+                logger.warning("could not plot losses: %s", exc)
     summary.update(
         {
             "model": str(out / "model.pt"),
@@ -538,6 +688,15 @@ def pretrain(
     )
     summary["final_model"] = _plain_model(model)
     return summary
+
+
+def _epoch_line(rec: dict, n_epochs: int) -> str:
+    """One human-readable line per epoch (the full record goes to metrics.jsonl)."""
+    terms = "  ".join(f"{k} {rec[k]:.4f}" for k in ("loss", "pd", "mix", "rd", "ent") if k in rec)
+    return (
+        f"stage {rec['stage']} epoch {rec['epoch']}/{n_epochs}  {terms}  lr {rec['lr']:.2e}  "
+        f"{rec['seconds']:.1f} s ({rec['images_per_s']:.1f} images/s)"
+    )
 
 
 def _agree(flag: bool) -> bool:
@@ -644,11 +803,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="B pairs per process and step (5B images)")
     parser.add_argument("--epochs1", type=int, default=d.epochs1, help="stage-1 epochs (PD + mixup)")
     parser.add_argument("--epochs2", type=int, default=d.epochs2, help="stage-2 epochs (LD)")
-    parser.add_argument("--steps-per-epoch", type=int, default=None, help="default: images / global batch")
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="steps per epoch (default: images / global batch)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     parser.add_argument("--lr-step", type=int, default=d.lr_step, help="halve the learning rate every N epochs")
     parser.add_argument("--grid", type=int, default=d.grid, help="G, patch grid for PD/mixup")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice (items, augmentations, init)")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     parser.add_argument("--loss-impl", choices=LOSS_IMPLS, default=d.loss_impl, help="fused ld_ext ops or plain PyTorch")
@@ -659,7 +818,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="training time budget, shared among the remaining epochs; a stage ends early when another "
                         "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in OUT (without --resume or --overwrite such an OUT is refused)")
     parser.add_argument("--init-stage1", default=None, metavar="CKPT",
                         help="skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -672,7 +833,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid, seed=args.seed,
         device=args.device, amp=not args.no_amp, loss_impl=args.loss_impl, val_images=args.val_images,
         nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
-        resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress, init_stage1=args.init_stage1,
+        resume=args.resume, overwrite=args.overwrite, max_minutes=args.max_minutes, progress=not args.no_progress, init_stage1=args.init_stage1,
     )
 
 
@@ -682,13 +843,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = pretrain(cfg)
     except KeyboardInterrupt:
-        ck = Path(cfg.out) / "checkpoint.pt"
-        msg = f"last complete checkpoint: {ck}" if ck.exists() else "no epoch was completed"
-        print(f"interrupted; {msg} (continue with --resume)", file=sys.stderr)
-        raise
+        if is_main:
+            ck = Path(cfg.out) / "checkpoint.pt"
+            msg = f"last complete checkpoint: {ck} (continue with --resume)" if ck.exists() else "no epoch was completed"
+            print(f"ld-ext: interrupted; {msg}", file=sys.stderr, flush=True)
+        return 130
     finally:
         dist_utils.cleanup()
     if is_main:
-        last = summary["records"][-1] if summary["records"] else {}
-        print(json.dumps({"model": summary["model"], "metrics": summary["metrics"], "seconds": round(summary["seconds"], 1), "last": last}))
+        note = " (stopped early by the time budget)" if summary["stopped_early"] else ""
+        print(
+            f"done in {summary['seconds'] / 60:.1f} min{note}: model {summary['model']}, "
+            f"metrics {summary['metrics']}",
+            flush=True,
+        )
     return 0

@@ -11,7 +11,15 @@ import torch
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["cluster_palette", "overlay_clusters", "embedding_rgb", "save_grid", "save_loss_curves"]
+__all__ = ["cluster_palette", "overlay_clusters", "embedding_rgb", "save_grid", "save_loss_curves", "new_figure"]
+
+
+def new_figure(**kwargs):
+    """A matplotlib ``Figure`` that pyplot does not manage: drawing and saving it never selects a
+    backend or touches the figures of a notebook or GUI session (never calls matplotlib's use())."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def cluster_palette(k: int) -> np.ndarray:
@@ -65,33 +73,65 @@ def embedding_rgb(e: torch.Tensor) -> np.ndarray:
     return (p.reshape(e.shape[1], e.shape[2], 3).numpy() * 255).round().astype(np.uint8)
 
 
-def save_grid(rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, pad: int = 2) -> Path:
-    """Tile (H, W, 3) uint8 images (rows x columns, same size) into one PNG, written atomically."""
-    from PIL import Image
+def save_grid(
+    rows: Sequence[Sequence[np.ndarray]], path: str | os.PathLike, pad: int = 2, titles: Sequence[str] | None = None
+) -> Path:
+    """Tile (H, W, 3) uint8 images (rows x columns, same size) into one PNG, written atomically.
+
+    ``titles``: one text per column, drawn above it.
+    """
+    from PIL import Image, ImageDraw
 
     rows = [list(r) for r in rows if len(r)]
     if not rows:
         raise ValueError("save_grid needs at least one image")
     h, w = rows[0][0].shape[:2]
     ncol = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    if titles is not None and len(titles) != ncol:
+        raise ValueError(f"titles: one per column ({ncol}), got {len(titles)}")
+    font = _font(max(10, min(16, w // 9))) if titles is not None else None
+    top = 0
+    if titles is not None:
+        width = max(w, max(_text_size(font, t)[0] for t in titles) + 4)
+        if width > w:  # text wider than the images: scale the images up so every title fits
+            scale = -(-width // w)
+            rows = [[np.repeat(np.repeat(im, scale, 0), scale, 1) for im in r] for r in rows]
+            h, w = h * scale, w * scale
+        top = _text_size(font, "Ag")[1] + 2 * pad + 2
+    canvas = np.full((top + len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i, r in enumerate(rows):
         for j, im in enumerate(r):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            y, x = top + pad + i * (h + pad), pad + j * (w + pad)
             canvas[y : y + h, x : x + w] = im
+    img = Image.fromarray(canvas)
+    if titles is not None:
+        draw = ImageDraw.Draw(img)
+        for j, t in enumerate(titles):
+            tw = _text_size(font, t)[0]
+            draw.text((pad + j * (w + pad) + (w - tw) // 2, pad), t, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
+    img.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom - top
 
 
 def save_loss_curves(records: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "pd", "mix", "rd", "ent")) -> Path:
     """Plot per-epoch losses from metrics records (one line per key present) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     xs = list(range(1, len(records) + 1))
     for key in keys:
         ys = [r.get(key) for r in records]
@@ -106,5 +146,4 @@ def save_loss_curves(records: Sequence[dict], path: str | os.PathLike, keys: Seq
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())

@@ -60,3 +60,80 @@ def test_workflow_scripts_run(script, expected):
     res = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert expected in res.stdout
+
+
+def _cli(*argv, env=None, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ld_ext", *argv], capture_output=True, text=True, timeout=300, env=e, cwd=cwd)
+
+
+def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
+    res = _cli("pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2
+    assert res.stderr == f"ld-ext: error: data path does not exist: {tmp_path / 'missing'}\n"
+    assert not (tmp_path / "x").exists()  # nothing written
+    dbg = _cli("pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), env={"LD_EXT_TRACEBACK": "1"})
+    assert dbg.returncode == 1 and "Traceback" in dbg.stderr and "data path does not exist" in dbg.stderr
+
+
+def test_bad_checkpoint_message_is_ours(tmp_path):
+    import argparse
+
+    import torch
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": argparse.Namespace(a=1)}, bad)  # not a weights-only type
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for path, words in ((bad, "it holds a Python object of type argparse.Namespace"), (tmp_path / "junk.pt", "not a PyTorch checkpoint")):
+        res = _cli("landmark", "--checkpoint", str(path), "--template", "t.png", "--points", "p.json", "--targets", str(tmp_path),
+                   "--out", str(tmp_path / "o.json"))
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.startswith(f"ld-ext: error: could not read checkpoint {path}: {words}"), res.stderr
+        assert res.stderr.count("\n") == 1 and "weights_only" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_version_and_python_m():
+    import ld_ext
+
+    res = _cli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"ld-ext {ld_ext.__version__}"
+    res = _cli("info")
+    assert res.returncode == 0 and json.loads(res.stdout)["torch_version_running"]
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "image size (square) fed to the network (default: 128)" in out
+    assert "Adam learning rate (default: 0.001)" in out
+    assert "--overwrite" in out and "--resume" in out
+
+
+def test_library_never_selects_a_matplotlib_backend(tmp_path):
+    """Plotting in the library leaves pyplot's figures and backend alone (a notebook's stay open)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "ld_ext"
+    hits = [p for p in src.rglob("*.py") if "matplotlib.use(" in p.read_text() or "pyplot" in p.read_text().replace("pyplot does not", "")]
+    assert hits == []
+    code = f"""
+import matplotlib
+matplotlib.use("svg")  # the user's choice
+import matplotlib.pyplot as plt
+fig = plt.figure()
+from ld_ext import viz
+viz.save_loss_curves([{{"stage": 1, "loss": 2.0}}, {{"stage": 2, "loss": 1.0, "rd": 0.5}}], r"{tmp_path / 'l.png'}")
+assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
+assert plt.get_fignums() == [fig.number], plt.get_fignums()
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -481,3 +481,34 @@ def test_exact_fractional_locator_recovers_a_subpixel_shift(mode, edge):
     jac = s.jacobian(p)
     fd = (s(p + torch.tensor([0.05, 0.0], dtype=torch.float64)) - s(p - torch.tensor([0.05, 0.0], dtype=torch.float64))) / 0.1
     assert torch.allclose(jac[..., 0], fd, atol=0.05)
+
+
+def test_cli_predictions_are_in_each_targets_own_pixels(tmp_path, monkeypatch):
+    """With --size the search runs in the resized frame; the file gives each target's own pixels."""
+    import argparse
+
+    from PIL import Image
+
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / "t.png")
+    (tmp_path / "targets").mkdir()
+    Image.fromarray((rng.random((32, 48)) * 255).astype(np.uint8)).save(tmp_path / "targets" / "wide.png")  # 48 wide, 32 high
+    Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "targets" / "small.png")
+    (tmp_path / "p.json").write_text(json.dumps({"a": [10, 12]}))
+    # the locator answers in the 64x64 frame it searched: the pixel-centre point (31.5, 15.5)
+    monkeypatch.setattr(lm.LandmarkLocator, "locate_image", lambda self, model, img: np.array([[31.5, 15.5]]))
+    p = argparse.ArgumentParser()
+    lm.add_arguments(p)
+    out = tmp_path / "out.json"
+    args = p.parse_args(["--checkpoint", str(ck), "--template", str(tmp_path / "t.png"), "--points",
+                         str(tmp_path / "p.json"), "--targets", str(tmp_path / "targets"), "--out", str(out), "--size", "64"])
+    assert lm.run(args) == 0
+    res = json.loads(out.read_text())
+    # x' = (x + 0.5) * own_w / 64 - 0.5, y' = (y + 0.5) * own_h / 64 - 0.5
+    assert res["predictions"]["wide.png"]["a"] == pytest.approx([32 * 48 / 64 - 0.5, 16 * 32 / 64 - 0.5])
+    assert res["predictions"]["small.png"]["a"] == pytest.approx([32 * 16 / 64 - 0.5, 16 * 16 / 64 - 0.5])
+    assert res["target_sizes"] == {"wide.png": [48, 32], "small.png": [16, 16]}
+    assert "own pixels" in res["frame"]

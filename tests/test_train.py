@@ -123,7 +123,7 @@ def test_resume_refuses_missing_corrupt_or_mismatched_checkpoints(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="checkpoint.pt"):
         train.pretrain(_cfg(tmp_path, resume=True), dataset=ds)
-    train.pretrain(_cfg(tmp_path, epochs2=0), dataset=ds)
+    train.pretrain(_cfg(tmp_path, epochs2=0, overwrite=True), dataset=ds)
     with pytest.raises(ValueError, match="emb_dim"):
         train.pretrain(_cfg(tmp_path, emb_dim=6, resume=True), dataset=ds)
 
@@ -168,18 +168,29 @@ def test_cli_pretrain_on_a_folder(tmp_path, capsys):
     assert load_model(out / "stage1.pt").n_clusters is None
     for name in ("checkpoint.pt", "losses.png", "overlays/stage2_epoch001.png"):
         assert (out / name).stat().st_size > 0, name
+    cap = capsys.readouterr()
+    epoch_lines = [x for x in cap.err.splitlines() if x.startswith("stage ")]
+    assert len(epoch_lines) == 2 and epoch_lines[1].startswith("stage 2 epoch 1/1  loss "), cap.err
+    assert "{" not in cap.out + cap.err  # the JSON records stay in metrics.jsonl
+    assert cap.out.startswith("done in ") and str(out / "model.pt") in cap.out
     with pytest.raises(SystemExit):
         main(["pretrain", "--out", str(out)])  # --data is required
     empty = tmp_path / "empty"
     empty.mkdir()
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(empty), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ld-ext: error: ") and "no supported image files" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="no supported image files"):
-        main(["pretrain", "--data", str(empty), "--out", str(tmp_path / "x"), "--no-progress"])
+        main(["pretrain", "--data", str(empty), "--out", str(tmp_path / "x"), "--no-progress", "--debug"])
 
 
-def test_time_budget_cuts_each_stage_but_still_runs_stage2(tmp_path):
+def test_time_budget_cuts_each_stage_but_still_runs_stage2(tmp_path, caplog):
     ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
-    with pytest.warns(UserWarning, match="time budget"):
+    with caplog.at_level("INFO", logger="ld_ext"):
         res = train.pretrain(_cfg(tmp_path, epochs1=2, epochs2=2, steps_per_epoch=1, max_minutes=1e-6), dataset=ds)
+    notices = [r.getMessage() for r in caplog.records if "time budget" in r.getMessage()]
+    assert len(notices) == 2 and notices[0].startswith("time budget: stage 1 stopped after epoch 1 of 2"), notices
     assert [(r["stage"], r["epoch"]) for r in res["records"]] == [(1, 1), (2, 1)]
     assert res["stopped_early"] and res["final_model"].n_clusters == 4
 
@@ -197,3 +208,185 @@ def test_stage2_from_a_stage1_checkpoint(tmp_path):
             torch.testing.assert_close(params[k].detach(), v, atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match="stage1.pt"):
         train.pretrain(_cfg(tmp_path / "s3", init_stage1=str(tmp_path / "s1" / "stage1.pt"), emb_dim=6), dataset=ds)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    out = tmp_path / "run"
+    train.pretrain(_cfg(out, epochs2=0, val_images=1), dataset=ds)
+    before = _snapshot(out)
+    assert {"checkpoint.pt", "stage1.pt", "model.pt", "metrics.jsonl"} <= set(before)
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train.pretrain(_cfg(out, epochs2=0, seed=9), dataset=ds)
+    assert _snapshot(out) == before  # nothing changed
+    with pytest.raises(ValueError, match="exclude each other"):
+        train.pretrain(_cfg(out, resume=True, overwrite=True), dataset=ds)
+    # through the command: one error line, exit 2, files unchanged
+    from ld_ext.cli import main
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(img / "a.png")
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(img), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ld-ext: error: ") and "already holds a run" in err
+    assert _snapshot(out) == before
+    # --overwrite replaces the run: the old overlays and checkpoints go, the new run's files come
+    (out / "overlays" / "stage1_epoch007.png").write_bytes(b"old")
+    res = train.pretrain(_cfg(out, epochs1=1, epochs2=1, seed=9, overwrite=True, val_images=1), dataset=ds)
+    assert [(r["stage"], r["epoch"]) for r in res["records"]] == [(1, 1), (2, 1)]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["stage1_epoch001.png", "stage2_epoch001.png"]
+    assert load_model(out / "model.pt").n_clusters == 4
+
+
+def test_stale_temp_files_are_removed_on_start_and_resume(tmp_path):
+    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "overlays").mkdir()
+    ours = [out / ".checkpoint.pt.ab3_x9Zq.tmp", out / ".metrics.jsonl.k2j4h5g6.tmp", out / "overlays" / ".stage1_epoch001.png.abcdefgh.tmp"]
+    foreign = [out / ".notes.txt.abcdefgh.tmp", out / "checkpoint.pt.tmp", out / ".checkpoint.pt.short.tmp", out / "keep.txt"]
+    for p in ours + foreign:
+        p.write_bytes(b"x")
+    train.pretrain(_cfg(out, epochs2=0, val_images=1), dataset=ds)
+    assert not any(p.exists() for p in ours)
+    assert all(p.exists() for p in foreign)
+    (out / ".checkpoint.pt.zzzzzzzz.tmp").write_bytes(b"x")
+    train.pretrain(_cfg(out, epochs2=1, resume=True, val_images=1), dataset=ds)
+    assert not (out / ".checkpoint.pt.zzzzzzzz.tmp").exists()
+
+
+def test_signal_during_checkpoint_write_is_delivered_after_it(tmp_path, monkeypatch):
+    """SIGINT in the middle of torch.save: the write completes, then the KeyboardInterrupt comes."""
+    import os
+    import signal
+
+    from ld_ext import checkpoint as ck
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_with_sigint(obj, f, *a, **k):
+        calls["n"] += 1
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the checkpoint is being written
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_with_sigint)
+    path = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with ck.defer_signals():
+            ck.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    assert calls["n"] == 1
+    assert load_checkpoint(path)["epoch"] == 1  # complete, readable
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_interrupted_cli_run_exits_130_with_a_clean_message(tmp_path, capsys, monkeypatch):
+    from ld_ext.cli import main
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 40)) * 255).astype(np.uint8)).save(img / f"{i}.png")
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.LDCriterion, "__call__", stop)
+    rc = main(["pretrain", "--data", str(img), "--out", str(tmp_path / "o"), "--size", "32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted; no epoch was completed" in err and "Traceback" not in err
+
+
+def _training_checkpoint(tmp_path):
+    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    out = tmp_path / "good"
+    train.pretrain(_cfg(out, epochs1=1, epochs2=1, val_images=0), dataset=ds)
+    return ds, load_checkpoint(out / "checkpoint.pt")
+
+
+def _bad_states():
+    def setter(key, value):
+        def f(st):
+            st[key] = value
+        return f
+
+    def deleter(key):
+        def f(st):
+            del st[key]
+        return f
+
+    def opt(f2):
+        def f(st):
+            f2(st["optimizer"])
+        return f
+
+    return {
+        "epoch -3": (setter("epoch", -3), "'epoch' must be an int >= 0"),
+        "epoch str": (setter("epoch", "2"), "'epoch' must be an int"),
+        "stage 3": (setter("stage", 3), "'stage' must be 1 or 2"),
+        "stage float": (setter("stage", 2.0), "'stage' must be 1 or 2"),
+        "train_config str": (setter("train_config", "abc"), "'train_config' must be a dict"),
+        "no optimizer": (deleter("optimizer"), "not a training checkpoint"),
+        "optimizer list": (setter("optimizer", [1, 2]), "'optimizer' must be a dict"),
+        "optimizer no groups": (opt(lambda o: o.pop("param_groups")), "not an optimiser state_dict"),
+        "optimizer groups empty": (opt(lambda o: o.__setitem__("param_groups", [])), "optimiser state cannot be restored"),
+        "optimizer groups bad": (opt(lambda o: o.__setitem__("param_groups", [{"params": "x"}])), "optimiser state cannot be restored"),
+        "scheduler str": (setter("scheduler", "abc"), "'scheduler' must be a dict"),
+        "scheduler bad": (setter("scheduler", {"last_epoch": "x", "_step_count": None, "base_lrs": 3}), "cannot be restored"),
+        "scheduler step str": (lambda st: st["scheduler"].__setitem__("_step_count", "x"), "cannot be restored"),
+        "optimizer lr str": (opt(lambda o: o["param_groups"][0].__setitem__("lr", "x")), "optimiser state cannot be restored"),
+        "optimizer state shape": (opt(lambda o: o["state"][0].__setitem__("exp_avg", torch.ones(3))), "optimiser state cannot be restored"),
+        "rng str": (setter("rng", "abc"), "'rng' is not the RNG state"),
+        "rng short": (lambda st: st["rng"].__setitem__("python", [1, 2]), "'rng' is not the RNG state"),
+        "model wrong keys": (setter("model", {"w": torch.ones(2)}), "model weights cannot be restored"),
+        "model str": (setter("model", "abc"), "'model' entry is not a state dict"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_states()))
+def test_resume_rejects_malformed_training_checkpoints_naming_the_file(tmp_path, case):
+    import copy
+
+    ds, good = _training_checkpoint(tmp_path)
+    mutate, words = _bad_states()[case]
+    st = copy.deepcopy(good)
+    mutate(st)
+    out = tmp_path / "bad"
+    out.mkdir()
+    torch.save(st, out / "checkpoint.pt")
+    with pytest.raises(ValueError) as info:
+        train.pretrain(_cfg(out, epochs1=1, epochs2=2, val_images=0, resume=True), dataset=ds)
+    msg = str(info.value)
+    assert str(out / "checkpoint.pt") in msg and words in msg, msg
+
+
+def test_sigterm_during_a_write_is_delivered_after_it(tmp_path):
+    import os
+    import signal
+
+    from ld_ext import checkpoint as ck
+
+    class Terminated(Exception):
+        pass
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        path = tmp_path / "c.pt"
+        with pytest.raises(Terminated):
+            with ck.defer_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                ck.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 3})  # not interrupted
+        assert load_checkpoint(path)["epoch"] == 3 and list(tmp_path.iterdir()) == [path]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -134,7 +134,7 @@ LD_INLINE float vlog2<float>(float x) {
   return fast_log2(x);
 }
 
-// Binary entropy (bits) of one assignment value and its derivative, LD_METHOD.md section 4.
+// Binary entropy (bits) of one assignment value and its derivative, docs/method.md section 4.
 template <typename T>
 LD_INLINE T binary_entropy(T a) {
   const T eps = static_cast<T>(kEntropyEps);

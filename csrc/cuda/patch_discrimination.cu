@@ -1,4 +1,4 @@
-// CUDA kernels of ld_ext::patch_discrimination and its backward (LD_METHOD.md section 5), in the
+// CUDA kernels of ld_ext::patch_discrimination and its backward (docs/method.md section 5), in the
 // stable form of ld_ext.reference.patch_discrimination.
 //
 // x (M, D), s_ij = <x_i, sg(x_j)> / T for j != i, i' = (i + M/2) mod M the positive. Per row:

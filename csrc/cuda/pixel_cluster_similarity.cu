@@ -1,7 +1,7 @@
 // CUDA kernels of ld_ext::pixel_cluster_similarity and its backward.
 //
 // S[n,k,p] = softmax_k(<proto_k, e[n,:,p]> / tau), prototypes (K, D) shared by all images or
-// (N, K, D) per image, e = z or z / (||z|| + 1e-10) (normalize). LD_METHOD.md section 7.
+// (N, K, D) per image, e = z or z / (||z|| + 1e-10) (normalize). docs/method.md section 7.
 //
 // Each block owns one image and a strided set of pixel chunks. A chunk of z is read once into
 // shared memory (accumulation type) and normalised there; the prototypes of the image sit in

@@ -1,4 +1,4 @@
-// CUDA kernels of ld_ext::region_discrimination and its backward (LD_METHOD.md section 3).
+// CUDA kernels of ld_ext::region_discrimination and its backward (docs/method.md section 3).
 //
 // feats r (N, K, D); centres c~[k] = mean_n r[n,k], c = c~ / (||c~|| + 1e-10) (NOT detached);
 // logits l[n,k,j] = <r[n,k], c[j]> / tau; loss = mean_{n,k} (logsumexp_j l[n,k,:] - l[n,k,k]).

@@ -2,7 +2,7 @@
 //
 // Forward, for image n: r~[k,d] = (1/P) sum_p a[k,p] e[d,p]; feats = r~ / (||r~|| + 1e-10);
 // rnorm = ||r~||; entropy = mean_{n,k,p} h(a[k,p]) (binary entropy, log2). e is z or z/(||z||+eps)
-// (normalize); a is s, sigmoid-L1 of s or softmax of s (mode). See LD_METHOD.md sections 2-4.
+// (normalize); a is s, sigmoid-L1 of s or softmax of s (mode). See docs/method.md sections 2-4.
 //
 // Layout of the work: each block owns one image n and a fixed, strided set of pixel chunks
 // ("tiles" of up to 128 pixels). A chunk of e and s is read once from global memory into shared

@@ -1,4 +1,4 @@
-"""Downstream tasks of LD (LD_METHOD.md section 8): segmentation transfer (``segmentation``),
+"""Downstream tasks of LD (docs/method.md section 8): segmentation transfer (``segmentation``),
 centre-sensitive one-shot landmark localisation (``landmarks``), shape-guided cross-modality
 segmentation (``shape_guided``), and their demos on data shipped with nilearn (``demos``).
 Each task module provides ``add_arguments(parser)`` and ``run(args) -> int`` for ``ld-ext``."""

@@ -238,7 +238,7 @@ def dice(pred, target) -> float:
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-2 * TP / (|G| + |P| + 1) (LD_METHOD.md section 8), sums taken over the whole batch.
+    """-2 * TP / (|G| + |P| + 1) (docs/method.md section 8), sums taken over the whole batch.
 
     Pooling over the batch (rather than averaging per-image values) matters for structures that
     are absent from some images: per image, an empty ground truth gives a constant 0 whatever the
@@ -507,13 +507,9 @@ def _json_default(o):
 
 
 def atomic_savefig(fig, path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
+    """Save a matplotlib figure as PNG atomically (figures come from ``viz.new_figure``, which
+    pyplot does not manage, so there is nothing to close)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from . import common
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TASKS", "add_task_arguments", "run_task_demo", "demo_checkpoint", "mni_slices", "ventricle_slice"]
 
@@ -121,7 +124,7 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     pdir = out / "pretrain"
     model = pdir / "model.pt"
     if model.exists():
-        print(f"using the cached pre-trained model {model}")
+        logger.info("using the cached pre-trained model %s", model)
         return model
     steps = 4 if args.quick else common.check_positive_int("--pretrain-steps", args.pretrain_steps)
     imgs = torch.from_numpy(mni_slices("t1", PRETRAIN_Z[:: (6 if args.quick else 1)], size))[:, None]
@@ -130,14 +133,15 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     cfg = TrainConfig(
         out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
         device="cpu", amp=False, val_images=2, progress=_progress(args), seed=0,
+        overwrite=True,  # an interrupted earlier pre-training here is replaced
     )
     # two epochs: stage 1 gets a third of the steps, stage 2 the rest
     cfg.epochs1, cfg.epochs2 = 1, 2
     cfg.steps_per_epoch = e1 if not args.quick else 2
     t0 = time.perf_counter()
-    print(f"pre-training LD on {imgs.shape[0]} MNI152 T1 slices ({size}x{size}), {3 * cfg.steps_per_epoch} steps")
+    logger.info("pre-training LD on %d MNI152 T1 slices (%dx%d), %d steps", imgs.shape[0], size, size, 3 * cfg.steps_per_epoch)
     pretrain(cfg, dataset=ds)
-    print(f"pre-training took {time.perf_counter() - t0:.0f} s")
+    logger.info("pre-training took %.0f s", time.perf_counter() - t0)
     return model
 
 

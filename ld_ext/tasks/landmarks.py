@@ -1,4 +1,4 @@
-"""Centre-sensitive one-shot landmark localisation (LD_METHOD.md section 8, our concretisation).
+"""Centre-sensitive one-shot landmark localisation (docs/method.md section 8, our concretisation).
 
 From ONE annotated template image each landmark is described by the template's unit pixel
 embeddings pooled around it at several radii (radius 0 = the pixel itself). Centre-sensitive
@@ -1112,12 +1112,10 @@ def paired_difference(
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:
-    import matplotlib
+    from ..viz import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 4.8))
+    fig = new_figure(figsize=(9, 4.8))
+    ax = fig.subplots(1, 2)
     ax[0].imshow(template, cmap="gray")
     ax[0].plot(points[:, 0], points[:, 1], "y+", ms=8, mew=1.5)
     ax[0].set_title("template + landmarks")
@@ -1238,13 +1236,23 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         first = None
+        sizes = {}
         for f in tqdm(files, desc="landmarks"):
             img = _load_scaled(f, args.size)
             p = loc.locate_image(model, img)
-            preds[f.name] = {n: [float(x), float(y)] for n, (x, y) in zip(names, p)}
+            own = common.load_image(f).shape if args.size is not None else img.shape
+            # back to the target's own pixels (pixel centres map onto pixel centres)
+            sy, sx = own[0] / img.shape[0], own[1] / img.shape[1]
+            preds[f.name] = {n: [float((x + 0.5) * sx - 0.5), float((y + 0.5) * sy - 0.5)] for n, (x, y) in zip(names, p)}
+            sizes[f.name] = [int(own[1]), int(own[0])]
             if first is None:
                 first = (img, p)
         result["predictions"] = preds
+        result["frame"] = (
+            "predictions are [x, y] = [column, row] in each target's own pixels (the file as stored, "
+            "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]"
+        )
+        result["target_sizes"] = sizes
         plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
     if args.evaluate:
         targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)

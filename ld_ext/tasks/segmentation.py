@@ -1,6 +1,6 @@
 """Segmentation transfer: LD-initialised network vs the same network from random initialisation.
 
-LD_METHOD.md section 8. The network is the LD network (encoder + decoder + embedding branch,
+docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
 convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
 with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
@@ -223,13 +223,11 @@ def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
 
 def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3) -> None:
     """Rows: targets; columns: held-out images with ground truth (green) and LD / random predictions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..viz import new_figure
 
     rows = len(results)
-    fig, axes = plt.subplots(rows, 2 * n_show, figsize=(2.2 * 2 * n_show, 2.4 * rows), squeeze=False)
+    fig = new_figure(figsize=(2.2 * 2 * n_show, 2.4 * rows))
+    axes = fig.subplots(rows, 2 * n_show, squeeze=False)
     for ri, r in enumerate(results):
         test = np.asarray(r["test_indices"])
         gt_all = r.get("_masks", masks)[test]

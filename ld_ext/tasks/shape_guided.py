@@ -1,4 +1,4 @@
-"""Shape-guided cross-modality segmentation (LD_METHOD.md section 8).
+"""Shape-guided cross-modality segmentation (docs/method.md section 8).
 
 LD training in which cluster channel 0 is pushed towards the shape of a structure seen in
 another modality: a small CNN discriminator sees binary prior masks (real) and the soft
@@ -256,10 +256,7 @@ def evaluate_clusters(a: np.ndarray, S: np.ndarray, masks: np.ndarray) -> dict:
 def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n_show: int = 4, guided_a=None) -> None:
     """Columns: ``n_show`` images. Rows: image, guided a[:, 0] (if given), guided S[0], plain LD's
     best S[k], and one prior each (as loaded, not augmented); red contours: ground truth (if given)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..viz import new_figure
 
     idx = np.linspace(0, len(images) - 1, n_show).round().astype(int)
     pidx = np.linspace(0, len(priors) - 1, n_show).round().astype(int)
@@ -268,7 +265,8 @@ def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n
         panels.append(("guided: a[0]", guided_a, "viridis"))
     panels += [("guided: S[0]", guided, "viridis"), (f"plain LD: best S[{best_k}]", plain, "viridis")]
     rows = len(panels) + 1
-    fig, ax = plt.subplots(rows, n_show, figsize=(2.3 * n_show, 2.3 * rows), squeeze=False)
+    fig = new_figure(figsize=(2.3 * n_show, 2.3 * rows))
+    ax = fig.subplots(rows, n_show, squeeze=False)
     for c, j in enumerate(idx):
         for r, (title, arr, cmap) in enumerate(panels):
             kw = {} if cmap == "gray" else {"vmin": 0, "vmax": 1}

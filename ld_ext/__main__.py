@@ -1,0 +1,7 @@
+"""``python -m ld_ext ...`` is the ``ld-ext`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
