@@ -3,7 +3,9 @@
 The operators themselves are declared in ``csrc/ops.cpp`` (``torch.ops.ld_ext.*``) and
 implemented per device in ``csrc/cpu`` and ``csrc/cuda``. Every public function here checks its
 inputs (raising ``TypeError``/``ValueError`` that name the argument) and then calls exactly one
-operator, so ``torch.compile(fullgraph=True)`` sees a single node per op.
+operator, so ``torch.compile(fullgraph=True)`` sees a single node per op. The operators check
+their arguments again themselves (``csrc/checks.h``, also run by the fake kernels below), since
+``torch.ops.ld_ext.*`` can be called directly.
 """
 from __future__ import annotations
 
@@ -74,12 +76,20 @@ def _check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> N
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+# Smallest temperature the ops accept: 1/temperature must be finite in float32 (csrc/checks.h).
+MIN_TEMPERATURE: float = float(_C.min_temperature)
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     t = float(temperature)
     if not (t > 0.0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.6g} (1/temperature must be finite in float32), got {temperature!r}"
+        )
     return t
 
 
@@ -203,10 +213,13 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- fake kernels
+# Each runs its operator's argument checks (csrc/checks.h, through ld_ext._C) first, so a raw call
+# with meta tensors, or with one meta and one real tensor, is refused as on a real device.
 
 
 @torch.library.register_fake("ld_ext::region_features")
 def _region_features_fake(embeddings, assignments, normalize, mode, entropy):
+    _C.check_region_features(embeddings, assignments, normalize, mode, entropy)
     n, d, k = embeddings.shape[0], embeddings.shape[1], assignments.shape[1]
     dt = _out_dtype(embeddings.dtype)
     return (
@@ -218,6 +231,9 @@ def _region_features_fake(embeddings, assignments, normalize, mode, entropy):
 
 @torch.library.register_fake("ld_ext::region_features_backward")
 def _region_features_backward_fake(grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy):
+    _C.check_region_features_backward(
+        grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy
+    )
     return torch.empty_like(embeddings, memory_format=torch.contiguous_format), torch.empty_like(
         assignments, memory_format=torch.contiguous_format
     )
@@ -225,16 +241,19 @@ def _region_features_backward_fake(grad_feats, grad_entropy, embeddings, assignm
 
 @torch.library.register_fake("ld_ext::region_discrimination")
 def _region_discrimination_fake(feats, temperature):
+    _C.check_region_discrimination(feats, temperature)
     return feats.new_empty((), dtype=_out_dtype(feats.dtype))
 
 
 @torch.library.register_fake("ld_ext::region_discrimination_backward")
 def _region_discrimination_backward_fake(grad, feats, temperature):
+    _C.check_region_discrimination_backward(grad, feats, temperature)
     return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ld_ext::pixel_cluster_similarity")
 def _pixel_cluster_similarity_fake(embeddings, prototypes, temperature, normalize):
+    _C.check_pixel_cluster_similarity(embeddings, prototypes, temperature, normalize)
     k = prototypes.shape[-2]
     shape = (embeddings.shape[0], k, *embeddings.shape[2:])
     return embeddings.new_empty(shape)
@@ -242,6 +261,7 @@ def _pixel_cluster_similarity_fake(embeddings, prototypes, temperature, normaliz
 
 @torch.library.register_fake("ld_ext::pixel_cluster_similarity_backward")
 def _pixel_cluster_similarity_backward_fake(grad_out, embeddings, prototypes, out, temperature, normalize):
+    _C.check_pixel_cluster_similarity_backward(grad_out, embeddings, prototypes, out, temperature, normalize)
     return torch.empty_like(embeddings, memory_format=torch.contiguous_format), torch.empty_like(
         prototypes, memory_format=torch.contiguous_format
     )
@@ -249,11 +269,13 @@ def _pixel_cluster_similarity_backward_fake(grad_out, embeddings, prototypes, ou
 
 @torch.library.register_fake("ld_ext::patch_discrimination")
 def _patch_discrimination_fake(x, temperature):
+    _C.check_patch_discrimination(x, temperature)
     return x.new_empty((), dtype=_out_dtype(x.dtype))
 
 
 @torch.library.register_fake("ld_ext::patch_discrimination_backward")
 def _patch_discrimination_backward_fake(grad, x, temperature):
+    _C.check_patch_discrimination_backward(grad, x, temperature)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
