@@ -88,7 +88,7 @@ def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
+    if not (0.0 < t < math.inf):  # comparisons only (no math.isfinite): traceable with symbolic floats
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if t < MIN_TEMPERATURE:
         raise ValueError(
