@@ -1,6 +1,7 @@
 // Operator schemas of ld_ext, declared once. Device kernels are registered in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA) with TORCH_LIBRARY_IMPL; autograd and fake
-// (meta) kernels are registered from Python in ld_ext/ops.py.
+// (meta) kernels are registered from Python in ld_ext/ops.py. Every kernel, fake ones included,
+// first runs its operator's argument checks from csrc/checks.h.
 //
 // Layout conventions shared by every kernel:
 //   embeddings  (N, D, *spatial)  1-3 spatial dims, P = prod(spatial)
@@ -9,6 +10,7 @@
 //               2 = "softmax" (softmax over K)
 #include <torch/extension.h>
 
+#include "checks.h"
 #include "ld_ext.h"
 
 TORCH_LIBRARY(ld_ext, m) {
@@ -48,6 +50,44 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("cuda_compiled") = false;
 #endif
   mod.attr("cpu_isa") = ld_ext::cpu_isa();
+  // The argument checks of csrc/checks.h for the fake (meta) kernels in ld_ext/ops.py, with the
+  // operators' signatures; each raises ValueError/TypeError naming the argument, or returns None.
+  mod.def("check_region_features", [](const at::Tensor& embeddings, const at::Tensor& assignments, bool,
+                                      int64_t mode, bool) {
+    ld_ext::checks::region_features("ld_ext::region_features", embeddings, assignments, mode);
+  });
+  mod.def("check_region_features_backward",
+          [](const at::Tensor& grad_feats, const at::Tensor& grad_entropy, const at::Tensor& embeddings,
+             const at::Tensor& assignments, const at::Tensor& feats, const at::Tensor& rnorm, bool, int64_t mode,
+             bool) {
+            ld_ext::checks::region_features_backward("ld_ext::region_features_backward", grad_feats, grad_entropy,
+                                             embeddings, assignments, feats, rnorm, mode);
+          });
+  mod.def("check_region_discrimination", [](const at::Tensor& feats, double temperature) {
+    ld_ext::checks::region_discrimination("ld_ext::region_discrimination", feats, temperature);
+  });
+  mod.def("check_region_discrimination_backward", [](const at::Tensor& grad, const at::Tensor& feats,
+                                                     double temperature) {
+    ld_ext::checks::region_discrimination_backward("ld_ext::region_discrimination_backward", grad, feats, temperature);
+  });
+  mod.def("check_pixel_cluster_similarity", [](const at::Tensor& embeddings, const at::Tensor& prototypes,
+                                               double temperature, bool) {
+    ld_ext::checks::pixel_cluster_similarity("ld_ext::pixel_cluster_similarity", embeddings, prototypes, temperature);
+  });
+  mod.def("check_pixel_cluster_similarity_backward",
+          [](const at::Tensor& grad_out, const at::Tensor& embeddings, const at::Tensor& prototypes,
+             const at::Tensor& out, double temperature, bool) {
+            ld_ext::checks::pixel_cluster_similarity_backward("ld_ext::pixel_cluster_similarity_backward", grad_out,
+                                                      embeddings, prototypes, out, temperature);
+          });
+  mod.def("check_patch_discrimination", [](const at::Tensor& x, double temperature) {
+    ld_ext::checks::patch_discrimination("ld_ext::patch_discrimination", x, temperature);
+  });
+  mod.def("check_patch_discrimination_backward", [](const at::Tensor& grad, const at::Tensor& x,
+                                                    double temperature) {
+    ld_ext::checks::patch_discrimination_backward("ld_ext::patch_discrimination_backward", grad, x, temperature);
+  });
+  mod.attr("min_temperature") = ld_ext::checks::kMinTemperature;
   mod.attr("torch_version_built") =
       std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
       std::to_string(TORCH_VERSION_PATCH);

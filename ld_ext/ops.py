@@ -3,7 +3,13 @@
 The operators themselves are declared in ``csrc/ops.cpp`` (``torch.ops.ld_ext.*``) and
 implemented per device in ``csrc/cpu`` and ``csrc/cuda``. Every public function here checks its
 inputs (raising ``TypeError``/``ValueError`` that name the argument) and then calls exactly one
-operator, so ``torch.compile(fullgraph=True)`` sees a single node per op.
+operator, so ``torch.compile(fullgraph=True)`` sees a single node per op. The operators check
+their arguments again themselves (``csrc/checks.h``, also run by the fake kernels below), since
+``torch.ops.ld_ext.*`` can be called directly.
+
+Autograd: each operator's Autograd kernel is an ``autograd.Function`` with ``setup_context``, a
+backward (the fused backward operator) and a forward-mode rule (``jvp``), so ``torch.autograd``,
+``torch.autograd.forward_ad`` and ``torch.func`` (grad, vjp, jvp, jacrev, jacfwd) all work.
 """
 from __future__ import annotations
 
@@ -74,12 +80,20 @@ def _check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> N
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+# Smallest temperature the ops accept: 1/temperature must be finite in float32 (csrc/checks.h).
+MIN_TEMPERATURE: float = float(_C.min_temperature)
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
+    if not (0.0 < t < math.inf):  # comparisons only (no math.isfinite): traceable with symbolic floats
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.6g} (1/temperature must be finite in float32), got {temperature!r}"
+        )
     return t
 
 
@@ -203,10 +217,13 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- fake kernels
+# Each runs its operator's argument checks (csrc/checks.h, through ld_ext._C) first, so a raw call
+# with meta tensors, or with one meta and one real tensor, is refused as on a real device.
 
 
 @torch.library.register_fake("ld_ext::region_features")
 def _region_features_fake(embeddings, assignments, normalize, mode, entropy):
+    _C.check_region_features(embeddings, assignments, normalize, mode, entropy)
     n, d, k = embeddings.shape[0], embeddings.shape[1], assignments.shape[1]
     dt = _out_dtype(embeddings.dtype)
     return (
@@ -218,6 +235,9 @@ def _region_features_fake(embeddings, assignments, normalize, mode, entropy):
 
 @torch.library.register_fake("ld_ext::region_features_backward")
 def _region_features_backward_fake(grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy):
+    _C.check_region_features_backward(
+        grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy
+    )
     return torch.empty_like(embeddings, memory_format=torch.contiguous_format), torch.empty_like(
         assignments, memory_format=torch.contiguous_format
     )
@@ -225,16 +245,19 @@ def _region_features_backward_fake(grad_feats, grad_entropy, embeddings, assignm
 
 @torch.library.register_fake("ld_ext::region_discrimination")
 def _region_discrimination_fake(feats, temperature):
+    _C.check_region_discrimination(feats, temperature)
     return feats.new_empty((), dtype=_out_dtype(feats.dtype))
 
 
 @torch.library.register_fake("ld_ext::region_discrimination_backward")
 def _region_discrimination_backward_fake(grad, feats, temperature):
+    _C.check_region_discrimination_backward(grad, feats, temperature)
     return torch.empty_like(feats, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ld_ext::pixel_cluster_similarity")
 def _pixel_cluster_similarity_fake(embeddings, prototypes, temperature, normalize):
+    _C.check_pixel_cluster_similarity(embeddings, prototypes, temperature, normalize)
     k = prototypes.shape[-2]
     shape = (embeddings.shape[0], k, *embeddings.shape[2:])
     return embeddings.new_empty(shape)
@@ -242,6 +265,7 @@ def _pixel_cluster_similarity_fake(embeddings, prototypes, temperature, normaliz
 
 @torch.library.register_fake("ld_ext::pixel_cluster_similarity_backward")
 def _pixel_cluster_similarity_backward_fake(grad_out, embeddings, prototypes, out, temperature, normalize):
+    _C.check_pixel_cluster_similarity_backward(grad_out, embeddings, prototypes, out, temperature, normalize)
     return torch.empty_like(embeddings, memory_format=torch.contiguous_format), torch.empty_like(
         prototypes, memory_format=torch.contiguous_format
     )
@@ -249,99 +273,368 @@ def _pixel_cluster_similarity_backward_fake(grad_out, embeddings, prototypes, ou
 
 @torch.library.register_fake("ld_ext::patch_discrimination")
 def _patch_discrimination_fake(x, temperature):
+    _C.check_patch_discrimination(x, temperature)
     return x.new_empty((), dtype=_out_dtype(x.dtype))
 
 
 @torch.library.register_fake("ld_ext::patch_discrimination_backward")
 def _patch_discrimination_backward_fake(grad, x, temperature):
+    _C.check_patch_discrimination_backward(grad, x, temperature)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- autograd
+#
+# torch.library.register_autograd would be the short way, but the autograd.Function it generates
+# has no setup_context, and torch.func refuses such a Function ("must override the setup_context
+# staticmethod", pytorch/pytorch#168393); and with no forward-mode rule, a dual input that does not
+# require grad took the no-grad path, so forward-mode AD silently gave zero tangents. So each
+# operator gets its own Function (forward below autograd, setup_context, backward, jvp) and an
+# Autograd kernel that uses it whenever gradients may be needed: grad mode with an input that
+# requires grad, a forward-AD level (torch.autograd.forward_ad / torch.func.jvp), or any
+# torch.func transform. Inside an operator's kernel, Function.apply cannot hand the call to
+# torch.func (its custom_function_call finds no functorch key left to dispatch on), so the Function
+# is applied at the current torch.func level, as a C++ autograd kernel would be, with functorch's
+# single-level switch (the path of the pytorch/pytorch#184974 fix for register_autograd). That
+# serves one differentiating level (grad, vjp, jvp, and vmap around them: jacrev, jacfwd); nested
+# differentiation is refused (_check_single_differentiation_level) rather than silently missing
+# the ops' second derivatives. Uses private torch APIs (torch._functorch, forward_ad._current_level).
+
+_lib = torch.library.Library("ld_ext", "IMPL")
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 
 
-def _rf_setup_context(ctx, inputs, output):
-    embeddings, assignments, normalize, mode, entropy = inputs
-    feats, rnorm, _ = output
-    ctx.save_for_backward(embeddings, assignments, feats, rnorm)
-    ctx.cfg = (normalize, mode, entropy)
-    ctx.mark_non_differentiable(rnorm)
+def _forward_ad_active() -> bool:
+    return torch.autograd.forward_ad._current_level >= 0
 
 
-def _rf_backward(ctx, grad_feats, grad_rnorm, grad_entropy):
-    embeddings, assignments, feats, rnorm = ctx.saved_tensors
-    if grad_feats is None:
-        grad_feats = torch.zeros_like(feats)
-    if grad_entropy is None:
-        grad_entropy = feats.new_zeros(())
-    ge, ga = _ops.region_features_backward(grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, *ctx.cfg)
-    return ge, ga, None, None, None
+def _save_for_jvp(ctx, *tensors) -> None:
+    # Only under forward AD: saving the outputs on ctx otherwise would keep them alive in a cycle.
+    if _forward_ad_active():
+        ctx.save_for_forward(*tensors)
 
 
-torch.library.register_autograd("ld_ext::region_features", _rf_backward, setup_context=_rf_setup_context)
+def _function_apply(name, function, *args):
+    from torch._functorch.autograd_function import enable_single_level_autograd_function
+
+    if torch._C._are_functorch_transforms_active():
+        _check_single_differentiation_level(name, args)
+    with enable_single_level_autograd_function():
+        return super(torch.autograd.Function, function).apply(*args)
 
 
-def _rd_setup_context(ctx, inputs, output):
-    feats, temperature = inputs
-    ctx.save_for_backward(feats)
-    ctx.temperature = temperature
+def _base_tensor(t):
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t) or f.is_batchedtensor(t):
+        t = f.get_unwrapped(t)
+    return t
 
 
-def _rd_backward(ctx, grad):
-    (feats,) = ctx.saved_tensors
-    return _ops.region_discrimination_backward(grad, feats, ctx.temperature), None
+def _check_single_differentiation_level(name, args) -> None:
+    """Under torch.func, the ops' autograd nodes live at one level (the innermost transform's):
+    more than one differentiating level (grad/vjp/jvp of grad/vjp/jvp, or torch.autograd over a
+    torch.func transform) would silently miss the ops' higher derivatives, so it is refused."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-
-torch.library.register_autograd("ld_ext::region_discrimination", _rd_backward, setup_context=_rd_setup_context)
-
-
-def _pcs_setup_context(ctx, inputs, output):
-    embeddings, prototypes, temperature, normalize = inputs
-    ctx.save_for_backward(embeddings, prototypes, output)
-    ctx.cfg = (temperature, normalize)
-
-
-def _pcs_backward(ctx, grad_out):
-    embeddings, prototypes, out = ctx.saved_tensors
-    ge, gp = _ops.pixel_cluster_similarity_backward(grad_out, embeddings, prototypes, out, *ctx.cfg)
-    return ge, gp, None, None
-
-
-torch.library.register_autograd("ld_ext::pixel_cluster_similarity", _pcs_backward, setup_context=_pcs_setup_context)
-
-
-def _pd_setup_context(ctx, inputs, output):
-    x, temperature = inputs
-    ctx.save_for_backward(x)
-    ctx.temperature = temperature
-
-
-def _pd_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return _ops.patch_discrimination_backward(grad, x, ctx.temperature), None
-
-
-torch.library.register_autograd("ld_ext::patch_discrimination", _pd_backward, setup_context=_pd_setup_context)
-
-
-# Double backward is refused explicitly (torchvision does the same): the backward ops are not
-# differentiated, and without this an attempt would silently give wrong second derivatives.
-def _refuse_double_backward(op_name: str):
-    def backward(ctx, *grads):
+    diff = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    outer = diff and any(
+        isinstance(a, torch.Tensor) and _base_tensor(a).requires_grad for a in args
+    )
+    if len(diff) > 1 or outer:
         raise RuntimeError(
-            f"ld_ext: double backward through {op_name} is not supported (a gradient taken with "
+            f"ld_ext: {name} under nested differentiation (torch.func grad/vjp/jvp inside another "
+            "grad/vjp/jvp, or torch.autograd through a torch.func transform) is not supported: "
+            "second derivatives of the fused ops are not implemented; use ld_ext.reference for them, "
+            "or detach the inputs if no outer derivative is wanted"
+        )
+
+
+def _unwrap_dead_wrappers(args):
+    from torch._functorch.utils import unwrap_dead_wrappers
+
+    return unwrap_dead_wrappers(args)
+
+
+def _register(name: str, function) -> None:
+    op = getattr(_ops, name).default
+
+    def autograd_kernel(keyset, *args):
+        if (
+            (torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+            or _forward_ad_active()
+            or torch._C._are_functorch_transforms_active()
+        ):
+            # The C++ entry of autograd.Function (what Function.apply calls outside torch.func):
+            # Function.apply would hand the call to torch.func's custom_function_call, which cannot
+            # run from inside an operator's kernel; here, as for any C++ autograd kernel, torch.func
+            # has already wrapped the inputs for its level.
+            return _function_apply(name, function, *_unwrap_dead_wrappers(args))
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+
+    _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _normalize_jvp(z: torch.Tensor, z_t):
+    """e = z / (||z|| + eps) over dim 1 and its tangent (None if z_t is None); 0 where ||z|| = 0."""
+    m = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    den = m + _NORM_EPS
+    e = z / den
+    if z_t is None:
+        return e, None
+    coef = torch.where(m > 0, (e * z_t).sum(dim=1, keepdim=True) * (1 + _NORM_EPS / m), torch.zeros_like(m))
+    return e, (z_t - e * coef) / den
+
+
+def _assignment_jvp(s: torch.Tensor, s_t, mode: int):
+    """The normalised assignment a (dim 1 is K) of mode 0/1/2 and its tangent (None if s_t is None)."""
+    if mode == 0:
+        return s, s_t
+    if mode == 1:
+        sg = torch.sigmoid(s)
+        u = sg + _ASSIGN_EPS
+        usum = u.sum(dim=1, keepdim=True)
+        a = u / usum
+        if s_t is None:
+            return a, None
+        u_t = sg * (1 - sg) * s_t
+        return a, (u_t - a * u_t.sum(dim=1, keepdim=True)) / usum
+    a = torch.softmax(s, dim=1)
+    if s_t is None:
+        return a, None
+    return a, a * (s_t - (a * s_t).sum(dim=1, keepdim=True))
+
+
+def _entropy_grad(a: torch.Tensor) -> torch.Tensor:
+    """d/da of the binary entropy (log2) -a log2(a + eps) - (1 - a) log2(1 - a + eps)."""
+    eps, b = _ENTROPY_EPS, 1 - a
+    inv_ln2 = 1.0 / math.log(2.0)
+    return -torch.log2(a + eps) - a / (a + eps) * inv_ln2 + torch.log2(b + eps) + b / (b + eps) * inv_ln2
+
+
+_NORM_EPS, _ASSIGN_EPS, _ENTROPY_EPS = 1e-10, 1e-9, 1e-30  # as csrc/ld_ext.h
+
+
+def _flat3(t, n, c, ct):
+    return None if t is None else t.reshape(n, c, -1).to(ct)
+
+
+class _RegionFeatures(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(embeddings, assignments, normalize, mode, entropy):
+        return _below_autograd(_ops.region_features.default, embeddings, assignments, normalize, mode, entropy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        embeddings, assignments, normalize, mode, entropy = inputs
+        feats, rnorm, _ = output
+        ctx.save_for_backward(embeddings, assignments, feats, rnorm)
+        _save_for_jvp(ctx, embeddings, assignments, feats, rnorm)
+        ctx.cfg = (normalize, mode, entropy)
+        ctx.mark_non_differentiable(rnorm)
+
+    @staticmethod
+    def backward(ctx, grad_feats, grad_rnorm, grad_entropy):
+        embeddings, assignments, feats, rnorm = ctx.saved_tensors
+        if grad_feats is None:
+            grad_feats = torch.zeros_like(feats)
+        if grad_entropy is None:
+            grad_entropy = feats.new_zeros(())
+        ge, ga = _ops.region_features_backward(
+            grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, *ctx.cfg
+        )
+        return ge, ga, None, None, None
+
+    @staticmethod
+    def jvp(ctx, embeddings_t, assignments_t, *_):
+        # r~ = a e^T / P, r = r~ / (||r~|| + eps): r' = r~' / (||r~|| + eps) - r (r . r~') / ||r~||.
+        embeddings, assignments, feats, rnorm = ctx.saved_tensors
+        normalize, mode, entropy = ctx.cfg
+        ct = _compute_dtype(embeddings.dtype)
+        n, d, k = embeddings.shape[0], embeddings.shape[1], assignments.shape[1]
+        z, s = _flat3(embeddings, n, d, ct), _flat3(assignments, n, k, ct)
+        z_t, s_t = _flat3(embeddings_t, n, d, ct), _flat3(assignments_t, n, k, ct)
+        e, e_t = _normalize_jvp(z, z_t) if normalize else (z, z_t)
+        a, a_t = _assignment_jvp(s, s_t, mode)
+        rt = torch.zeros(n, k, d, dtype=ct, device=z.device)
+        if a_t is not None:
+            rt = rt + torch.bmm(a_t, e.transpose(1, 2))
+        if e_t is not None:
+            rt = rt + torch.bmm(a, e_t.transpose(1, 2))
+        rt = rt / z.shape[-1]
+        r, nr = feats.to(ct), rnorm.to(ct).unsqueeze(-1)
+        coef = torch.where(nr > 0, (r * rt).sum(dim=-1, keepdim=True) / nr, torch.zeros_like(nr))
+        feats_t = (rt / (nr + _NORM_EPS) - r * coef).to(feats.dtype)
+        ent_t = torch.zeros((), dtype=feats.dtype, device=feats.device)
+        if entropy and a_t is not None:
+            ent_t = (_entropy_grad(a) * a_t).mean().to(feats.dtype)
+        return feats_t, None, ent_t
+
+
+class _RegionDiscrimination(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(feats, temperature):
+        return _below_autograd(_ops.region_discrimination.default, feats, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, temperature = inputs
+        ctx.save_for_backward(feats)
+        _save_for_jvp(ctx, feats)
+        ctx.temperature = temperature
+
+    @staticmethod
+    def backward(ctx, grad):
+        (feats,) = ctx.saved_tensors
+        return _ops.region_discrimination_backward(grad, feats, ctx.temperature), None
+
+    @staticmethod
+    def jvp(ctx, feats_t, _):
+        # A scalar: the tangent is <d loss / d feats, feats_t>, with the fused backward.
+        (feats,) = ctx.saved_tensors
+        ot = _out_dtype(feats.dtype)
+        g = _ops.region_discrimination_backward(feats.new_ones((), dtype=ot), feats, ctx.temperature)
+        return (g.to(ot) * feats_t.to(ot)).sum()
+
+
+class _PixelClusterSimilarity(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(embeddings, prototypes, temperature, normalize):
+        return _below_autograd(_ops.pixel_cluster_similarity.default, embeddings, prototypes, temperature, normalize)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        embeddings, prototypes, temperature, normalize = inputs
+        ctx.save_for_backward(embeddings, prototypes, output)
+        _save_for_jvp(ctx, embeddings, prototypes, output)
+        ctx.cfg = (temperature, normalize)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        embeddings, prototypes, out = ctx.saved_tensors
+        ge, gp = _ops.pixel_cluster_similarity_backward(grad_out, embeddings, prototypes, out, *ctx.cfg)
+        return ge, gp, None, None
+
+    @staticmethod
+    def jvp(ctx, embeddings_t, prototypes_t, *_):
+        # l = <p_k, e> / tau, S = softmax_k(l): S' = S (l' - sum_k S l').
+        embeddings, prototypes, out = ctx.saved_tensors
+        temperature, normalize = ctx.cfg
+        ct = _compute_dtype(embeddings.dtype)
+        n, d = embeddings.shape[0], embeddings.shape[1]
+        z, z_t = _flat3(embeddings, n, d, ct), _flat3(embeddings_t, n, d, ct)
+        e, e_t = _normalize_jvp(z, z_t) if normalize else (z, z_t)
+
+        def per_image(p):
+            p = p.to(ct)
+            return p.expand(n, -1, -1) if p.dim() == 2 else p
+
+        pk = per_image(prototypes)
+        if out.dtype == ct:
+            s = out.reshape(n, pk.shape[1], -1)
+        else:  # float16/bfloat16 output: the softmax again in the compute dtype
+            s = torch.softmax(torch.bmm(pk, e) / temperature, dim=1)
+        l_t = torch.zeros_like(s)
+        if e_t is not None:
+            l_t = l_t + torch.bmm(pk, e_t)
+        if prototypes_t is not None:
+            l_t = l_t + torch.bmm(per_image(prototypes_t), e)
+        l_t = l_t / temperature
+        return (s * (l_t - (s * l_t).sum(dim=1, keepdim=True))).reshape(out.shape).to(out.dtype)
+
+
+class _PatchDiscrimination(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, temperature):
+        return _below_autograd(_ops.patch_discrimination.default, x, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, temperature = inputs
+        ctx.save_for_backward(x)
+        _save_for_jvp(ctx, x)
+        ctx.temperature = temperature
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _ops.patch_discrimination_backward(grad, x, ctx.temperature), None
+
+    @staticmethod
+    def jvp(ctx, x_t, _):
+        # A scalar: the tangent is <d loss / d x, x_t> with the op's gradient, which (as published)
+        # does not flow through the stop-gradient side of the similarities; so it is the derivative
+        # along x_t with that side held at x, the same as forward-mode AD of
+        # ld_ext.reference.patch_discrimination (whose detach() does the same).
+        (x,) = ctx.saved_tensors
+        ot = _out_dtype(x.dtype)
+        g = _ops.patch_discrimination_backward(x.new_ones((), dtype=ot), x, ctx.temperature)
+        return (g.to(ot) * x_t.to(ot)).sum()
+
+
+def _refusing_function(name: str):
+    """The Function of a backward operator: not differentiable again, in either mode, said clearly."""
+    op = getattr(_ops, name).default
+
+    def forward(*args):
+        return _below_autograd(op, *args)
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        # Double backward is refused explicitly (torchvision does the same): without this an attempt
+        # would silently give wrong second derivatives.
+        raise RuntimeError(
+            f"ld_ext: double backward through {name} is not supported (a gradient taken with "
             "create_graph=True was differentiated again); use ld_ext.reference for higher-order gradients"
         )
 
-    return backward
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            f"ld_ext: forward-mode AD through {name} is not supported (forward-over-reverse, e.g. "
+            "torch.func.hessian or jacfwd of a gradient); use ld_ext.reference for higher-order derivatives"
+        )
+
+    return type(
+        f"_{name}",
+        (torch.autograd.Function,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        },
+    )
 
 
+_register("region_features", _RegionFeatures)
+_register("region_discrimination", _RegionDiscrimination)
+_register("pixel_cluster_similarity", _PixelClusterSimilarity)
+_register("patch_discrimination", _PatchDiscrimination)
 for _name in (
     "region_features_backward",
     "region_discrimination_backward",
     "pixel_cluster_similarity_backward",
     "patch_discrimination_backward",
 ):
-    torch.library.register_autograd(
-        f"ld_ext::{_name}", _refuse_double_backward(_name), setup_context=lambda ctx, inputs, output: None
-    )
+    _register(_name, _refusing_function(_name))

@@ -43,3 +43,29 @@ def test_reference_formulation_compiles_too():
     s = torch.randn(2, 4, 10, 10)
     fn = torch.compile(lambda a, b: R.region_discrimination_loss(a, b, normalize=True, assignment="sigmoid"), fullgraph=True)
     torch.testing.assert_close(fn(z, s), ld_ext.RegionDiscriminationLoss(normalize=True, assignment="sigmoid")(z, s), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_dynamic_shapes():
+    """dynamic=True: the fake kernels' argument checks (csrc/checks.h through ld_ext._C) run on
+    symbolic sizes, and the temperature check traces with a symbolic float."""
+
+    def f(z, s, x, p):
+        r = ld_ext.region_features(z, s, normalize=True, assignment="sigmoid")
+        sim = ld_ext.pixel_cluster_similarity(z, p, normalize=True)
+        return ld_ext.region_discrimination(r) + ld_ext.patch_discrimination(x) + sim.mean()
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for n, h in ((2, 6), (3, 9)):
+        args = (
+            torch.randn(n, 4, h, h, generator=g),
+            torch.randn(n, 3, h, h, generator=g),
+            torch.nn.functional.normalize(torch.randn(2 * n, 4, generator=g), dim=1),
+            torch.randn(3, 4, generator=g),
+        )
+        a = [t.clone().requires_grad_(True) for t in args]
+        b = [t.clone().requires_grad_(True) for t in args]
+        out_c, out_e = compiled(*a), f(*b)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+        for u, v in zip(torch.autograd.grad(out_c, a), torch.autograd.grad(out_e, b)):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ld_ext
+from ld_ext import reference as R
 
 Z = torch.randn(2, 4, 5, 6)
 S = torch.randn(2, 3, 5, 6)
@@ -113,3 +114,97 @@ def test_double_backward_is_refused():
     (gp,) = torch.autograd.grad(out.square().sum(), p, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gp.sum().backward()
+
+
+# ----------------------------------------------------------------------------- raw operators
+# torch.ops.ld_ext.* are public and check their own arguments (csrc/checks.h), on every device;
+# these calls used to crash (SIGSEGV) or return garbage. tests/test_fuzz_ops.py fuzzes the rest.
+
+O = torch.ops.ld_ext
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        # issue 16 item 1: prototypes' dims not checked
+        (lambda: O.pixel_cluster_similarity(torch.randn(2, 4, 5), torch.randn(2, 3, 0, 4), 0.2, False),
+         ValueError, ["prototypes", "(K, D) or (N, K, D)"]),
+        # backward ops: shapes of the gradient and the saved tensors not checked
+        (lambda: O.region_features_backward(torch.randn(0, 6, 3), torch.tensor(0.0), torch.randn(1, 3, 1),
+                                            torch.randn(1, 1, 1), torch.randn(1, 1, 3), torch.rand(1, 1),
+                                            False, 0, True),
+         ValueError, ["grad_feats", "shape"]),
+        (lambda: O.region_features_backward(torch.randn(1, 1, 3), torch.tensor(0.0), torch.randn(1, 3, 1),
+                                            torch.randn(1, 1, 1), torch.randn(1, 1, 3), torch.rand(0, 2),
+                                            False, 0, True),
+         ValueError, ["rnorm", "shape"]),
+        (lambda: O.region_features_backward(torch.randn(1, 1, 3), torch.tensor(0.0), torch.randn(1, 3, 1),
+                                            torch.randn(1, 1, 1), torch.randn(0, 1, 2), torch.rand(1, 1),
+                                            False, 0, True),
+         ValueError, ["feats", "shape"]),
+        (lambda: O.pixel_cluster_similarity_backward(torch.randn(2, 0, 2), torch.randn(3, 5, 2),
+                                                     torch.randn(3, 1, 5), torch.randn(3, 1, 2), 0.2, False),
+         ValueError, ["grad_out", "shape"]),
+        (lambda: O.pixel_cluster_similarity_backward(torch.randn(3, 1, 2), torch.randn(3, 5, 2),
+                                                     torch.randn(3, 1, 5), torch.randn(0, 1, 2), 0.2, False),
+         ValueError, ["out", "shape"]),
+        (lambda: O.region_discrimination_backward(torch.ones(2), torch.randn(2, 3, 4), 0.2),
+         ValueError, ["grad", "one element"]),
+        (lambda: O.patch_discrimination_backward(torch.tensor(1.0, dtype=torch.float64), torch.randn(4, 3), 0.2),
+         TypeError, ["grad", "dtype"]),
+        (lambda: O.patch_discrimination(torch.randn(3, 2), 0.2), ValueError, ["x", "even number of rows"]),
+        (lambda: O.region_features(torch.randn(2, 3, 4), torch.randn(2, 2, 4), False, 3, False),
+         ValueError, ["mode"]),
+        (lambda: O.region_features(torch.randn(2, 3, 4), torch.randn(2, 2, 4).double(), False, 0, False),
+         TypeError, ["assignments", "dtype"]),
+        (lambda: O.region_discrimination(torch.ones(2, 3, 4, dtype=torch.int32), 0.2),
+         TypeError, ["feats", "floating-point"]),
+        # issue 16 item 2: one CPU and one meta input returned a CPU tensor of uninitialised memory
+        (lambda: O.pixel_cluster_similarity(torch.randn(4, 1, 64), torch.randn(4, 16, 1, device="meta"), 0.2, False),
+         ValueError, ["prototypes", "same device"]),
+        (lambda: O.pixel_cluster_similarity(torch.randn(4, 1, 64, device="meta"), torch.randn(4, 16, 1), 0.2, False),
+         ValueError, ["prototypes", "same device"]),
+        (lambda: O.region_features(torch.randn(2, 3, 4), torch.randn(2, 2, 4, device="meta"), False, 0, False),
+         ValueError, ["assignments", "same device"]),
+        # meta tensors alone get the same checks as real ones
+        (lambda: O.pixel_cluster_similarity(torch.randn(2, 4, 5, device="meta"), torch.randn(2, 3, 0, 4, device="meta"),
+                                            0.2, False),
+         ValueError, ["prototypes"]),
+        (lambda: O.patch_discrimination_backward(torch.ones(2, device="meta"), torch.randn(4, 3, device="meta"), 0.2),
+         ValueError, ["grad"]),
+    ],
+)
+def test_raw_op_bad_arguments_are_refused(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_raw_op_meta_inputs_give_meta_outputs():
+    out = O.pixel_cluster_similarity(torch.randn(4, 1, 64, device="meta"), torch.randn(4, 16, 1, device="meta"), 0.2, False)
+    assert out.device.type == "meta" and out.shape == (4, 16, 64)
+
+
+@pytest.mark.parametrize("tau", [5e-324, 1e-40, 2e-39])
+def test_temperature_so_small_that_its_inverse_overflows_is_refused(tau):
+    """1/temperature must be finite in float32; 5e-324 used to be accepted and give NaN."""
+    z, p, r, x = torch.randn(1, 2, 5), torch.randn(3, 2), torch.randn(2, 3, 4), torch.randn(4, 3)
+    calls = [
+        lambda: ld_ext.pixel_cluster_similarity(z, p, tau),
+        lambda: ld_ext.region_discrimination(r, tau),
+        lambda: ld_ext.patch_discrimination(x, tau),
+        lambda: ld_ext.PatchDiscriminationLoss(temperature=tau),
+        lambda: O.pixel_cluster_similarity(z, p, tau, False),
+        lambda: O.region_discrimination(r, tau),
+        lambda: O.patch_discrimination(x, tau),
+        lambda: O.patch_discrimination_backward(torch.tensor(1.0), x, tau),
+        lambda: O.region_discrimination(r.to("meta"), tau),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="temperature must be >= "):
+            call()
+    # just above the bound the ops run (float64: the logits, about 1e39, are finite: one-hot rows)
+    tau = ld_ext.ops.MIN_TEMPERATURE * 1.0000001
+    out = ld_ext.pixel_cluster_similarity(z.double(), p.double(), tau, normalize=True)
+    torch.testing.assert_close(out, R.pixel_cluster_similarity(z.double(), p.double(), tau, normalize=True))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -222,3 +223,21 @@ def test_one_negative_takes_the_row():
         tol = TOL[torch.float32] + torch.finfo(torch.float32).eps / tau
         assert max_err(got32, ref) <= max_err(ref32, ref) + tol * abs(ref.item())
         assert max_err(g32, rg) <= max_err(rg32, rg) + tol * rg.abs().max().item()
+
+
+def test_loss_beyond_float32_range_is_inf_not_an_error():
+    """Issue 16 item 4: a loss beyond float32's range raised "value cannot be converted to type
+    float without overflow"; it is now rounded like any float32 result (to inf), and the float64
+    op gives the float64 reference's value."""
+    x = F.normalize(torch.randn(8, 1, generator=torch.Generator().manual_seed(0)), dim=1) * 1e30
+    ref64 = R.patch_discrimination(x.double(), 0.5)
+    assert torch.isfinite(ref64) and ref64.item() > 3.5e38  # beyond float32
+    loss = ld_ext.patch_discrimination(x, 0.5)
+    assert loss.dtype == torch.float32 and loss.item() == ref64.float().item() == float("inf")
+    loss64 = ld_ext.patch_discrimination(x.double(), 0.5)
+    assert_close_rel(loss64, ref64, rtol=1e-12)
+    r = torch.randn(2, 3, 1, generator=torch.Generator().manual_seed(1)) * 1e30
+    ref = R.region_discrimination(r.double(), 1e-10)
+    assert torch.isfinite(ref) and ref.item() > 3.5e38
+    assert ld_ext.region_discrimination(r, 1e-10).item() == float("inf")
+    assert_close_rel(ld_ext.region_discrimination(r.double(), 1e-10), ref, rtol=1e-12)

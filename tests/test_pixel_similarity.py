@@ -159,3 +159,36 @@ def test_grad_condition_flags_cancellation():
     ce3, cp3 = R.pixel_cluster_similarity_grad_condition(e, p.expand(2, -1, -1), g, 0.3)
     ce2, _ = R.pixel_cluster_similarity_grad_condition(e, p, g, 0.3)
     assert abs(ce3 - ce2) <= 1e-9 * ce2 and cp3 >= 1.0
+
+
+def test_normalize_does_not_overflow_for_large_embeddings():
+    """Issue 16 item 4: ||z||^2 overflowed (|z| >= 1.8e19 in float32, D = 1), which gave 1/K
+    everywhere instead of the softmax of the unit embeddings."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 1, generator=g)
+    z = torch.tensor([[[1e20, -1e20, 3e20, 2e19]]])
+    out = ld_ext.pixel_cluster_similarity(z, p, normalize=True)
+    ref = R.pixel_cluster_similarity(z.double(), p.double(), normalize=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(out, torch.full_like(out, 1 / 3))
+    # D > 1, spanning a range of magnitudes, with gradients; and float64 beyond 1e154
+    for dtype, scale in ((torch.float32, 1e25), (torch.float64, 1e160)):
+        z = (torch.randn(2, 5, 7, generator=g, dtype=torch.float64) * scale).to(dtype)
+        z[:, :, 0] = 0.0  # a zero pixel stays 0 (e = 0)
+        pr = torch.randn(4, 5, generator=g, dtype=torch.float64).to(dtype)
+        # PyTorch's own norm overflows too, so the reference gets z rescaled by an exact power of
+        # two c (normalising is scale-invariant up to the 1e-10): f(z) = f(c z), grad = c grad(c z).
+        c = 2.0**-500 if dtype == torch.float64 else 1.0
+        zr = (z.double() * c).requires_grad_(True)
+        ref = R.pixel_cluster_similarity(zr, pr.double(), 0.3, normalize=True)
+        zz = z.clone().requires_grad_(True)
+        out = ld_ext.pixel_cluster_similarity(zz, pr, 0.3, normalize=True)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        (gr,) = torch.autograd.grad((ref * w).sum(), zr)
+        (gz,) = torch.autograd.grad((out * w.to(dtype)).sum(), zz)
+        # (at the zero pixel the 1e-10 dominates: there the gradient does not scale)
+        expected = torch.where(z.double() == 0, gr, gr * c)
+        assert_close_rel(gz[..., 1:], expected[..., 1:], rtol=10 * tol)
+        assert_close_rel(gz[..., 0], expected[..., 0], rtol=10 * tol)

@@ -251,3 +251,24 @@ def test_cpu_autocast_mixed_dtypes():
     assert_close_rel(f, ref, rtol=1e-5)
     with pytest.raises(TypeError, match="same dtype"):
         ld_ext.region_features(z.bfloat16(), s)  # outside autocast mixed dtypes are an error
+
+
+def test_normalize_does_not_overflow_for_large_embeddings():
+    """||z||^2 of a pixel overflowed for |z| >= 1.8e19 in float32 (1e154 in float64)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, scale in ((torch.float32, 1e22), (torch.float64, 1e170)):
+        z = (torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64) * scale).to(dtype)
+        s = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64).to(dtype)
+        # PyTorch's own norm overflows in float64 here: the reference gets z times an exact power
+        # of two c (normalising is scale-invariant up to the 1e-10): f(z) = f(c z), grad = c grad(c z).
+        c = 2.0**-500 if dtype == torch.float64 else 1.0
+        zr = (z.double() * c).requires_grad_(True)
+        ref = R.region_features(zr, s.double(), normalize=True, assignment="softmax")
+        zz = z.clone().requires_grad_(True)
+        out = ld_ext.region_features(zz, s, normalize=True, assignment="softmax")
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        (gr,) = torch.autograd.grad((ref * w).sum(), zr)
+        (gz,) = torch.autograd.grad((out * w.to(dtype)).sum(), zz)
+        assert_close_rel(gz, gr * c, rtol=10 * tol)

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "../ld_ext.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
@@ -180,9 +181,30 @@ LD_INLINE void load_embeddings(const T* __restrict z, int64_t P, int64_t D, int6
     for (int64_t t = 0; t < ts; ++t) m[t] += row[t] * row[t];
   }
   const T eps = static_cast<T>(kNormEps);
+  const T big = std::numeric_limits<T>::max();
+  int overflow = 0;
   for (int64_t t = 0; t < ts; ++t) {
+    overflow |= static_cast<int>(m[t] > big);  // the sum of squares overflowed (|z| beyond about 1.8e19 in float)
     m[t] = std::sqrt(m[t]);
     inv[t] = T(1) / (m[t] + eps);
+  }
+  if (overflow) {
+    // Rare: recompute those pixels' norms in double with the values divided by their largest
+    // magnitude first (no overflow), so that large embeddings keep their direction.
+    for (int64_t t = 0; t < tn; ++t) {
+      if (!(m[t] > big)) continue;
+      double amax = 0.0;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::abs(static_cast<double>(E[d * ts + t])));
+      if (!(amax <= std::numeric_limits<double>::max())) continue;  // an infinite value: norm inf
+      double ss = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double v = static_cast<double>(E[d * ts + t]) / amax;
+        ss += v * v;
+      }
+      const double md = amax * std::sqrt(ss);
+      m[t] = static_cast<T>(md);
+      inv[t] = static_cast<T>(1.0 / (md + kNormEps));
+    }
   }
   for (int64_t d = 0; d < D; ++d) {
     T* row = E + d * ts;
@@ -213,7 +235,8 @@ LD_INLINE void store_embedding_grad(const T* __restrict gE, const T* __restrict 
     const T* e = E + d * ts;
     for (int64_t t = 0; t < tn; ++t) dotv[t] += ge[t] * e[t];
   }
-  for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (m[t] + eps) / m[t] : T(0);
+  // (m + eps) / m written as 1 + eps / m: also right (1) for a norm that is infinite in T.
+  for (int64_t t = 0; t < tn; ++t) dotv[t] = m[t] > T(0) ? dotv[t] * (T(1) + eps / m[t]) : T(0);
   for (int64_t d = 0; d < D; ++d) {
     const T* ge = gE + d * ts;
     const T* e = E + d * ts;
@@ -360,6 +383,30 @@ inline void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ",
               t.scalar_type());
+}
+
+// Euclidean norm of n doubles: the plain sum of squares, recomputed with the values divided by
+// their largest magnitude first where that overflows (values beyond about 1e154).
+inline double safe_norm(const double* v, int64_t n, int64_t stride = 1) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += v[i * stride] * v[i * stride];
+  if (!(ss > std::numeric_limits<double>::max())) return std::sqrt(ss);
+  double amax = 0.0;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(v[i * stride]));
+  if (!(amax <= std::numeric_limits<double>::max())) return amax;
+  ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = v[i * stride] / amax;
+    ss += x * x;
+  }
+  return amax * std::sqrt(ss);
+}
+
+// A 0-dim result of dtype `dtype` from a value computed in double: rounded like any conversion
+// (a value beyond the dtype's range becomes +-inf, as PyTorch's own reductions give), where
+// at::full would refuse it.
+inline at::Tensor scalar_result(double v, const at::TensorOptions& opts, at::ScalarType dtype) {
+  return at::scalar_tensor(v, opts.dtype(at::kDouble)).to(dtype);
 }
 
 inline int64_t pixels_of(const at::Tensor& t) {

@@ -32,9 +32,7 @@ RDState rd_prepare(const at::Tensor& feats, double tau) {
     for (int64_t i = 0; i < K * D; ++i) st.ct[i] += st.r[n * K * D + i];
   for (int64_t i = 0; i < K * D; ++i) st.ct[i] /= static_cast<double>(N);
   for (int64_t k = 0; k < K; ++k) {
-    double ss = 0.0;
-    for (int64_t d = 0; d < D; ++d) ss += st.ct[k * D + d] * st.ct[k * D + d];
-    st.cn[k] = std::sqrt(ss);
+    st.cn[k] = safe_norm(st.ct.data() + k * D, D);
     for (int64_t d = 0; d < D; ++d) st.c[k * D + d] = st.ct[k * D + d] / (st.cn[k] + kNormEps);
   }
   st.logits.assign(N * K * K, 0.0);
@@ -58,18 +56,18 @@ RDState rd_prepare(const at::Tensor& feats, double tau) {
 }
 
 at::Tensor region_discrimination_cpu(const at::Tensor& feats, double temperature) {
+  checks::region_discrimination("ld_ext::region_discrimination", feats, temperature);
   check_cpu_float(feats, "feats");
-  TORCH_CHECK(feats.dim() == 3, "feats must be (N, K, D)");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0");
   const RDState st = rd_prepare(feats, temperature);
   double loss = 0.0;
   for (int64_t i = 0; i < st.N * st.K; ++i) loss += st.lse[i] - st.logits[i * st.K + (i % st.K)];
   loss /= static_cast<double>(st.N * st.K);
   const auto out_t = (feats.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-  return at::full({}, loss, feats.options().dtype(out_t));
+  return scalar_result(loss, feats.options(), out_t);
 }
 
 at::Tensor region_discrimination_backward_cpu(const at::Tensor& grad, const at::Tensor& feats, double temperature) {
+  checks::region_discrimination_backward("ld_ext::region_discrimination_backward", grad, feats, temperature);
   check_cpu_float(feats, "feats");
   const RDState st = rd_prepare(feats, temperature);
   const int64_t N = st.N, K = st.K, D = st.D;
@@ -570,18 +568,18 @@ void pd_backward(const T* x, int64_t M, int64_t D, double inv_t, double g, T* gx
 }
 
 at::Tensor patch_discrimination_cpu(const at::Tensor& x_in, double temperature) {
+  checks::patch_discrimination("ld_ext::patch_discrimination", x_in, temperature);
   check_cpu_float(x_in, "x");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(0) % 2 == 0, "x must be (M, D) with M even");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0");
   const at::Tensor x = as_compute(x_in);
   double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "patch_discrimination_cpu", [&] {
     loss = pd_forward<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1), 1.0 / temperature);
   });
-  return at::full({}, loss, x.options());
+  return scalar_result(loss, x.options(), x.scalar_type());
 }
 
 at::Tensor patch_discrimination_backward_cpu(const at::Tensor& grad, const at::Tensor& x_in, double temperature) {
+  checks::patch_discrimination_backward("ld_ext::patch_discrimination_backward", grad, x_in, temperature);
   check_cpu_float(x_in, "x");
   const at::Tensor x = as_compute(x_in);
   const double g = grad.to(at::kDouble).item<double>();

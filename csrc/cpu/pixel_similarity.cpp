@@ -116,9 +116,9 @@ PSShape shape_of(const at::Tensor& z, const at::Tensor& proto) {
 
 at::Tensor pixel_cluster_similarity_cpu(const at::Tensor& embeddings, const at::Tensor& prototypes,
                                         double temperature, bool normalize) {
+  checks::pixel_cluster_similarity("ld_ext::pixel_cluster_similarity", embeddings, prototypes, temperature);
   check_cpu_float(embeddings, "embeddings");
   check_cpu_float(prototypes, "prototypes");
-  TORCH_CHECK(temperature > 0, "temperature must be > 0");
   const at::Tensor z = as_compute(embeddings);
   const at::Tensor pr = as_compute(prototypes).to(z.scalar_type());
   const PSShape sh = shape_of(z, pr);
@@ -147,6 +147,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const a
                                                                          const at::Tensor& prototypes,
                                                                          const at::Tensor& out, double temperature,
                                                                          bool normalize) {
+  checks::pixel_cluster_similarity_backward("ld_ext::pixel_cluster_similarity_backward", grad_out, embeddings,
+                                            prototypes, out, temperature);
   check_cpu_float(embeddings, "embeddings");
   const at::Tensor z = as_compute(embeddings);
   const auto ct = z.scalar_type();

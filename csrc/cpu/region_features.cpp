@@ -136,6 +136,7 @@ void rf_forward_task(const T* z, const T* s, const RFShape& sh, int64_t n, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cpu(const at::Tensor& embeddings,
                                                                    const at::Tensor& assignments, bool normalize,
                                                                    int64_t mode, bool entropy) {
+  checks::region_features("ld_ext::region_features", embeddings, assignments, mode);
   check_cpu_float(embeddings, "embeddings");
   check_cpu_float(assignments, "assignments");
   TORCH_CHECK(embeddings.scalar_type() == assignments.scalar_type(), "embeddings and assignments dtypes differ");
@@ -170,14 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cpu(const at::Ten
     std::vector<double> rt(sh.D);
     for (int64_t n = 0; n < sh.N; ++n) {
       for (int64_t k = 0; k < sh.K; ++k) {
-        double ss = 0.0;
         for (int64_t d = 0; d < sh.D; ++d) {
           double acc = 0.0;
           for (int64_t c = 0; c < nchunks; ++c) acc += partials[((n * nchunks + c) * sh.K + k) * sh.D + d];
           rt[d] = acc * invP;
-          ss += rt[d] * rt[d];
         }
-        const double nr = std::sqrt(ss);
+        const double nr = safe_norm(rt.data(), sh.D);
         np_[n * sh.K + k] = static_cast<scalar_t>(nr);
         for (int64_t d = 0; d < sh.D; ++d)
           fp[(n * sh.K + k) * sh.D + d] = static_cast<scalar_t>(rt[d] / (nr + kNormEps));
@@ -288,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cpu(const at::Tensor
                                                                 const at::Tensor& assignments, const at::Tensor& feats,
                                                                 const at::Tensor& rnorm, bool normalize, int64_t mode,
                                                                 bool entropy) {
+  checks::region_features_backward("ld_ext::region_features_backward", grad_feats, grad_entropy, embeddings,
+                                   assignments, feats, rnorm, mode);
   check_cpu_float(embeddings, "embeddings");
   check_cpu_float(assignments, "assignments");
   const at::Tensor z = as_compute(embeddings), s = as_compute(assignments);

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "../checks.h"
 #include "../ld_ext.h"
 
 namespace ld_ext {
@@ -47,6 +48,34 @@ __device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
 __device__ __forceinline__ float dev_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double dev_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float dev_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double dev_abs(double x) { return fabs(x); }
+// x > the largest finite value: +inf (a sum of squares that overflowed); false for NaN.
+__device__ __forceinline__ bool dev_overflows(float x) { return x > 3.402823466e+38f; }
+__device__ __forceinline__ bool dev_overflows(double x) { return x > 1.7976931348623157e+308; }
+
+// Euclidean norm of v[0], v[stride], ..., v[(n - 1) stride]. The plain sum of squares; where it
+// overflows (a value beyond about 1.8e19 in float), it is recomputed with every value divided by
+// the largest magnitude first, so that large vectors keep a finite norm and their direction.
+template <typename acc_t>
+__device__ __forceinline__ acc_t dev_norm(const acc_t* v, int n, int stride) {
+  acc_t sq = 0;
+#pragma unroll 4
+  for (int d = 0; d < n; ++d) {
+    const acc_t x = v[d * stride];
+    sq += x * x;
+  }
+  if (!dev_overflows(sq)) return dev_sqrt(sq);
+  acc_t amax = 0;
+  for (int d = 0; d < n; ++d) amax = dev_max(amax, dev_abs(v[d * stride]));
+  if (dev_overflows(amax)) return amax;  // an infinite value: the norm is infinite
+  acc_t s = 0;
+  for (int d = 0; d < n; ++d) {
+    const acc_t x = v[d * stride] / amax;
+    s += x * x;
+  }
+  return amax * dev_sqrt(s);
+}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t dev_sigmoid(acc_t x) {
@@ -280,13 +309,7 @@ inline RBTile make_rb_tile(int cp, int64_t D, int64_t K) {
 // returns 1 / (||z_j|| + eps).
 template <typename acc_t>
 __device__ __forceinline__ acc_t column_inv_norm(const acc_t* Z, int j, const RBTile& tl, acc_t* m) {
-  acc_t sq = 0;
-#pragma unroll 4
-  for (int d = 0; d < tl.D; ++d) {
-    const acc_t v = Z[d * tl.cs + j];
-    sq += v * v;
-  }
-  *m = dev_sqrt(sq);
+  *m = dev_norm(Z + j, tl.D, tl.cs);
   return acc_t(1) / (*m + static_cast<acc_t>(kNormEps));
 }
 

@@ -161,16 +161,11 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
 constexpr const char* kOp = "ld_ext::patch_discrimination (CUDA)";
 constexpr const char* kOpB = "ld_ext::patch_discrimination_backward (CUDA)";
 
-void check_inputs(const at::Tensor& x, double temperature, const char* op) {
-  check_cuda_tensor(x, op, "x");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be (M, D)");
-  TORCH_CHECK(x.numel() > 0, op, ": x must not be empty");
-  TORCH_CHECK(x.size(0) >= 2 && x.size(0) % 2 == 0, op, ": x must have an even number of rows M >= 2");
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0");
-}
+void check_inputs(const at::Tensor& x, const char* op) { check_cuda_tensor(x, op, "x"); }
 
 at::Tensor patch_discrimination_cuda(const at::Tensor& x_in, double temperature) {
-  check_inputs(x_in, temperature, kOp);
+  checks::patch_discrimination(kOp, x_in, temperature);
+  check_inputs(x_in, kOp);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), D = x.size(1);
@@ -197,7 +192,8 @@ at::Tensor patch_discrimination_cuda(const at::Tensor& x_in, double temperature)
 }
 
 at::Tensor patch_discrimination_backward_cuda(const at::Tensor& grad, const at::Tensor& x_in, double temperature) {
-  check_inputs(x_in, temperature, kOpB);
+  checks::patch_discrimination_backward(kOpB, grad, x_in, temperature);
+  check_inputs(x_in, kOpB);
   TORCH_CHECK(grad.numel() == 1, kOpB, ": grad must be a scalar");
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();

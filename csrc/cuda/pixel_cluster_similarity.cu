@@ -33,12 +33,7 @@ __device__ __forceinline__ void load_embeddings(const scalar_t* __restrict__ e_n
   if (!normalize) return;
   if (threadIdx.x < cp) {
     const int j = threadIdx.x;
-    acc_t sq = 0;
-    for (int d = 0; d < tl.D; ++d) {
-      const acc_t v = E[j * tl.ds + d];
-      sq += v * v;
-    }
-    M[j] = dev_sqrt(sq);
+    M[j] = dev_norm(E + j * tl.ds, tl.D, 1);
   }
   __syncthreads();
   const acc_t eps = static_cast<acc_t>(kNormEps);
@@ -444,26 +439,15 @@ RBPlan pcs_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
 constexpr const char* kOp = "ld_ext::pixel_cluster_similarity (CUDA)";
 constexpr const char* kOpB = "ld_ext::pixel_cluster_similarity_backward (CUDA)";
 
-void check_inputs(const at::Tensor& e, const at::Tensor& proto, double temperature, const char* op) {
+void check_inputs(const at::Tensor& e, const at::Tensor& proto, const char* op) {
   check_cuda_tensor(e, op, "embeddings");
   check_cuda_tensor(proto, op, "prototypes");
-  TORCH_CHECK(e.device() == proto.device(), op, ": embeddings and prototypes must be on the same device");
-  TORCH_CHECK(e.scalar_type() == proto.scalar_type(), op, ": embeddings and prototypes must have the same dtype");
-  TORCH_CHECK(e.dim() >= 3, op, ": embeddings must be (N, D, *spatial)");
-  TORCH_CHECK(e.numel() > 0 && proto.numel() > 0, op, ": inputs must not be empty");
-  const int64_t D = e.size(1);
-  if (proto.dim() == 2) {
-    TORCH_CHECK(proto.size(1) == D, op, ": prototypes must be (K, D) with D = ", D);
-  } else {
-    TORCH_CHECK(proto.dim() == 3 && proto.size(0) == e.size(0) && proto.size(2) == D, op,
-                ": prototypes must be (K, D) or (N, K, D) matching embeddings");
-  }
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0");
 }
 
 at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at::Tensor& prototypes,
                                          double temperature, bool normalize) {
-  check_inputs(embeddings, prototypes, temperature, kOp);
+  checks::pixel_cluster_similarity(kOp, embeddings, prototypes, temperature);
+  check_inputs(embeddings, prototypes, kOp);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int device = embeddings.get_device();
   const at::Tensor e = embeddings.contiguous();
@@ -510,7 +494,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
                                                                           const at::Tensor& prototypes,
                                                                           const at::Tensor& out, double temperature,
                                                                           bool normalize) {
-  check_inputs(embeddings, prototypes, temperature, kOpB);
+  checks::pixel_cluster_similarity_backward(kOpB, grad_out, embeddings, prototypes, out, temperature);
+  check_inputs(embeddings, prototypes, kOpB);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int device = embeddings.get_device();
   const at::Tensor e = embeddings.contiguous();

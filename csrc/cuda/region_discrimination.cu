@@ -118,12 +118,7 @@ __global__ void rd_feat_grad_kernel(const acc_t* __restrict__ W, const acc_t* __
 constexpr const char* kOp = "ld_ext::region_discrimination (CUDA)";
 constexpr const char* kOpB = "ld_ext::region_discrimination_backward (CUDA)";
 
-void check_inputs(const at::Tensor& feats, double temperature, const char* op) {
-  check_cuda_tensor(feats, op, "feats");
-  TORCH_CHECK(feats.dim() == 3, op, ": feats must be (N, K, D)");
-  TORCH_CHECK(feats.numel() > 0, op, ": feats must not be empty");
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0");
-}
+void check_inputs(const at::Tensor& feats, const char* op) { check_cuda_tensor(feats, op, "feats"); }
 
 size_t rows_smem(int64_t K, int64_t D, size_t elem) { return static_cast<size_t>(K + D + kSmallThreads) * elem; }
 
@@ -146,7 +141,8 @@ void launch_centres_and_rows(const at::Tensor& f, at::Tensor& ct, at::Tensor& cn
 }
 
 at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperature) {
-  check_inputs(feats, temperature, kOp);
+  checks::region_discrimination(kOp, feats, temperature);
+  check_inputs(feats, kOp);
   c10::cuda::CUDAGuard guard(feats.device());
   const at::Tensor f = feats.contiguous();
   const int64_t N = f.size(0), K = f.size(1), D = f.size(2);
@@ -170,7 +166,8 @@ at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperatur
 }
 
 at::Tensor region_discrimination_backward_cuda(const at::Tensor& grad, const at::Tensor& feats, double temperature) {
-  check_inputs(feats, temperature, kOpB);
+  checks::region_discrimination_backward(kOpB, grad, feats, temperature);
+  check_inputs(feats, kOpB);
   c10::cuda::CUDAGuard guard(feats.device());
   const at::Tensor f = feats.contiguous();
   const int64_t N = f.size(0), K = f.size(1), D = f.size(2);

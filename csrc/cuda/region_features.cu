@@ -57,12 +57,7 @@ __device__ __forceinline__ void pixel_scalars(const Tile& tl, bool normalize, in
   const int j = threadIdx.x;
   if (j >= tl.cp) return;
   if (normalize) {
-    acc_t sq = 0;
-    for (int d = 0; d < tl.D; ++d) {
-      const acc_t v = E[j * tl.ds + d];
-      sq += v * v;
-    }
-    M[j] = dev_sqrt(sq);
+    M[j] = dev_norm(E + j * tl.ds, tl.D, 1);
   }
   if (mode == kSigmoid) {
     acc_t u = 0;
@@ -601,24 +596,16 @@ RBPlan rb_backward_plan(int64_t D, int64_t K, size_t elem, int device) {
   });
 }
 
-void check_inputs(const at::Tensor& e, const at::Tensor& a, int64_t mode, const char* op) {
+void check_inputs(const at::Tensor& e, const at::Tensor& a, const char* op) {
   check_cuda_tensor(e, op, "embeddings");
   check_cuda_tensor(a, op, "assignments");
-  TORCH_CHECK(e.device() == a.device(), op, ": embeddings and assignments must be on the same device");
-  TORCH_CHECK(e.scalar_type() == a.scalar_type(), op, ": embeddings and assignments must have the same dtype");
-  TORCH_CHECK(e.dim() >= 3 && e.dim() == a.dim(), op, ": expected (N, D, *spatial) and (N, K, *spatial)");
-  TORCH_CHECK(e.size(0) == a.size(0), op, ": embeddings and assignments must have the same N");
-  for (int64_t i = 2; i < e.dim(); ++i) {
-    TORCH_CHECK(e.size(i) == a.size(i), op, ": embeddings and assignments must have the same spatial size");
-  }
-  TORCH_CHECK(mode == kProbs || mode == kSigmoid || mode == kSoftmax, op, ": mode must be 0, 1 or 2, got ", mode);
-  TORCH_CHECK(e.numel() > 0 && a.numel() > 0, op, ": inputs must not be empty");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Tensor& embeddings,
                                                                     const at::Tensor& assignments, bool normalize,
                                                                     int64_t mode, bool entropy) {
-  check_inputs(embeddings, assignments, mode, kOp);
+  checks::region_features(kOp, embeddings, assignments, mode);
+  check_inputs(embeddings, assignments, kOp);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int device = embeddings.get_device();
   const at::Tensor e = embeddings.contiguous();
@@ -683,7 +670,8 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
                                                                  const at::Tensor& assignments,
                                                                  const at::Tensor& feats, const at::Tensor& rnorm,
                                                                  bool normalize, int64_t mode, bool entropy) {
-  check_inputs(embeddings, assignments, mode, kOpB);
+  checks::region_features_backward(kOpB, grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, mode);
+  check_inputs(embeddings, assignments, kOpB);
   c10::cuda::CUDAGuard guard(embeddings.device());
   const int device = embeddings.get_device();
   const at::Tensor e = embeddings.contiguous();

@@ -182,6 +182,35 @@ def check_pd(ops, R, chk, dtype, md):
 
 
 @contextlib.contextmanager
+def check_large_norms(ops, R, chk):
+    """normalize=True with |z| ~ 1e25 in float32, where the per-pixel sum of squares overflows:
+    dev_norm's rescaled path, in the register-blocked kernels (small K, D) and the general ones
+    (K x D too large for them), forward and backward, against float64 (squares fine there)."""
+    for shape in [(2, 5, 3, (6, 7)), (1, 200, 60, (5, 3))]:
+        n, d, k, sp = shape
+        z = (torch.randn(n, d, *sp, dtype=torch.float64) * 1e25).float()
+        a = torch.randn(n, k, *sp, dtype=torch.float64).float()
+        tag = f"large norms[{shape}]"
+        feats, rnorm, _ = ops.region_features(z, a, True, 2, False)
+        zr = z.double().requires_grad_()
+        fr = R.region_features_bmm(zr, a.double(), normalize=True, assignment="softmax")
+        w = torch.randn(n, k, d)
+        (fr * w.double()).sum().backward()
+        ge, _ = ops.region_features_backward(w, torch.zeros(()), z, a, feats, rnorm, True, 2, False)
+        chk(tag + " region_features", rel(feats, fr) <= TOL[torch.float32], f"{rel(feats, fr):.2e}")
+        chk(tag + " region_features grad_e", rel(ge, zr.grad) <= GTOL[torch.float32], f"{rel(ge, zr.grad):.2e}")
+        p = torch.randn(k, d)
+        out = ops.pixel_cluster_similarity(z, p, 0.5, True)
+        zr = z.double().requires_grad_()
+        outr = R.pixel_cluster_similarity(zr, p.double(), 0.5, normalize=True)
+        g = torch.randn(out.shape)
+        (outr * g.double()).sum().backward()
+        ge, _ = ops.pixel_cluster_similarity_backward(g, z, p, out, 0.5, True)
+        chk(tag + " pixel_cluster_similarity", rel(out, outr) <= TOL[torch.float32], f"{rel(out, outr):.2e}")
+        chk(tag + " pixel_cluster_similarity grad_e", rel(ge, zr.grad) <= GTOL[torch.float32],
+            f"{rel(ge, zr.grad):.2e}")
+
+
 def _env(name: str, value: str):
     """Set an environment variable that the emulated host code reads (a kernel knob) for a block."""
     old = os.environ.get(name)
@@ -199,11 +228,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-dir", default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--only", choices=["rf", "rd", "pcs", "pd"], action="append", default=None,
+    ap.add_argument("--only", choices=["rf", "rd", "pcs", "pd", "norm"], action="append", default=None,
                     help="check only these ops (region_features, region_discrimination, pixel_cluster_similarity, "
-                         "patch_discrimination); repeatable; default all")
+                         "patch_discrimination; norm: per-pixel norms that overflow float32); repeatable; "
+                         "default all")
     args = ap.parse_args(argv)
-    want = set(args.only or ["rf", "rd", "pcs", "pd"])
+    want = set(args.only or ["rf", "rd", "pcs", "pd", "norm"])
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"run_emulated: seed {seed}")
     torch.manual_seed(seed)
@@ -252,6 +282,8 @@ def main(argv=None) -> int:
         with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):
             check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
             check_pcs(ops, R, chk, torch.bfloat16, (2, 32, 16, (16, 17)), False, False)
+    if "norm" in want:
+        check_large_norms(ops, R, chk)
     print(f"run_emulated: {time.perf_counter() - t0:.0f} s")
     print(f"emulated CUDA kernels: {chk.passed} passed, {len(chk.failed)} failed")
     return 1 if chk.failed else 0

@@ -1,6 +1,6 @@
 """Translate ld_ext's CUDA sources into C++ that runs on the CPU with emu.h.
 
-    python csrc/cuda/emu/translate.py OUT_DIR      # writes OUT_DIR/{ld_ext.h,schemas.cpp,cuda/*}
+    python csrc/cuda/emu/translate.py OUT_DIR      # writes OUT_DIR/{ld_ext.h,checks.h,schemas.cpp,cuda/*}
 
 Mechanical rewrites only (the kernels' code is left as written): c10/cuda includes become emu.h,
 `extern __shared__` buffers point at the emulated shared memory, static `__shared__` arrays become
@@ -41,10 +41,11 @@ def translate(text: str) -> str:
 
 def main(out: str) -> None:
     os.makedirs(os.path.join(out, "cuda"), exist_ok=True)
-    with open(os.path.join(CSRC, "ld_ext.h")) as f:
-        header = f.read()
-    with open(os.path.join(out, "ld_ext.h"), "w") as f:
-        f.write(header)
+    for header in ("ld_ext.h", "checks.h"):
+        with open(os.path.join(CSRC, header)) as f:
+            text = f.read()
+        with open(os.path.join(out, header), "w") as f:
+            f.write(text)
     with open(os.path.join(HERE, "emu.h")) as f:
         emu = f.read()
     with open(os.path.join(out, "cuda", "emu.h"), "w") as f:
