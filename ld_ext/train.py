@@ -184,6 +184,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoint_minutes: float | None = 10.0
     dist_timeout: float = dist_utils.DEFAULT_TIMEOUT_S
+    dtype: str = "float32"
 
     def validate(self) -> "TrainConfig":
         def pos_int(name, minimum=1):
@@ -214,6 +215,8 @@ class TrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
         pos_int("checkpoint_every", 0)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         for name in ("workers", "loader_workers"):
             if getattr(self, name) is not None:
                 pos_int(name, 0)
@@ -409,7 +412,7 @@ def predict(model: LDNet, images: torch.Tensor, batch_size: int = 8) -> tuple[to
     dev = next(model.parameters()).device
     zs, ss = [], []
     for i in range(0, images.shape[0], batch_size):
-        z, s = model(normalize_intensity(images[i : i + batch_size].to(dev).float()))
+        z, s = model(normalize_intensity(images[i : i + batch_size].to(dev, next(model.parameters()).dtype)))
         zs.append(z.float().cpu())
         if s is not None:
             ss.append(s.float().cpu())
@@ -453,9 +456,9 @@ def pretrain(
     cache (``cfg.cache``, default ``OUT/cache``) and streamed from it. ``val_images`` (V, C, S, S)
     in [0, 1] overrides the fixed validation set (default: ``cfg.val_images`` images of the
     dataset picked with the seed). ``on_epoch_end(record)`` is called after each epoch's
-    checkpoint is written, ``on_step_end({"stage", "epoch", "step", "checkpointed"})`` after each
-    step (``step`` counts the steps done in the epoch; ``checkpointed``: a mid-epoch checkpoint
-    was just written).
+    checkpoint is written, ``on_step_end({"stage", "epoch", "step", "checkpointed", "losses"})``
+    after each step (``step`` counts the steps done in the epoch; ``checkpointed``: a mid-epoch
+    checkpoint was just written; ``losses``: the step's loss terms as floats).
 
     In a multi-process run a failed or timed-out collective (a frozen or dead process) is
     reported as a ``RuntimeError`` that says so, after at most ``cfg.dist_timeout`` seconds.
@@ -557,6 +560,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
         _seed_all(cfg.seed)
 
     viewgen = LDViewGenerator(cfg.size, AugmentConfig())
+    tdtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     criterion = LDCriterion(cfg.loss_impl, cfg.grid)
     gb = cfg.batch_size * ws
     steps = cfg.steps_per_epoch or max(1, n // gb)
@@ -616,7 +620,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
             resume_state = None  # consumed
         elif resume_state is not None and resume_state["stage"] < stage:
             resume_state = None
-        model.to(device)
+        model.to(device, dtype=tdtype)
         if ws > 1:
             model = dist_utils.convert_batchnorm(model, device)
             dist_utils.broadcast_module(model)
@@ -641,7 +645,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
                 item_no = step * gb + torch.arange(gb)  # the items' global numbers, as in _batch_indices
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 gens = [item_generator(cfg.seed, stage, epoch, step, int(i)) for i in item_no[sl]]
-                vb = viewgen(img1, img2, gens)
+                vb = viewgen(img1.to(tdtype), img2.to(tdtype), gens)
                 with ac:
                     z, s = model(vb.images)
                 losses = criterion(z, s, vb)
@@ -667,7 +671,8 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
                     save_checkpoint(ckpt_path, _train_state(model, opt, sched, cfg, stage, epoch, done, sums, ws))
                     last_save, saved = time.time(), True
                 if on_step_end is not None:
-                    on_step_end({"stage": stage, "epoch": epoch, "step": done, "checkpointed": saved})
+                    on_step_end({"stage": stage, "epoch": epoch, "step": done, "checkpointed": saved,
+                                 "losses": {k: float(v.detach()) for k, v in losses.items()}})
             if bar is not None:
                 bar.close()
             sched.step()
@@ -886,6 +891,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-stage1", default=None, metavar="CKPT",
                         help="skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
+                        help="training precision (float64: slow, for verification)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -897,7 +904,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
         resume=args.resume, max_minutes=args.max_minutes, progress=not args.no_progress, init_stage1=args.init_stage1,
         cache=args.cache, workers=args.workers, loader_workers=args.loader_workers, checkpoint_every=args.checkpoint_every,
-        checkpoint_minutes=args.checkpoint_minutes, dist_timeout=args.dist_timeout,
+        checkpoint_minutes=args.checkpoint_minutes, dist_timeout=args.dist_timeout, dtype=args.dtype,
     )
 
 
