@@ -518,10 +518,17 @@ class _Tally:
         self.n_upsampled += res.upsampled
 
     def warn(self, size: int, stacklevel: int = 3) -> None:
-        if self.skipped:
+        if self.n_not_regular:
             warnings.warn(
-                f"skipped {len(self.skipped)} unreadable file(s) of {self.n_files + self.n_not_regular}; "
-                f"first: {self.skipped[0][0]} ({self.skipped[0][1]})",
+                f"skipped {self.n_not_regular} entr(y/ies) that are not regular files (FIFO, socket, device or broken "
+                f"link), without opening them; first: {self.skipped[0][0]}",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
+        unreadable = self.skipped[self.n_not_regular :]
+        if unreadable:
+            warnings.warn(
+                f"skipped {len(unreadable)} unreadable file(s) of {self.n_files}; first: {unreadable[0][0]} ({unreadable[0][1]})",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
