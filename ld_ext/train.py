@@ -330,7 +330,10 @@ def _default_loader_workers(device: torch.device) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         cpus = os.cpu_count() or 1
-    return min(4, max(1, cpus // 2)) if device.type == "cuda" else 1
+    # CPU: reading a step's images from the cache takes well under 1 % of the step (benchmarks/
+    # data_pipeline.py), so the main process reads them itself; a worker would only compete for
+    # the cores the training uses
+    return min(4, max(1, cpus // 2)) if device.type == "cuda" else 0
 
 
 class _Batches:
@@ -880,7 +883,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes that build the cache (default: the CPUs, at most 8)")
     parser.add_argument("--loader-workers", type=int, default=None,
-                        help="DataLoader processes reading batches from the cache (default: 1 on CPU, min(4, CPUs/2) on CUDA)")
+                        help="DataLoader processes reading batches from the cache (default: 0 on CPU, i.e. the training process "
+                        "reads them; min(4, CPUs/2) on CUDA, with pinned memory)")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                         help="also write checkpoint.pt every STEPS steps inside an epoch (0: off)")
     parser.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes, metavar="MIN",
