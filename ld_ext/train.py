@@ -482,11 +482,14 @@ def _collective_failure(exc: BaseException) -> bool:
     return any(k in msg for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
 
 
-def _load_for_all(path: Path, check: Callable[[dict], None] | None = None) -> dict:
-    """A checkpoint read by process 0 only and broadcast; a problem is raised on every process."""
+def _load_for_all(path: Path, check: Callable[[dict], None] | None = None, missing: str | None = None) -> dict:
+    """A checkpoint read by process 0 only and broadcast; a problem is raised on every process
+    (``missing``: the ValueError message for a file that does not exist)."""
     payload: tuple = (None, None, None)
     if dist_utils.rank() == 0:
         try:
+            if missing is not None and not path.exists():
+                raise ValueError(missing)
             st = load_checkpoint(path, map_location="cpu")
             if check is not None:
                 check(st)
@@ -534,9 +537,6 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     metrics_path = out / "metrics.jsonl"
     resume_state = None
     if cfg.resume:
-        if info.is_main and not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint to resume from at {ckpt_path}")
-
         def check(st):
             for key in ("stage", "epoch", "optimizer", "scheduler"):
                 if key not in st:
@@ -554,7 +554,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
                     f"resume it with the same number of processes (global batch)"
                 )
 
-        resume_state = _load_for_all(ckpt_path, check)
+        resume_state = _load_for_all(ckpt_path, check, missing=f"--resume: no checkpoint to resume from at {ckpt_path}")
     records = _read_jsonl(metrics_path) if resume_state is not None else []
     if resume_state is not None:
         done = (resume_state["stage"], resume_state["epoch"])
