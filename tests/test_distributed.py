@@ -234,3 +234,19 @@ def test_a_frozen_rank_makes_the_others_stop_within_the_timeout(tmp_path):
     assert rc0 != 0
     assert "timed out" in out0.lower() and "--dist-timeout 5 s" in out0 and "frozen" in out0, out0[-3000:]
     assert waited < timeout + 60  # (gloo's default would be 1800 s)
+
+
+def test_helpers_without_a_process_group_and_bad_timeouts():
+    assert not du.is_distributed()
+    du.check_same_dataset(3, "ab" * 32)  # nothing to compare with: no error
+    obj = {"a": torch.ones(2)}
+    assert du.broadcast_object(obj) is obj
+    for bad in (0, -1.0, "600", True):
+        with pytest.raises(ValueError, match="timeout"):
+            du.init_from_env("cpu", timeout=bad)
+    from ld_ext.train import TrainConfig
+
+    with pytest.raises(ValueError, match="dist_timeout"):
+        TrainConfig(dist_timeout=0).validate()
+    msg = str(du.collective_error(RuntimeError("Timed out waiting 5000ms for recv"), 5.0))
+    assert "--dist-timeout 5 s" in msg and "Timed out waiting" in msg
