@@ -108,7 +108,7 @@ def peak_rss_mb(data: Path, out: Path, extra: list[str] | None = None) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[400, 4000], help="data-set sizes for the RSS sweep")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[400, 4000], help="data-set sizes for the RSS sweep (none: skip it)")
     ap.add_argument("--rss-repeats", type=int, default=2)
     ap.add_argument("--train-images", type=int, default=400, help="data-set size of the training-rate comparison")
     ap.add_argument("--steps", type=int, default=6, help="steps per epoch in the training-rate comparison")
