@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
+    from .distributed import CollectiveError
+
     undo_logging = configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return error(_missing_module_message(exc))
+    except CollectiveError as exc:  # a frozen or dead peer process: its own line, exit 1
+        if debug:
+            raise
+        return error(" ".join(str(exc).split()), code=1)
     except USER_ERRORS as exc:
         if debug:
             raise

@@ -11,6 +11,7 @@ the single-process update on the concatenated batch. Batch-norm statistics are m
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ from torch import nn
 __all__ = [
     "DistInfo",
     "init_from_env",
+    "DEFAULT_TIMEOUT_S",
+    "check_same_dataset",
+    "broadcast_object",
+    "CollectiveError",
+    "collective_error",
     "is_distributed",
     "world_size",
     "rank",
@@ -59,12 +65,21 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init_from_env(device: str | None = None) -> DistInfo:
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init_from_env(device: str | None = None, timeout: float | None = None) -> DistInfo:
     """Join the process group described by torchrun's environment (WORLD_SIZE, RANK, ...).
 
     Without those variables (or WORLD_SIZE=1) nothing is initialised. Backend: nccl when the
-    device is CUDA, gloo otherwise.
+    device is CUDA, gloo otherwise. ``timeout`` (seconds, default ``DEFAULT_TIMEOUT_S``) bounds
+    the start-up rendezvous and every collective: a process that waits longer for another (frozen,
+    dead) one fails with an error instead of hanging (gloo's own default is 30 minutes).
     """
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = device == "cuda" or (device in (None, "auto") and torch.cuda.is_available())
     if device not in (None, "auto", "cpu", "cuda") and not str(device).startswith("cuda"):
@@ -85,8 +100,56 @@ def init_from_env(device: str | None = None) -> DistInfo:
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout)))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def check_same_dataset(n_images: int, fingerprint: str) -> None:
+    """Stop with a ``ValueError`` on every process unless all see the same data set.
+
+    Compares the image count and the first 60 bits of the hex ``fingerprint`` (for a cache: its
+    key, a hash of the settings and of every file's path, size and mtime). No-op when not distributed.
+    """
+    if not is_distributed():
+        return
+    fp = int(str(fingerprint)[:15], 16)
+    mine = torch.tensor([int(n_images), fp], dtype=torch.int64, device=_collective_device())
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    seen = [(int(p[0]), int(p[1])) for p in parts]
+    if len(set(seen)) > 1:
+        detail = "; ".join(f"rank {r}: {n} images, fingerprint {f:015x}" for r, (n, f) in enumerate(seen))
+        raise ValueError(
+            "the processes do not see the same data set (" + detail + "). Give every node the same --data "
+            "(same files, sizes and modification times) and the same preprocessing options"
+        )
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of process ``src`` on every process (pickled; e.g. a checkpoint read once)."""
+    if not is_distributed():
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=_collective_device() if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation with the other processes failed or timed out (``collective_error``)."""
+
+
+def collective_error(exc: BaseException, timeout: float | None) -> CollectiveError:
+    """A clear error for a failed or timed-out collective (the cause is kept as ``__cause__``)."""
+    t = f"{timeout:g} s" if timeout is not None else "the timeout"
+    return CollectiveError(
+        f"rank {rank()}: a collective operation with the other processes failed or timed out (--dist-timeout {t}): "
+        f"another process is probably frozen, killed or failed; see its output. ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''})"
+    )
 
 
 def barrier() -> None:

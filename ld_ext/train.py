@@ -41,7 +41,7 @@ from . import distributed as dist_utils
 from . import reference
 from .augment import AugmentConfig, LDViewGenerator, ViewBatch, align_to_v1, item_generator
 from .checkpoint import atomic_write_bytes, defer_signals, load_checkpoint, remove_stale_temp_files, save_checkpoint
-from .data import ImageFolderDataset
+from .data import CachedImageDataset, ImageFolderDataset, Preprocessing, open_or_build_cache
 from .models import DEFAULT_WIDTHS, LDNet
 
 __all__ = [
@@ -185,6 +185,13 @@ class TrainConfig:
     init_stage1: str | None = None
     max_minutes: float | None = None
     progress: bool = True
+    cache: str | None = None
+    workers: int | None = None
+    loader_workers: int | None = None
+    checkpoint_every: int = 0
+    checkpoint_minutes: float | None = 10.0
+    dist_timeout: float = dist_utils.DEFAULT_TIMEOUT_S
+    dtype: str = "float32"
 
     def validate(self) -> "TrainConfig":
         def pos_int(name, minimum=1):
@@ -216,7 +223,20 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
+        pos_int("checkpoint_every", 0)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        for name in ("workers", "loader_workers"):
+            if getattr(self, name) is not None:
+                pos_int(name, 0)
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be > 0 (or None), got {self.checkpoint_minutes!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}")
         return self
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.size, self.channels, tuple(self.nifti_axes), self.min_foreground, fit=self.fit)
 
 
 # The files a run writes into --out (overlays/ holds stageS_epochEEE.png).
@@ -250,6 +270,15 @@ def _validate_resume_state(state: dict, path: Path) -> dict:
         raise ValueError(f"{where}: 'stage' must be 1 or 2, got {stage!r}"[:300])
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= 10**7:
         raise ValueError(f"{where}: 'epoch' must be an int >= 0, got {epoch!r}"[:300])
+    step = state.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 10**9:
+        raise ValueError(f"{where}: 'step' must be an int >= 0, got {step!r}"[:300])
+    sums = state.get("sums")
+    if sums is not None and not (
+        isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for k, v in sums.items())
+    ):
+        raise ValueError(f"{where}: 'sums' must map loss names to numbers")
     for key in ("optimizer", "scheduler"):
         if not isinstance(state[key], dict):
             raise ValueError(f"{where}: {key!r} must be a dict (a state_dict), got {type(state[key]).__name__}")
@@ -370,9 +399,18 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int):
-    """Global item indices, their partner images and the items' global numbers for one step."""
-    order = torch.randperm(n, generator=item_generator(seed, stage, epoch, -1))
+def _epoch_order(n: int, stage: int, epoch: int, seed: int) -> torch.Tensor:
+    """The item order of one epoch (a permutation of the n images)."""
+    return torch.randperm(n, generator=item_generator(seed, stage, epoch, -1))
+
+
+def _batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int, order: torch.Tensor | None = None):
+    """Global item indices, their partner images and the items' global numbers for one step.
+
+    ``order`` is ``_epoch_order(n, stage, epoch, seed)`` when the caller already has it.
+    """
+    if order is None:
+        order = _epoch_order(n, stage, epoch, seed)
     pos = (step * global_batch + torch.arange(global_batch)) % n
     idx = order[pos]
     if n > 1:
@@ -381,6 +419,104 @@ def _batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int,
     else:
         partner = idx.clone()
     return idx, partner, step * global_batch + torch.arange(global_batch)
+
+
+class _StepImages(torch.utils.data.Dataset):
+    """Item ``(stage, epoch, step)``: this process's share of one step, the B item images followed by
+    their B partner images, (2B, C, S, S), read from the data set (for a cache: just those images).
+
+    Everything is derived from the key, so DataLoader workers need no shared state and the batches
+    are those of ``_batch_indices`` whatever the worker count.
+    """
+
+    def __init__(self, dataset, n: int, global_batch: int, batch: int, rank: int, seed: int) -> None:
+        self.dataset, self.n, self.gb, self.b, self.rank, self.seed = dataset, n, global_batch, batch, rank, seed
+        self._order_key: tuple | None = None
+        self._order: torch.Tensor | None = None
+
+    def indices(self, stage: int, epoch: int, step: int) -> torch.Tensor:
+        if self._order_key != (stage, epoch):
+            self._order, self._order_key = _epoch_order(self.n, stage, epoch, self.seed), (stage, epoch)
+        idx, partner, _ = _batch_indices(self.n, stage, epoch, step, self.gb, self.seed, self._order)
+        sl = slice(self.rank * self.b, (self.rank + 1) * self.b)
+        return torch.cat([idx[sl], partner[sl]])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self.dataset.read(self.indices(*key))
+
+    def __len__(self) -> int:  # not used for sampling (the sampler gives the keys)
+        return 0
+
+
+class _StepKeys(torch.utils.data.Sampler):
+    """The keys of the steps still to run in the current epoch (set before each pass)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int, int]] = []
+
+    def set(self, stage: int, epoch: int, start: int, steps: int) -> None:
+        self.keys = [(stage, epoch, s) for s in range(start, steps)]
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _default_loader_workers(device: torch.device) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cpus = os.cpu_count() or 1
+    # CPU: reading a step's images from the cache takes well under 1 % of the step (benchmarks/
+    # data_pipeline.py), so the main process reads them itself; a worker would only compete for
+    # the cores the training uses
+    return min(4, max(1, cpus // 2)) if device.type == "cuda" else 0
+
+
+class _Batches:
+    """The per-step source images of one process, from memory or streamed from the cache.
+
+    An in-memory data set (``ImageFolderDataset``) is moved to the device once and indexed there.
+    A ``CachedImageDataset`` is read by a DataLoader (``workers`` processes, pinned memory on CUDA,
+    prefetching) one step at a time; nothing of the size of the data set is held.
+    ``wait_s`` accumulates the time the training loop spent waiting for the next batch.
+    """
+
+    def __init__(self, dataset, n: int, gb: int, b: int, rank: int, seed: int, device: torch.device, workers: int) -> None:
+        self.device, self.b = device, b
+        self.source = _StepImages(dataset, n, gb, b, rank, seed)
+        self.streaming = not isinstance(dataset, ImageFolderDataset)
+        self.wait_s = 0.0
+        if not self.streaming:
+            self.images_dev = dataset.images.to(device)
+            return
+        self.keys = _StepKeys()
+        pin = device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            self.source, batch_size=None, sampler=self.keys, num_workers=workers, pin_memory=pin,
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(0),  # never draws from the global RNG
+        )
+
+    def epoch(self, stage: int, epoch: int, start: int, steps: int):
+        """Yield (step, img1, img2) on the device for steps ``start .. steps - 1``."""
+        if not self.streaming:
+            for step in range(start, steps):
+                t = time.perf_counter()
+                ix = self.source.indices(stage, epoch, step).to(self.device)
+                both = self.images_dev[ix]
+                self.wait_s += time.perf_counter() - t
+                yield step, both[: self.b], both[self.b :]
+            return
+        self.keys.set(stage, epoch, start, steps)
+        it = iter(self.loader)
+        for step in range(start, steps):
+            t = time.perf_counter()
+            both = next(it).to(self.device, non_blocking=True)
+            self.wait_s += time.perf_counter() - t
+            yield step, both[: self.b], both[self.b :]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -418,7 +554,7 @@ def predict(model: LDNet, images: torch.Tensor, batch_size: int = 8) -> tuple[to
     dev = next(model.parameters()).device
     zs, ss = [], []
     for i in range(0, images.shape[0], batch_size):
-        z, s = model(normalize_intensity(images[i : i + batch_size].to(dev).float()))
+        z, s = model(normalize_intensity(images[i : i + batch_size].to(dev, next(model.parameters()).dtype)))
         zs.append(z.float().cpu())
         if s is not None:
             ss.append(s.float().cpu())
@@ -451,19 +587,67 @@ def _make_model(cfg: TrainConfig, stage: int) -> LDNet:
 
 def pretrain(
     cfg: TrainConfig,
-    dataset: ImageFolderDataset | None = None,
+    dataset: ImageFolderDataset | CachedImageDataset | None = None,
     val_images: torch.Tensor | None = None,
     on_epoch_end: Callable[[dict], None] | None = None,
+    on_step_end: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run (or resume) both LD stages; returns a summary dict (paths, last metrics, timing).
 
-    ``dataset`` overrides ``cfg.data``; ``val_images`` (V, C, S, S) in [0, 1] overrides the fixed
-    validation set (default: ``cfg.val_images`` images of the dataset picked with the seed).
-    ``on_epoch_end(record)`` is called after each epoch's checkpoint is written.
+    ``dataset`` overrides ``cfg.data``: an ``ImageFolderDataset`` is held in (device) memory, a
+    ``CachedImageDataset`` is streamed; by default ``cfg.data`` is preprocessed once into the
+    cache (``cfg.cache``, default ``OUT/cache``) and streamed from it. ``val_images`` (V, C, S, S)
+    in [0, 1] overrides the fixed validation set (default: ``cfg.val_images`` images of the
+    dataset picked with the seed). ``on_epoch_end(record)`` is called after each epoch's
+    checkpoint is written, ``on_step_end({"stage", "epoch", "step", "checkpointed", "losses"})``
+    after each step (``step`` counts the steps done in the epoch; ``checkpointed``: a mid-epoch
+    checkpoint was just written; ``losses``: the step's loss terms as floats).
+
+    In a multi-process run a failed or timed-out collective (a frozen or dead process) is
+    reported as a ``RuntimeError`` that says so, after at most ``cfg.dist_timeout`` seconds.
     """
+    try:
+        return _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end)
+    except RuntimeError as exc:
+        if dist_utils.is_distributed() and _collective_failure(exc):
+            raise dist_utils.collective_error(exc, cfg.dist_timeout) from exc
+        raise
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    msg = str(exc).lower()
+    return any(k in msg for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
+
+
+def _load_for_all(path: Path, check: Callable[[dict], None] | None = None, missing: str | None = None) -> dict:
+    """A checkpoint read by process 0 only and broadcast; a problem is raised on every process
+    (``missing``: the ValueError message for a file that does not exist)."""
+    payload: tuple = (None, None, None)
+    if dist_utils.rank() == 0:
+        try:
+            if missing is not None and not path.exists():
+                raise ValueError(missing)
+            st = load_checkpoint(path, map_location="cpu")
+            if check is not None:
+                check(st)
+            payload = (st, None, None)
+        except FileNotFoundError as exc:
+            payload = (None, "missing", str(exc))
+        except ValueError as exc:
+            payload = (None, "invalid", str(exc))
+    st, kind, msg = dist_utils.broadcast_object(payload)
+    if kind is not None:
+        raise (FileNotFoundError if kind == "missing" else ValueError)(msg)
+    return st
+
+
+def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     cfg.validate()
-    info = dist_utils.init_from_env(cfg.device)
-    device, ws, rank = info.device, info.world_size, info.rank
+    env_rank = int(os.environ.get("RANK", "0"))
+    # Refusals first: nothing (not even the cache in OUT/cache) is written before them.
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} exists and is not a folder")
@@ -474,10 +658,27 @@ def pretrain(
             f"{out} already holds a run ({shown}); use --resume to continue it, --overwrite to replace it, "
             "or another --out"
         )
-    if dataset is None:  # a mistyped path is reported before anything is written
-        for d in cfg.data:
+    if dataset is None:
+        if not cfg.data:
+            raise ValueError("data: give at least one folder or file (--data PATH ...)")
+        for d in cfg.data:  # a mistyped path is reported before anything is written
             if not Path(d).exists():
                 raise ValueError(f"data path does not exist: {d}")
+        cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
+        dataset = open_or_build_cache(
+            cfg.data, cfg.preprocessing(), cache_dir, workers=cfg.workers, progress=cfg.progress and env_rank == 0,
+            log=logger.info if env_rank == 0 else None,
+        )
+    if not isinstance(dataset, (ImageFolderDataset, CachedImageDataset)):
+        raise TypeError(f"dataset must be an ImageFolderDataset or a CachedImageDataset, got {type(dataset).__name__}")
+    if dataset.channels != cfg.channels or dataset.size != cfg.size:
+        raise ValueError(
+            f"dataset images are {(dataset.channels, dataset.size, dataset.size)}, expected ({cfg.channels}, {cfg.size}, {cfg.size})"
+        )
+    info = dist_utils.init_from_env(cfg.device, cfg.dist_timeout)
+    device, ws, rank = info.device, info.world_size, info.rank
+    n = len(dataset)
+    dist_utils.check_same_dataset(n, dataset.fingerprint)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _clean_temp_files(out)
@@ -486,38 +687,30 @@ def pretrain(
                 (out / name).unlink(missing_ok=True)
             logger.info("--overwrite: removed the previous run's %d file(s) in %s", len(previous), out)
         (out / "overlays").mkdir(exist_ok=True)
-    if dataset is None:
-        if not cfg.data:
-            raise ValueError("data: give at least one folder or file (--data PATH ...)")
-        dataset = ImageFolderDataset(
-            cfg.data, cfg.size, cfg.channels, nifti_axes=cfg.nifti_axes, min_foreground=cfg.min_foreground,
-            fit=cfg.fit, progress=cfg.progress and info.is_main,
-        )
-    images = dataset.images
-    if images.shape[1] != cfg.channels or images.shape[-1] != cfg.size:
-        raise ValueError(
-            f"dataset images are {tuple(images.shape[1:])}, expected ({cfg.channels}, {cfg.size}, {cfg.size})"
-        )
-    n = images.shape[0]
     if val_images is None:
         vi = torch.randperm(n, generator=item_generator(cfg.seed, -3))[: min(cfg.val_images, n)]
-        val_images = images[vi]
-    images_dev = images.to(device)
+        val_images = dataset.read(vi)
 
     ckpt_path = out / "checkpoint.pt"
     metrics_path = out / "metrics.jsonl"
     resume_state = None
     if cfg.resume:
-        if not ckpt_path.exists():
-            raise ValueError(f"--resume: no checkpoint to resume from at {ckpt_path}")
-        resume_state = _validate_resume_state(load_checkpoint(ckpt_path, map_location="cpu"), ckpt_path)
-        prev = resume_state.get("train_config", {})
-        for key in ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid"):
-            if key in prev and prev[key] != getattr(cfg, key):
+        def check(st):
+            _validate_resume_state(st, ckpt_path)
+            prev = st.get("train_config", {})
+            for key in ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid"):
+                if key in prev and prev[key] != getattr(cfg, key):
+                    raise ValueError(
+                        f"checkpoint {ckpt_path} was trained with {key}={prev[key]!r}, this run asks for "
+                        f"{getattr(cfg, key)!r}; use the same value to resume"
+                    )
+            if st.get("step", 0) and st.get("world_size") not in (None, ws):
                 raise ValueError(
-                    f"checkpoint {ckpt_path} was trained with {key}={prev[key]!r}, this run asks for "
-                    f"{getattr(cfg, key)!r}; use the same value to resume"
+                    f"checkpoint {ckpt_path} is in the middle of an epoch of a run with {st['world_size']} process(es); "
+                    f"resume it with the same number of processes (global batch)"
                 )
+
+        resume_state = _load_for_all(ckpt_path, check, missing=f"--resume: no checkpoint to resume from at {ckpt_path}")
     records = _read_jsonl(metrics_path) if resume_state is not None else []
     if resume_state is not None:
         done = (resume_state["stage"], resume_state["epoch"])
@@ -526,6 +719,7 @@ def pretrain(
         _seed_all(cfg.seed)
 
     viewgen = LDViewGenerator(cfg.size, AugmentConfig())
+    tdtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     criterion = LDCriterion(cfg.loss_impl, cfg.grid)
     gb = cfg.batch_size * ws
     steps = cfg.steps_per_epoch or max(1, n // gb)
@@ -533,9 +727,13 @@ def pretrain(
     stopped_early = False
     stage1_state = None
     if cfg.init_stage1 is not None:
-        stage1_state = load_checkpoint(cfg.init_stage1, map_location="cpu")["model"]
+        stage1_state = _load_for_all(Path(cfg.init_stage1))["model"]
     model = None
     summary: dict = {"out": str(out), "world_size": ws, "device": str(device)}
+    workers = cfg.loader_workers if cfg.loader_workers is not None else _default_loader_workers(device)
+    batches = _Batches(dataset, n, gb, cfg.batch_size, rank, cfg.seed, device, workers)
+    summary["streaming"] = batches.streaming
+    last_save = time.time()
 
     stages = [(1, cfg.epochs1), (2, cfg.epochs2)]
     if cfg.init_stage1 is not None:
@@ -543,7 +741,7 @@ def pretrain(
     for stage, n_epochs in stages:
         if n_epochs == 0:
             continue
-        start_epoch = 0
+        start_epoch, start_step, start_sums = 0, 0, {}
         if resume_state is not None:
             if resume_state["stage"] > stage or (resume_state["stage"] == stage and resume_state["epoch"] >= n_epochs):
                 if stage == 1 and resume_state["stage"] == 1:
@@ -551,6 +749,8 @@ def pretrain(
                 continue
             if resume_state["stage"] == stage:
                 start_epoch = resume_state["epoch"]
+                start_step = int(resume_state.get("step", 0))
+                start_sums = dict(resume_state.get("sums") or {})
         # --- time budget (--max-minutes): what is left, shared among the remaining epochs;
         # a stage over its share ends after the current epoch and the next stage starts
         stage_t0 = time.time()
@@ -580,7 +780,7 @@ def pretrain(
             resume_state = None  # consumed
         elif resume_state is not None and resume_state["stage"] < stage:
             resume_state = None
-        model.to(device)
+        model.to(device, dtype=tdtype)
         if ws > 1:
             model = dist_utils.convert_batchnorm(model, device)
             dist_utils.broadcast_module(model)
@@ -595,13 +795,17 @@ def pretrain(
 
         for epoch in range(start_epoch, n_epochs):
             t0 = time.time()
-            sums: dict[str, float] = {}
+            first = start_step if epoch == start_epoch else 0
+            sums: dict[str, float] = dict(start_sums) if epoch == start_epoch else {}
+            wait0 = batches.wait_s
             bar = _progress(steps, f"stage {stage} epoch {epoch + 1}/{n_epochs}", cfg.progress and info.is_main)
-            for step in range(steps):
-                idx, partner, item_no = _batch_indices(n, stage, epoch, step, gb, cfg.seed)
+            if bar is not None and first:
+                bar.update(first)
+            for step, img1, img2 in batches.epoch(stage, epoch, first, steps):
+                item_no = step * gb + torch.arange(gb)  # the items' global numbers, as in _batch_indices
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 gens = [item_generator(cfg.seed, stage, epoch, step, int(i)) for i in item_no[sl]]
-                vb = viewgen(images_dev[idx[sl].to(device)], images_dev[partner[sl].to(device)], gens)
+                vb = viewgen(img1.to(tdtype), img2.to(tdtype), gens)
                 with ac:
                     z, s = model(vb.images)
                 losses = criterion(z, s, vb)
@@ -617,29 +821,34 @@ def pretrain(
                     bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in sums.items()})
                 if not math.isfinite(float(losses["loss"].detach())):
                     raise FloatingPointError(f"loss became {float(losses['loss'].detach())} at stage {stage} epoch {epoch + 1} step {step + 1}")
+                # --- mid-epoch checkpoint (process 0 only; every --checkpoint-every steps or --checkpoint-minutes)
+                done = step + 1
+                saved = False
+                if info.is_main and done < steps and (
+                    (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                    or (cfg.checkpoint_minutes is not None and time.time() - last_save >= 60 * cfg.checkpoint_minutes)
+                ):
+                    with defer_signals():
+                        save_checkpoint(ckpt_path, _train_state(model, opt, sched, cfg, stage, epoch, done, sums, ws))
+                    last_save, saved = time.time(), True
+                if on_step_end is not None:
+                    on_step_end({"stage": stage, "epoch": epoch, "step": done, "checkpointed": saved,
+                                 "losses": {k: float(v.detach()) for k, v in losses.items()}})
             if bar is not None:
                 bar.close()
             sched.step()
             dt = time.time() - t0
+            run_steps = steps - first
             rec = {"stage": stage, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
             rec.update({k: v / steps for k, v in sums.items()})
-            rec.update({"steps": steps, "images": 5 * gb * steps, "seconds": round(dt, 3), "images_per_s": round(5 * gb * steps / dt, 3)})
+            rec.update({"steps": steps, "images": 5 * gb * steps, "seconds": round(dt, 3),
+                        "images_per_s": round(5 * gb * run_steps / dt, 3), "data_wait_s": round(batches.wait_s - wait0, 4)})
             records.append(rec)
             if info.is_main:
-                plain = _unwrap_state(model)
-                state = {
-                    "config": _plain_model(model).config,
-                    "model": plain,
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": _rng_state(),
-                    "stage": stage,
-                    "epoch": epoch + 1,
-                    "train_config": _cfg_dict(cfg),
-                }
                 with defer_signals():  # a Ctrl-C here would break torch.save's zip writer
-                    save_checkpoint(ckpt_path, state)
+                    save_checkpoint(ckpt_path, _train_state(model, opt, sched, cfg, stage, epoch + 1, 0, None, ws))
                     _write_jsonl(metrics_path, records)
+                last_save = time.time()
                 if val_images is not None and len(val_images):
                     save_overlays(_plain_model(model), val_images, out / "overlays" / f"stage{stage}_epoch{epoch + 1:03d}.png")
                 logger.info(_epoch_line(rec, n_epochs))
@@ -684,6 +893,7 @@ def pretrain(
             "seconds": time.time() - t_start,
             "stopped_early": stopped_early,
             "n_images": n,
+            "data_wait_s": batches.wait_s,
         }
     )
     summary["final_model"] = _plain_model(model)
@@ -697,6 +907,25 @@ def _epoch_line(rec: dict, n_epochs: int) -> str:
         f"stage {rec['stage']} epoch {rec['epoch']}/{n_epochs}  {terms}  lr {rec['lr']:.2e}  "
         f"{rec['seconds']:.1f} s ({rec['images_per_s']:.1f} images/s)"
     )
+
+
+def _train_state(model, opt, sched, cfg: TrainConfig, stage: int, epoch: int, step: int, sums: dict | None, ws: int) -> dict:
+    """A training checkpoint: ``epoch`` complete epochs of ``stage`` and ``step`` steps of the next."""
+    state = {
+        "config": _plain_model(model).config,
+        "model": _unwrap_state(model),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": _rng_state(),
+        "stage": stage,
+        "epoch": epoch,
+        "step": step,
+        "world_size": ws,
+        "train_config": _cfg_dict(cfg),
+    }
+    if step:
+        state["sums"] = {k: float(v) for k, v in sums.items()}
+    return state
 
 
 def _agree(flag: bool) -> bool:
@@ -818,12 +1047,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="training time budget, shared among the remaining epochs; a stage ends early when another "
                         "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt (also from the middle of an epoch)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in OUT (without --resume or --overwrite such an OUT is refused)")
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="where the preprocessed image cache is kept (default OUT/cache); a shared DIR lets runs reuse it")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that build the cache (default: the CPUs, at most 8)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader processes reading batches from the cache (default: 0 on CPU, i.e. the training process "
+                        "reads them; min(4, CPUs/2) on CUDA, with pinned memory)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="also write checkpoint.pt every STEPS steps inside an epoch (0: off)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes, metavar="MIN",
+                        help="also write checkpoint.pt inside an epoch when MIN minutes passed since the last one")
+    parser.add_argument("--dist-timeout", type=float, default=d.dist_timeout, metavar="SECONDS",
+                        help="multi-process runs: how long a process waits for the others (start-up and every collective) "
+                        "before stopping with an error")
     parser.add_argument("--init-stage1", default=None, metavar="CKPT",
                         help="skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
+                        help="training precision (float64: slow, for verification)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -833,7 +1078,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid, seed=args.seed,
         device=args.device, amp=not args.no_amp, loss_impl=args.loss_impl, val_images=args.val_images,
         nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
-        resume=args.resume, overwrite=args.overwrite, max_minutes=args.max_minutes, progress=not args.no_progress, init_stage1=args.init_stage1,
+        resume=args.resume, overwrite=args.overwrite, max_minutes=args.max_minutes, progress=not args.no_progress,
+        init_stage1=args.init_stage1,
+        cache=args.cache, workers=args.workers, loader_workers=args.loader_workers, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, dist_timeout=args.dist_timeout, dtype=args.dtype,
     )
 
 

@@ -91,7 +91,7 @@ def test_images_smaller_than_the_crop_are_upsampled_with_a_warning(tmp_path):
     assert ds.images.shape == (1, 1, S, S) and ds.n_upsampled == 1
 
 
-def _write_dicom(path, arr, photometric):
+def _write_dicom(path, arr, photometric, slope=None, intercept=None):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -108,6 +108,8 @@ def _write_dicom(path, arr, photometric):
     ds.PhotometricInterpretation = photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = arr.astype(np.uint16).tobytes()
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.save_as(str(path), enforce_file_format=True)
 
 
@@ -203,3 +205,178 @@ def test_view_generator_rejects_bad_input():
         LDViewGenerator(S)(img1, img2[:1], [item_generator(0)] * 2)
     with pytest.raises(ValueError, match="size"):
         LDViewGenerator(8)
+
+
+# ----------------------------------------------------------------------------- FIFOs, NaN/Inf, other formats
+
+
+class _Alarm:
+    """Fail instead of hanging forever (a FIFO opened for reading blocks until a writer comes)."""
+
+    def __init__(self, seconds=120):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def boom(*_):
+            raise TimeoutError("hung: a FIFO was opened")
+
+        self.old = signal.signal(signal.SIGALRM, boom)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def test_fifo_named_like_an_image_is_skipped_without_opening(tmp_path):
+    import os
+
+    from ld_ext.tasks import common
+
+    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    with _Alarm():
+        with pytest.warns(RuntimeWarning, match="not regular files"):
+            ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+        assert len(ds) == 1 and ds.skipped == [(str(tmp_path / "pipe.png"), "not a regular file (not opened)")]
+        with pytest.warns(RuntimeWarning, match="not regular files"):
+            cache = data.open_or_build_cache(tmp_path, data.Preprocessing(S), tmp_path / "c", workers=0, progress=False)
+        assert len(cache) == 1 and "pipe.png" in cache.skipped[0][0]
+        with pytest.warns(RuntimeWarning, match="not regular files"):
+            assert [p.name for p in common.list_images(tmp_path)] == ["ok.png"]
+        with pytest.raises(ValueError, match="not a regular file"):
+            data.scan_image_files(tmp_path / "pipe.png")
+        with pytest.raises(ValueError, match="not a regular file"):
+            common.load_image(tmp_path / "pipe.png")
+
+
+def test_nan_and_inf_images_are_skipped_and_counted_never_blank(tmp_path):
+    from ld_ext.tasks import common
+
+    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "ok.png")
+    Image.fromarray(np.full((40, 48), np.nan, np.float32)).save(tmp_path / "all_nan.tiff")
+    part = _ramp(hi=3.0).astype(np.float32)
+    part[3, 4] = np.inf
+    Image.fromarray(part).save(tmp_path / "one_inf.tif")
+    with pytest.warns(RuntimeWarning, match="skipped 2 image.* NaN or infinite"):
+        ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    assert len(ds) == 1 and ds.names[0].endswith("ok.png")
+    assert sorted(n.rsplit("/", 1)[-1] for n in ds.nonfinite) == ["all_nan.tiff", "one_inf.tif"]
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        common.load_image(tmp_path / "all_nan.tiff")
+    with pytest.raises(data.NonFiniteImageError):
+        data.prepare_image(np.full((8, 8), np.nan, np.float32), S)
+    (tmp_path / "ok.png").unlink()
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="2 image\\(s\\) had NaN or infinite"):
+        data.ImageFolderDataset(tmp_path, size=S, progress=False)
+
+
+def test_all_nan_nifti_is_counted(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(np.full((20, 24, 10), np.nan, np.float32), np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    vol = np.zeros((20, 24, 10), np.float32)
+    vol[4:16, 5:19, 2:8] = 80.0 + np.arange(12 * 14 * 6).reshape(12, 14, 6) % 7
+    vol[10, 10, 3] = np.nan  # one bad voxel: only slice 3 of axis 2 is dropped (and counted)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    with pytest.warns(RuntimeWarning, match="skipped 11 image.* NaN"):
+        ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
+    assert len(ds) == 5 and len(ds.nonfinite) == 11
+    assert sum("nan.nii.gz" in n for n in ds.nonfinite) == 10 and any(n.endswith("v.nii.gz:axis2:3") for n in ds.nonfinite)
+
+
+def test_nifti_is_read_in_canonical_orientation(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    vol = np.random.default_rng(1).uniform(10, 100, (20, 24, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "ras.nii.gz"))
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # x stored right-to-left: the same anatomy, first axis reversed
+    nib.save(nib.Nifti1Image(vol[::-1].copy(), flipped), str(tmp_path / "las.nii.gz"))
+    a = data.read_nifti_slices(tmp_path / "ras.nii.gz", (2,), 0.0)
+    b = data.read_nifti_slices(tmp_path / "las.nii.gz", (2,), 0.0)
+    assert len(a) == len(b) == 6
+    for (la, xa), (lb, xb) in zip(a, b):
+        assert la == lb and np.array_equal(xa, xb)
+
+
+def test_npy_and_dicom_modality_lut_through_the_one_reader(tmp_path):
+    from ld_ext.tasks import common
+
+    np.save(tmp_path / "a.npy", _ramp().astype(np.float64))
+    (x,) = [arr for _, arr in data.load_arrays(tmp_path / "a.npy")]
+    assert x.dtype == np.float32 and x.shape == (40, 48) and np.allclose(x, _ramp())
+    np.save(tmp_path / "v.npy", np.zeros((3, 4, 5)))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        data.load_arrays(tmp_path / "v.npy")
+    pytest.importorskip("pydicom")
+    arr = _ramp(32, 32, hi=1000)
+    _write_dicom(tmp_path / "r.dcm", arr, "MONOCHROME2", slope=2.0, intercept=-100.0)
+    (d,) = data.read_dicom(tmp_path / "r.dcm")
+    np.testing.assert_allclose(d, 2.0 * np.floor(arr) - 100.0)
+    np.testing.assert_allclose(common.load_image(tmp_path / "r.dcm"), d)  # the downstream commands read DICOM too
+    assert set(data.IMAGE_EXTENSIONS) >= {".png", ".dcm", ".nii.gz", ".npy"} and common.IMAGE_EXTENSIONS is data.IMAGE_EXTENSIONS
+
+
+def test_tasks_common_searches_recursively_and_pairs_by_subfolder(tmp_path):
+    from ld_ext.tasks import common
+
+    for sub in ("p1", "p2"):
+        (tmp_path / "images" / sub).mkdir(parents=True)
+        (tmp_path / "masks" / sub).mkdir(parents=True)
+        Image.fromarray(_ramp(20, 20).astype(np.uint8)).save(tmp_path / "images" / sub / "scan.png")
+        Image.fromarray(np.full((20, 20), 255 if sub == "p2" else 0, np.uint8)).save(tmp_path / "masks" / sub / "scan_mask.png")
+    pairs = common.pair_images_masks(tmp_path / "images", tmp_path / "masks")
+    assert [(i.parent.name, m.parent.name) for i, m in pairs] == [("p1", "p1"), ("p2", "p2")]
+    _, masks = common.load_pairs(pairs)
+    assert not masks[0].any() and masks[1].all()
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+
+
+def test_cache_matches_the_in_memory_dataset_and_is_reused(tmp_path, monkeypatch):
+    _write_folder(tmp_path / "d")
+    prep = data.Preprocessing(S, 1)
+    mem = data.ImageFolderDataset(tmp_path / "d", size=S, progress=False)
+    c0 = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c0", workers=0, progress=False)
+    c2 = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c2", workers=2, progress=False)
+    assert len(c0) == len(c2) == len(mem) == 6 and c0.fingerprint == c2.fingerprint
+    assert torch.equal(c0.read(range(6)), mem.images) and torch.equal(c2.read(range(6)), mem.images)
+    assert c0.names == mem.names and np.array_equal(np.asarray(c0.array()), mem.images.numpy())
+    assert torch.equal(c0.read([5, 0, 5]), mem.images[[5, 0, 5]])
+    with pytest.raises(IndexError):
+        c0.read([6])
+    assert [p.name for p in (tmp_path / "c0").iterdir() if ".tmp-" in p.name] == []
+
+    # reused as long as nothing changed: no file is read again
+    def no_reading(*a, **k):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(data, "_process_file", no_reading)
+    again = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c0", workers=0, progress=False)
+    assert again.root == c0.root
+    # a changed setting or a changed file gives a new cache
+    with pytest.raises(AssertionError, match="rebuilt"):
+        data.open_or_build_cache(tmp_path / "d", data.Preprocessing(S, 3), tmp_path / "c0", workers=0, progress=False)
+    import os
+
+    f = tmp_path / "d" / "gray8.png"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="rebuilt"):
+        data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c0", workers=0, progress=False)
+    # a failed build leaves neither a cache nor a temp folder behind
+    assert sorted(p.name for p in (tmp_path / "c0").iterdir() if not p.name.endswith(".lock")) == [c0.root.name]
+
+
+def test_cache_refuses_bad_arguments(tmp_path):
+    Image.fromarray(_ramp().astype(np.uint8)).save(tmp_path / "ok.png")
+    with pytest.raises(TypeError, match="prep"):
+        data.open_or_build_cache(tmp_path, {"size": 32}, tmp_path / "c")
+    with pytest.raises(ValueError, match="workers"):
+        data.open_or_build_cache(tmp_path, data.Preprocessing(S), tmp_path / "c", workers=-1)
+    with pytest.raises(ValueError, match="percentiles"):
+        data.Preprocessing(S, percentiles=(50, 10))
+    with pytest.raises(ValueError, match="not an ld_ext image cache"):
+        data.CachedImageDataset(tmp_path)

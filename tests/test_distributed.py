@@ -1,14 +1,22 @@
-"""2 processes x B (gloo, CPU) must equal 1 process x 2B: same loss, same gradients, same BN stats.
+"""2 processes x B (gloo, CPU) must equal 1 process x 2B: same loss, same gradients, same BN stats;
+whole runs on 2 torchrun "nodes"; ranks with different data; a frozen rank and --dist-timeout.
 
 Run in float64 so that "equal" can be tested tightly: a wrong gradient scaling, a batch-norm
 using local statistics or negatives taken from the local batch only are all off by far more.
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,3 +114,139 @@ def test_global_batchnorm_matches_batchnorm_single_process():
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(gbn(x), bn(x))
     assert set(gbn.state_dict()) == set(bn.state_dict())
+
+
+# ----------------------------------------------------------------------------- whole runs in separate processes
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def _png_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((40, 40)) * 65535).astype(np.uint16)).save(root / f"{i:02d}.png")
+    return root
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    return _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=world, RANK=rank, LOCAL_RANK=rank)
+
+
+def _run_checked(cmds_envs, timeout=600):
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c, e in cmds_envs]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], outs
+
+
+def test_two_nodes_with_torchrun_equal_one_process(tmp_path):
+    """torchrun --nnodes 2 (1 process each, static rendezvous on localhost, gloo) = 1 process x 2B:
+    every step's losses through the whole data path (cache, per-rank shards, global negatives),
+    float64, to the tolerance of the step test above. lr is tiny: Adam's first update is about
+    lr * sign(gradient), which turns rounding-level differences of ~zero gradients into lr-sized ones."""
+    data = _png_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    base = [sys.executable, str(WORKER), str(data)]
+    rc, outs = _run_checked([(base + [str(tmp_path / "one"), str(cache), "4", "--lr", "1e-12"], _env())])
+    assert rc == [0], outs[0][-3000:]
+    port = _free_port()
+    cmds = []
+    for node in (0, 1):
+        cmds.append(([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                      "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER),
+                      str(data), str(tmp_path / "two"), str(cache), "2", "--lr", "1e-12"], _env()))
+    rc, outs = _run_checked(cmds)
+    assert rc == [0, 0], "\n".join(o[-3000:] for o in outs)
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["streaming"] and two["streaming"]
+    assert len(one["step_losses"]) == len(two["step_losses"]) == 4  # 2 steps x 2 stages
+    for a, b in zip(one["step_losses"], two["step_losses"]):
+        assert set(a) == set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-12), k
+    assert {"rd", "ent"} <= set(one["step_losses"][-1])
+    sa = torch.load(tmp_path / "one" / "final_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "two" / "final_state.pt", weights_only=True)
+    for k, v in sa.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(sb[k], v, rtol=0, atol=1e-9)
+
+
+def test_ranks_that_see_different_data_stop_with_a_clear_error(tmp_path):
+    port = _free_port()
+    cmds = []
+    for r in (0, 1):
+        data = _png_folder(tmp_path / f"data{r}", n=12 + r, seed=r)
+        cmds.append(([sys.executable, str(WORKER), str(data), str(tmp_path / "out"), str(tmp_path / f"cache{r}"), "2",
+                      "--timeout", "60"], _rank_env(r, 2, port)))
+    rc, outs = _run_checked(cmds)
+    assert all(r != 0 for r in rc), "\n".join(o[-2000:] for o in outs)
+    for o in outs:
+        assert "do not see the same data set" in o and "rank 0: 12 images" in o and "rank 1: 13 images" in o, o[-2000:]
+
+
+def test_a_frozen_rank_makes_the_others_stop_within_the_timeout(tmp_path):
+    """Rank 1 SIGSTOPs itself after its first step; rank 0 must fail with a clear error after
+    --dist-timeout (5 s here), not wait for gloo's default 30 minutes."""
+    data = _png_folder(tmp_path / "data")
+    port = _free_port()
+    timeout = 5
+    procs = []
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    try:
+        for r in (0, 1):
+            cmd = [sys.executable, str(WORKER), str(data), str(tmp_path / "out"), str(tmp_path / "cache"), "2",
+                   "--stop-rank", "1", "--stop-step", "1", "--timeout", str(timeout)]
+            procs.append(subprocess.Popen(cmd, env=_rank_env(r, 2, port), stdout=open(logs[r], "w"), stderr=subprocess.STDOUT))
+        deadline = time.time() + 300
+        while "stopping myself" not in logs[1].read_text():
+            assert time.time() < deadline and procs[1].poll() is None, logs[1].read_text()[-2000:]
+            time.sleep(0.2)
+        t_stop = time.time()
+        rc0 = procs[0].wait(timeout=timeout + 60)
+        waited = time.time() - t_stop
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    out0 = logs[0].read_text()
+    assert rc0 != 0
+    assert "timed out" in out0.lower() and "--dist-timeout 5 s" in out0 and "frozen" in out0, out0[-3000:]
+    assert waited < timeout + 60  # (gloo's default would be 1800 s)
+
+
+def test_helpers_without_a_process_group_and_bad_timeouts():
+    assert not du.is_distributed()
+    du.check_same_dataset(3, "ab" * 32)  # nothing to compare with: no error
+    obj = {"a": torch.ones(2)}
+    assert du.broadcast_object(obj) is obj
+    for bad in (0, -1.0, "600", True):
+        with pytest.raises(ValueError, match="timeout"):
+            du.init_from_env("cpu", timeout=bad)
+    from ld_ext.train import TrainConfig
+
+    with pytest.raises(ValueError, match="dist_timeout"):
+        TrainConfig(dist_timeout=0).validate()
+    msg = str(du.collective_error(RuntimeError("Timed out waiting 5000ms for recv"), 5.0))
+    assert "--dist-timeout 5 s" in msg and "Timed out waiting" in msg

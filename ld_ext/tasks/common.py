@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import data as _data
 from ..checkpoint import atomic_write, atomic_write_bytes
+from ..data import IMAGE_EXTENSIONS
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -51,7 +53,6 @@ __all__ = [
     "check_dir",
 ]
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
 
 
@@ -88,60 +89,54 @@ def file_stem(path) -> str:
     return Path(name).stem
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def list_images(folder, name: str = "images") -> list[Path]:
-    """Sorted image files of ``folder`` (extensions in ``IMAGE_EXTENSIONS``); empty -> ValueError."""
+    """Sorted image files under ``folder``, searched recursively with the pre-training scan
+    (``ld_ext.data.scan_image_files``: extensions in ``IMAGE_EXTENSIONS``, dot-names ignored,
+    entries that are not regular files skipped unopened with a warning); none -> ValueError."""
     d = check_dir(name, folder)
-    files = sorted(p for p in d.iterdir() if _is_image(p))
-    if not files:
-        raise ValueError(f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}")
-    return files
+    try:
+        scan = _data.scan_image_files(d, name=name)
+    except ValueError as exc:
+        if "no supported image files" in str(exc):
+            raise ValueError(
+                f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}, searched recursively"
+            ) from exc
+        raise
+    _data._warn_not_regular(scan, stacklevel=3)
+    return scan.files
 
 
 def load_image(path) -> np.ndarray:
-    """A 2-D float32 array from a PNG/JPEG/TIFF/BMP (grey, RGB averaged), .npy or NIfTI file.
+    """A 2-D float32 array from any file the pre-training reader takes (``ld_ext.data.load_arrays``):
+    PNG/JPEG/TIFF/BMP (8/16-bit, float; RGB -> grey by luma), DICOM, NIfTI, .npy.
 
-    A 3-D NIfTI/npy volume whose last axis has length 1 is squeezed; other 3-D volumes are
-    refused (give 2-D slices).
+    The file must hold exactly one 2-D image (a NIfTI volume of one slice is fine; other volumes
+    and multi-frame files are refused: give 2-D slices). NaN/Inf pixels are an error.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ValueError(f"image file not found: {str(path)!r}")
-    low = p.name.lower()
     try:
-        if low.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            arr = np.asarray(nib.load(str(p)).get_fdata(dtype=np.float32))
-        elif low.endswith(".npy"):
-            arr = np.load(str(p), allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(str(p)) as im:
-                if im.mode in ("I", "I;16", "I;16B", "F"):
-                    arr = np.asarray(im, dtype=np.float32)
-                else:
-                    arr = np.asarray(im.convert("L"), dtype=np.float32)
-    except ValueError:
-        raise
-    except Exception as exc:  # unreadable / corrupt file
+        arrays = _data.load_arrays(p, nifti_axes=(2,), min_foreground=0.0)
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if p.name in msg else f"could not read image {str(path)!r}: {msg}") from exc
+    except Exception as exc:  # unreadable / corrupt file, missing reader package
         raise ValueError(f"could not read image {str(path)!r}: {exc}") from exc
-    arr = np.squeeze(np.asarray(arr, dtype=np.float32))
-    if arr.ndim != 2:
-        raise ValueError(f"image {str(path)!r} must be 2-D (a slice), got shape {tuple(arr.shape)}")
+    if len(arrays) != 1:
+        raise ValueError(f"image {str(path)!r} must be 2-D (a slice), but it holds {len(arrays)} 2-D images")
+    arr = arrays[0][1]
+    if arr.ndim == 3:
+        arr = _data.to_channels(arr, 1)[0]
     if not np.isfinite(arr).all():
         raise ValueError(f"image {str(path)!r} contains NaN or infinite values")
-    return arr
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def load_mask(path) -> np.ndarray:
     """A boolean 2-D mask: nonzero pixels are foreground (for 8-bit images: > 127)."""
     arr = load_image(path)
-    if arr.max() > 1.0 and Path(path).name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
+    if arr.max() > 1.0 and Path(path).name.lower().endswith(_data.RASTER_EXTENSIONS):
         return arr > 127
     return arr > 0.5 if arr.max() <= 1.0 else arr > 0
 
@@ -154,33 +149,39 @@ def scale_intensity(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nd
     return np.clip((img - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
-def pair_images_masks(images_dir, masks_dir) -> list[tuple[Path, Path]]:
-    """Pair each image with its mask.
+def _pair_key(path: Path, root: Path) -> str:
+    rel = Path(path).relative_to(root)
+    return (rel.parent / file_stem(rel)).as_posix()
 
-    Rule: the mask of ``images/NAME.ext`` is the file in ``masks/`` whose name without extension
-    is ``NAME`` or ``NAME`` followed by one of ``_mask``, ``_seg``, ``_label``, ``_gt`` (any
-    supported extension; the first match in that order wins). An image without a mask is an
-    error; masks without an image are ignored.
+
+def pair_images_masks(images_dir, masks_dir) -> list[tuple[Path, Path]]:
+    """Pair each image with its mask (both folders searched recursively).
+
+    Rule: the mask of ``images/SUB/NAME.ext`` is the file ``masks/SUB/NAME<suffix>.<any ext>``
+    where ``SUB`` is the same sub-folder path (empty for flat folders) and ``<suffix>`` is, in this
+    order of preference, nothing, ``_mask``, ``_seg``, ``_label`` or ``_gt``. An image without a
+    mask is an error; masks without an image are ignored.
     """
     images = list_images(images_dir, "images")
     masks = list_images(masks_dir, "masks")
-    by_stem: dict[str, Path] = {}
+    iroot, mroot = Path(images_dir).absolute(), Path(masks_dir).absolute()
+    by_key: dict[str, Path] = {}
     for m in masks:
-        by_stem.setdefault(file_stem(m), m)
+        by_key.setdefault(_pair_key(m, mroot), m)
     pairs, missing = [], []
     for im in images:
-        stem = file_stem(im)
-        found = next((by_stem[stem + s] for s in MASK_SUFFIXES if stem + s in by_stem), None)
+        key = _pair_key(im, iroot)
+        found = next((by_key[key + s] for s in MASK_SUFFIXES if key + s in by_key), None)
         if found is None:
-            missing.append(im.name)
+            missing.append(Path(im).relative_to(iroot).as_posix())
         else:
             pairs.append((im, found))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(
             f"masks: no mask found for {len(missing)} image(s): {', '.join(missing[:5])}{more}; "
-            f"expected a file in {str(masks_dir)!r} named like the image, optionally with one of the "
-            f"suffixes {', '.join(s for s in MASK_SUFFIXES if s)}"
+            f"expected a file in {str(masks_dir)!r} (same sub-folder) named like the image, optionally with one of "
+            f"the suffixes {', '.join(s for s in MASK_SUFFIXES if s)}"
         )
     return pairs
 
