@@ -144,7 +144,7 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 def region_features(
     embeddings: torch.Tensor, assignments: torch.Tensor, *, normalize: bool = False, assignment: str = "probs"
 ) -> torch.Tensor:
-    """Unit region features r (N, K, D), LD_METHOD.md section 3, in one pass over the pixels.
+    """Unit region features r (N, K, D), docs/method.md section 3, in one pass over the pixels.
 
     Args:
         embeddings: (N, D, *spatial) pixel embeddings (1-3 spatial dims).
