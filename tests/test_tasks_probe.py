@@ -139,9 +139,12 @@ def test_baselines_and_tables(tmp_path):
     net = LDNet(**TINY)
     feats = probe.baseline_feature_sets(net, imgs)
     assert list(feats) == list(probe.FEATURE_SETS)
-    assert feats["LD"].shape == (8, 8, 32, 32) and feats["position"].shape == (8, 6, 32, 32)
+    c = 8 + net.decoder.out_channels  # the default features: unit embedding + decoder features
+    assert probe.DEFAULT_FEATURES == "z+decoder"
+    assert feats["LD"].shape == (8, c, 32, 32) and feats["position"].shape == (8, 6, 32, 32)
+    assert feats["intensity"].shape == (8, 1 + len(probe.INTENSITY_WINDOWS), 32, 32)
     r1, r2 = feats["random-init"](0), feats["random-init"](1)
-    assert r1.shape == (8, 8, 32, 32) and not torch.equal(r1, r2) and not torch.equal(r1, feats["LD"])
+    assert r1.shape == (8, c, 32, 32) and not torch.equal(r1, r2) and not torch.equal(r1, feats["LD"])
     torch.testing.assert_close(r1, feats["random-init"](0))  # seeded
     res = probe.probe_experiment(feats, masks, shots=(1, 2), seeds=2, label="disc")
     res["_images"], res["_masks"] = imgs, masks

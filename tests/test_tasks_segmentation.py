@@ -127,6 +127,7 @@ def test_cli_writes_table_and_overlays(tmp_path):
     res = json.loads((out / "results.json").read_text())
     r = res["results"][0]
     assert len(r["dice"]["LD"]) == 2 and len(r["dice"]["random"]) == 2
+    assert [len(f) for f in r["train_files"]] == [2, 2] and not set(r["train_files"][0]) & set(r["test_files"])
     assert all(0.0 <= d <= 1.0 for d in r["dice"]["LD"] + r["dice"]["random"])
     assert "| masks |" in (out / "results.md").read_text()
     assert (out / "overlays.png").stat().st_size > 0

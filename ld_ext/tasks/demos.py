@@ -250,12 +250,14 @@ def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=ST
     return out
 
 
-def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seeds: int = 3, kind: str = "z",
-                       weight_decay: float = 1e-3, structures=STRUCTURES, label: str = "") -> list:
+def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seeds: int = 3, kind: str | None = None,
+                       weight_decay: float | None = None, structures=STRUCTURES, label: str = "") -> list:
     """The probe (LD vs random-init vs intensity vs position) on each structure of ``probe_data``."""
     from . import probe
 
     data = probe_data(zs, size, warped=warped, structures=structures)
+    kind = kind or probe.DEFAULT_FEATURES
+    weight_decay = probe.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
     results = []
     for name, (imgs, msks, used_z) in data.items():
         feats = probe.baseline_feature_sets(model, imgs, kind)
@@ -280,7 +282,7 @@ def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
     for warped in (False, True):
         tag = "warped" if warped else "aligned"
         res = run_probe_protocol(model, size, zs, warped=warped, shots=shots, seeds=seeds,
-                                 kind=getattr(args, "probe_features", None) or "z")
+                                 kind=probe.DEFAULT_FEATURES)
         sub = probe.write_results(d / tag, res, None, {"size": size, "checkpoint": str(ckpt), "setting": tag})
         md += f"**{tag}**\n\n{sub}\n"
         res_all[tag] = res

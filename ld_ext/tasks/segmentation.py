@@ -2,7 +2,9 @@
 
 LD_METHOD.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
-convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
+convolution + sigmoid head on the raw embedding z (``--head decoder``: on the decoder features
+that feed the embedding branch). ``--body-lr-factor`` scales the body's learning rate against
+the head's, ``--freeze-steps`` trains the head alone first. It is trained on ``--shots`` labelled images
 with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
 order) runs from a random initialisation beside it, for each seed.
@@ -14,7 +16,10 @@ are foreground. An image without a mask, or a mask whose size differs from its i
 error naming the file.
 
 Split: the pairs are shuffled once (seed 0) and ``--test-fraction`` of them (at least one) are
-held out for every seed; each seed then draws its ``--shots`` training pairs from the rest.
+held out for every seed; each seed then draws its ``--shots`` training pairs from the rest whose
+mask is not empty (``--include-empty``: from all of the rest; an empty training mask is then
+reported with a warning, since the soft Dice loss of an image without the structure is 0 whatever
+the prediction). The training files of each seed are printed and saved.
 Dice is pooled over all held-out pixels (global Dice), so slices where the structure is absent
 count through their false positives.
 """
