@@ -423,7 +423,10 @@ def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> Non
             ov[pr] = (1.0, 0.1, 0.1, 0.45)
             ax.imshow(ov)
             ax.set_title(f"{r['label']}: {METHOD_LABELS.get(m, m)}", fontsize=7)
-    fig.suptitle("held-out images: ground truth (green contour), probe prediction > 0.5 (red)", fontsize=8)
+    height = 2.3 * len(rows)
+    fig.subplots_adjust(top=1.0 - 0.45 / height, hspace=0.25)
+    fig.suptitle("held-out images: ground truth (green contour), probe prediction > 0.5 (red)", fontsize=8,
+                 y=1.0 - 0.1 / height)
     common.atomic_savefig(fig, path)
 
 
