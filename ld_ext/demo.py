@@ -203,7 +203,8 @@ PROBE_SEEDS = 3
 PROBE_MIN_PIXELS = 3
 
 
-def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOTS, progress: bool = False) -> list:
+def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOTS, progress: bool = False,
+                 holdout_every: int = 5) -> list:
     """The linear probe of ``ld_ext.tasks.probe`` on the small structures of ``data``
     (``load_mni_slices(..., structures=...)``): LD's frozen embedding against the untrained
     network (a new draw per seed), intensity + local means and the position control; network
@@ -219,7 +220,7 @@ def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOT
     from .tasks import probe
 
     n = data["images"].shape[0]
-    pos = torch.arange(n) % 5
+    pos = torch.arange(n) % holdout_every  # held-out slices sit at holdout_every // 2
     results = []
     names = list(data["structures"])
     for name in tqdm(names, desc="probe", disable=not progress):
