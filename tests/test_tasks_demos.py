@@ -65,3 +65,22 @@ def test_quick_landmark_demo_with_given_checkpoint(tmp_path):
     methods = [r["method"] for r in res["rows"]["hard"]]
     assert "LD+term centre-sensitive" in methods and "NCC 17x17" in methods
     assert (tmp_path / "o" / "landmark" / "landmarks.png").stat().st_size > 0
+
+
+def test_quick_probe_demo_with_given_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    p = argparse.ArgumentParser()
+    demos.add_task_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--quick", "--task-size", "64"])
+    assert demos.run_task_demo("probe", args) == 0
+    md = (tmp_path / "o" / "probe" / "results.md").read_text()
+    assert "**aligned**" in md and "**warped**" in md
+    for tag in ("aligned", "warped"):
+        res = json.loads((tmp_path / "o" / "probe" / tag / "results.json").read_text())
+        assert res["setting"] == tag and len(res["results"]) >= 3
+        for r in res["results"]:
+            assert set(r["dice"]) == {"LD", "random-init", "intensity", "position"}
+            assert all(0.0 <= d <= 1.0 for m in r["dice"].values() for v in m.values() for d in v)
+            assert all(z in demos.PROBE_EVAL_Z for z in r["z_mm"])

@@ -260,6 +260,11 @@ def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seed
     weight_decay = probe.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
     results = []
     for name, (imgs, msks, used_z) in data.items():
+        n = len(msks)
+        n_test = min(n - 1, max(1, int(round(n * 0.5))))  # probe_splits' default held-out share
+        if n < 2 or n - n_test < max(shots):
+            print(f"probe: {name} is on {n} slice(s) only, too few for {max(shots)} shot(s); left out")
+            continue
         feats = probe.baseline_feature_sets(model, imgs, kind)
         r = probe.probe_experiment(feats, msks, shots=shots, seeds=seeds, weight_decay=weight_decay, label=name)
         r["z_mm"] = used_z
@@ -274,7 +279,7 @@ def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
     model = common.load_ld_model(ckpt)
     d = out / "probe"
     seeds = 1 if args.quick else 3
-    zs = PROBE_EVAL_Z[::4] if args.quick else PROBE_EVAL_Z
+    zs = PROBE_EVAL_Z[::2] if args.quick else PROBE_EVAL_Z
     shots = (1, 2) if args.quick else (1, 5)
     md = (f"Linear probe on the MNI152 T1 evaluation slices (z = {zs[0]}..{zs[-1]} mm, every 2 mm; settings "
           f"selected on the odd-z development slices), {size}x{size}, checkpoint {ckpt}.\n\n")
@@ -283,6 +288,9 @@ def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
         tag = "warped" if warped else "aligned"
         res = run_probe_protocol(model, size, zs, warped=warped, shots=shots, seeds=seeds,
                                  kind=probe.DEFAULT_FEATURES)
+        if not res:
+            md += f"**{tag}**: no structure on enough slices\n\n"
+            continue
         sub = probe.write_results(d / tag, res, None, {"size": size, "checkpoint": str(ckpt), "setting": tag})
         md += f"**{tag}**\n\n{sub}\n"
         res_all[tag] = res
