@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "demo": ("ld_ext.demo", "pre-train on the MNI152 template shipped in nilearn and score the clusters"),
     "bench": ("ld_ext.bench", "benchmark the fused ops against plain PyTorch"),
     "finetune": ("ld_ext.tasks.segmentation", "transfer to segmentation (LD init vs random init)"),
+    "probe": ("ld_ext.tasks.probe", "linear probe of frozen features (LD vs random-init, intensity, position)"),
     "landmark": ("ld_ext.tasks.landmarks", "centre-sensitive one-shot landmark localisation"),
     "shape-guided": ("ld_ext.tasks.shape_guided", "shape-guided cross-modality segmentation"),
     "info": ("ld_ext.cli", "print build facts (CUDA compiled?, CPU ISA, torch versions)"),

@@ -49,6 +49,7 @@ def test_demo_rejects_unknown_task():
         ("finetune.py", "ld-ext finetune"),
         ("landmark.py", "ld-ext landmark"),
         ("shape_guided.py", "ld-ext shape-guided"),
+        ("probe.py", "ld-ext probe"),
     ],
 )
 def test_workflow_scripts_run(script, expected):

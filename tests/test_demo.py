@@ -53,7 +53,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path), "--size", "32", "--epochs1", "1", "--epochs2", "1",
-                              "--steps-per-epoch", "1", "--batch-size", "2", "--clusters", "4", "--no-progress"])
+                              "--steps-per-epoch", "1", "--batch-size", "2", "--clusters", "4", "--probe-seeds", "1",
+                              "--no-progress"])
     res = demo.run_pretrain_demo(args)
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["scores"] == res["scores"]
@@ -61,5 +62,16 @@ def test_tiny_demo_end_to_end(tmp_path):
     for s in res["scores"].values():
         assert 0.0 <= s["nmi"] <= 1.0 and 0.0 <= s["nmi_brain"] <= 1.0
     assert res["first_epoch"]["stage"] == 1 and res["last_epoch"]["stage"] == 2
-    for name in ("demo_clusters.png", "nmi.md", "model.pt", "metrics.jsonl", "overlays/stage2_epoch001.png"):
+    # the final probe table: every structure with enough slices at 32x32, the four feature sets
+    assert saved["probe"] and {r["label"] for r in saved["probe"]} <= {"ventricles", "striatum", "thalamus", "corpus_callosum"}
+    for r in saved["probe"]:
+        assert set(r["dice"]) == {"LD", "random-init", "intensity", "position"}
+        assert all(0.0 <= d <= 1.0 for m in r["dice"].values() for v in m.values() for d in v)
+        test = set(r["splits"]["5"]["test"])
+        assert not test & set(r["splits"]["5"]["train"][0]) and set(r["splits"]["1"]["train"][0]) <= set(r["splits"]["5"]["train"][0])
+    md = (tmp_path / "probe" / "results.md").read_text()
+    assert "| **mean** | all |" in md and "points against the random-init network" in md
+    assert "NMI scores how well" in (tmp_path / "nmi.md").read_text()
+    for name in ("demo_clusters.png", "nmi.md", "model.pt", "metrics.jsonl", "overlays/stage2_epoch001.png",
+                 "probe/overlays.png"):
         assert (tmp_path / name).stat().st_size > 0, name

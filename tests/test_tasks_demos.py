@@ -19,6 +19,24 @@ def test_ventricles_are_a_small_central_structure():
     assert demos.ventricle_slice(60.0, 64).sum() == 0
 
 
+def test_probe_structures_are_small_separate_and_split_by_slice():
+    masks = {n: demos.structure_slices(n, (0, 8, 16), 64) for n in demos.STRUCTURES}
+    for n, m in masks.items():
+        assert m.dtype == bool and m.shape == (3, 64, 64)
+        assert 0 < m.sum() < 0.05 * m.size, n
+    # the striatum lies in front of the thalamus (image rows grow towards posterior)
+    assert np.nonzero(masks["striatum"])[1].mean() < np.nonzero(masks["thalamus"])[1].mean()
+    assert not (masks["striatum"] & masks["thalamus"]).any()
+    assert not set(demos.PROBE_DEV_Z) & set(demos.PROBE_EVAL_Z)
+    data = demos.probe_data((0, 8, 60), 64, structures=("ventricles",))
+    imgs, m, zs = data["ventricles"]
+    assert zs == [0, 8] and imgs.shape == (2, 64, 64) and m.sum(axis=(1, 2)).min() >= demos.PROBE_MIN_PIXELS
+    warped = demos.probe_data((0, 8, 60), 64, warped=True, structures=("ventricles",))["ventricles"]
+    assert not np.allclose(warped[0][0], imgs[0]) and warped[1].shape[1:] == (64, 64)
+    with pytest.raises(ValueError, match="name must be one of"):
+        demos.structure_volume("hippocampus")
+
+
 def test_landmark_data_inside_the_brain():
     template, names, pts = demos.landmark_data(64)
     assert len(names) == len(pts) >= 10
@@ -47,3 +65,22 @@ def test_quick_landmark_demo_with_given_checkpoint(tmp_path):
     methods = [r["method"] for r in res["rows"]["hard"]]
     assert "LD+term centre-sensitive" in methods and "NCC 17x17" in methods
     assert (tmp_path / "o" / "landmark" / "landmarks.png").stat().st_size > 0
+
+
+def test_quick_probe_demo_with_given_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    p = argparse.ArgumentParser()
+    demos.add_task_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--quick", "--task-size", "64"])
+    assert demos.run_task_demo("probe", args) == 0
+    md = (tmp_path / "o" / "probe" / "results.md").read_text()
+    assert "**aligned**" in md and "**warped**" in md
+    for tag in ("aligned", "warped"):
+        res = json.loads((tmp_path / "o" / "probe" / tag / "results.json").read_text())
+        assert res["setting"] == tag and len(res["results"]) >= 3
+        for r in res["results"]:
+            assert set(r["dice"]) == {"LD", "random-init", "intensity", "position"}
+            assert all(0.0 <= d <= 1.0 for m in r["dice"].values() for v in m.values() for d in v)
+            assert all(z in demos.PROBE_EVAL_Z for z in r["z_mm"])

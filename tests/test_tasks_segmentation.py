@@ -39,6 +39,54 @@ def test_split_is_disjoint_and_checked():
         seg.split_indices(10, 2, 1, 1.0)
 
 
+def test_split_draws_shots_among_non_empty_masks():
+    fg = np.array([True, False, True, False, True, False, True, False, True, False])
+    test, trains = seg.split_indices(10, 2, 6, 0.5, has_foreground=fg)
+    for t in trains:
+        assert fg[t].all() and not set(t) & set(test)
+    n_pool = int(fg[np.setdiff1d(np.arange(10), test)].sum())
+    with pytest.raises(ValueError, match=f"only {n_pool} labelled pairs with a non-empty mask"):
+        seg.split_indices(10, n_pool + 1, 1, 0.5, has_foreground=fg)
+    with pytest.raises(ValueError, match="has_foreground"):
+        seg.split_indices(10, 1, 1, 0.5, has_foreground=fg[:3])
+
+
+def test_experiment_skips_empty_masks_or_warns(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ld.pt", LDNet(**TINY))
+    yy, xx = np.mgrid[0:32, 0:32]
+    masks = np.stack([((xx - 16) ** 2 + (yy - 16) ** 2 < 30) & (i % 2 == 0) for i in range(10)])
+    images = (masks * 0.7 + 0.2).astype(np.float32)
+    r = seg.transfer_experiment(images, masks, tmp_path / "ld.pt", shots=2, seeds=2, steps=1, progress=False)
+    for t in r["train_indices"]:
+        assert masks[t].any(axis=(1, 2)).all()
+    with pytest.warns(UserWarning, match="training masks are empty"):
+        r = seg.transfer_experiment(images, masks, tmp_path / "ld.pt", shots=4, seeds=3, steps=1, progress=False,
+                                    include_empty=True)
+    assert any(not masks[t].any(axis=(1, 2)).all() for t in r["train_indices"])
+
+
+def test_decoder_head_and_frozen_body():
+    torch.manual_seed(0)
+    net = seg.build_segnet(None, config=TINY, seed=0, head="decoder")
+    assert net.head.in_channels == net.body.decoder.out_channels
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    before = {k: v.clone() for k, v in net.body.state_dict().items()}
+    head_before = net.head.weight.clone()
+    yy, xx = np.mgrid[0:32, 0:32]
+    masks = np.stack([(xx - 16) ** 2 + (yy - 16) ** 2 < 50] * 3)
+    seg.train_segnet(net, (masks * 0.8 + 0.1).astype(np.float32), masks, steps=3, freeze_steps=3)
+    for k, v in net.body.state_dict().items():  # weights and BN statistics untouched
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(net.head.weight, head_before)
+    seg.train_segnet(net, (masks * 0.8 + 0.1).astype(np.float32), masks, steps=2, freeze_steps=1, body_lr_factor=0.5)
+    assert any(not torch.equal(v, before[k]) for k, v in net.body.state_dict().items())
+    with pytest.raises(ValueError, match="head"):
+        seg.build_segnet(None, config=TINY, head="logits")
+    with pytest.raises(ValueError, match="body_lr_factor"):
+        seg.train_segnet(net, masks.astype(np.float32), masks, steps=1, body_lr_factor=-1.0)
+
+
 def test_ld_init_copies_weights_random_does_not(tmp_path):
     torch.manual_seed(0)
     ld = LDNet(**TINY)
@@ -73,12 +121,13 @@ def test_cli_writes_table_and_overlays(tmp_path):
     out = tmp_path / "out"
     args = p.parse_args(
         ["--checkpoint", str(tmp_path / "ld.pt"), "--images", str(tmp_path / "images"), "--masks",
-         str(tmp_path / "masks"), "--shots", "2", "--seeds", "2", "--steps", "2", "--out", str(out)]
+         str(tmp_path / "masks"), "--shots", "2", "--seeds", "2", "--steps", "2", "--no-progress", "--out", str(out)]
     )
     assert seg.run(args) == 0
     res = json.loads((out / "results.json").read_text())
     r = res["results"][0]
     assert len(r["dice"]["LD"]) == 2 and len(r["dice"]["random"]) == 2
+    assert [len(f) for f in r["train_files"]] == [2, 2] and not set(r["train_files"][0]) & set(r["test_files"])
     assert all(0.0 <= d <= 1.0 for d in r["dice"]["LD"] + r["dice"]["random"])
     assert "| masks |" in (out / "results.md").read_text()
     assert (out / "overlays.png").stat().st_size > 0

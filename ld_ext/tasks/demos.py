@@ -32,9 +32,10 @@ from . import common
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "add_task_arguments", "run_task_demo", "demo_checkpoint", "mni_slices", "ventricle_slice"]
+__all__ = ["TASKS", "STRUCTURES", "add_task_arguments", "run_task_demo", "demo_checkpoint", "mni_slices", "ventricle_slice",
+           "structure_volume", "structure_slices"]
 
-TASKS = ("finetune", "landmark", "shape-guided")
+TASKS = ("finetune", "landmark", "shape-guided", "probe")
 
 PRETRAIN_Z = tuple(range(-40, 72, 2))  # mm
 FINETUNE_Z = tuple(range(-24, 64, 4))
@@ -96,6 +97,49 @@ def ventricle_slice(z: float, size: int) -> np.ndarray:
         box = (np.abs(x) <= 24) & (y >= -45) & (y <= 30) & (zz >= -5) & (zz <= 35)
         cache["ventricles"] = (csf & box).astype(np.float32)
     return common.axial_slice(cache["ventricles"], aff, z, size) > 0.5
+
+
+# Small structures for the linear probe, defined on the template's voxel grid from the shipped
+# tissue maps and MNI boxes (mm); no atlas of deep nuclei ships with nilearn, so these are
+# approximations: GM > 0.5 inside boxes around the striatum and the thalamus, WM > 0.5 near the
+# midline (the corpus callosum and fornix), and the ventricles as above.
+STRUCTURES = ("ventricles", "striatum", "thalamus", "corpus_callosum")
+
+
+def structure_volume(name: str) -> np.ndarray:
+    """Float32 (0/1) volume of a small structure on the T1 template's voxel grid (``STRUCTURES``)."""
+    if name not in STRUCTURES:
+        raise ValueError(f"name must be one of {STRUCTURES}, got {name!r}")
+    cache = common._MNI_CACHE
+    key = "structure_" + name
+    if key not in cache:
+        t1, aff = common.mni_volume("t1")
+        gm, _ = common.mni_volume("gm")
+        wm, _ = common.mni_volume("wm")
+        ii, jj, kk = np.meshgrid(*[np.arange(n) for n in t1.shape], indexing="ij")
+        x = aff[0, 0] * ii + aff[0, 3]
+        y = aff[1, 1] * jj + aff[1, 3]
+        z = aff[2, 2] * kk + aff[2, 3]
+        if name == "ventricles":
+            csf = (t1 > 0.02) & ((1.0 - gm - wm) > 0.5)
+            m = csf & (np.abs(x) <= 24) & (y >= -45) & (y <= 30) & (z >= -5) & (z <= 35)
+        else:
+            deep = (gm > 0.5) & (np.abs(x) <= 31) & (z >= -6) & (z <= 22) & (y >= -38) & (y <= 28)
+            if name == "striatum":
+                m = deep & (y >= -8) & (np.abs(x) >= 6)
+            elif name == "thalamus":
+                m = deep & (y < -8) & (np.abs(x) <= 22)
+            else:
+                m = (wm > 0.5) & (np.abs(x) <= 10) & (z >= 4) & (z <= 30)
+        cache[key] = m.astype(np.float32)
+    return cache[key]
+
+
+def structure_slices(name: str, zs, size: int) -> np.ndarray:
+    """Boolean (len(zs), size, size) masks of a structure on axial slices (as ``mni_slices``)."""
+    vol = structure_volume(name)
+    _, aff = common.mni_volume("t1")
+    return np.stack([common.axial_slice(vol, aff, float(z), size) > 0.5 for z in zs])
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -178,6 +222,85 @@ def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
     md = seg.write_results(out / "finetune", results, None, None, shots, seeds, {"steps": steps, "size": size})
     print(md)
     return {"markdown": md}
+
+
+# ----------------------------------------------------------------------------- probe
+
+# The probe protocol: settings (probe weight decay, network feature kind) are selected on the
+# development slices (odd z in mm) and reported on the evaluation slices (even z), never the
+# other way round. "warped" applies one random affine + elastic warp per image (same warp to its
+# masks), i.e. images that are not registered to each other, so position alone tells less.
+PROBE_DEV_Z = tuple(range(-7, 36, 2))
+PROBE_EVAL_Z = tuple(range(-6, 36, 2))
+PROBE_MIN_PIXELS = 3  # a slice "contains" a structure with at least this many mask pixels
+
+
+def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=STRUCTURES) -> dict:
+    """T1 slices at heights ``zs`` and, per structure, (images, masks) of the slices that contain it."""
+    images = mni_slices("t1", zs, size)
+    masks = {name: structure_slices(name, zs, size) for name in structures}
+    if warped:
+        rng = np.random.default_rng(seed)
+        for i in range(len(images)):
+            w = common.random_warp((size, size), rng, max_rotation_deg=20.0, scale_range=(0.85, 1.15),
+                                   max_shift=0.08 * size, elastic_px=0.03 * size, elastic_sigma=size / 8)
+            images[i] = common.warp_image(images[i], w)
+            for name in masks:
+                masks[name][i] = common.warp_image(masks[name][i].astype(np.float32), w) > 0.5
+    out = {}
+    for name, m in masks.items():
+        keep = m.reshape(len(m), -1).sum(1) >= PROBE_MIN_PIXELS
+        out[name] = (images[keep], m[keep], [z for z, k in zip(zs, keep) if k])
+    return out
+
+
+def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seeds: int = 3, kind: str | None = None,
+                       weight_decay: float | None = None, structures=STRUCTURES, label: str = "") -> list:
+    """The probe (LD vs random-init vs intensity vs position) on each structure of ``probe_data``."""
+    from . import probe
+
+    data = probe_data(zs, size, warped=warped, structures=structures)
+    kind = kind or probe.DEFAULT_FEATURES
+    weight_decay = probe.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
+    results = []
+    for name, (imgs, msks, used_z) in data.items():
+        n = len(msks)
+        n_test = min(n - 1, max(1, int(round(n * 0.5))))  # probe_splits' default held-out share
+        if n < 2 or n - n_test < max(shots):
+            logger.warning("probe: %s is on %d slice(s) only, too few for %d shot(s); left out", name, n, max(shots))
+            continue
+        feats = probe.baseline_feature_sets(model, imgs, kind)
+        r = probe.probe_experiment(feats, msks, shots=shots, seeds=seeds, weight_decay=weight_decay, label=name)
+        r["z_mm"] = used_z
+        r["_images"], r["_masks"] = imgs, msks
+        results.append(r)
+    return results
+
+
+def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
+    from . import probe
+
+    model = common.load_ld_model(ckpt)
+    d = out / "probe"
+    seeds = 1 if args.quick else 3
+    zs = PROBE_EVAL_Z[::2] if args.quick else PROBE_EVAL_Z
+    shots = (1, 2) if args.quick else (1, 5)
+    md = (f"Linear probe on the MNI152 T1 evaluation slices (z = {zs[0]}..{zs[-1]} mm, every 2 mm; settings "
+          f"selected on the odd-z development slices), {size}x{size}, checkpoint {ckpt}.\n\n")
+    res_all = {}
+    for warped in (False, True):
+        tag = "warped" if warped else "aligned"
+        res = run_probe_protocol(model, size, zs, warped=warped, shots=shots, seeds=seeds,
+                                 kind=probe.DEFAULT_FEATURES)
+        if not res:
+            md += f"**{tag}**: no structure on enough slices\n\n"
+            continue
+        sub = probe.write_results(d / tag, res, None, {"size": size, "checkpoint": str(ckpt), "setting": tag})
+        md += f"**{tag}**\n\n{sub}\n"
+        res_all[tag] = res
+    common.atomic_write_text(d / "results.md", md)
+    print(md)
+    return {"markdown": md, "results": res_all}
 
 
 # ----------------------------------------------------------------------------- landmarks
@@ -338,7 +461,8 @@ def run_task_demo(task: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ckpt = demo_checkpoint(args, out, size)
     t1 = time.perf_counter()
-    fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided}[task]
+    fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided,
+          "probe": demo_probe}[task]
     fn(args, out, ckpt, size)
     t2 = time.perf_counter()
     timing = {"task": task, "pretrain_seconds": t1 - t0, "task_seconds": t2 - t1, "total_seconds": t2 - t0}

@@ -2,7 +2,9 @@
 
 docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
-convolution + sigmoid head on the raw embedding z. It is trained on ``--shots`` labelled images
+convolution + sigmoid head on the raw embedding z (``--head decoder``: on the decoder features
+that feed the embedding branch). ``--body-lr-factor`` scales the body's learning rate against
+the head's, ``--freeze-steps`` trains the head alone first. It is trained on ``--shots`` labelled images
 with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
 order) runs from a random initialisation beside it, for each seed.
@@ -14,7 +16,10 @@ are foreground. An image without a mask, or a mask whose size differs from its i
 error naming the file.
 
 Split: the pairs are shuffled once (seed 0) and ``--test-fraction`` of them (at least one) are
-held out for every seed; each seed then draws its ``--shots`` training pairs from the rest.
+held out for every seed; each seed then draws its ``--shots`` training pairs from the rest whose
+mask is not empty (``--include-empty``: from all of the rest; an empty training mask is then
+reported with a warning, since the soft Dice loss of an image without the structure is 0 whatever
+the prediction). The training files of each seed are printed and saved.
 Dice is pooled over all held-out pixels (global Dice), so slices where the structure is absent
 count through their false positives.
 """
@@ -32,23 +37,43 @@ from torch import nn
 
 from . import common
 
-__all__ = ["SegNet", "build_segnet", "train_segnet", "predict", "transfer_experiment", "add_arguments", "run"]
+# Defaults (docs/tasks.md section 1 has the measurements behind them).
+DEFAULT_STEPS = 100
+DEFAULT_HEAD = "z"
+DEFAULT_BODY_LR_FACTOR = 1.0
+DEFAULT_FREEZE_STEPS = 0
+
+__all__ = ["SegNet", "HEADS", "build_segnet", "train_segnet", "predict", "transfer_experiment", "add_arguments", "run"]
+
+
+HEADS = ("z", "decoder")
 
 
 class SegNet(nn.Module):
-    """LD network body + 1x1 conv head on the raw embedding z -> 1-channel logits."""
+    """LD network body + a 1x1 conv head -> 1-channel logits.
 
-    def __init__(self, body: nn.Module) -> None:
+    ``head="z"``: the head reads the raw embedding z (D channels); ``head="decoder"``: it reads the
+    decoder's full-resolution features that feed the embedding branch (the embedding branch is
+    then unused).
+    """
+
+    def __init__(self, body: nn.Module, head: str = "z") -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.body = body
-        self.head = nn.Conv2d(body.emb_dim, 1, kernel_size=1)
+        self.head_on = head
+        cin = body.emb_dim if head == "z" else body.decoder.out_channels
+        self.head = nn.Conv2d(cin, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, _ = self.body(x)
-        return self.head(z)
+        if self.head_on == "z":
+            z, _ = self.body(x)
+            return self.head(z)
+        return self.head(self.body.decoder.features(self.body.encoder(x)))
 
 
-def build_segnet(checkpoint=None, config: dict | None = None, seed: int = 0) -> SegNet:
+def build_segnet(checkpoint=None, config: dict | None = None, seed: int = 0, head: str = "z") -> SegNet:
     """A SegNet from an LD checkpoint (clustering branch dropped) or, with ``checkpoint=None``,
     from random initialisation with ``config`` (LDNet constructor arguments)."""
     from ..models import CLUSTER_PREFIX, LDNet
@@ -65,7 +90,7 @@ def build_segnet(checkpoint=None, config: dict | None = None, seed: int = 0) -> 
         cfg = dict(config or {})
         cfg["n_clusters"] = None
         body = LDNet(**cfg)
-    net = SegNet(body)
+    net = SegNet(body, head=head)
     torch.manual_seed(seed + 1)
     nn.init.normal_(net.head.weight, std=0.01)
     nn.init.zeros_(net.head.bias)
@@ -98,21 +123,38 @@ def train_segnet(
     lr: float = 1e-3,
     batch: int = 5,
     seed: int = 0,
+    body_lr_factor: float = 1.0,
+    freeze_steps: int = 0,
     progress: bool = False,
     desc: str = "finetune",
 ) -> list[float]:
-    """Adam on the soft Dice loss with flip/rotation/scale augmentation; returns the loss curve."""
+    """Adam on the soft Dice loss with flip/rotation/scale augmentation; returns the loss curve.
+
+    ``body_lr_factor``: the network body trains at ``lr * body_lr_factor`` (the head at ``lr``);
+    ``freeze_steps``: the body is frozen (head only, BN statistics fixed) for the first steps.
+    """
     from tqdm import tqdm
 
     common.check_positive_int("steps", steps)
+    common.check_positive_int("freeze_steps", freeze_steps, 0)
+    if not body_lr_factor >= 0:
+        raise ValueError(f"body_lr_factor must be >= 0, got {body_lr_factor}")
     x_all = common.model_input(images)
     y_all = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
+    opt = torch.optim.Adam([
+        {"params": list(net.head.parameters()), "lr": lr},
+        {"params": list(net.body.parameters()), "lr": lr * body_lr_factor},
+    ])
     n = x_all.shape[0]
     losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        frozen = step < freeze_steps
+        net.train()
+        if frozen:
+            net.body.eval()  # BN statistics stay those of the initialisation
+        opt.param_groups[1]["lr"] = 0.0 if frozen else lr * body_lr_factor
         idx = torch.randint(0, n, (batch,), generator=g) if n < batch else torch.randperm(n, generator=g)[:batch]
         x, y = _augment(x_all[idx], y_all[idx], g)
         loss = common.soft_dice_loss(torch.sigmoid(net(x)), y)
@@ -120,6 +162,8 @@ def train_segnet(
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     net.eval()
     return losses
 
@@ -133,16 +177,27 @@ def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def split_indices(n: int, shots: int, seeds: int, test_fraction: float = 0.5):
-    """(test indices, [train indices per seed]) as described in the module docstring."""
+def split_indices(n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None):
+    """(test indices, [train indices per seed]) as described in the module docstring.
+
+    With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
+    non-held-out pairs whose mask is not empty.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     order = np.random.default_rng(0).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
     test, pool = np.sort(order[:n_test]), order[n_test:]
+    what = "labelled pairs remain"
+    if has_foreground is not None:
+        fg = np.asarray(has_foreground, dtype=bool)
+        if fg.shape != (n,):
+            raise ValueError(f"has_foreground must have one entry per pair ({n}), got shape {fg.shape}")
+        pool = pool[fg[pool]]
+        what = "labelled pairs with a non-empty mask remain"
     if shots > len(pool):
         raise ValueError(
-            f"shots={shots} but only {len(pool)} labelled pairs remain after holding out {n_test} of {n} "
+            f"shots={shots} but only {len(pool)} {what} after holding out {n_test} of {n} "
             f"for testing; give more pairs, fewer shots or a smaller test fraction"
         )
     trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
@@ -156,44 +211,66 @@ def transfer_experiment(
     *,
     shots: int = 5,
     seeds: int = 3,
-    steps: int = 200,
+    steps: int = DEFAULT_STEPS,
     lr: float = 1e-3,
     test_fraction: float = 0.5,
+    include_empty: bool = False,
+    head: str = DEFAULT_HEAD,
+    body_lr_factor: float = DEFAULT_BODY_LR_FACTOR,
+    freeze_steps: int = DEFAULT_FREEZE_STEPS,
+    batch: int = 5,
     progress: bool = True,
     label: str = "target",
 ) -> dict:
-    """Run LD-init and random-init fine-tuning for each seed; returns Dice per seed and the
-    held-out predictions of the first seed (for overlays)."""
+    """Run LD-init and random-init fine-tuning (the same schedule) for each seed; returns Dice per
+    seed, the training indices used and the held-out predictions of the first seed (for overlays).
+
+    Training pairs are drawn among the pairs whose mask is not empty unless ``include_empty``;
+    a training mask that is empty anyway is reported with a warning (on an image without the
+    structure the soft Dice loss is 0 whatever the prediction, so that image teaches nothing).
+    """
+    import warnings
+
     from tqdm import tqdm
 
     from ..checkpoint import load_checkpoint
 
     common.check_positive_int("shots", shots)
     common.check_positive_int("seeds", seeds)
-    test, trains = split_indices(len(images), shots, seeds, test_fraction)
+    masks = np.asarray(masks, dtype=bool)
+    has_fg = masks.reshape(len(masks), -1).any(1)
+    test, trains = split_indices(len(images), shots, seeds, test_fraction, None if include_empty else has_fg)
+    for s, tr in enumerate(trains):
+        empty = [int(i) for i in tr if not has_fg[i]]
+        if empty:
+            warnings.warn(f"{label}: seed {s}: {len(empty)} of the {len(tr)} training masks are empty (indices {empty}); "
+                          "the soft Dice loss gives no gradient on them", stacklevel=2)
     ck = load_checkpoint(checkpoint)
     cfg = dict(ck.get("config") or {})
     if not cfg:
         from ..checkpoint import infer_config
 
         cfg = infer_config(ck["model"])
-    res: dict = {"label": label, "test_indices": test.tolist(), "train_indices": [t.tolist() for t in trains]}
+    res: dict = {"label": label, "test_indices": test.tolist(), "train_indices": [t.tolist() for t in trains],
+                 "settings": {"steps": steps, "lr": lr, "head": head, "body_lr_factor": body_lr_factor,
+                              "freeze_steps": freeze_steps, "batch": batch, "include_empty": include_empty}}
     dices = {"LD": [], "random": []}
     preds_first = {}
     seconds = {"LD": 0.0, "random": 0.0}
-    bar = tqdm(total=2 * seeds, desc=f"finetune {label}", disable=not progress)
     for s, tr in enumerate(trains):
         for init in ("LD", "random"):
-            net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=s)
+            net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=s, head=head)
             t0 = time.perf_counter()
-            train_segnet(net, images[tr], masks[tr], steps=steps, lr=lr, seed=s)
+            train_segnet(net, images[tr], masks[tr], steps=steps, lr=lr, seed=s, batch=batch,
+                         body_lr_factor=body_lr_factor, freeze_steps=freeze_steps, progress=progress,
+                         desc=f"{label} seed {s} {init} init")
             seconds[init] += time.perf_counter() - t0
             p = predict(net, images[test])
             dices[init].append(common.dice(p > 0.5, masks[test]))
+            if progress:
+                tqdm.write(f"{label} seed {s} {init} init: held-out Dice {dices[init][-1]:.3f}")
             if s == 0:
                 preds_first[init] = p
-            bar.update(1)
-    bar.close()
     res["dice"] = dices
     res["train_seconds_per_run"] = {k: v / seeds for k, v in seconds.items()}
     res["summary"] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in dices.items()}
@@ -269,10 +346,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", required=True, help="folder of binary masks (same names, optional _mask suffix)")
     parser.add_argument("--shots", type=int, default=5, help="labelled training images per seed (default 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
-    parser.add_argument("--steps", type=int, default=200, help="optimiser steps per run (default 200)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head", choices=HEADS, default=DEFAULT_HEAD,
+                        help=f"1x1 head on the embedding z or on the decoder features (default {DEFAULT_HEAD})")
+    parser.add_argument("--body-lr-factor", type=float, default=DEFAULT_BODY_LR_FACTOR,
+                        help=f"the network body trains at lr x FACTOR, the head at lr (default {DEFAULT_BODY_LR_FACTOR})")
+    parser.add_argument("--freeze-steps", type=int, default=DEFAULT_FREEZE_STEPS,
+                        help=f"train the head only for the first N steps (default {DEFAULT_FREEZE_STEPS})")
+    parser.add_argument("--batch", type=int, default=5, help="images per step (default 5)")
+    parser.add_argument("--include-empty", action="store_true",
+                        help="draw training pairs among all pairs, also those whose mask is empty (default: only non-empty)")
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
     parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
+    parser.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
 
 
@@ -288,11 +375,20 @@ def run(args: argparse.Namespace) -> int:
     images, masks = common.load_pairs(pairs, args.size)
     if min(images.shape[1:]) < 16:
         raise ValueError(f"images must be at least 16x16 pixels, got {images.shape[2]}x{images.shape[1]}")
+    common.check_positive_int("--batch", args.batch)
+    common.check_positive_int("--freeze-steps", args.freeze_steps, 0)
+    if not args.body_lr_factor >= 0:
+        raise ValueError(f"--body-lr-factor must be >= 0, got {args.body_lr_factor}")
     r = transfer_experiment(
         images, masks, args.checkpoint, shots=args.shots, seeds=args.seeds, steps=args.steps, lr=args.lr,
-        test_fraction=args.test_fraction, label=Path(args.masks).name,
+        test_fraction=args.test_fraction, include_empty=args.include_empty, head=args.head,
+        body_lr_factor=args.body_lr_factor, freeze_steps=args.freeze_steps, batch=args.batch,
+        progress=not args.no_progress, label=Path(args.masks).name,
     )
     r["test_files"] = [pairs[i][0].name for i in r["test_indices"]]
+    r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]
+    for s, files in enumerate(r["train_files"]):
+        print(f"seed {s}: trained on {', '.join(files)}")
     md = write_results(Path(args.out), [r], images, masks, args.shots, args.seeds)
     print(md)
     print(f"wrote {args.out}")

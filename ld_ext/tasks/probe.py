@@ -1,0 +1,497 @@
+"""Linear probe of frozen per-pixel features: the standard test of a self-supervised representation.
+
+For each structure (a folder of binary masks paired with the images), a class-balanced per-pixel
+logistic regression is trained on the features of ``N`` labelled images that contain the
+structure, and scored by the Dice of its prediction (probability > 0.5) pooled over the held-out
+images. The network is frozen: only the linear classifier (one weight per feature channel and a
+bias) is learned, so the score says how linearly readable the structure is from the features.
+
+The same probe, with the same training images and the same held-out images, is run on the
+sceptic's baselines (``FEATURE_SETS``):
+
+* ``LD``: the checkpoint's features (``--features``: the unit embedding e = z / ||z||, the
+  decoder's full-resolution features that feed the heads, or both, the default);
+* ``random-init``: the same network at random initialisation (a new draw per seed), same features;
+* ``intensity``: the intensity plus its local means over square windows of side 3, 5, 9 and 17;
+* ``position``: the intensity plus the pixel coordinates x, y (in [-1, 1]), x^2, y^2 and x*y, a
+  control that scores how much of a structure is "where in the image" rather than what it looks like.
+
+Every feature channel is standardised with the mean and standard deviation over the training
+pixels. The classifier minimises the class-balanced logistic loss (foreground and background
+pixels each carry half of the total weight) plus ``weight_decay * ||w||^2`` with L-BFGS.
+
+Split (``probe_splits``): the pairs are shuffled once (seed 0) and ``test_fraction`` of them are
+held out for every seed and shot count; each seed draws its ``N`` training pairs among the other
+pairs whose mask is not empty (a probe on an empty mask cannot learn the structure). Dice is
+pooled over all held-out pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import common
+
+__all__ = [
+    "FEATURE_SETS",
+    "DEFAULT_FEATURES",
+    "NETWORK_FEATURES",
+    "METHOD_LABELS",
+    "network_features",
+    "intensity_features",
+    "position_features",
+    "LinearProbe",
+    "probe_splits",
+    "probe_experiment",
+    "baseline_feature_sets",
+    "results_markdown",
+    "summary_sentence",
+    "plot_overlays",
+    "write_results",
+    "add_arguments",
+    "run",
+]
+
+FEATURE_SETS = ("LD", "random-init", "intensity", "position")
+NETWORK_FEATURES = ("z", "decoder", "z+decoder")
+METHOD_LABELS = {
+    "LD": "LD (frozen)",
+    "random-init": "random-init network",
+    "intensity": "intensity + local means",
+    "position": "position control",
+}
+INTENSITY_WINDOWS = (3, 5, 9, 17)
+# Selected on the development slices of the MNI152 protocol (docs/tasks.md, "Linear probe"):
+# z + decoder features gave the highest LD Dice there (z alone and decoder alone were lower; a
+# weight decay of 1e-2 was lower than 1e-3).
+DEFAULT_FEATURES = "z+decoder"
+DEFAULT_WEIGHT_DECAY = 1e-3
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _as_images(images) -> torch.Tensor:
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, dtype=np.float32))
+    x = x.float()
+    if x.dim() == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() != 3:
+        raise ValueError(f"images must have shape (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("images must not be empty")
+    return x
+
+
+@torch.no_grad()
+def network_features(model, images, kind: str = DEFAULT_FEATURES, batch: int = 8) -> torch.Tensor:
+    """Frozen per-pixel features (N, C, H, W) of an LD network for images in [0, 1].
+
+    ``kind``: ``"z"`` the unit embedding e = z / (||z|| + 1e-10) (D channels), ``"decoder"`` the
+    full-resolution decoder features that feed both heads, ``"z+decoder"`` both concatenated.
+    """
+    if kind not in NETWORK_FEATURES:
+        raise ValueError(f"kind must be one of {NETWORK_FEATURES}, got {kind!r}")
+    x = common.model_input(_as_images(images))
+    if x.shape[1] != model.in_channels:
+        x = x.expand(-1, model.in_channels, -1, -1)
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, x.shape[0], batch):
+            h = model.decoder.features(model.encoder(x[i : i + batch]))
+            parts = []
+            if kind in ("z", "z+decoder"):
+                z = model.decoder.emb_head(h)
+                parts.append(z / (z.norm(dim=1, keepdim=True) + 1e-10))
+            if kind in ("decoder", "z+decoder"):
+                parts.append(h)
+            out.append(torch.cat(parts, 1).float())
+    finally:
+        model.train(was)
+    return torch.cat(out)
+
+
+def intensity_features(images, windows: Sequence[int] = INTENSITY_WINDOWS) -> torch.Tensor:
+    """The intensity and its local means over odd square windows (N, 1 + len(windows), H, W)."""
+    x = _as_images(images)[:, None]
+    chans = [x]
+    for w in windows:
+        w = common.check_positive_int("window", w)
+        if w % 2 == 0:
+            raise ValueError(f"windows must be odd, got {w}")
+        chans.append(F.avg_pool2d(x, w, stride=1, padding=w // 2, count_include_pad=False))
+    return torch.cat(chans, 1)
+
+
+def position_features(images) -> torch.Tensor:
+    """The position control (N, 6, H, W): intensity, x, y, x^2, y^2, x*y with x, y in [-1, 1]
+    (pixel centres, x along columns)."""
+    x = _as_images(images)
+    n, h, w = x.shape
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    pos = torch.stack([xx, yy, xx * xx, yy * yy, xx * yy])[None].expand(n, -1, -1, -1)
+    return torch.cat([x[:, None], pos], 1)
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+class LinearProbe:
+    """Class-balanced per-pixel logistic regression on standardised features (L-BFGS).
+
+    ``fit(features (N, C, H, W), masks (N, H, W) bool)``; ``predict_proba(features) -> (N, H, W)``.
+    """
+
+    def __init__(self, weight_decay: float = DEFAULT_WEIGHT_DECAY, max_iter: int = 100, balanced: bool = True) -> None:
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+        self.max_iter = common.check_positive_int("max_iter", max_iter)
+        self.balanced = bool(balanced)
+        self.mean = self.std = self.weight = self.bias = None
+
+    @staticmethod
+    def _pixels(features: torch.Tensor) -> torch.Tensor:
+        if not isinstance(features, torch.Tensor) or features.dim() != 4:
+            raise ValueError(f"features must be a (N, C, H, W) tensor, got {getattr(features, 'shape', type(features))}")
+        return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
+
+    def fit(self, features: torch.Tensor, masks) -> "LinearProbe":
+        x = self._pixels(features)
+        y = torch.as_tensor(np.asarray(masks, dtype=bool)).reshape(-1)
+        if y.numel() != x.shape[0]:
+            raise ValueError(f"masks must have shape (N, H, W) = {(features.shape[0],) + tuple(features.shape[2:])}, "
+                             f"got {tuple(np.shape(masks))}")
+        npos = int(y.sum())
+        if npos == 0 or npos == y.numel():
+            raise ValueError("the training masks must contain both foreground and background pixels")
+        self.mean = x.mean(0)
+        self.std = x.std(0).clamp_min(1e-6)
+        xs = (x - self.mean) / self.std
+        yf = y.double()
+        if self.balanced:
+            wt = torch.where(y, 0.5 / npos, 0.5 / (y.numel() - npos)).double()
+        else:
+            wt = torch.full_like(yf, 1.0 / y.numel())
+        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-9, tolerance_change=1e-12)
+        sign = 2 * yf - 1
+
+        def closure():
+            opt.zero_grad()
+            logit = xs @ w + b
+            loss = (wt * F.softplus(-sign * logit)).sum() + self.weight_decay * (w * w).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.weight, self.bias = w.detach(), b.detach()
+        return self
+
+    def predict_proba(self, features: torch.Tensor) -> np.ndarray:
+        if self.weight is None:
+            raise RuntimeError("fit the probe first")
+        x = self._pixels(features)
+        if x.shape[1] != self.weight.numel():
+            raise ValueError(f"features have {x.shape[1]} channels, the probe was fitted on {self.weight.numel()}")
+        p = torch.sigmoid((x - self.mean) / self.std @ self.weight + self.bias)
+        n, _, h, w = features.shape
+        return p.reshape(n, h, w).float().numpy()
+
+
+def probe_splits(masks, shots: int, seeds: int, test_fraction: float = 0.5, min_pixels: int = 1):
+    """(held-out indices, [training indices per seed]) as in the module docstring.
+
+    Training images are drawn (per seed, ``1000 + seed``) among the non-held-out images whose mask
+    has at least ``min_pixels`` foreground pixels.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    common.check_positive_int("shots", shots)
+    common.check_positive_int("seeds", seeds)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    n = masks.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 labelled images (one to train, one to test), got {n}")
+    order = np.random.default_rng(0).permutation(n)
+    n_test = min(n - 1, max(1, int(round(n * test_fraction))))
+    test, rest = np.sort(order[:n_test]), order[n_test:]
+    fg = masks.reshape(n, -1).sum(1) >= min_pixels
+    pool = np.sort(rest[fg[rest]])
+    if shots > len(pool):
+        raise ValueError(
+            f"shots={shots} but only {len(pool)} of the {len(rest)} non-held-out images contain the structure "
+            f"(>= {min_pixels} foreground pixels); give more labelled images, fewer shots or a smaller test fraction"
+        )
+    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
+    return test, trains
+
+
+def probe_experiment(
+    features: Mapping[str, "torch.Tensor | Callable[[int], torch.Tensor]"],
+    masks,
+    *,
+    shots: Sequence[int] = (1, 5),
+    seeds: int = 3,
+    test_fraction: float = 0.5,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    split=None,
+    label: str = "structure",
+    keep_predictions: bool = True,
+) -> dict:
+    """Run the probe for every feature set, shot count and seed.
+
+    ``features``: name -> (N, C, H, W) tensor, or a function ``seed -> tensor`` for features that
+    are drawn anew per seed (the random-init network). ``split``: optional ``{shots: (test,
+    trains)}`` to reuse a split; by default ``probe_splits`` per shot count. Returns Dice per
+    method, shot count and seed, their mean/std, the indices used and (``keep_predictions``) the
+    held-out probabilities of seed 0 at the largest shot count under ``"_preds"``.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
+    shots = [common.check_positive_int("shots", s) for s in shots]
+    if not shots:
+        raise ValueError("shots must not be empty")
+    seeds = common.check_positive_int("seeds", seeds)
+    splits = split or {s: probe_splits(masks, s, seeds, test_fraction) for s in shots}
+    res: dict = {"label": label, "shots": shots, "seeds": seeds, "methods": list(features),
+                 "foreground_fraction": float(masks.mean()), "splits": {}, "dice": {}, "summary": {}}
+    cache: dict = {}
+
+    def feats(name, seed):
+        src = features[name]
+        if not callable(src):
+            return src
+        if (name, seed) not in cache:
+            cache.clear()  # one drawn feature set at a time (memory)
+            cache[(name, seed)] = src(seed)
+        return cache[(name, seed)]
+
+    preds: dict = {}
+    t0 = time.perf_counter()
+    for s_count in shots:
+        test, trains = splits[s_count]
+        res["splits"][str(s_count)] = {"test": np.asarray(test).tolist(), "train": [np.asarray(t).tolist() for t in trains]}
+    for name in features:
+        res["dice"][name] = {}
+        for seed in range(seeds):
+            f = feats(name, seed)
+            if f.shape[0] != masks.shape[0] or tuple(f.shape[2:]) != masks.shape[1:]:
+                raise ValueError(f"features {name!r} have shape {tuple(f.shape)}; masks are {masks.shape}")
+            for s_count in shots:
+                test, trains = splits[s_count]
+                tr = np.asarray(trains[seed])
+                probe = LinearProbe(weight_decay=weight_decay).fit(f[tr], masks[tr])
+                p = probe.predict_proba(f[np.asarray(test)])
+                d = common.dice(p > 0.5, masks[np.asarray(test)])
+                res["dice"][name].setdefault(str(s_count), []).append(d)
+                if keep_predictions and seed == 0 and s_count == max(shots):
+                    preds[name] = p
+        res["summary"][name] = {
+            k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res["dice"][name].items()
+        }
+    res["seconds"] = time.perf_counter() - t0
+    if keep_predictions:
+        res["_preds"] = preds
+    return res
+
+
+def baseline_feature_sets(model, images, kind: str = DEFAULT_FEATURES, methods: Sequence[str] = FEATURE_SETS) -> dict:
+    """name -> features (or seed -> features) for the probe: the trained network, the same
+    architecture at random initialisation (seeded per probe seed), intensity and position."""
+    from ..models import LDNet
+
+    unknown = [m for m in methods if m not in FEATURE_SETS]
+    if unknown:
+        raise ValueError(f"methods must be among {FEATURE_SETS}, got {unknown}")
+    imgs = _as_images(images)
+    cfg = dict(model.config)
+    out: dict = {}
+    for m in methods:
+        if m == "LD":
+            out[m] = network_features(model, imgs, kind)
+        elif m == "random-init":
+            def rand_feats(seed, cfg=cfg):
+                torch.manual_seed(10_000 + seed)
+                return network_features(LDNet(**cfg), imgs, kind)
+
+            out[m] = rand_feats
+        elif m == "intensity":
+            out[m] = intensity_features(imgs)
+        else:
+            out[m] = position_features(imgs)
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _overall(results: Sequence[dict], method: str) -> float:
+    vals = [np.mean(r["dice"][method][s]) for r in results for s in r["dice"][method]]
+    return float(np.mean(vals))
+
+
+def results_markdown(results: Sequence[dict]) -> str:
+    """One row per structure and shot count, one column per method (mean +- std over seeds),
+    then the mean over structures per shot count and overall."""
+    if not results:
+        raise ValueError("results must not be empty")
+    methods = results[0]["methods"]
+    seeds = results[0]["seeds"]
+    head = "| structure | shots | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |"
+    lines = [
+        f"Linear probe of frozen features: held-out Dice at 0.5 (pooled over held-out pixels), mean +- std over {seeds} seeds",
+        "",
+        head,
+        "|---|---|" + "---|" * len(methods),
+    ]
+    shots = results[0]["shots"]
+    for r in results:
+        for s in shots:
+            cells = [f"{r['summary'][m][str(s)]['mean']:.3f} +- {r['summary'][m][str(s)]['std']:.3f}" for m in methods]
+            lines.append(f"| {r['label']} | {s} | " + " | ".join(cells) + " |")
+    for s in shots:
+        cells = [f"{np.mean([r['summary'][m][str(s)]['mean'] for r in results]):.3f}" for m in methods]
+        lines.append(f"| **mean** | {s} | " + " | ".join(cells) + " |")
+    cells = [f"**{_overall(results, m):.3f}**" for m in methods]
+    lines.append("| **mean** | all | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_sentence(results: Sequence[dict]) -> str:
+    """One sentence saying what the table means (LD against each baseline, in Dice points)."""
+    methods = results[0]["methods"]
+    if "LD" not in methods:
+        return "No LD features in this table."
+    ld = _overall(results, "LD")
+    parts = []
+    for m in methods:
+        if m == "LD":
+            continue
+        d = 100 * (ld - _overall(results, m))
+        parts.append(f"{'+' if d >= 0 else '-'}{abs(d):.1f} points against the {METHOD_LABELS.get(m, m)}")
+    n_struct = len(results)
+    shots = "/".join(str(s) for s in results[0]["shots"])
+    verdict = ("LD's frozen features make these structures more linearly readable than every baseline"
+               if all(_overall(results, m) < ld for m in methods if m != "LD")
+               else "LD's frozen features do NOT beat every baseline here")
+    return (f"{verdict}: mean held-out Dice {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
+            f"{results[0]['seeds']} seed(s), " + ", ".join(parts) + ".")
+
+
+def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> None:
+    """Per structure, one row per method: held-out images with ground truth (green contour) and
+    the probe's prediction (red) for seed 0 at the largest shot count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r, m) for r in results for m in r["methods"]]
+    fig, axes = plt.subplots(len(rows), n_show, figsize=(2.2 * n_show, 2.3 * len(rows)), squeeze=False)
+    for ri, (r, m) in enumerate(rows):
+        imgs = np.asarray(r.get("_images", images))
+        masks = np.asarray(r["_masks"])
+        test = np.asarray(r["splits"][str(max(r["shots"]))]["test"])
+        fg = masks[test].reshape(len(test), -1).sum(1)
+        show = np.sort(np.argsort(-fg)[:n_show])
+        for ci in range(n_show):
+            ax = axes[ri, ci]
+            ax.axis("off")
+            if ci >= len(show):
+                continue
+            j = show[ci]
+            ax.imshow(imgs[test[j]], cmap="gray", vmin=0, vmax=1)
+            ax.contour(masks[test[j]].astype(float), levels=[0.5], colors="lime", linewidths=0.7)
+            pr = r["_preds"][m][j] > 0.5
+            ov = np.zeros(pr.shape + (4,))
+            ov[pr] = (1.0, 0.1, 0.1, 0.45)
+            ax.imshow(ov)
+            ax.set_title(f"{r['label']}: {METHOD_LABELS.get(m, m)}", fontsize=7)
+    height = 2.3 * len(rows)
+    fig.subplots_adjust(top=1.0 - 0.45 / height, hspace=0.25)
+    fig.suptitle("held-out images: ground truth (green contour), probe prediction > 0.5 (red)", fontsize=8,
+                 y=1.0 - 0.1 / height)
+    common.atomic_savefig(fig, path)
+
+
+def write_results(out, results: Sequence[dict], images=None, extra: dict | None = None) -> str:
+    """results.json, results.md (table + sentence) and overlays.png in ``out``; returns the markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = results_markdown(results) + "\n" + summary_sentence(results) + "\n"
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    common.atomic_write_json(out / "results.json", {"results": clean, **(extra or {})})
+    common.atomic_write_text(out / "results.md", md)
+    if all("_preds" in r and "_masks" in r for r in results):
+        plot_overlays(out / "overlays.png", images, results)
+    return md
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
+    parser.add_argument("--images", required=True, help="folder of 2-D images")
+    parser.add_argument("--masks", required=True, nargs="+", metavar="DIR",
+                        help="one folder of binary masks per structure (named like the images, optional _mask suffix)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="labelled training images (default 1 5)")
+    parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
+    parser.add_argument("--features", choices=NETWORK_FEATURES, default=DEFAULT_FEATURES,
+                        help=f"network features: unit embedding z, decoder features, or both (default {DEFAULT_FEATURES})")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help=f"L2 penalty of the linear probe (default {DEFAULT_WEIGHT_DECAY})")
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
+    parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
+    parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_positive_int("--seeds", args.seeds)
+    for s in args.shots:
+        common.check_positive_int("--shots", s)
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    model = common.load_ld_model(args.checkpoint)
+    results = []
+    images = None
+    for mdir in args.masks:
+        pairs = common.pair_images_masks(args.images, mdir)
+        imgs, masks = common.load_pairs(pairs, args.size)
+        if min(imgs.shape[1:]) < 16:
+            raise ValueError(f"images must be at least 16x16 pixels, got {imgs.shape[2]}x{imgs.shape[1]}")
+        feats = baseline_feature_sets(model, imgs, args.features)
+        r = probe_experiment(feats, masks, shots=args.shots, seeds=args.seeds, test_fraction=args.test_fraction,
+                             weight_decay=args.weight_decay, label=Path(mdir).name)
+        r["files"] = [p[0].name for p in pairs]
+        r["_images"], r["_masks"] = imgs, masks
+        for s in r["shots"]:
+            used = sorted({i for t in r["splits"][str(s)]["train"] for i in t})
+            print(f"{r['label']}: {s} shot(s): training images used: {', '.join(pairs[i][0].name for i in used)}")
+        results.append(r)
+        images = imgs
+    md = write_results(Path(args.out), results, images, {"checkpoint": str(args.checkpoint), "features": args.features,
+                                                          "weight_decay": args.weight_decay})
+    print(md)
+    print(f"wrote {args.out}")
+    return 0
