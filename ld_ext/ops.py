@@ -298,7 +298,12 @@ def _patch_discrimination_backward_fake(grad, x, temperature):
 # single-level switch (the path of the pytorch/pytorch#184974 fix for register_autograd). That
 # serves one differentiating level (grad, vjp, jvp, and vmap around them: jacrev, jacfwd); nested
 # differentiation is refused (_check_single_differentiation_level) rather than silently missing
-# the ops' second derivatives. Uses private torch APIs (torch._functorch, forward_ad._current_level).
+# the ops' second derivatives. The Functions derive from autograd's _SingleLevelFunction, as the
+# ones torch.func itself generates do: from torch 2.14 on, Function.apply (in C++) hands every call
+# under a transform to custom_function_call, also through super(). Uses private torch APIs
+# (torch._functorch, torch.autograd.function._SingleLevelFunction, forward_ad._current_level).
+
+from torch.autograd.function import _SingleLevelFunction  # noqa: E402
 
 _lib = torch.library.Library("ld_ext", "IMPL")
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
@@ -320,7 +325,7 @@ def _function_apply(name, function, *args):
     if torch._C._are_functorch_transforms_active():
         _check_single_differentiation_level(name, args)
     with enable_single_level_autograd_function():
-        return super(torch.autograd.Function, function).apply(*args)
+        return function.apply(*args)
 
 
 def _base_tensor(t):
@@ -429,7 +434,7 @@ def _flat3(t, n, c, ct):
     return None if t is None else t.reshape(n, c, -1).to(ct)
 
 
-class _RegionFeatures(torch.autograd.Function):
+class _RegionFeatures(_SingleLevelFunction):
     generate_vmap_rule = True
 
     @staticmethod
@@ -483,7 +488,7 @@ class _RegionFeatures(torch.autograd.Function):
         return feats_t, None, ent_t
 
 
-class _RegionDiscrimination(torch.autograd.Function):
+class _RegionDiscrimination(_SingleLevelFunction):
     generate_vmap_rule = True
 
     @staticmethod
@@ -511,7 +516,7 @@ class _RegionDiscrimination(torch.autograd.Function):
         return (g.to(ot) * feats_t.to(ot)).sum()
 
 
-class _PixelClusterSimilarity(torch.autograd.Function):
+class _PixelClusterSimilarity(_SingleLevelFunction):
     generate_vmap_rule = True
 
     @staticmethod
@@ -559,7 +564,7 @@ class _PixelClusterSimilarity(torch.autograd.Function):
         return (s * (l_t - (s * l_t).sum(dim=1, keepdim=True))).reshape(out.shape).to(out.dtype)
 
 
-class _PatchDiscrimination(torch.autograd.Function):
+class _PatchDiscrimination(_SingleLevelFunction):
     generate_vmap_rule = True
 
     @staticmethod
@@ -616,7 +621,7 @@ def _refusing_function(name: str):
 
     return type(
         f"_{name}",
-        (torch.autograd.Function,),
+        (_SingleLevelFunction,),
         {
             "generate_vmap_rule": True,
             "forward": staticmethod(forward),
