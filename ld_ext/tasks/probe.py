@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
+from .segmentation import split_indices
 
 __all__ = [
     "FEATURE_SETS",
@@ -222,23 +223,14 @@ def probe_splits(masks, shots: int, seeds: int, test_fraction: float = 0.5, min_
     masks = np.asarray(masks, dtype=bool)
     common.check_positive_int("shots", shots)
     common.check_positive_int("seeds", seeds)
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     n = masks.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 labelled images (one to train, one to test), got {n}")
-    order = np.random.default_rng(0).permutation(n)
-    n_test = min(n - 1, max(1, int(round(n * test_fraction))))
-    test, rest = np.sort(order[:n_test]), order[n_test:]
     fg = masks.reshape(n, -1).sum(1) >= min_pixels
-    pool = np.sort(rest[fg[rest]])
-    if shots > len(pool):
-        raise ValueError(
-            f"shots={shots} but only {len(pool)} of the {len(rest)} non-held-out images contain the structure "
-            f"(>= {min_pixels} foreground pixels); give more labelled images, fewer shots or a smaller test fraction"
-        )
-    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
-    return test, trains
+    return split_indices(
+        n, shots, seeds, test_fraction, has_foreground=fg,
+        pool_words=f"of the {{rest}} non-held-out images contain the structure (>= {min_pixels} foreground pixels)",
+    )
 
 
 def probe_experiment(

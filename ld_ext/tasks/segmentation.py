@@ -177,24 +177,29 @@ def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def split_indices(n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None):
+def split_indices(
+    n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None,
+    pool_words: str = "labelled pairs with a non-empty mask remain",
+):
     """(test indices, [train indices per seed]) as described in the module docstring.
 
     With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
-    non-held-out pairs whose mask is not empty.
+    non-held-out pairs whose mask is not empty (``pool_words`` says what that pool is in the error
+    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs). At least one pair is held out and, with two or more, at least
+    one is left to train on.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     order = np.random.default_rng(0).permutation(n)
-    n_test = max(1, int(round(n * test_fraction)))
+    n_test = max(1, min(n - 1, int(round(n * test_fraction))))
     test, pool = np.sort(order[:n_test]), order[n_test:]
     what = "labelled pairs remain"
     if has_foreground is not None:
         fg = np.asarray(has_foreground, dtype=bool)
         if fg.shape != (n,):
             raise ValueError(f"has_foreground must have one entry per pair ({n}), got shape {fg.shape}")
+        what = pool_words.format(rest=len(pool))
         pool = pool[fg[pool]]
-        what = "labelled pairs with a non-empty mask remain"
     if shots > len(pool):
         raise ValueError(
             f"shots={shots} but only {len(pool)} {what} after holding out {n_test} of {n} "
