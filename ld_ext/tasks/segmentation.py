@@ -185,8 +185,8 @@ def split_indices(
 
     With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
     non-held-out pairs whose mask is not empty (``pool_words`` says what that pool is in the error
-    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs). At least one pair is held out and, with two or more, at least
-    one is left to train on.
+    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs).
+    At least one pair is held out and, with two or more, at least one is left to train on.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
