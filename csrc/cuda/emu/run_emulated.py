@@ -211,6 +211,7 @@ def check_large_norms(ops, R, chk):
             f"{rel(ge, zr.grad):.2e}")
 
 
+@contextlib.contextmanager
 def _env(name: str, value: str):
     """Set an environment variable that the emulated host code reads (a kernel knob) for a block."""
     old = os.environ.get(name)
