@@ -389,13 +389,11 @@ def summary_sentence(results: Sequence[dict]) -> str:
 def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> None:
     """Per structure, one row per method: held-out images with ground truth (green contour) and
     the probe's prediction (red) for seed 0 at the largest shot count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..viz import new_figure
 
     rows = [(r, m) for r in results for m in r["methods"]]
-    fig, axes = plt.subplots(len(rows), n_show, figsize=(2.2 * n_show, 2.3 * len(rows)), squeeze=False)
+    fig = new_figure(figsize=(2.2 * n_show, 2.3 * len(rows)))
+    axes = fig.subplots(len(rows), n_show, squeeze=False)
     for ri, (r, m) in enumerate(rows):
         imgs = np.asarray(r.get("_images", images))
         masks = np.asarray(r["_masks"])
