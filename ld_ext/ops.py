@@ -488,34 +488,6 @@ class _RegionFeatures(_SingleLevelFunction):
         return feats_t, None, ent_t
 
 
-class _RegionDiscrimination(_SingleLevelFunction):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(feats, temperature):
-        return _below_autograd(_ops.region_discrimination.default, feats, temperature)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        feats, temperature = inputs
-        ctx.save_for_backward(feats)
-        _save_for_jvp(ctx, feats)
-        ctx.temperature = temperature
-
-    @staticmethod
-    def backward(ctx, grad):
-        (feats,) = ctx.saved_tensors
-        return _ops.region_discrimination_backward(grad, feats, ctx.temperature), None
-
-    @staticmethod
-    def jvp(ctx, feats_t, _):
-        # A scalar: the tangent is <d loss / d feats, feats_t>, with the fused backward.
-        (feats,) = ctx.saved_tensors
-        ot = _out_dtype(feats.dtype)
-        g = _ops.region_discrimination_backward(feats.new_ones((), dtype=ot), feats, ctx.temperature)
-        return (g.to(ot) * feats_t.to(ot)).sum()
-
-
 class _PixelClusterSimilarity(_SingleLevelFunction):
     generate_vmap_rule = True
 
@@ -564,35 +536,54 @@ class _PixelClusterSimilarity(_SingleLevelFunction):
         return (s * (l_t - (s * l_t).sum(dim=1, keepdim=True))).reshape(out.shape).to(out.dtype)
 
 
-class _PatchDiscrimination(_SingleLevelFunction):
-    generate_vmap_rule = True
+def _function_class(name: str, forward, setup_context, backward, jvp):
+    """A _SingleLevelFunction named ``_NAME`` from its four rules (vmap rule generated)."""
+    return type(
+        f"_{name}",
+        (_SingleLevelFunction,),
+        {
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        },
+    )
 
-    @staticmethod
+
+def _scalar_loss_function(name: str):
+    """The Function of a scalar loss of (x, temperature) whose gradient is the fused ``NAME_backward``
+    op (region_discrimination, patch_discrimination). Its tangent is <d loss / d x, x_t>, with that
+    fused gradient; for patch_discrimination the gradient (as published) does not flow through the
+    stop-gradient side of the similarities, so the tangent is the derivative along x_t with that side
+    held at x, the same as forward-mode AD of ld_ext.reference.patch_discrimination (whose detach()
+    does the same)."""
+    op, backward_op = getattr(_ops, name).default, getattr(_ops, name + "_backward")
+
     def forward(x, temperature):
-        return _below_autograd(_ops.patch_discrimination.default, x, temperature)
+        return _below_autograd(op, x, temperature)
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
         x, temperature = inputs
         ctx.save_for_backward(x)
         _save_for_jvp(ctx, x)
         ctx.temperature = temperature
 
-    @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return _ops.patch_discrimination_backward(grad, x, ctx.temperature), None
+        return backward_op(grad, x, ctx.temperature), None
 
-    @staticmethod
     def jvp(ctx, x_t, _):
-        # A scalar: the tangent is <d loss / d x, x_t> with the op's gradient, which (as published)
-        # does not flow through the stop-gradient side of the similarities; so it is the derivative
-        # along x_t with that side held at x, the same as forward-mode AD of
-        # ld_ext.reference.patch_discrimination (whose detach() does the same).
         (x,) = ctx.saved_tensors
         ot = _out_dtype(x.dtype)
-        g = _ops.patch_discrimination_backward(x.new_ones((), dtype=ot), x, ctx.temperature)
+        g = backward_op(x.new_ones((), dtype=ot), x, ctx.temperature)
         return (g.to(ot) * x_t.to(ot)).sum()
+
+    return _function_class(name, forward, setup_context, backward, jvp)
+
+
+_RegionDiscrimination = _scalar_loss_function("region_discrimination")
+_PatchDiscrimination = _scalar_loss_function("patch_discrimination")
 
 
 def _refusing_function(name: str):
@@ -619,17 +610,7 @@ def _refusing_function(name: str):
             "torch.func.hessian or jacfwd of a gradient); use ld_ext.reference for higher-order derivatives"
         )
 
-    return type(
-        f"_{name}",
-        (_SingleLevelFunction,),
-        {
-            "generate_vmap_rule": True,
-            "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-            "jvp": staticmethod(jvp),
-        },
-    )
+    return _function_class(name, forward, setup_context, backward, jvp)
 
 
 _register("region_features", _RegionFeatures)
