@@ -18,6 +18,8 @@ import numbers
 
 import torch
 
+from .normalization import ASSIGN_EPS, ENTROPY_EPS, NORM_EPS
+
 try:
     from . import _C  # noqa: F401  (loads the library and registers torch.ops.ld_ext)
 except ImportError as exc:  # pragma: no cover - only on a broken install
@@ -427,7 +429,7 @@ def _entropy_grad(a: torch.Tensor) -> torch.Tensor:
     return -torch.log2(a + eps) - a / (a + eps) * inv_ln2 + torch.log2(b + eps) + b / (b + eps) * inv_ln2
 
 
-_NORM_EPS, _ASSIGN_EPS, _ENTROPY_EPS = 1e-10, 1e-9, 1e-30  # as csrc/ld_ext.h
+_NORM_EPS, _ASSIGN_EPS, _ENTROPY_EPS = NORM_EPS, ASSIGN_EPS, ENTROPY_EPS  # as csrc/ld_ext.h
 
 
 def _flat3(t, n, c, ct):

@@ -10,19 +10,24 @@ Two formulations of region features are given:
 * ``*_bmm`` (the default names): the same quantity as a batched matrix product, the
   efficient eager formulation.
 
-Constants follow docs/method.md exactly (see ``NORM_EPS`` etc.).
+Constants and the normalisations follow docs/method.md exactly; they are defined once in
+``ld_ext.normalization`` (shared with the pipeline) and re-exported here.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-10  # e = z / (||z|| + 1e-10); r = r~ / (||r~|| + 1e-10); c likewise
-ASSIGN_EPS = 1e-9  # a = (s + 1e-9) / sum_k (s + 1e-9)
-ENTROPY_EPS = 1e-30  # -a log2(a + 1e-30) - (1 - a) log2(1 - a + 1e-30)
-PD_EPS = 1e-10  # P_i = pos_i / (Z_i + 1e-10)
-
-ASSIGNMENT_MODES = ("probs", "sigmoid", "softmax")
+from .normalization import (  # noqa: F401  (the constants are part of this module's face)
+    ASSIGN_EPS,
+    ASSIGNMENT_MODES,
+    ENTROPY_EPS,
+    NORM_EPS,
+    PD_EPS,
+    normalize_assignments,
+    normalize_embeddings,
+    unit,
+)
 
 __all__ = [
     "normalize_embeddings",
@@ -45,29 +50,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def normalize_embeddings(z: torch.Tensor) -> torch.Tensor:
-    """Per-pixel L2 normalisation over the channel dim: z / (||z|| + 1e-10)."""
-    return z / (torch.norm(z, p=2, dim=1, keepdim=True) + NORM_EPS)
-
-
-def normalize_assignments(s: torch.Tensor, assignment: str = "probs") -> torch.Tensor:
-    """The assignment a used by the loss, from the clustering branch output s.
-
-    "probs": s as given; "sigmoid": logits -> sigmoid -> (s + 1e-9) / sum_k (s + 1e-9);
-    "softmax": softmax over K.
-    """
-    if assignment == "probs":
-        return s
-    if assignment == "sigmoid":
-        u = torch.sigmoid(s) + ASSIGN_EPS
-        return u / u.sum(dim=1, keepdim=True)
-    if assignment == "softmax":
-        return torch.softmax(s, dim=1)
-    raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
-
-
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / (torch.norm(x, p=2, dim=-1, keepdim=True) + NORM_EPS)
+    return unit(x, dim=-1)
 
 
 def region_features_bmm(

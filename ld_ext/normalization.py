@@ -1,0 +1,53 @@
+"""The method's constants and normalisations (docs/method.md sections 2, 4 and 5), defined once.
+
+Both the test oracle (``ld_ext.reference``) and the pipeline (``ld_ext.objective``) import them
+from here, so that neither has to import the other; the kernels use the same values
+(``csrc/ld_ext.h``).
+"""
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-10  # e = z / (||z|| + 1e-10); r = r~ / (||r~|| + 1e-10); c likewise
+ASSIGN_EPS = 1e-9  # a = (s + 1e-9) / sum_k (s + 1e-9)
+ENTROPY_EPS = 1e-30  # -a log2(a + 1e-30) - (1 - a) log2(1 - a + 1e-30)
+PD_EPS = 1e-10  # P_i = pos_i / (Z_i + 1e-10)
+
+ASSIGNMENT_MODES = ("probs", "sigmoid", "softmax")
+
+__all__ = [
+    "NORM_EPS",
+    "ASSIGN_EPS",
+    "ENTROPY_EPS",
+    "PD_EPS",
+    "ASSIGNMENT_MODES",
+    "unit",
+    "normalize_embeddings",
+    "normalize_assignments",
+]
+
+
+def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x / (||x|| + 1e-10)`` along ``dim``: the L2 normalisation every LD vector gets."""
+    return x / (torch.norm(x, p=2, dim=dim, keepdim=True) + NORM_EPS)
+
+
+def normalize_embeddings(z: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L2 normalisation over the channel dim: z / (||z|| + 1e-10)."""
+    return unit(z, dim=1)
+
+
+def normalize_assignments(s: torch.Tensor, assignment: str = "probs") -> torch.Tensor:
+    """The assignment a used by the loss, from the clustering branch output s.
+
+    "probs": s as given; "sigmoid": logits -> sigmoid -> (s + 1e-9) / sum_k (s + 1e-9);
+    "softmax": softmax over K.
+    """
+    if assignment == "probs":
+        return s
+    if assignment == "sigmoid":
+        u = torch.sigmoid(s) + ASSIGN_EPS
+        return u / u.sum(dim=1, keepdim=True)
+    if assignment == "softmax":
+        return torch.softmax(s, dim=1)
+    raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
