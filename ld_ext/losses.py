@@ -6,6 +6,11 @@ negatives come from the global batch. Every process then computes the same globa
 gather's backward sums the gradients over processes, so after DDP's gradient averaging the update
 equals that of one process on the concatenated batch. All processes must call the loss with the
 same shapes.
+
+Each module keeps its math in small methods (``RegionDiscriminationLoss.features`` /
+``.discrimination``, ``PatchDiscriminationLoss.criterion``) and its checks and gathering in
+``forward``; the plain-PyTorch baselines of the benchmarks (``ld_ext.bench.baselines``) override
+only the math.
 """
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from . import distributed as _dist
 from . import ops
 
 
+__all__ = ["RegionDiscriminationLoss", "PatchDiscriminationLoss"]
+
+
 def _gather(x: torch.Tensor, enabled: bool) -> torch.Tensor:
     return _dist.all_gather_with_grad(x, dim=0) if enabled else x
-
-__all__ = ["RegionDiscriminationLoss", "PatchDiscriminationLoss"]
 
 
 class RegionDiscriminationLoss(nn.Module):
@@ -70,17 +76,26 @@ class RegionDiscriminationLoss(nn.Module):
             f"gather_distributed={self.gather_distributed}"
         )
 
-    def forward(self, embeddings: torch.Tensor, assignments: torch.Tensor):
-        g = self.gather_distributed
+    def features(self, embeddings: torch.Tensor, assignments: torch.Tensor):
+        """(region features (N, K, D), mean entropy or None) of this process's batch."""
         if self.return_entropy:
-            r, ent = ops.region_features_and_entropy(
+            return ops.region_features_and_entropy(
                 embeddings, assignments, normalize=self.normalize, assignment=self.assignment
             )
-            if g and _dist.is_distributed():  # same shapes everywhere: the global mean is the mean of means
-                ent = _gather(ent.reshape(1), True).mean()
-            return ops.region_discrimination(_gather(r, g), self.temperature), ent
-        r = ops.region_features(embeddings, assignments, normalize=self.normalize, assignment=self.assignment)
-        return ops.region_discrimination(_gather(r, g), self.temperature)
+        return ops.region_features(embeddings, assignments, normalize=self.normalize, assignment=self.assignment), None
+
+    def discrimination(self, feats: torch.Tensor) -> torch.Tensor:
+        """L_rd of (N, K, D) unit region features."""
+        return ops.region_discrimination(feats, self.temperature)
+
+    def forward(self, embeddings: torch.Tensor, assignments: torch.Tensor):
+        g = self.gather_distributed
+        r, ent = self.features(embeddings, assignments)
+        if not self.return_entropy:
+            return self.discrimination(_gather(r, g))
+        if g and _dist.is_distributed():  # same shapes everywhere: the global mean is the mean of means
+            ent = _gather(ent.reshape(1), True).mean()
+        return self.discrimination(_gather(r, g)), ent
 
 
 class PatchDiscriminationLoss(nn.Module):
@@ -106,11 +121,15 @@ class PatchDiscriminationLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
 
+    def criterion(self, x: torch.Tensor) -> torch.Tensor:
+        """The criterion on (M, D) rows, M even, rows i and (i + M/2) mod M paired."""
+        return ops.patch_discrimination(x, self.temperature)
+
     def forward(self, x: torch.Tensor, out1: torch.Tensor | None = None) -> torch.Tensor:
         gather = self.gather_distributed and _dist.is_distributed()
         if out1 is None:
             if not gather or not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] % 2:
-                return ops.patch_discrimination(x, self.temperature)  # checks x, names it in errors
+                return self.criterion(x)  # checks x, names it in errors
             h = x.shape[0] // 2
             out0, out1 = x[:h], x[h:]
         else:
@@ -124,4 +143,4 @@ class PatchDiscriminationLoss(nn.Module):
                 raise ValueError(
                     f"out0 and out1 must have the same shape, got {tuple(out0.shape)} and {tuple(out1.shape)}"
                 )
-        return ops.patch_discrimination(torch.cat([_gather(out0, gather), _gather(out1, gather)]), self.temperature)
+        return self.criterion(torch.cat([_gather(out0, gather), _gather(out1, gather)]))
