@@ -143,7 +143,12 @@ class LDNet(nn.Module):
 
     ``forward(x (B, C, H, W)) -> (z (B, D, H, W), s (B, K, H, W) or None)``: z raw (not
     normalised), s raw logits (pre-sigmoid). H and W must be at least 16.
+
+    ``assignment`` says how ``s`` becomes the soft assignment a (docs/method.md section 2): the
+    ``assignment=`` argument of the ops and loss modules (``"sigmoid"``: sigmoid, then L1 over K).
     """
+
+    assignment = "sigmoid"  # the clustering head's output kind (a property of the architecture)
 
     def __init__(
         self,

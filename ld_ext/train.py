@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -33,122 +32,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import distributed as dist_utils
-from . import reference
-from .augment import AugmentConfig, LDViewGenerator, ViewBatch, align_to_v1, item_generator
-from .checkpoint import atomic_write_bytes, defer_signals, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from .augment import AugmentConfig, LDViewGenerator, item_generator
+from .batching import Batches, default_loader_workers
+from .checkpoint import atomic_write_bytes, defer_signals, remove_stale_temp_files, save_checkpoint
 from .data import CachedImageDataset, ImageFolderDataset, Preprocessing, open_or_build_cache
 from .models import DEFAULT_WIDTHS, LDNet
+from .objective import LOSS_IMPLS, PD_TEMPERATURE, RD_TEMPERATURE, LDObjective
+from .train_state import (
+    load_for_all,
+    load_optimizer,
+    load_scheduler,
+    restore,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    validate_resume_state,
+)
 
 __all__ = [
-    "LOSS_IMPLS",
-    "LDCriterion",
     "TrainConfig",
     "pretrain",
-    "make_training_step",
+    "predict",
+    "save_overlays",
     "add_arguments",
+    "config_from_args",
     "run",
 ]
 
 logger = logging.getLogger(__name__)
-
-LOSS_IMPLS = ("fused", "reference")
-W_RD = 10.0
-W_ENT = 0.1
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Low-precision tensors to float32; float32/float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x / (torch.norm(x, p=2, dim=dim, keepdim=True) + reference.NORM_EPS)
-
-
-class LDCriterion:
-    """The LD losses of one step, from the raw network outputs of a ``ViewBatch``.
-
-    ``loss_impl="fused"`` uses the ld_ext ops (region features + entropy in one fused pass over
-    the raw decoder outputs, fused region discrimination and patch discrimination);
-    ``"reference"`` uses the plain-PyTorch ``ld_ext.reference`` functions. In a torch.distributed
-    job the region features, PD rows, mixup rows and entropy are all-gathered (with gradients) so
-    every term is computed over the global batch.
-    """
-
-    def __init__(
-        self,
-        loss_impl: str = "fused",
-        grid: int = 8,
-        pd_temperature: float = 0.1,
-        rd_temperature: float = 0.2,
-        w_rd: float = W_RD,
-        w_ent: float = W_ENT,
-    ) -> None:
-        if loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"grid must be a positive int, got {grid!r}")
-        self.loss_impl = loss_impl
-        self.grid = grid
-        self.pd_temperature = pd_temperature
-        self.rd_temperature = rd_temperature
-        self.w_rd, self.w_ent = w_rd, w_ent
-        if loss_impl == "fused":
-            from . import ops
-
-            self._ops = ops
-
-    def _pd(self, x: torch.Tensor) -> torch.Tensor:
-        if self.loss_impl == "fused":
-            return self._ops.patch_discrimination(x, self.pd_temperature)
-        return reference.patch_discrimination(x, self.pd_temperature)
-
-    def __call__(self, z: torch.Tensor, s: torch.Tensor | None, views: ViewBatch) -> dict[str, torch.Tensor]:
-        b = views.batch_size
-        if z.shape[0] != 5 * b:
-            raise ValueError(f"z must hold 5B = {5 * b} images, got {z.shape[0]}")
-        g = self.grid
-        gather = dist_utils.all_gather_with_grad
-        e = reference.normalize_embeddings(_f32(z))
-        f = _unit(F.adaptive_avg_pool2d(e, g), dim=1)  # (5B, D, G, G)
-        d = f.shape[1]
-        f_v2 = align_to_v1(f[2 * b : 4 * b], views.flip_h, views.flip_v, views.rot_k)
-        w = views.mix_w.to(f.dtype).view(-1, 1, 1, 1)
-        target = _unit(w * f[:b] + (1 - w) * f[b : 2 * b], dim=1).detach()
-
-        def rows(x):  # (n, D, G, G) -> (n, G*G, D)
-            return x.flatten(2).transpose(1, 2)
-
-        pd_local = torch.stack([rows(f[:b]), rows(f[b : 2 * b]), rows(f_v2[:b]), rows(f_v2[b:])])  # (4, B, GG, D)
-        mix_local = torch.stack([rows(f[4 * b :]), rows(target)])  # (2, B, GG, D)
-        l_pd = self._pd(gather(pd_local, dim=1).reshape(-1, d))
-        l_mix = self._pd(gather(mix_local, dim=1).reshape(-1, d))
-        out = {"pd": l_pd, "mix": l_mix}
-        loss = l_pd + l_mix
-        if s is not None:
-            zv, sv = z[: 4 * b], s[: 4 * b]
-            if self.loss_impl == "fused":
-                feats, ent = self._ops.region_features_and_entropy(zv, sv, normalize=True, assignment="sigmoid")
-            else:
-                zv, sv = _f32(zv), _f32(sv)
-                feats = reference.region_features_bmm(zv, sv, normalize=True, assignment="sigmoid")
-                ent = reference.assignment_entropy(sv, "sigmoid")
-            feats = gather(_f32(feats), dim=0)
-            ent = gather(_f32(ent).reshape(1), dim=0).mean()
-            if self.loss_impl == "fused":
-                l_rd = self._ops.region_discrimination(feats, self.rd_temperature)
-            else:
-                l_rd = reference.region_discrimination(feats, self.rd_temperature)
-            out["rd"], out["ent"] = l_rd, ent
-            loss = loss + self.w_rd * l_rd + self.w_ent * ent
-        out["loss"] = loss
-        return out
-
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -172,6 +86,8 @@ class TrainConfig:
     lr_step: int = 10
     lr_gamma: float = 0.5
     grid: int = 8
+    rd_temperature: float = RD_TEMPERATURE
+    pd_temperature: float = PD_TEMPERATURE
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -217,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("rd_temperature", "pd_temperature"):
+            t = getattr(self, name)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+                raise ValueError(f"{name} must be a positive number, got {t!r}")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -257,266 +177,6 @@ def _clean_temp_files(out: Path) -> None:
     removed = remove_stale_temp_files(out, RUN_FILES) + remove_stale_temp_files(out / "overlays")
     if removed:
         logger.info("removed %d temp file(s) of an interrupted write in %s", len(removed), out)
-
-
-def _validate_resume_state(state: dict, path: Path) -> dict:
-    """Check a training checkpoint's entries (types, ranges) before anything is built from it."""
-    where = f"checkpoint {path}"
-    for key in ("stage", "epoch", "optimizer", "scheduler", "model"):
-        if key not in state:
-            raise ValueError(f"{where} is not a training checkpoint (no {key!r}); resume needs OUT/checkpoint.pt")
-    stage, epoch = state["stage"], state["epoch"]
-    if isinstance(stage, bool) or stage not in (1, 2) or not isinstance(stage, int):
-        raise ValueError(f"{where}: 'stage' must be 1 or 2, got {stage!r}"[:300])
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= 10**7:
-        raise ValueError(f"{where}: 'epoch' must be an int >= 0, got {epoch!r}"[:300])
-    step = state.get("step", 0)
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 10**9:
-        raise ValueError(f"{where}: 'step' must be an int >= 0, got {step!r}"[:300])
-    sums = state.get("sums")
-    if sums is not None and not (
-        isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                                       for k, v in sums.items())
-    ):
-        raise ValueError(f"{where}: 'sums' must map loss names to numbers")
-    for key in ("optimizer", "scheduler"):
-        if not isinstance(state[key], dict):
-            raise ValueError(f"{where}: {key!r} must be a dict (a state_dict), got {type(state[key]).__name__}")
-    opt = state["optimizer"]
-    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
-        raise ValueError(f"{where}: 'optimizer' is not an optimiser state_dict (needs 'state' and 'param_groups')")
-    tc = state.get("train_config", {})
-    if not isinstance(tc, dict):
-        raise ValueError(f"{where}: 'train_config' must be a dict, got {type(tc).__name__}")
-    rng = state.get("rng")
-    if rng is not None:
-        ok = (
-            isinstance(rng, dict)
-            and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
-            and isinstance(rng.get("python"), list) and len(rng["python"]) == 626
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in rng["python"])
-            and isinstance(rng.get("numpy"), torch.Tensor) and rng["numpy"].numel() == 624
-            and isinstance(rng.get("numpy_pos"), int)
-        )
-        if not ok:
-            raise ValueError(f"{where}: 'rng' is not the RNG state ld_ext writes")
-    return state
-
-
-def _same_kind(fresh, loaded) -> bool:
-    """Loaded value has the type of the freshly made one (numbers: int/float interchangeable)."""
-    num = (int, float)
-    if isinstance(fresh, bool) or isinstance(loaded, bool):
-        return isinstance(fresh, bool) and isinstance(loaded, bool)
-    if isinstance(fresh, num):
-        return isinstance(loaded, num) and math.isfinite(loaded)
-    if isinstance(fresh, (list, tuple)):
-        return isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh) and all(
-            _same_kind(a, b) for a, b in zip(fresh, loaded)
-        )
-    if fresh is None:
-        return loaded is None
-    return type(fresh) is type(loaded)
-
-
-def _check_like(fresh: dict, loaded: dict, what: str) -> None:
-    """``loaded`` has exactly the entries of ``fresh``, each of the same kind (a torch state_dict
-    of the same optimiser/scheduler); torch's load_state_dict checks little of this itself."""
-    extra = [k for k in loaded if k not in fresh]
-    missing = [k for k in fresh if k not in loaded]
-    if extra or missing:
-        raise ValueError(f"{what} has entries {sorted(map(str, extra))[:5]} it should not have and lacks {missing[:5]}")
-    for k, v in fresh.items():
-        if not _same_kind(v, loaded[k]):
-            raise ValueError(f"{what} entry {k!r} is {loaded[k]!r:.80}, expected something like {v!r:.80}")
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
-    fresh = opt.state_dict()
-    groups = sd["param_groups"]
-    if len(groups) != len(fresh["param_groups"]) or not all(isinstance(g, dict) for g in groups):
-        raise ValueError(f"{len(groups)} parameter groups, expected {len(fresh['param_groups'])}")
-    for fg, g in zip(fresh["param_groups"], groups):
-        _check_like({k: v for k, v in fg.items() if k != "params"}, {k: v for k, v in g.items() if k != "params"},
-                    "parameter group")
-        if not isinstance(g.get("params"), list) or len(g["params"]) != len(fg["params"]):
-            raise ValueError("parameter group lists the wrong number of parameters")
-    params = [p for grp in opt.param_groups for p in grp["params"]]
-    ids = [i for g in groups for i in g["params"]]
-    for key, st in sd["state"].items():
-        if key not in ids or not isinstance(st, dict):
-            raise ValueError(f"state of unknown parameter {key!r}")
-        shape = params[ids.index(key)].shape
-        for name, t in st.items():
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"state {name!r} of parameter {key} is not a tensor")
-            if t.dim() > 0 and t.shape != shape:
-                raise ValueError(f"state {name!r} of parameter {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    opt.load_state_dict(sd)
-
-
-def _load_scheduler(sched, sd: dict) -> None:
-    _check_like(sched.state_dict(), sd, "scheduler state")
-    sched.load_state_dict(sd)
-
-
-def _restore(path: Path, what: str, fn) -> None:
-    """Load a part of a training checkpoint; any failure becomes a ValueError naming the file."""
-    try:
-        fn()
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        msg = " ".join(str(exc).split())[:400] or type(exc).__name__
-        raise ValueError(f"checkpoint {path}: its {what} cannot be restored ({type(exc).__name__}: {msg})") from exc
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _rng_state() -> dict:
-    st = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    py = st["python"]
-    random.setstate((3, tuple(int(v) for v in py[:-1]), None if py[-1] == -1 else py[-1]))
-    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], 0, 0.0))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _epoch_order(n: int, stage: int, epoch: int, seed: int) -> torch.Tensor:
-    """The item order of one epoch (a permutation of the n images)."""
-    return torch.randperm(n, generator=item_generator(seed, stage, epoch, -1))
-
-
-def _batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int, order: torch.Tensor | None = None):
-    """Global item indices, their partner images and the items' global numbers for one step.
-
-    ``order`` is ``_epoch_order(n, stage, epoch, seed)`` when the caller already has it.
-    """
-    if order is None:
-        order = _epoch_order(n, stage, epoch, seed)
-    pos = (step * global_batch + torch.arange(global_batch)) % n
-    idx = order[pos]
-    if n > 1:
-        g = item_generator(seed, stage, epoch, -2, step)
-        partner = (idx + 1 + torch.randint(0, n - 1, (global_batch,), generator=g)) % n
-    else:
-        partner = idx.clone()
-    return idx, partner, step * global_batch + torch.arange(global_batch)
-
-
-class _StepImages(torch.utils.data.Dataset):
-    """Item ``(stage, epoch, step)``: this process's share of one step, the B item images followed by
-    their B partner images, (2B, C, S, S), read from the data set (for a cache: just those images).
-
-    Everything is derived from the key, so DataLoader workers need no shared state and the batches
-    are those of ``_batch_indices`` whatever the worker count.
-    """
-
-    def __init__(self, dataset, n: int, global_batch: int, batch: int, rank: int, seed: int) -> None:
-        self.dataset, self.n, self.gb, self.b, self.rank, self.seed = dataset, n, global_batch, batch, rank, seed
-        self._order_key: tuple | None = None
-        self._order: torch.Tensor | None = None
-
-    def indices(self, stage: int, epoch: int, step: int) -> torch.Tensor:
-        if self._order_key != (stage, epoch):
-            self._order, self._order_key = _epoch_order(self.n, stage, epoch, self.seed), (stage, epoch)
-        idx, partner, _ = _batch_indices(self.n, stage, epoch, step, self.gb, self.seed, self._order)
-        sl = slice(self.rank * self.b, (self.rank + 1) * self.b)
-        return torch.cat([idx[sl], partner[sl]])
-
-    def __getitem__(self, key) -> torch.Tensor:
-        return self.dataset.read(self.indices(*key))
-
-    def __len__(self) -> int:  # not used for sampling (the sampler gives the keys)
-        return 0
-
-
-class _StepKeys(torch.utils.data.Sampler):
-    """The keys of the steps still to run in the current epoch (set before each pass)."""
-
-    def __init__(self) -> None:
-        self.keys: list[tuple[int, int, int]] = []
-
-    def set(self, stage: int, epoch: int, start: int, steps: int) -> None:
-        self.keys = [(stage, epoch, s) for s in range(start, steps)]
-
-    def __iter__(self):
-        return iter(list(self.keys))
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _default_loader_workers(device: torch.device) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cpus = os.cpu_count() or 1
-    # CPU: reading a step's images from the cache takes well under 1 % of the step (benchmarks/
-    # data_pipeline.py), so the main process reads them itself; a worker would only compete for
-    # the cores the training uses
-    return min(4, max(1, cpus // 2)) if device.type == "cuda" else 0
-
-
-class _Batches:
-    """The per-step source images of one process, from memory or streamed from the cache.
-
-    An in-memory data set (``ImageFolderDataset``) is moved to the device once and indexed there.
-    A ``CachedImageDataset`` is read by a DataLoader (``workers`` processes, pinned memory on CUDA,
-    prefetching) one step at a time; nothing of the size of the data set is held.
-    ``wait_s`` accumulates the time the training loop spent waiting for the next batch.
-    """
-
-    def __init__(self, dataset, n: int, gb: int, b: int, rank: int, seed: int, device: torch.device, workers: int) -> None:
-        self.device, self.b = device, b
-        self.source = _StepImages(dataset, n, gb, b, rank, seed)
-        self.streaming = not isinstance(dataset, ImageFolderDataset)
-        self.wait_s = 0.0
-        if not self.streaming:
-            self.images_dev = dataset.images.to(device)
-            return
-        self.keys = _StepKeys()
-        pin = device.type == "cuda"
-        self.loader = torch.utils.data.DataLoader(
-            self.source, batch_size=None, sampler=self.keys, num_workers=workers, pin_memory=pin,
-            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(0),  # never draws from the global RNG
-        )
-
-    def epoch(self, stage: int, epoch: int, start: int, steps: int):
-        """Yield (step, img1, img2) on the device for steps ``start .. steps - 1``."""
-        if not self.streaming:
-            for step in range(start, steps):
-                t = time.perf_counter()
-                ix = self.source.indices(stage, epoch, step).to(self.device)
-                both = self.images_dev[ix]
-                self.wait_s += time.perf_counter() - t
-                yield step, both[: self.b], both[self.b :]
-            return
-        self.keys.set(stage, epoch, start, steps)
-        it = iter(self.loader)
-        for step in range(start, steps):
-            t = time.perf_counter()
-            both = next(it).to(self.device, non_blocking=True)
-            self.wait_s += time.perf_counter() - t
-            yield step, both[: self.b], both[self.b :]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -622,28 +282,6 @@ def _collective_failure(exc: BaseException) -> bool:
     return any(k in msg for k in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
 
 
-def _load_for_all(path: Path, check: Callable[[dict], None] | None = None, missing: str | None = None) -> dict:
-    """A checkpoint read by process 0 only and broadcast; a problem is raised on every process
-    (``missing``: the ValueError message for a file that does not exist)."""
-    payload: tuple = (None, None, None)
-    if dist_utils.rank() == 0:
-        try:
-            if missing is not None and not path.exists():
-                raise ValueError(missing)
-            st = load_checkpoint(path, map_location="cpu")
-            if check is not None:
-                check(st)
-            payload = (st, None, None)
-        except FileNotFoundError as exc:
-            payload = (None, "missing", str(exc))
-        except ValueError as exc:
-            payload = (None, "invalid", str(exc))
-    st, kind, msg = dist_utils.broadcast_object(payload)
-    if kind is not None:
-        raise (FileNotFoundError if kind == "missing" else ValueError)(msg)
-    return st
-
-
 def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     cfg.validate()
     env_rank = int(os.environ.get("RANK", "0"))
@@ -696,7 +334,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     resume_state = None
     if cfg.resume:
         def check(st):
-            _validate_resume_state(st, ckpt_path)
+            validate_resume_state(st, ckpt_path)
             prev = st.get("train_config", {})
             for key in ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid"):
                 if key in prev and prev[key] != getattr(cfg, key):
@@ -710,28 +348,29 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
                     f"resume it with the same number of processes (global batch)"
                 )
 
-        resume_state = _load_for_all(ckpt_path, check, missing=f"--resume: no checkpoint to resume from at {ckpt_path}")
+        resume_state = load_for_all(ckpt_path, check, missing=f"--resume: no checkpoint to resume from at {ckpt_path}")
     records = _read_jsonl(metrics_path) if resume_state is not None else []
     if resume_state is not None:
         done = (resume_state["stage"], resume_state["epoch"])
         records = [r for r in records if (r.get("stage"), r.get("epoch")) <= done]
     else:
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
 
     viewgen = LDViewGenerator(cfg.size, AugmentConfig())
     tdtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    criterion = LDCriterion(cfg.loss_impl, cfg.grid)
+    objective = LDObjective(cfg.loss_impl, cfg.grid, rd_temperature=cfg.rd_temperature,
+                            pd_temperature=cfg.pd_temperature, assignment=LDNet.assignment)
     gb = cfg.batch_size * ws
     steps = cfg.steps_per_epoch or max(1, n // gb)
     t_start = time.time()
     stopped_early = False
     stage1_state = None
     if cfg.init_stage1 is not None:
-        stage1_state = _load_for_all(Path(cfg.init_stage1))["model"]
+        stage1_state = load_for_all(Path(cfg.init_stage1))["model"]
     model = None
     summary: dict = {"out": str(out), "world_size": ws, "device": str(device)}
-    workers = cfg.loader_workers if cfg.loader_workers is not None else _default_loader_workers(device)
-    batches = _Batches(dataset, n, gb, cfg.batch_size, rank, cfg.seed, device, workers)
+    workers = cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers(device)
+    batches = Batches(dataset, n, gb, cfg.batch_size, rank, cfg.seed, device, workers)
     summary["streaming"] = batches.streaming
     last_save = time.time()
 
@@ -772,11 +411,11 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         if resume_state is not None and resume_state["stage"] == stage:
             rs = resume_state
-            _restore(ckpt_path, "model weights", lambda: model.load_state_dict(rs["model"]))
-            _restore(ckpt_path, "optimiser state", lambda: _load_optimizer(opt, rs["optimizer"]))
-            _restore(ckpt_path, "learning-rate schedule", lambda: _load_scheduler(sched, rs["scheduler"]))
+            restore(ckpt_path, "model weights", lambda: model.load_state_dict(rs["model"]))
+            restore(ckpt_path, "optimiser state", lambda: load_optimizer(opt, rs["optimizer"]))
+            restore(ckpt_path, "learning-rate schedule", lambda: load_scheduler(sched, rs["scheduler"]))
             if "rng" in rs:
-                _restore(ckpt_path, "RNG state", lambda: _set_rng_state(rs["rng"]))
+                restore(ckpt_path, "RNG state", lambda: set_rng_state(rs["rng"]))
             resume_state = None  # consumed
         elif resume_state is not None and resume_state["stage"] < stage:
             resume_state = None
@@ -802,13 +441,13 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
             if bar is not None and first:
                 bar.update(first)
             for step, img1, img2 in batches.epoch(stage, epoch, first, steps):
-                item_no = step * gb + torch.arange(gb)  # the items' global numbers, as in _batch_indices
+                item_no = step * gb + torch.arange(gb)  # the items' global numbers, as in batching.batch_indices
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 gens = [item_generator(cfg.seed, stage, epoch, step, int(i)) for i in item_no[sl]]
                 vb = viewgen(img1.to(tdtype), img2.to(tdtype), gens)
                 with ac:
                     z, s = model(vb.images)
-                losses = criterion(z, s, vb)
+                losses = objective(z, s, vb)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
                 dist_utils.average_gradients(model)
@@ -916,7 +555,7 @@ def _train_state(model, opt, sched, cfg: TrainConfig, stage: int, epoch: int, st
         "model": _unwrap_state(model),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "stage": stage,
         "epoch": epoch,
         "step": step,
@@ -960,64 +599,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
 
 
-# ----------------------------------------------------------------------------- benchmark hook
-
-
-def synthetic_images(n: int, size: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
-    """Smooth random blob images (n, C, size, size) in [0, 1], for benchmarks and tests."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, channels, 8, 8, generator=g)
-    x = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
-    x = x + 0.05 * torch.randn(n, channels, size, size, generator=g)
-    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
-    return (x / x.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)).clamp(0, 1)
-
-
-def make_training_step(
-    model: LDNet,
-    loss_impl: str = "fused",
-    batch_size: int = 4,
-    size: int = 128,
-    *,
-    device: str | torch.device | None = None,
-    lr: float = 1e-3,
-    seed: int = 0,
-    grid: int = 8,
-) -> Callable[[], dict[str, float]]:
-    """One full LD training step as a callable, for end-to-end step-rate measurements.
-
-    Each call draws B pairs from a fixed pool of synthetic images, makes the 5B views on the
-    model's device, runs forward, the LD losses (``loss_impl`` "fused" or "reference"; stage 1 if
-    ``model.n_clusters`` is None, else stage 2), backward and an Adam update. Returns the loss
-    terms as floats. Images per call: ``5 * batch_size``.
-    """
-    if loss_impl not in LOSS_IMPLS:
-        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev).train()
-    pool = synthetic_images(max(2 * batch_size, 8), size, model.in_channels, seed).to(dev)
-    viewgen = LDViewGenerator(size)
-    criterion = LDCriterion(loss_impl, grid)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    counter = {"step": 0}
-
-    def step() -> dict[str, float]:
-        k = counter["step"]
-        counter["step"] += 1
-        idx, partner, item_no = _batch_indices(pool.shape[0], 0, 0, k, batch_size, seed)
-        gens = [item_generator(seed, 0, 0, k, int(i)) for i in item_no]
-        vb = viewgen(pool[idx.to(dev)], pool[partner.to(dev)], gens)
-        z, s = model(vb.images)
-        losses = criterion(z, s, vb)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        return {k2: float(v.detach()) for k2, v in losses.items()}
-
-    step.images_per_call = 5 * batch_size  # type: ignore[attr-defined]
-    return step
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -1036,6 +617,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     parser.add_argument("--lr-step", type=int, default=d.lr_step, help="halve the learning rate every N epochs")
     parser.add_argument("--grid", type=int, default=d.grid, help="G, patch grid for PD/mixup")
+    parser.add_argument("--rd-temperature", type=float, default=d.rd_temperature,
+                        help="tau of region discrimination (docs/method.md section 3)")
+    parser.add_argument("--pd-temperature", type=float, default=d.pd_temperature,
+                        help="T of the patch-discrimination and mixup criterion (section 5)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice (items, augmentations, init)")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -1075,7 +660,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=list(args.data), out=args.out, size=args.size, channels=args.channels, emb_dim=args.emb_dim,
         n_clusters=args.clusters, batch_size=args.batch_size, epochs1=args.epochs1, epochs2=args.epochs2,
-        steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid, seed=args.seed,
+        steps_per_epoch=args.steps_per_epoch, lr=args.lr, lr_step=args.lr_step, grid=args.grid,
+        rd_temperature=args.rd_temperature, pd_temperature=args.pd_temperature, seed=args.seed,
         device=args.device, amp=not args.no_amp, loss_impl=args.loss_impl, val_images=args.val_images,
         nifti_axes=tuple(args.nifti_axes), min_foreground=args.min_foreground, fit=args.fit,
         resume=args.resume, overwrite=args.overwrite, max_minutes=args.max_minutes, progress=not args.no_progress,

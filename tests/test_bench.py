@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from ld_ext import bench
+from ld_ext import reference as ref
+from ld_ext.bench.cases import _prepare
 
 CPU = torch.device("cpu")
 TINY = bench.Case(N=3, D=5, K=4, H=6, W=7, M=12, dtype="float64")
@@ -33,7 +35,7 @@ def _outputs_and_grads(spec, fn, inputs, cotangent):
 @pytest.mark.parametrize("op", list(bench.OPS))
 def test_all_implementations_agree(op):
     spec = bench.OPS[op]
-    g = bench._gen(CPU, 7)
+    g = bench.make_generator(CPU, 7)
     inputs = spec.make_inputs(TINY, CPU, g)
     settings = bench.Settings(device=CPU, compile_backend="eager")  # dynamo traces, no codegen: fast
     with torch.no_grad():
@@ -42,7 +44,7 @@ def test_all_implementations_agree(op):
     want_out, want_grads = _outputs_and_grads(spec, spec.impls["eager"](), inputs, cot)
     assert set(spec.impls) >= {"fused", "eager", "compile"}
     for impl in spec.impls:
-        got_out, got_grads = _outputs_and_grads(spec, bench._prepare(spec, impl, settings), inputs, cot)
+        got_out, got_grads = _outputs_and_grads(spec, _prepare(spec, impl, settings), inputs, cot)
         assert len(got_out) == len(want_out)
         for a, b in zip(got_out, want_out):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"{op} {impl} output")
@@ -53,9 +55,9 @@ def test_all_implementations_agree(op):
 def test_headline_loss_matches_issue_definition():
     """The region-loss benchmark times backward of 10*L_rd + 0.1*L_ent of the sigmoid/normalised loss."""
     spec = bench.OPS["region_loss"]
-    e, s = spec.make_inputs(TINY, CPU, bench._gen(CPU, 3))
+    e, s = spec.make_inputs(TINY, CPU, bench.make_generator(CPU, 3))
     rd, ent = spec.impls["eager"]()(e, s)
-    want_rd, want_ent = bench.ref.region_discrimination_loss(
+    want_rd, want_ent = ref.region_discrimination_loss(
         e, s, temperature=0.2, normalize=True, assignment="sigmoid", return_entropy=True
     )
     torch.testing.assert_close(spec.scalar((rd, ent)), 10 * want_rd + 0.1 * want_ent)
@@ -204,3 +206,73 @@ def test_rss_probe_reports_a_peak():
     assert res is not None and "error" not in res, res
     assert res["peak_rss_increase"] >= 0
     assert res["input_bytes"] == (2 * 4 * 256 + 2 * 3 * 256) * 4
+
+
+def test_plain_baselines_match_the_fused_loss_modules():
+    """The plain-PyTorch loss modules (LDObjective's "reference" path) compute the fused modules'
+    values and gradients, in both call forms of the PD module."""
+    import ld_ext
+
+    g = bench.make_generator(CPU, 11)
+    e = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(3, 4, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    for kw in (dict(normalize=True, assignment="sigmoid", return_entropy=True), dict(assignment="softmax")):
+        fused = ld_ext.RegionDiscriminationLoss(0.3, **kw)(e, s)
+        plain = bench.PlainRegionDiscriminationLoss(0.3, **kw)(e, s)
+        fused, plain = (v if isinstance(v, tuple) else (v,) for v in (fused, plain))
+        for a, b in zip(fused, plain):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        gf = torch.autograd.grad(fused[0], (e, s))
+        gp = torch.autograd.grad(plain[0], (e, s))
+        for a, b in zip(gf, gp):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    for args in ((x,), (x[:6], x[6:])):
+        fused = ld_ext.PatchDiscriminationLoss(0.2)(*args)
+        plain = bench.PlainPatchDiscriminationLoss(0.2)(*args)
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        bench.PlainPatchDiscriminationLoss(-1.0)
+
+
+def test_time_call_and_time_once_call_what_they_time():
+    calls = []
+    t = bench.time_call(lambda: calls.append(1), CPU, warmup=2, repeats=5)
+    assert len(calls) == 3 + 5 and t.repeats == 5 and t.number == 1  # 2 warm-up + 1 sizing + 5 timed
+    assert 0 <= t.min_ms <= t.median_ms <= t.max_ms
+    assert bench.time_once(lambda: calls.append(2), CPU) >= 0 and calls[-1] == 2
+
+
+def test_child_peak_rss_sees_the_child_allocation():
+    """A child that touches 800 MiB peaks that much higher than one that does nothing. (Linux keeps
+    the forking process's peak in the child's ru_maxrss across exec, so the measuring process is a
+    fresh interpreter here, whose own peak is far below 800 MiB.)"""
+    import json
+    import subprocess
+    import sys
+
+    if not hasattr(os, "wait4"):
+        pytest.skip("os.wait4 is Unix only")
+    driver = (
+        "import json, sys\n"
+        "from ld_ext.bench.memory import child_peak_rss\n"
+        "small = child_peak_rss([sys.executable, '-c', 'pass'])\n"
+        "big = child_peak_rss([sys.executable, '-c', 'b = bytearray(800 << 20); b[::4096] = bytes(len(b[::4096]))'])\n"
+        "bad = child_peak_rss([sys.executable, '-c', 'import sys; sys.exit(\"boom\")'])\n"
+        "print(json.dumps([small, big, bad]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    small, big, bad = json.loads(res.stdout.strip().splitlines()[-1])
+    assert small[0] == 0 and big[0] == 0
+    assert big[1] >= 800 << 20 and big[1] - small[1] > 400 << 20
+    assert bad[0] == 1 and "boom" in bad[2]
+
+
+def test_module_entry_point_is_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "ld_ext.bench", "--repeats", "2", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--repeats must be >= 5" in res.stderr

@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 from ld_ext import distributed as du
 from ld_ext.augment import LDViewGenerator, item_generator
 from ld_ext.models import LDNet
-from ld_ext.train import LDCriterion, synthetic_images
+from ld_ext.bench import synthetic_images
+from ld_ext.objective import LDObjective
 
 SIZE = 32
 B = 2  # per process
@@ -51,7 +52,7 @@ def _step(model: LDNet, items: list[int], loss_impl: str):
     vb = LDViewGenerator(SIZE)(pool[idx % 8], pool[(idx + 3) % 8], gens)
     model.train()
     z, s = model(vb.images)
-    losses = LDCriterion(loss_impl, grid=4)(z, s, vb)
+    losses = LDObjective(loss_impl, grid=4)(z, s, vb)
     model.zero_grad()
     losses["loss"].backward()
     du.average_gradients(model)

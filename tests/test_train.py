@@ -1,4 +1,4 @@
-"""Training: loss wiring (fused vs reference), exact resume after an interruption, the CLI."""
+"""Training: the objective's wiring (fused vs reference), exact resume after an interruption, the CLI."""
 from __future__ import annotations
 
 import json
@@ -12,14 +12,16 @@ from ld_ext import train
 from ld_ext.augment import LDViewGenerator, item_generator
 from ld_ext.checkpoint import load_checkpoint, load_model
 from ld_ext.data import ImageFolderDataset
+from ld_ext.bench import make_training_step, synthetic_images
 from ld_ext.models import LDNet
+from ld_ext.objective import LOSS_IMPLS, LDObjective
 
 SMALL = (8, 8, 16, 16, 16)
 S = 32
 
 
 def _views(b=2, dtype=torch.float64):
-    pool = train.synthetic_images(4, S, seed=2).to(dtype)
+    pool = synthetic_images(4, S, seed=2).to(dtype)
     return LDViewGenerator(S)(pool[:b], pool[b : 2 * b], [item_generator(5, i) for i in range(b)])
 
 
@@ -29,10 +31,10 @@ def test_fused_and_reference_losses_agree(stage):
     net = LDNet(1, 8, 4 if stage == 2 else None, SMALL).double()
     vb = _views()
     out = {}
-    for impl in train.LOSS_IMPLS:
+    for impl in LOSS_IMPLS:
         net.zero_grad()
         z, s = net(vb.images)
-        losses = train.LDCriterion(impl, grid=4)(z, s, vb)
+        losses = LDObjective(impl, grid=4)(z, s, vb)
         losses["loss"].backward()
         out[impl] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in net.parameters()])
     (lf, gf), (lr, gr) = out["fused"], out["reference"]
@@ -45,14 +47,84 @@ def test_fused_and_reference_losses_agree(stage):
     assert lf["loss"] == pytest.approx(total, rel=1e-12)
 
 
+def test_objective_temperatures_and_assignment_reach_the_loss_modules():
+    """The temperatures of the config reach the loss modules (checked against the plain path at a
+    non-default value), and the assignment kind is the network's."""
+    torch.manual_seed(1)
+    net = LDNet(1, 8, 4, SMALL).double()
+    vb = _views()
+    z, s = net(vb.images)
+    got = {impl: LDObjective(impl, grid=4, rd_temperature=0.5, pd_temperature=0.3, assignment=net.assignment)(z, s, vb)
+           for impl in LOSS_IMPLS}
+    default = LDObjective("fused", grid=4)(z, s, vb)
+    for k in ("rd", "pd", "mix"):
+        fused, plain, base = (float(d[k].detach()) for d in (got["fused"], got["reference"], default))
+        assert fused == pytest.approx(plain, rel=1e-9), k
+        assert abs(fused - base) > 1e-6 * abs(base), k  # the temperature made a difference
+    obj = LDObjective("fused", rd_temperature=0.5, pd_temperature=0.3, assignment=LDNet.assignment)
+    assert (obj.region_loss.temperature, obj.patch_loss.temperature) == (0.5, 0.3)
+    assert obj.region_loss.assignment == LDNet.assignment == "sigmoid"
+    with pytest.raises(ValueError, match="temperature"):
+        LDObjective(rd_temperature=0.0)
+    with pytest.raises(ValueError, match="assignment"):
+        LDObjective(assignment="relu")
+
+
+@pytest.mark.parametrize("name", ["rd_temperature", "pd_temperature"])
+@pytest.mark.parametrize("value", [0.0, -0.2, float("nan"), float("inf"), True, "0.2"])
+def test_config_rejects_bad_temperatures(name, value):
+    with pytest.raises(ValueError, match=name):
+        train.TrainConfig(**{name: value}).validate()
+
+
+def test_temperature_flags_map_to_the_config_with_the_published_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cfg = train.config_from_args(parser.parse_args(["--data", "x", "--out", "o"]))
+    assert (cfg.rd_temperature, cfg.pd_temperature) == (0.2, 0.1)  # docs/method.md sections 3 and 5
+    cfg = train.config_from_args(parser.parse_args(["--data", "x", "--out", "o", "--rd-temperature", "0.3",
+                                                    "--pd-temperature", "0.05"]))
+    assert (cfg.rd_temperature, cfg.pd_temperature) == (0.3, 0.05)
+
+
+def test_no_pipeline_module_imports_the_test_oracle():
+    """ld_ext.reference is the oracle of the tests and the baseline of the benchmarks; the pipeline
+    gets the constants from ld_ext.normalization and the plain path from ld_ext.bench.baselines."""
+    import ast
+    from pathlib import Path
+
+    import ld_ext
+
+    root = Path(ld_ext.__file__).parent
+    allowed = {"__init__.py", "reference.py"}  # the package face re-exports the oracle
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "bench" or str(rel) in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" if mod else a.name for a in node.names]
+            if any(n.split(".")[-1] == "reference" and (n.startswith("ld_ext") or not n.startswith(("torch", "numpy")))
+                   for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == []
+
+
 def test_criterion_rejects_bad_arguments():
     with pytest.raises(ValueError, match="loss_impl"):
-        train.LDCriterion("cuda-magic")
+        LDObjective("cuda-magic")
     with pytest.raises(ValueError, match="grid"):
-        train.LDCriterion(grid=0)
+        LDObjective(grid=0)
     vb = _views()
     with pytest.raises(ValueError, match="5B"):
-        train.LDCriterion(grid=4)(torch.randn(3, 8, S, S, dtype=torch.float64), None, vb)
+        LDObjective(grid=4)(torch.randn(3, 8, S, S, dtype=torch.float64), None, vb)
 
 
 def _cfg(out, **kw):
@@ -67,7 +139,7 @@ def _strip(records):
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monkeypatch):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(6, S, seed=4))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(6, S, seed=4))
     full = train.pretrain(_cfg(tmp_path / "full"), dataset=ds)
     ref_state = full["final_model"].state_dict()
     assert [(r["stage"], r["epoch"]) for r in full["records"]] == [(1, 1), (2, 1), (2, 2)]
@@ -85,7 +157,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monke
 
     # second interruption: Ctrl-C in the middle of stage 2, epoch 2 (after one more complete epoch)
     calls = {"n": 0}
-    real_call = train.LDCriterion.__call__
+    real_call = LDObjective.__call__
 
     def flaky(self, *a, **k):
         calls["n"] += 1
@@ -93,10 +165,10 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monke
             raise KeyboardInterrupt
         return real_call(self, *a, **k)
 
-    monkeypatch.setattr(train.LDCriterion, "__call__", flaky)
+    monkeypatch.setattr(LDObjective, "__call__", flaky)
     with pytest.raises(KeyboardInterrupt):
         train.pretrain(_cfg(out, resume=True), dataset=ds)
-    monkeypatch.setattr(train.LDCriterion, "__call__", real_call)
+    monkeypatch.setattr(LDObjective, "__call__", real_call)
     ck = load_checkpoint(out / "checkpoint.pt")
     assert (ck["stage"], ck["epoch"]) == (2, 1)  # the last complete epoch, intact
 
@@ -117,7 +189,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monke
 
 
 def test_resume_refuses_missing_corrupt_or_mismatched_checkpoints(tmp_path):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     with pytest.raises(ValueError, match="no checkpoint"):
         train.pretrain(_cfg(tmp_path, resume=True), dataset=ds)
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
@@ -134,19 +206,19 @@ def test_resume_refuses_missing_corrupt_or_mismatched_checkpoints(tmp_path):
 ])
 def test_bad_config(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        train.pretrain(_cfg(tmp_path, **kw), dataset=ImageFolderDataset.from_tensor(train.synthetic_images(4, S)))
+        train.pretrain(_cfg(tmp_path, **kw), dataset=ImageFolderDataset.from_tensor(synthetic_images(4, S)))
 
 
 def test_make_training_step_runs_both_impls():
     torch.manual_seed(0)
-    for impl in train.LOSS_IMPLS:
-        step = train.make_training_step(LDNet(1, 8, 4, SMALL), impl, batch_size=2, size=S)
+    for impl in LOSS_IMPLS:
+        step = make_training_step(LDNet(1, 8, 4, SMALL), impl, batch_size=2, size=S)
         assert step.images_per_call == 10
         a, b = step(), step()
         assert set(a) == {"loss", "pd", "mix", "rd", "ent"}
         assert all(np.isfinite(list(a.values()))) and a != b
     with pytest.raises(ValueError, match="loss_impl"):
-        train.make_training_step(LDNet(1, 8, 4, SMALL), "nope")
+        make_training_step(LDNet(1, 8, 4, SMALL), "nope")
 
 
 def test_cli_pretrain_on_a_folder(tmp_path, capsys):
@@ -186,7 +258,7 @@ def test_cli_pretrain_on_a_folder(tmp_path, capsys):
 
 
 def test_time_budget_cuts_each_stage_but_still_runs_stage2(tmp_path, caplog):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     with caplog.at_level("INFO", logger="ld_ext"):
         res = train.pretrain(_cfg(tmp_path, epochs1=2, epochs2=2, steps_per_epoch=1, max_minutes=1e-6), dataset=ds)
     notices = [r.getMessage() for r in caplog.records if "time budget" in r.getMessage()]
@@ -196,7 +268,7 @@ def test_time_budget_cuts_each_stage_but_still_runs_stage2(tmp_path, caplog):
 
 
 def test_stage2_from_a_stage1_checkpoint(tmp_path):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     train.pretrain(_cfg(tmp_path / "s1", epochs2=0, val_images=0), dataset=ds)
     s1 = load_checkpoint(tmp_path / "s1" / "stage1.pt")["model"]
     res = train.pretrain(_cfg(tmp_path / "s2", init_stage1=str(tmp_path / "s1" / "stage1.pt"), epochs2=1, lr=1e-12,
@@ -215,7 +287,7 @@ def _snapshot(folder):
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     out = tmp_path / "run"
     train.pretrain(_cfg(out, epochs2=0, val_images=1), dataset=ds)
     before = _snapshot(out)
@@ -245,7 +317,7 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_stale_temp_files_are_removed_on_start_and_resume(tmp_path):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     out = tmp_path / "run"
     out.mkdir()
     (out / "overlays").mkdir()
@@ -298,14 +370,14 @@ def test_interrupted_cli_run_exits_130_with_a_clean_message(tmp_path, capsys, mo
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.LDCriterion, "__call__", stop)
+    monkeypatch.setattr(LDObjective, "__call__", stop)
     rc = main(["pretrain", "--data", str(img), "--out", str(tmp_path / "o"), "--size", "32", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 130 and "interrupted; no epoch was completed" in err and "Traceback" not in err
 
 
 def _training_checkpoint(tmp_path):
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(4, S))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(4, S))
     out = tmp_path / "good"
     train.pretrain(_cfg(out, epochs1=1, epochs2=1, val_images=0), dataset=ds)
     return ds, load_checkpoint(out / "checkpoint.pt")

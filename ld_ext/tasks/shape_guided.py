@@ -8,7 +8,7 @@ Adam at 0.05 x the generator's learning rate. Priors are augmented like the imag
 rotation, crop, resize) and binarised (> 0.1).
 
 The LD loss is the stage-2 loss of section 6, ``L_pd + L_mixup + 10 L_rd + 0.1 L_ent``, computed
-by the pipeline's ``ld_ext.train.LDCriterion`` (fused ops) on views from its
+by the pipeline's ``ld_ext.objective.LDObjective`` (fused ops) on views from its
 ``ld_ext.augment.LDViewGenerator``. The same schedule without the adversarial term ("plain LD") runs
 beside it from the same initialisation, so the two are compared at equal cost.
 
@@ -97,13 +97,15 @@ def augment_priors(priors: torch.Tensor, n: int, size: int, g: torch.Generator) 
 
 
 def assignment(s: torch.Tensor) -> torch.Tensor:
-    """a = L1-normalised (sigmoid(s) + 1e-9) over K."""
-    u = torch.sigmoid(s) + 1e-9
-    return u / u.sum(dim=1, keepdim=True)
+    """a = L1-normalised (sigmoid(s) + 1e-9) over K (``LDNet.assignment``)."""
+    from ..models import LDNet
+    from ..normalization import normalize_assignments
+
+    return normalize_assignments(s, LDNet.assignment)
 
 
 def ld_loss(model, vb, criterion):
-    """Stage-2 LD loss of one ViewBatch via the pipeline's ``LDCriterion``:
+    """Stage-2 LD loss of one ViewBatch via the pipeline's ``LDObjective``:
     (total, parts dict, s of the 4B aligned views)."""
     b = vb.batch_size
     z, s = model(vb.images)
@@ -169,7 +171,7 @@ def train_shape_guided(
     from tqdm import tqdm
 
     from ..augment import LDViewGenerator, item_generator
-    from ..train import LDCriterion
+    from ..objective import LDObjective
 
     common.check_positive_int("steps", steps)
     common.check_positive_int("batch", batch)
@@ -178,7 +180,7 @@ def train_shape_guided(
         raise ValueError(f"images must be square, got {images.shape[-2]}x{images.shape[-1]}")
     model = _init_model(checkpoint, n_clusters, seed)
     views = LDViewGenerator(size)
-    criterion = LDCriterion("fused")
+    criterion = LDObjective("fused", assignment=model.assignment)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     disc = d_opt = None
     pri = None
@@ -237,7 +239,7 @@ def soft_segmentation(model, images: np.ndarray, temperature: float = 0.2, batch
     a_all, s_all = [], []
     for i in range(0, x.shape[0], batch):
         z, s = model(x[i : i + batch])
-        r = ops.region_features(z, s, normalize=True, assignment="sigmoid")
+        r = ops.region_features(z, s, normalize=True, assignment=model.assignment)
         e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
         a_all.append(assignment(s))
         s_all.append(ops.pixel_cluster_similarity(e, r, temperature))
