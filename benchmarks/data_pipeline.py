@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -101,13 +100,12 @@ def peak_rss_mb(data: Path, out: Path, extra: list[str] | None = None) -> float:
            "--no-progress", *(extra or [])]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-    if p.returncode != 0:
-        raise RuntimeError(f"pretrain failed ({p.returncode}): {err[-2000:]}")
-    return usage.ru_maxrss / 1024.0  # kB on Linux
+    from ld_ext.bench.memory import child_peak_rss
+
+    rc, peak, err = child_peak_rss(cmd, env)
+    if rc != 0:
+        raise RuntimeError(f"pretrain failed ({rc}): {err[-2000:]}")
+    return peak / 2**20
 
 
 def main(argv=None) -> int:

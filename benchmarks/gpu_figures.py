@@ -14,7 +14,9 @@ At N=16, D=32, K=16, 448x448 (P = 200704), forward + backward of
 | peak extra memory of fused fwd+bwd       | <= 64 MiB  |
 | pixel_cluster_similarity fused vs eager  | >= 3x      |
 
-Timing: CUDA events around each call, warm-up first, median of the repeats. Bytes counted for the
+Timing and memory: the benchmark engine's own code (``ld_ext.bench.timing.time_call``: CUDA events
+around each call after warm-up, median of the repeats; ``ld_ext.bench.memory.cuda_peak_memory``;
+``ld_ext.bench.timing.copy_bandwidth``). Bytes counted for the
 fused loss: forward reads e and s, backward reads them again and writes both gradients
 (4 * N * (D + K) * P * itemsize). Copy bandwidth: a 1 GiB device-to-device copy, read + write.
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -39,32 +40,21 @@ if _ROOT not in sys.path:
 
 N, D, K, H, W = 16, 32, 16, 448, 448
 TAU = 0.2
+CUDA = torch.device("cuda")
 
 
 def _time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms per call of ``fn()`` (CUDA events, after ``warmup`` calls): the engine's timer."""
+    from ld_ext.bench.timing import time_call
+
+    return time_call(fn, CUDA, warmup=warmup, repeats=iters, slow_call_s=float("inf")).median_ms
 
 
 def _copy_bandwidth(warmup: int, iters: int) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy."""
-    x = torch.randn(1 << 28, device="cuda")
-    y = torch.empty_like(x)
-    ms = _time_ms(lambda: y.copy_(x), warmup, iters)
-    nbytes = 2 * x.numel() * x.element_size()
-    del x, y
-    return nbytes / (ms * 1e-3)
+    from ld_ext.bench.timing import copy_bandwidth
+
+    return copy_bandwidth(CUDA, nbytes=1 << 30, repeats=iters)
 
 
 def _inputs(dtype: torch.dtype):
@@ -85,30 +75,29 @@ def _loss_step(loss_fn, e, s):
 
 
 def _peak_extra_bytes(step, e, s) -> int:
-    """max_memory_allocated during fwd+bwd minus what inputs and their gradients occupy."""
+    """Peak memory of fwd+bwd above what was held before (the engine's probe) minus the gradients."""
+    from ld_ext.bench.memory import cuda_peak_memory
+
     e.grad = None
     s.grad = None
-    torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    extra, _ = cuda_peak_memory(step, CUDA)
     grads = e.numel() * e.element_size() + s.numel() * s.element_size()
-    return peak - base - grads
+    return extra - grads
 
 
 def _kernel_breakdown(step, reps: int = 3) -> list[dict]:
     """Per-kernel device time (microseconds per step) of `step`, from torch.profiler (CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from ld_ext.bench.timing import sync
+
     step()
-    torch.cuda.synchronize()
+    sync(CUDA)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
-        torch.cuda.synchronize()
+        sync(CUDA)
     rows = []
     for evt in prof.key_averages():
         us = getattr(evt, "self_device_time_total", None)
@@ -205,11 +194,10 @@ def measure(quick: bool = False) -> dict:
     res["fused_fp32_bw"] = nbytes / (res["fused_fp32_ms"] * 1e-3)
     res["eager_fp32_ms"] = _time_ms(_loss_step(eager, e, s), warm, iters)
     try:
+        from ld_ext.bench.timing import time_once
+
         compiled = torch.compile(eager)
-        t0 = time.perf_counter()
-        _loss_step(compiled, e, s)()
-        torch.cuda.synchronize()
-        res["compile_s"] = time.perf_counter() - t0
+        res["compile_s"] = time_once(_loss_step(compiled, e, s), CUDA)
         res["compiled_fp32_ms"] = _time_ms(_loss_step(compiled, e, s), warm, iters)
     except Exception as exc:  # noqa: BLE001 - report, do not hide
         res["compiled_fp32_ms"] = None

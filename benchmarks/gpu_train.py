@@ -1,18 +1,18 @@
 """End-to-end LD training steps: fused ld_ext losses vs the plain-PyTorch losses, with and without AMP.
 
-One training step = the LD recipe's stage-2 step (``ld_ext.train.make_training_step``): B pairs of
+One training step = the LD recipe's stage-2 step (``ld_ext.bench.end_to_end.make_training_step``): B pairs of
 source images, 5B views made on the device (4B aligned views + B mixups), forward through the LD
 network (VGG16-BN-tiny encoder, U-Net decoder, D = 32, K = 16), the full objective
 L_pd + L_mixup + 10 L_rd + 0.1 L_ent, backward and an Adam update. The two loss implementations
-("fused": the ld_ext ops; "reference": the same math in plain PyTorch, ``ld_ext.reference``) run on
+("fused": the ld_ext loss modules; "reference": their plain-PyTorch twins, ``ld_ext.bench.baselines``) run on
 identical networks and data; the variants are timed interleaved in one process (``ld_ext.bench
-.measure_group``: warm-up, then rounds that take one sample of every variant in turn; CUDA events
+.timing.measure_group``: warm-up, then rounds that take one sample of every variant in turn; CUDA events
 on a GPU), so load changes hit all of them alike. AMP: the step runs under
 ``torch.autocast(dtype=bfloat16)`` (the fused ops compute in fp32 internally and return fp32 losses).
 
 Reported per variant: ms per step (median, quartiles), steps/s, images/s (5B images per step), and
-the peak memory of one step (CUDA: ``torch.cuda.max_memory_allocated`` during the step, absolute
-and above what was held before it). The headline is fused / reference step rate at each precision.
+the peak memory of one step (``ld_ext.bench.memory``; CUDA: ``torch.cuda.max_memory_allocated``
+during the step, absolute and above what was held before it). The headline is fused / reference step rate at each precision.
 
 Defaults are the paper's scale: 448x448, B = 4 (20 images per step), 3-channel input.
 
@@ -39,28 +39,24 @@ IMPLS = ("fused", "reference")
 
 
 def _peak_of_one_step(step, device: torch.device) -> dict:
-    if device.type != "cuda":
-        from ld_ext.bench import measure_peak_memory
+    """Peak memory of one step, with the benchmark engine's probes (ld_ext.bench.memory)."""
+    from ld_ext.bench.memory import cuda_peak_memory, measure_peak_memory
 
+    if device.type != "cuda":
         extra, method = measure_peak_memory(step, device)
         return {"peak_extra_mib": None if extra is None else extra / 2**20, "peak_total_mib": None, "memory_method": method}
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    extra, peak = cuda_peak_memory(step, device)
     return {
-        "peak_extra_mib": (peak - base) / 2**20,
+        "peak_extra_mib": extra / 2**20,
         "peak_total_mib": peak / 2**20,
         "memory_method": "torch.cuda.max_memory_allocated during one step (total, and above what was held before it)",
     }
 
 
 def measure(device: torch.device, size: int, batch_size: int, channels: int, repeats: int, amp_modes, seed: int = 0) -> dict:
-    from ld_ext.bench import measure_group
+    from ld_ext.bench.end_to_end import make_training_step
+    from ld_ext.bench.timing import measure_group
     from ld_ext.models import LDNet
-    from ld_ext.train import make_training_step
 
     steps, rows = {}, []
     for amp in amp_modes:
