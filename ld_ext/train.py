@@ -4,7 +4,10 @@
 
 * stage 1: network without the clustering branch, L = L_pd + L_mix;
 * stage 2: the clustering branch is added, every other weight comes from stage 1 (by name),
-  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6).
+  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6), ``ld_ext.objective``.
+
+Beside this module: ``ld_ext.batching`` (the images of each step and process, in memory or
+streamed from the cache) and ``ld_ext.train_state`` (checking and restoring a training checkpoint).
 
 Each stage has its own Adam optimiser (lr 1e-3) halved every ``lr_step`` epochs. All randomness
 of an epoch (item order, partner images, augmentations) is derived from (seed, stage, epoch,
