@@ -23,7 +23,7 @@ def test_no_subcommand_prints_help(capsys):
 
 
 def test_demo_task_dispatches_to_the_task_demos(monkeypatch, tmp_path):
-    from ld_ext.tasks import demos
+    from ld_ext.demos import tasks
 
     seen = {}
 
@@ -31,7 +31,7 @@ def test_demo_task_dispatches_to_the_task_demos(monkeypatch, tmp_path):
         seen["task"], seen["out"], seen["checkpoint"] = task, args.out, args.checkpoint
         return 0
 
-    monkeypatch.setattr(demos, "run_task_demo", fake)
+    monkeypatch.setattr(tasks, "run_task_demo", fake)
     assert cli.main(["demo", "--task", "landmark", "--out", str(tmp_path), "--checkpoint", "m.pt"]) == 0
     assert seen == {"task": "landmark", "out": str(tmp_path), "checkpoint": "m.pt"}
 

@@ -354,7 +354,7 @@ def test_cache_matches_the_in_memory_dataset_and_is_reused(tmp_path, monkeypatch
     def no_reading(*a, **k):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(data, "_process_file", no_reading)
+    monkeypatch.setattr(data.preprocess, "_process_file", no_reading)
     again = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c0", workers=0, progress=False)
     assert again.root == c0.root
     # a changed setting or a changed file gives a new cache
