@@ -48,6 +48,16 @@ def test_mni_slices_and_tissue_labels():
     assert img[labels == 0].mean() < 0.1 < img[labels == 2].mean() < img[labels == 3].mean()
 
 
+def test_demo_defaults_are_a_fixed_step_budget():
+    """By default every step runs (no time budget that a busy machine would turn into fewer steps)."""
+    parser = argparse.ArgumentParser()
+    demos.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.max_minutes is None
+    assert (args.epochs1, args.epochs2, args.steps_per_epoch) == (4, 12, 5)
+    assert parser.parse_args(["--max-minutes", "3"]).max_minutes == 3.0
+
+
 def test_tiny_demo_end_to_end(tmp_path):
     pytest.importorskip("nilearn", reason="the demo data ship inside nilearn")
     parser = argparse.ArgumentParser()
@@ -61,7 +71,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert set(res["scores"]) == {"LD (trained)", "untrained network", "k-means on intensities (K=4)"}
     for s in res["scores"].values():
         assert 0.0 <= s["nmi"] <= 1.0 and 0.0 <= s["nmi_brain"] <= 1.0
-    assert res["first_epoch"]["stage"] == 1 and res["last_epoch"]["stage"] == 2
+    assert res["first_epoch"]["stage"] == 1 and res["last_epoch"]["stage"] == 2 and not res["stopped_early"]
     # the final probe table: every structure with enough slices at 32x32, the four feature sets
     assert saved["probe"] and {r["label"] for r in saved["probe"]} <= {"ventricles", "striatum", "thalamus", "corpus_callosum"}
     for r in saved["probe"]:
