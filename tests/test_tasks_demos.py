@@ -101,3 +101,17 @@ def test_quick_probe_demo_with_given_checkpoint(tmp_path):
             assert set(r["dice"]) == {"LD", "random-init", "intensity", "position"}
             assert all(0.0 <= d <= 1.0 for m in r["dice"].values() for v in m.values() for d in v)
             assert all(z in tasks.PROBE_EVAL_Z for z in r["z_mm"])
+
+
+def test_quick_finetune_demo_with_given_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    p = argparse.ArgumentParser()
+    tasks.add_task_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "o"), "--checkpoint", str(ck), "--quick", "--task-size", "64",
+                         "--task-steps", "1"])
+    assert tasks.run_task_demo("finetune", args) == 0
+    res = json.loads((tmp_path / "o" / "finetune" / "results.json").read_text())
+    assert [r["label"] for r in res["results"]] == ["white_matter", "grey_matter", "ventricles"]
+    assert res["shots"] == 1 and (tmp_path / "o" / "finetune" / "data" / "masks_ventricles").is_dir()
