@@ -2,7 +2,7 @@
 """Pre-train LD on unlabelled images, then measure what it learned with a linear probe: the
 Python API of ``ld_ext.train`` and ``ld_ext.tasks.probe``.
 
-    python python/pretrain_then_probe.py --out runs/ptp                      # MNI152 data from nilearn (a few minutes)
+    python python/pretrain_then_probe.py --out runs/ptp                      # MNI152 data from nilearn (about 2 minutes)
     python python/pretrain_then_probe.py --data UNLABELLED_DIR --images DIR --masks DIR [DIR ...] --out runs/ptp
     python python/pretrain_then_probe.py --out runs/ptp --size 32 --epochs1 1 --epochs2 1 --steps-per-epoch 1 --seeds 1   # smoke run
 
@@ -18,8 +18,9 @@ Python API of ``ld_ext.train`` and ``ld_ext.tasks.probe``.
 
 Without ``--data``, the data come from the MNI152 template shipped in nilearn
 (``ld_ext.demos.mni``), written as PNG folders first so that the rest is exactly the path your
-own folders take: the training slices (unlabelled) for pre-training, the held-out slices and
-masks of the ventricles and the thalamus for the probe. The last line of the output is a JSON
+own folders take: the training slices (unlabelled; every 5th slice held out) for
+pre-training, and every slice that shows the ventricles and the thalamus, with their masks, for
+the probe (which holds out half of them). The last line of the output is a JSON
 summary (mean held-out Dice per feature set, seconds).
 """
 from __future__ import annotations
@@ -41,8 +42,10 @@ from ld_ext.train import TrainConfig, pretrain  # noqa: E402
 
 
 def write_mni_folders(root: Path, size: int, structures=("ventricles", "thalamus")) -> tuple[Path, Path, list[Path]]:
-    """The MNI152 demo data as folders: ``pretrain/`` (training slices), ``images/`` (held-out
-    slices that contain every structure) and ``masks/<structure>/``."""
+    """The MNI152 demo data as folders: ``pretrain/`` (the training slices, every 5th slice held
+    out), ``images/`` (every slice that contains all the structures) and ``masks/<structure>/``.
+    Pre-training sees no labels; the probe's images include training slices, as in the usual
+    setting where the labelled images are part of the unlabelled pool."""
     from ld_ext.demos.mni import load_mni_slices
 
     d = load_mni_slices(size, structures=structures)
@@ -50,7 +53,7 @@ def write_mni_folders(root: Path, size: int, structures=("ventricles", "thalamus
         z = int(d["index"][i])
         if d["train"][i]:
             atomic_write_png(root / "pretrain" / f"slice_{z:03d}.png", d["images"][i, 0].numpy())
-        elif all(int(d["structures"][s][i].sum()) >= 3 for s in structures):
+        if all(int(d["structures"][s][i].sum()) >= 3 for s in structures):
             atomic_write_png(root / "images" / f"slice_{z:03d}.png", d["images"][i, 0].numpy())
             for s in structures:
                 atomic_write_png(root / "masks" / s / f"slice_{z:03d}.png", d["structures"][s][i].numpy())
