@@ -22,9 +22,12 @@ if _ROOT not in sys.path:
 
 
 def export(out: str, size: int) -> int:
+    import io
+
     from PIL import Image
 
-    from ld_ext.demo import load_mni_slices
+    from ld_ext.atomic import atomic_write_bytes
+    from ld_ext.demos.mni import load_mni_slices
 
     data = load_mni_slices(size)
     imgs = data["images"][data["train"]][:, 0].numpy()
@@ -32,9 +35,9 @@ def export(out: str, size: int) -> int:
     os.makedirs(out, exist_ok=True)
     for img, z in zip(imgs, index):
         arr = np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype(np.uint16)
-        tmp = os.path.join(out, f".slice_{z:03d}.png.tmp")
-        Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(out, f"slice_{z:03d}.png"))
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        atomic_write_bytes(os.path.join(out, f"slice_{z:03d}.png"), buf.getvalue())
     return len(imgs)
 
 

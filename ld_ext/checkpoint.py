@@ -14,7 +14,9 @@ A stored ``config`` is checked (types, bounds, agreement with the tensor shapes)
 network is built, so a malformed file cannot make the loader allocate a huge model.
 
 ``defer_signals()`` holds SIGINT/SIGTERM back while a file is being written and delivers them
-after; ``remove_stale_temp_files(folder)`` deletes temp files that a killed writer left behind.
+after. The atomic writers (``atomic_write``, ``atomic_write_bytes``) and
+``remove_stale_temp_files(folder)`` (temp files a killed writer left behind) are those of
+``ld_ext.atomic``, importable from here too.
 """
 from __future__ import annotations
 
@@ -22,16 +24,16 @@ import contextlib
 import os
 import re
 import signal
-import tempfile
 import threading
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_bytes, remove_stale_temp_files  # re-exported: the writers live in ld_ext.atomic
 from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
 
 __all__ = [
@@ -47,77 +49,6 @@ VERSION = 1
 MAX_WIDTH = 8192
 MAX_DEPTH = 64
 MAX_CHANNELS = 8192
-
-# The temp names of _atomic: "." + final name + "." + mkstemp's 8 random characters + ".tmp".
-_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: str | os.PathLike, write) -> Path:
-    """Write through ``write(file_object)`` to a temp file beside ``path``, then rename onto it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def remove_stale_temp_files(folder: str | os.PathLike, names: Iterator[str] | None = None) -> list[Path]:
-    """Delete the temp files of interrupted atomic writes in ``folder`` (not recursive).
-
-    Only names of this module's pattern (``.<name>.<8 random characters>.tmp``) are touched, and
-    with ``names`` only those whose ``<name>`` is one of them. Call it when no writer is running
-    in ``folder`` (a run's start or resume). Returns the deleted paths.
-    """
-    folder = Path(folder)
-    allowed = set(names) if names is not None else None
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        if not _TEMP_RE.match(p.name) or not p.is_file() or p.is_symlink():
-            continue
-        final = p.name[1:-13]  # strip "." and ".XXXXXXXX.tmp"
-        if allowed is not None and final not in allowed:
-            continue
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
-
 
 @contextlib.contextmanager
 def defer_signals(signals=(signal.SIGINT, signal.SIGTERM)):
@@ -153,14 +84,6 @@ def defer_signals(signals=(signal.SIGINT, signal.SIGTERM)):
             signal.raise_signal(sig)
 
 
-atomic_write = _atomic  # public name: atomic_write(path, write) for writers that take a binary file
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return _atomic(path, lambda f: f.write(data))
-
-
 def _wrap(obj: Any) -> dict:
     if isinstance(obj, LDNet):
         return {"format": FORMAT, "version": VERSION, "config": obj.config, "model": obj.state_dict()}
@@ -178,7 +101,7 @@ def _wrap(obj: Any) -> dict:
 def save_checkpoint(path: str | os.PathLike, state_dict_like: Any) -> Path:
     """Save a model / checkpoint dict / state dict to ``path`` atomically; returns the path."""
     payload = _wrap(state_dict_like)
-    return _atomic(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

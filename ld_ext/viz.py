@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 __all__ = ["cluster_palette", "overlay_clusters", "embedding_rgb", "save_grid", "save_loss_curves", "new_figure"]
 

@@ -317,6 +317,7 @@ def test_npy_and_dicom_modality_lut_through_the_one_reader(tmp_path):
     np.testing.assert_allclose(d, 2.0 * np.floor(arr) - 100.0)
     np.testing.assert_allclose(common.load_image(tmp_path / "r.dcm"), d)  # the downstream commands read DICOM too
     assert set(data.IMAGE_EXTENSIONS) >= {".png", ".dcm", ".nii.gz", ".npy"} and common.IMAGE_EXTENSIONS is data.IMAGE_EXTENSIONS
+    assert common.file_stem is data.file_stem and common.scale_intensity is data.scale_intensity  # one reader stack
 
 
 def test_tasks_common_searches_recursively_and_pairs_by_subfolder(tmp_path):
@@ -354,7 +355,7 @@ def test_cache_matches_the_in_memory_dataset_and_is_reused(tmp_path, monkeypatch
     def no_reading(*a, **k):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(data, "_process_file", no_reading)
+    monkeypatch.setattr(data.preprocess, "_process_file", no_reading)
     again = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c0", workers=0, progress=False)
     assert again.root == c0.root
     # a changed setting or a changed file gives a new cache

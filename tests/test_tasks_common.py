@@ -1,4 +1,4 @@
-"""Tests of ld_ext.tasks.common: I/O and pairing, Dice, warps with exact point transport, MNI geometry."""
+"""Tests of ld_ext.tasks.common: I/O and pairing, Dice, warps with exact point transport."""
 import numpy as np
 import pytest
 import torch
@@ -87,19 +87,3 @@ def test_warp_moves_a_blob_where_the_points_say():
     m = out * (np.hypot(xx - p[0], yy - p[1]) < 5)
     c = np.array([(m * xx).sum(), (m * yy).sum()]) / m.sum()
     assert np.hypot(*(c - p)) < 0.35
-
-
-def test_mni_geometry_maps_a_voxel_to_its_pixel():
-    vol, aff = common.mni_volume("t1")
-    delta = np.zeros_like(vol)
-    xyz = np.array([[20.0, -30.0, 10.0]])
-    ijk = np.round(np.linalg.inv(aff) @ np.r_[xyz[0], 1.0])[:3].astype(int)
-    delta[ijk[0] - 2 : ijk[0] + 3, ijk[1] - 2 : ijk[1] + 3, ijk[2]] = 1.0
-    centre = (aff @ np.r_[ijk, 1.0])[:3]
-    sl = common.axial_slice(delta, aff, float(centre[2]), 96)
-    px = common.mni_to_pixel(centre[None], 96)[0]
-    yy, xx = np.mgrid[0:96, 0:96]
-    c = np.array([(sl * xx).sum(), (sl * yy).sum()]) / sl.sum()
-    assert np.hypot(*(c - px)) < 0.1
-    rois = common.dosenbach_rois()
-    assert len(rois) == 160 and {"name", "x", "y", "z"} <= set(rois[0])

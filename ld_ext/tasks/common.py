@@ -1,13 +1,12 @@
-"""Shared pieces of the downstream tasks: image I/O and pairing, the MNI152 data shipped in
-nilearn, Dice, random affine + elastic warps with exact point transport, model loading and
-embedding, and atomic writers for JSON/PNG results.
+"""Shared pieces of the downstream tasks: image loading (through the one reader,
+``ld_ext.data``) and image/mask pairing, Dice, random affine + elastic warps with exact point
+transport, model loading and embedding. The atomic writers of results (``atomic_write_json``,
+``atomic_write_text``, ``atomic_savefig``) are those of ``ld_ext.atomic``, importable from here.
 
 Pixel coordinates everywhere are ``(x, y)`` = (column, row) with pixel centres at integers.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as _data
-from ..checkpoint import atomic_write, atomic_write_bytes
-from ..data import IMAGE_EXTENSIONS
+from ..data import readers as _readers
+from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
+from ..data import IMAGE_EXTENSIONS, file_stem, scale_intensity  # re-exported: one definition, in ld_ext.data
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -34,12 +34,6 @@ __all__ = [
     "resize_image",
     "dice",
     "soft_dice_loss",
-    "nilearn_data_dir",
-    "mni_volume",
-    "axial_slice",
-    "mni_axial_slice",
-    "mni_to_pixel",
-    "dosenbach_rois",
     "Warp",
     "random_warp",
     "warp_image",
@@ -79,16 +73,6 @@ def check_dir(name: str, path) -> Path:
 # ----------------------------------------------------------------------------- image I/O
 
 
-def file_stem(path) -> str:
-    """File name without its image extension (``a.nii.gz`` -> ``a``)."""
-    name = Path(path).name
-    low = name.lower()
-    for ext in IMAGE_EXTENSIONS:
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
-
-
 def list_images(folder, name: str = "images") -> list[Path]:
     """Sorted image files under ``folder``, searched recursively with the pre-training scan
     (``ld_ext.data.scan_image_files``: extensions in ``IMAGE_EXTENSIONS``, dot-names ignored,
@@ -102,7 +86,7 @@ def list_images(folder, name: str = "images") -> list[Path]:
                 f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}, searched recursively"
             ) from exc
         raise
-    _data._warn_not_regular(scan, stacklevel=3)
+    _readers._warn_not_regular(scan, stacklevel=3)
     return scan.files
 
 
@@ -139,14 +123,6 @@ def load_mask(path) -> np.ndarray:
     if arr.max() > 1.0 and Path(path).name.lower().endswith(_data.RASTER_EXTENSIONS):
         return arr > 127
     return arr > 0.5 if arr.max() <= 1.0 else arr > 0
-
-
-def scale_intensity(img: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.ndarray:
-    """Percentile scaling to [0, 1] (clipped)."""
-    a, b = np.percentile(img, [lo, hi])
-    if b <= a:
-        b = a + 1.0
-    return np.clip((img - a) / (b - a), 0.0, 1.0).astype(np.float32)
 
 
 def _pair_key(path: Path, root: Path) -> str:
@@ -249,98 +225,6 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     g = target.reshape(-1).to(p.dtype)
     tp = (p * g).sum()
     return -2.0 * tp / (g.sum() + p.sum() + 1.0)
-
-
-# ----------------------------------------------------------------------------- MNI152 in nilearn
-
-
-def nilearn_data_dir() -> Path:
-    """The folder of data files that ships inside the nilearn package (nothing is downloaded)."""
-    try:
-        import nilearn.datasets as nds
-    except ImportError as exc:  # pragma: no cover
-        raise RuntimeError("the demos read the MNI152 data shipped with nilearn; install nilearn") from exc
-    return Path(nds.__file__).parent / "data"
-
-
-_MNI_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-_MNI_CACHE: dict = {}
-
-
-def mni_volume(name: str):
-    """``(volume float32 (X, Y, Z), affine)`` of the ICBM152 2009a template ("t1"), or its grey
-    ("gm") / white ("wm") matter probability map (values in [0, 1])."""
-    if name not in _MNI_FILES:
-        raise ValueError(f"name must be one of {sorted(_MNI_FILES)}, got {name!r}")
-    if name not in _MNI_CACHE:
-        import nibabel as nib
-
-        img = nib.load(str(nilearn_data_dir() / _MNI_FILES[name]))
-        vol = np.asarray(img.get_fdata(dtype=np.float32))
-        vol = vol / max(float(vol.max()), 1e-6)
-        _MNI_CACHE[name] = (vol, np.asarray(img.affine, dtype=np.float64))
-    return _MNI_CACHE[name]
-
-
-def _slice_geometry(vol_shape, size: int):
-    nx, ny = vol_shape[0], vol_shape[1]
-    side = max(nx, ny)
-    return side, (side - nx) / 2.0, (side - ny) / 2.0, side / float(size)
-
-
-def axial_slice(vol: np.ndarray, aff: np.ndarray, z_mm: float, size: int) -> np.ndarray:
-    """An axial slice of a volume (X, Y, Z) with an axis-aligned affine at height ``z_mm``
-    (anterior at the top, image x growing with MNI x), padded to a square and resampled
-    (anti-aliased) to ``size x size``; linear interpolation between voxel planes."""
-    k = (z_mm - aff[2, 3]) / aff[2, 2]
-    k0 = int(np.clip(math.floor(k), 0, vol.shape[2] - 2))
-    w = float(np.clip(k - k0, 0.0, 1.0))
-    sl = (1 - w) * vol[:, :, k0] + w * vol[:, :, k0 + 1]  # (X, Y)
-    img = sl.T[::-1]  # rows = -y (anterior at the top), cols = x
-    side, px, py = _slice_geometry(vol.shape, size)[:3]
-    canvas = np.zeros((side, side), np.float32)
-    oy, ox = int(py), int(px)
-    canvas[oy : oy + img.shape[0], ox : ox + img.shape[1]] = img
-    return resize_image(canvas, size)
-
-
-def mni_axial_slice(name: str, z_mm: float, size: int) -> np.ndarray:
-    """``axial_slice`` of an MNI volume ("t1", "gm" or "wm")."""
-    vol, aff = mni_volume(name)
-    return axial_slice(vol, aff, z_mm, size)
-
-
-def mni_to_pixel(xyz_mm, size: int) -> np.ndarray:
-    """MNI mm coordinates (M, 3) -> pixel (x, y) of ``mni_axial_slice(..., size)`` (M, 2)."""
-    vol, aff = mni_volume("t1")
-    xyz = np.atleast_2d(np.asarray(xyz_mm, dtype=np.float64))
-    ijk = (np.linalg.inv(aff) @ np.c_[xyz, np.ones(len(xyz))].T).T[:, :3]
-    side, px, py, scale = _slice_geometry(vol.shape, size)
-    col = ijk[:, 0] + int(px)
-    row = (vol.shape[1] - 1 - ijk[:, 1]) + int(py)
-    # canvas pixel centre c maps to output (c + 0.5) / scale - 0.5 (align_corners=False)
-    return np.stack([(col + 0.5) / scale - 0.5, (row + 0.5) / scale - 0.5], axis=1)
-
-
-def dosenbach_rois() -> list[dict]:
-    """The 160 Dosenbach et al. (2010) ROI centres shipped with nilearn: name, network, x, y, z (mm)."""
-    out = []
-    with open(nilearn_data_dir() / "dosenbach_2010.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            out.append(
-                {
-                    "name": f"{row['name']}#{row['number']}",
-                    "network": row["network"],
-                    "x": float(row["x"]),
-                    "y": float(row["y"]),
-                    "z": float(row["z"]),
-                }
-            )
-    return out
 
 
 # ----------------------------------------------------------------------------- warps
@@ -484,33 +368,6 @@ def embed(model, images, batch: int = 8):
     e = torch.cat(es)
     s = torch.cat(ss) if ss[0] is not None else None
     return e, s
-
-
-# ----------------------------------------------------------------------------- atomic writers
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def atomic_savefig(fig, path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG atomically (figures come from ``viz.new_figure``, which
-    pyplot does not manage, so there is nothing to close)."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:

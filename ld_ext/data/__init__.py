@@ -1,0 +1,68 @@
+"""Image reading for every ld_ext command, and the preprocessed on-disk cache of pre-training.
+
+* ``ld_ext.data.readers``: finding files (``scan_image_files``; ``IMAGE_EXTENSIONS`` is the one
+  list of supported extensions) and the one reader (``load_arrays``) of PNG/JPEG/TIFF/BMP, DICOM,
+  NIfTI and ``.npy``, used by ``ld-ext pretrain`` and the downstream commands
+  (``ld_ext.tasks.common.load_image``).
+* ``ld_ext.data.preprocess``: robust scaling to [0, 1], channels, pad/crop and resize
+  (``prepare_image``, ``Preprocessing``), and reading many files that way in worker processes.
+* ``ld_ext.data.datasets``: ``ImageFolderDataset``, the preprocessed images held in memory
+  (small data sets, tests).
+* ``ld_ext.data.cache``: ``open_or_build_cache`` / ``CachedImageDataset``, the same
+  preprocessing done once into a flat float32 array file plus an index, read by offset during
+  training, so nothing of the size of the data set is held in memory.
+
+Every public name is importable from ``ld_ext.data`` itself.
+"""
+from __future__ import annotations
+
+from .cache import CACHE_VERSION, CachedImageDataset, open_or_build_cache
+from .datasets import ImageFolderDataset
+from .preprocess import Preprocessing, default_workers, prepare_image, resize_square, scale_intensity, to_channels
+from .readers import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    NIFTI_EXTENSIONS,
+    NUMPY_EXTENSIONS,
+    RASTER_EXTENSIONS,
+    FileScan,
+    MissingReaderError,
+    NonFiniteImageError,
+    file_stem,
+    list_image_files,
+    load_arrays,
+    read_dicom,
+    read_image,
+    read_nifti_slices,
+    read_npy,
+    scan_image_files,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RASTER_EXTENSIONS",
+    "DICOM_EXTENSIONS",
+    "NIFTI_EXTENSIONS",
+    "NUMPY_EXTENSIONS",
+    "FileScan",
+    "scan_image_files",
+    "list_image_files",
+    "file_stem",
+    "read_image",
+    "read_dicom",
+    "read_nifti_slices",
+    "read_npy",
+    "load_arrays",
+    "scale_intensity",
+    "to_channels",
+    "resize_square",
+    "prepare_image",
+    "Preprocessing",
+    "default_workers",
+    "ImageFolderDataset",
+    "CachedImageDataset",
+    "open_or_build_cache",
+    "CACHE_VERSION",
+    "MissingReaderError",
+    "NonFiniteImageError",
+]

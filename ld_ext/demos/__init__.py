@@ -1,0 +1,69 @@
+"""``ld-ext demo``: every demo of ld_ext, on medical images that ship inside the nilearn package
+(nothing is downloaded).
+
+* ``ld_ext.demos.mni``: the MNI152 data (template, tissue maps, small structures, landmarks);
+  the one MNI152 loader of ld_ext.
+* ``ld_ext.demos.pretrain``: ``ld-ext demo`` (``--task pretrain``, the default): LD pre-training
+  on the template for a fixed number of steps, then the NMI table of its clusters and the
+  linear-probe table of small structures on held-out slices.
+* ``ld_ext.demos.tasks``: ``ld-ext demo --task finetune|probe|shape-guided``, and the shared
+  short pre-training of the task demos; ``ld_ext.demos.landmark``: ``--task landmark``.
+
+``add_arguments`` / ``run`` are the subcommand's entry points (``ld_ext.cli``).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .mni import STRUCTURES, load_mni_slices, mni_files, mni_volume, tissue_labels
+from .pretrain import (
+    add_pretrain_demo_arguments,
+    kmeans_1d,
+    nmi_sentence,
+    normalized_mutual_info,
+    probe_scores,
+    run_pretrain_demo,
+    score_methods,
+)
+from .tasks import TASKS, add_task_arguments, run_task_demo
+
+__all__ = [
+    "STRUCTURES",
+    "TASKS",
+    "mni_files",
+    "mni_volume",
+    "load_mni_slices",
+    "tissue_labels",
+    "normalized_mutual_info",
+    "kmeans_1d",
+    "score_methods",
+    "probe_scores",
+    "nmi_sentence",
+    "add_pretrain_demo_arguments",
+    "add_task_arguments",
+    "run_pretrain_demo",
+    "run_task_demo",
+    "add_arguments",
+    "run",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        choices=("pretrain",) + TASKS,
+        default="pretrain",
+        help="pretrain (default): LD pre-training + cluster scores; or a downstream-task demo "
+        "(give --checkpoint OUT/model.pt of a pretrain demo to skip its own pre-training)",
+    )
+    add_pretrain_demo_arguments(parser)
+    add_task_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "pretrain") != "pretrain":
+        from . import tasks
+
+        return int(tasks.run_task_demo(args.task, args) or 0)
+    run_pretrain_demo(args)
+    return 0
