@@ -7,10 +7,11 @@
 # written into the checkout. Any compile error fails the script. The built library is then loaded
 # (no GPU needed for that) and every op is checked to have a CUDA kernel registered.
 #
-# By default the CPU kernels (csrc/cpu/*.cpp, built and tested by the main build) are left out of
-# this build and replaced by a stub of the one CPU symbol that ops.cpp uses (ld_ext::cpu_isa), so
-# the check compiles the CUDA sources, ops.cpp and autocast.cpp only. LD_EXT_CUDA_COMPILE_FULL=1
-# builds everything (the CPU kernels against the CUDA torch too).
+# By default the CPU kernels (csrc/cpu/<op>.cpp, built and tested by the main build) are left out of
+# this build; the ISA probe csrc/cpu/isa.cpp (the one CPU symbol ops.cpp uses, ld_ext::cpu_isa)
+# stays, so the check compiles the CUDA sources, ops.cpp, autocast.cpp and isa.cpp only.
+# LD_EXT_CUDA_COMPILE_FULL=1 builds everything (the CPU kernels against the CUDA torch too).
+# Last, the same CUDA sources run on the CPU through the emulator in tools/cuda_emu.
 #
 # Knobs: LD_EXT_CUDA_VENV (venv path), LD_EXT_CUDA_TORCH (pip requirement for torch),
 #        CUDA_HOME (toolkit; found from nvcc otherwise), MAX_JOBS (parallel compile jobs, default 2),
@@ -59,14 +60,8 @@ cp -r "$ROOT/csrc" "$ROOT/ld_ext" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK
 [[ -f "$ROOT/README.md" ]] && cp "$ROOT/README.md" "$WORK/src/"
 find "$WORK/src" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 if [[ "${LD_EXT_CUDA_COMPILE_FULL:-0}" != "1" ]]; then
-  rm -f "$WORK"/src/csrc/cpu/*.cpp
-  cat >"$WORK/src/csrc/cpu/cuda_compile_stub.cpp" <<'STUB'
-// Stand-in for the CPU kernels in the CUDA-only compile check (.ci/cuda_compile.sh).
-#include "../ld_ext.h"
-namespace ld_ext {
-std::string cpu_isa() { return "not built (CUDA compile check)"; }
-}  // namespace ld_ext
-STUB
+  find "$WORK/src/csrc/cpu" -name '*.cpp' ! -name isa.cpp -delete
+  [[ -f "$WORK/src/csrc/cpu/isa.cpp" ]] || { echo "cuda_compile: FAILED: csrc/cpu/isa.cpp (the ISA probe ops.cpp needs) is missing" >&2; exit 1; }
 fi
 
 cd "$WORK/src"
@@ -111,10 +106,10 @@ if no_autocast:
 print(f"cuda_compile: OK: {len(ops)} ops have CUDA kernels (sm_90), {len(fwd)} have autocast kernels")
 EOF
 
-# Run the same kernel source on the CPU through the emulation in csrc/cuda/emu (indexing, tiling,
+# Run the same kernel source on the CPU through the emulator in tools/cuda_emu (indexing, tiling,
 # barriers and launch plans against the float64 reference), unless LD_EXT_SKIP_CUDA_EMULATION=1.
 if [[ "${LD_EXT_SKIP_CUDA_EMULATION:-0}" == "1" ]]; then
   echo "cuda_compile: emulated run skipped (LD_EXT_SKIP_CUDA_EMULATION=1)"
 else
-  "$VENV/bin/python" "$ROOT/csrc/cuda/emu/run_emulated.py" --build-dir "$WORK/emu"
+  "$VENV/bin/python" "$ROOT/tools/cuda_emu/run_emulated.py" --build-dir "$WORK/emu"
 fi

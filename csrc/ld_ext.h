@@ -2,7 +2,7 @@
 #include <string>
 
 namespace ld_ext {
-// Which instruction set the CPU kernels dispatch to at run time on this machine.
+// Which instruction set the CPU kernels dispatch to at run time on this machine (cpu/isa.cpp).
 std::string cpu_isa();
 
 enum AssignmentMode : int64_t { kProbs = 0, kSigmoid = 1, kSoftmax = 2 };

@@ -1,5 +1,5 @@
 // Operator schemas of ld_ext, declared once. Device kernels are registered in
-// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA) with TORCH_LIBRARY_IMPL; autograd and fake
+// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA) with TORCH_LIBRARY_IMPL; autograd and fake
 // (meta) kernels are registered from Python in ld_ext/ops.py. Every kernel, fake ones included,
 // first runs its operator's argument checks from csrc/checks.h.
 //

@@ -1,23 +1,45 @@
 // Shared helpers of the CUDA kernels: math overloads for the accumulation type, deterministic
-// block reductions, shared-memory sizing and the launch checks.
+// block reductions, shared-memory plans, and the host side that every op shares (input device
+// checks, device guard and stream, shared-memory opt-in, grid sizing, the kernel launch itself).
 //
 // Only c10/cuda headers are used (no ATen/cuda/CUDAContext.h, which pulls in cuBLAS headers that a
 // bare CUDA toolkit may not ship).
+//
+// The CPU emulator (tools/cuda_emu) compiles these sources as plain C++ with its header emu.h
+// included first. The CUDA constructs it must replace are written only through the macros below,
+// which emu.h defines its own way (it also defines LD_EXT_CUDA_EMULATION, which skips this block);
+// kernels and host code use these macros and the helpers at the end of this file, never the
+// constructs themselves:
+//   LD_CUDA_DYNAMIC_SMEM(T, name)  declares `T* name`, the block's dynamic shared memory
+//   LD_CUDA_LAUNCH(kernel, grid, block, smem, stream)  `kernel<<<grid, block, smem, stream>>>`;
+//                                  used by launch() only
+//   LD_CUDA_IS_DEVICE_TENSOR(t)    whether t is on the kernels' device (`t.is_cuda()`)
+//   LD_CUDA_DISPATCH_KEY           the dispatch key the kernels are registered for (`CUDA`)
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#ifndef LD_EXT_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cuda_runtime.h>
+
+#define LD_CUDA_DYNAMIC_SMEM(T, name)                                   \
+  extern __shared__ __align__(16) unsigned char ld_cuda_dynamic_smem[]; \
+  T* name = reinterpret_cast<T*>(ld_cuda_dynamic_smem)
+#define LD_CUDA_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define LD_CUDA_IS_DEVICE_TENSOR(t) ((t).is_cuda())
+#define LD_CUDA_DISPATCH_KEY CUDA
+#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <utility>
 
 #include "../checks.h"
@@ -148,15 +170,6 @@ __global__ void reduce_partials_kernel(const acc_t* __restrict__ part, acc_t* __
   out[idx] = s;
 }
 
-template <typename acc_t>
-inline void launch_reduce_partials(const acc_t* part, acc_t* out, int64_t B, int64_t T, int64_t L,
-                                   cudaStream_t stream) {
-  const int64_t total = B * L;
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  reduce_partials_kernel<acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(part, out, B, T, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Sum of v[0..n) in one block in a fixed order, times `scale`, written to *out (as out_t).
 template <typename acc_t, typename out_t>
 __global__ void sum_scalar_kernel(const acc_t* __restrict__ v, int64_t n, acc_t scale, out_t* __restrict__ out) {
@@ -206,14 +219,6 @@ inline TilePlan plan_tile(int64_t fixed, int64_t per_pixel, size_t elem, int dev
   }
   TORCH_CHECK(cp >= 1, op, ": ", what, " is too large for the CUDA kernel's shared memory on this device");
   return TilePlan{static_cast<int>(cp), static_cast<size_t>(fixed + cp * per_pixel) * elem};
-}
-
-// Raise a kernel's dynamic shared-memory limit when the plan needs more than the default.
-template <typename Kernel>
-inline void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultSmem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
 }
 
 // Shared-memory strides: rows of D (or K) values are padded by one so that the loads by pixel
@@ -554,6 +559,60 @@ inline at::ScalarType out_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// ------------------------------------------------------------------ host side of every op
+
+// An op's tensor inputs must be CUDA tensors (the argument checks of checks.h, which every kernel
+// runs first, do not look at the device).
+inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(LD_CUDA_IS_DEVICE_TENSOR(t), op, ": ", name, " must be a CUDA tensor");
+}
+
+// Where an op's kernels run: the device of the given tensor (made current while this lives) and
+// that device's current stream. Every op makes one before it allocates or launches anything.
+struct OpDevice {
+  explicit OpDevice(const at::Tensor& t)
+      : guard(t.device()), device(t.get_device()), stream(c10::cuda::getCurrentCUDAStream(device).stream()) {}
+  c10::cuda::CUDAGuard guard;
+  int device;
+  cudaStream_t stream;
+};
+
+// Makes launch()'s kernel arguments take the kernel's parameter types (converted at the call, as
+// at a `<<<...>>>` launch) instead of being deduced.
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
+
+// Every kernel launch of ld_ext: `blocks` blocks of `threads` threads with `smem` bytes of dynamic
+// shared memory on `stream`, then the launch-error check. A kernel with more than kDefaultSmem
+// bytes must have opted in first (require_smem or wave_tiles).
+template <typename... Params>
+inline void launch(void (*kernel)(Params...), int64_t blocks, int threads, size_t smem, cudaStream_t stream,
+                   typename NoDeduce<Params>::type... args) {
+  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "ld_ext: a CUDA grid of ", blocks,
+              " blocks (1 to 2^31 - 1 allowed)");
+  LD_CUDA_LAUNCH(kernel, static_cast<unsigned>(blocks), threads, smem, stream)(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raise a kernel's dynamic shared-memory limit when it needs more than the default.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes > kDefaultSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// For a kernel whose shared memory follows from the shapes (no tile to shrink): fails with
+// "<op>: <what> is too large for the CUDA kernel's shared memory" beyond the device's opt-in
+// limit, else opts in.
+template <typename Kernel>
+inline void require_smem(Kernel kernel, size_t bytes, int device, const char* op, const char* what) {
+  TORCH_CHECK(bytes <= smem_optin_limit(device), op, ": ", what, " is too large for the CUDA kernel's shared memory");
+  allow_smem(kernel, bytes);
+}
+
 // Resident blocks of `kernel` per multiprocessor at this block size and shared memory (after
 // allow_smem). Used to size grids to whole waves.
 template <typename Kernel>
@@ -572,8 +631,26 @@ inline int64_t tiles_per_image(int64_t N, int64_t nchunks, int device, int per_s
   return std::min(T, nchunks);
 }
 
-inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+// The grid of a tiled kernel (kThreads threads and `smem` bytes per block, N images of `nchunks`
+// chunks each): opts in to the shared memory and returns T, the tiles per image (the launch has
+// N * T blocks).
+template <typename Kernel>
+inline int64_t wave_tiles(Kernel kernel, size_t smem, int64_t N, int64_t nchunks, int device) {
+  allow_smem(kernel, smem);
+  return tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, smem));
+}
+
+// out[b * L + i] = sum_t part[(b * T + t) * L + i] for b < B, i < L (reduce_partials_kernel).
+template <typename acc_t>
+inline void launch_reduce_partials(const acc_t* part, acc_t* out, int64_t B, int64_t T, int64_t L,
+                                   cudaStream_t stream) {
+  launch(reduce_partials_kernel<acc_t>, ceil_div(B * L, kThreads), kThreads, 0, stream, part, out, B, T, L);
+}
+
+// *out = scale * (v[0] + ... + v[n - 1]), summed by one block in a fixed order (sum_scalar_kernel).
+template <typename acc_t>
+inline void launch_sum_scalar(const acc_t* v, int64_t n, acc_t scale, acc_t* out, cudaStream_t stream) {
+  launch(sum_scalar_kernel<acc_t, acc_t>, 1, kThreads, 0, stream, v, n, scale, out);
 }
 
 }  // namespace cuda

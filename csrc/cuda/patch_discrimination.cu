@@ -69,9 +69,8 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSmallThreads) pd_forward_rows_kernel(const scalar_t* __restrict__ x,
                                                                        acc_t* __restrict__ f, int64_t M, int64_t D,
                                                                        acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
-  acc_t* xi = buf + blockDim.x;                      // D
+  LD_CUDA_DYNAMIC_SMEM(acc_t, buf);  // blockDim
+  acc_t* xi = buf + blockDim.x;      // D
   const int64_t i = blockIdx.x;
   const int64_t ip = (i + M / 2) % M;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
@@ -102,11 +101,10 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
                                                                         const acc_t* __restrict__ grad,
                                                                         scalar_t* __restrict__ grad_x, int64_t M,
                                                                         int64_t D, int64_t groups, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* buf = reinterpret_cast<acc_t*>(smem_raw);  // blockDim
-  acc_t* W = buf + blockDim.x;                       // blockDim
-  acc_t* xi = W + blockDim.x;                        // D
-  acc_t* GX = xi + D;                                // groups * D
+  LD_CUDA_DYNAMIC_SMEM(acc_t, buf);  // blockDim
+  acc_t* W = buf + blockDim.x;       // blockDim
+  acc_t* xi = W + blockDim.x;        // D
+  acc_t* GX = xi + D;                // groups * D
   const int64_t i = blockIdx.x;
   const int64_t ip = (i + M / 2) % M;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
@@ -166,27 +164,21 @@ void check_inputs(const at::Tensor& x, const char* op) { check_cuda_tensor(x, op
 at::Tensor patch_discrimination_cuda(const at::Tensor& x_in, double temperature) {
   checks::patch_discrimination(kOp, x_in, temperature);
   check_inputs(x_in, kOp);
-  c10::cuda::CUDAGuard guard(x_in.device());
+  const OpDevice dev(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), D = x.size(1);
   const auto out_opts = x.options().dtype(out_type(x.scalar_type()));
   at::Tensor loss = at::empty({}, out_opts);
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld_ext_pd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     at::Tensor f = at::empty({M}, out_opts);
     const size_t smem = static_cast<size_t>(kSmallThreads + D) * sizeof(acc_t);
-    TORCH_CHECK(smem <= smem_optin_limit(device), kOp, ": D is too large for the CUDA kernel's shared memory");
     auto kernel = pd_forward_rows_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(M), kSmallThreads, smem, stream>>>(x.data_ptr<scalar_t>(), f.data_ptr<acc_t>(), M,
-                                                                      D, static_cast<acc_t>(temperature));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_scalar_kernel<acc_t, acc_t><<<1, kThreads, 0, stream>>>(f.data_ptr<acc_t>(), M,
-                                                               acc_t(-1) / static_cast<acc_t>(M),
-                                                               loss.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    require_smem(kernel, smem, dev.device, kOp, "D");
+    launch(kernel, M, kSmallThreads, smem, dev.stream, x.data_ptr<scalar_t>(), f.data_ptr<acc_t>(), M, D,
+           static_cast<acc_t>(temperature));
+    launch_sum_scalar<acc_t>(f.data_ptr<acc_t>(), M, acc_t(-1) / static_cast<acc_t>(M), loss.data_ptr<acc_t>(),
+                             dev.stream);
   });
   return loss;
 }
@@ -195,31 +187,26 @@ at::Tensor patch_discrimination_backward_cuda(const at::Tensor& grad, const at::
   checks::patch_discrimination_backward(kOpB, grad, x_in, temperature);
   check_inputs(x_in, kOpB);
   TORCH_CHECK(grad.numel() == 1, kOpB, ": grad must be a scalar");
-  c10::cuda::CUDAGuard guard(x_in.device());
+  const OpDevice dev(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), D = x.size(1);
   const at::Tensor g = grad.to(x.device(), out_type(x.scalar_type())).reshape({1}).contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ld_ext_pd_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const int64_t groups = std::max<int64_t>(1, kSmallThreads / D);
     const size_t smem = static_cast<size_t>(2 * kSmallThreads + D + groups * D) * sizeof(acc_t);
-    TORCH_CHECK(smem <= smem_optin_limit(device), kOpB, ": D is too large for the CUDA kernel's shared memory");
     auto kernel = pd_backward_rows_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, smem);
-    kernel<<<static_cast<unsigned>(M), kSmallThreads, smem, stream>>>(
-        x.data_ptr<scalar_t>(), g.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), M, D, groups,
-        static_cast<acc_t>(temperature));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    require_smem(kernel, smem, dev.device, kOpB, "D");
+    launch(kernel, M, kSmallThreads, smem, dev.stream, x.data_ptr<scalar_t>(), g.data_ptr<acc_t>(),
+           grad_x.data_ptr<scalar_t>(), M, D, groups, static_cast<acc_t>(temperature));
   });
   return grad_x;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
   m.impl("patch_discrimination", &patch_discrimination_cuda);
   m.impl("patch_discrimination_backward", &patch_discrimination_backward_cuda);
 }

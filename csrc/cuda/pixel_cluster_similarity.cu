@@ -80,8 +80,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
                                                               scalar_t* __restrict__ out, int64_t D, int64_t K,
                                                               int64_t P, int64_t T, int64_t nchunks, Tile tl,
                                                               bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cp = tl.cp;
   acc_t* Ps = sm;                 // K * ds
   acc_t* E = Ps + tl.K * tl.ds;   // cp * ds
@@ -120,8 +119,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
     int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cp = tl.cp;
   const int KD = tl.K * tl.D;
   acc_t* Ps = sm;                 // K * ds
@@ -278,8 +276,7 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_forward_rb_kernel(const scala
                                                                  scalar_t* __restrict__ out, int64_t P, int64_t T,
                                                                  int64_t nchunks, RBTile tl, bool per_image,
                                                                  bool normalize, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   acc_t* Z = sm;                  // DP * cs
   acc_t* L = Z + tl.DP * cs;      // KP * cs
@@ -317,8 +314,7 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t P, int64_t T, int64_t nchunks, RBTile tl,
     int region0, bool per_image, bool normalize, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   const int D = tl.D, K = tl.K, DQ = tl.DQ, KQ = tl.KQ;
   acc_t* Z = sm;                  // DP * cs (z, then e)
@@ -448,8 +444,7 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
                                          double temperature, bool normalize) {
   checks::pixel_cluster_similarity(kOp, embeddings, prototypes, temperature);
   check_inputs(embeddings, prototypes, kOp);
-  c10::cuda::CUDAGuard guard(embeddings.device());
-  const int device = embeddings.get_device();
+  const OpDevice dev(embeddings);
   const at::Tensor e = embeddings.contiguous();
   const at::Tensor pr = prototypes.contiguous();
   const bool per_image = pr.dim() == 3;
@@ -458,33 +453,27 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
   std::vector<int64_t> shape = e.sizes().vec();
   shape[1] = K;
   at::Tensor out = at::empty(shape, e.options());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const RBPlan rb = pcs_forward_plan(D, K, sizeof(acc_t), device);
+    const acc_t tau = static_cast<acc_t>(temperature);
+    const RBPlan rb = pcs_forward_plan(D, K, sizeof(acc_t), dev.device);
     if (rb.tile.cp > 0) {
-      const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = env_prefetch() ? pcs_forward_rb_kernel<scalar_t, acc_t, true>
-                                 : pcs_forward_rb_kernel<scalar_t, acc_t, false>;
-      allow_smem(rbk, rb.bytes);
-      const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
-      rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(
-          e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), P, Trb, nch, rb.tile, per_image,
-          normalize, static_cast<acc_t>(temperature));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t nchunks = ceil_div(P, rb.tile.cp);
+      auto kernel = env_prefetch() ? pcs_forward_rb_kernel<scalar_t, acc_t, true>
+                                   : pcs_forward_rb_kernel<scalar_t, acc_t, false>;
+      const int64_t T = wave_tiles(kernel, rb.bytes, N, nchunks, dev.device);
+      launch(kernel, N * T, kThreads, rb.bytes, dev.stream, e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(),
+             out.data_ptr<scalar_t>(), P, T, nchunks, rb.tile, per_image, normalize, tau);
       return;
     }
     const TilePlan plan =
-        plan_tile(K * (D + 1), (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp, "K * D (prototypes)");
+        plan_tile(K * (D + 1), (D + 1) + (K + 1) + 3, sizeof(acc_t), dev.device, kOp, "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
     const int64_t nchunks = ceil_div(P, tl.cp);
     auto kernel = pcs_forward_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, plan.bytes);
-    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
-    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-        e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl,
-        per_image, normalize, static_cast<acc_t>(temperature));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t T = wave_tiles(kernel, plan.bytes, N, nchunks, dev.device);
+    launch(kernel, N * T, kThreads, plan.bytes, dev.stream, e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(),
+           out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, per_image, normalize, tau);
   });
   return out;
 }
@@ -496,8 +485,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
                                                                           bool normalize) {
   checks::pixel_cluster_similarity_backward(kOpB, grad_out, embeddings, prototypes, out, temperature);
   check_inputs(embeddings, prototypes, kOpB);
-  c10::cuda::CUDAGuard guard(embeddings.device());
-  const int device = embeddings.get_device();
+  const OpDevice dev(embeddings);
   const at::Tensor e = embeddings.contiguous();
   const at::Tensor pr = prototypes.contiguous();
   const bool per_image = pr.dim() == 3;
@@ -508,44 +496,39 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
   const at::Tensor g = grad_out.to(e.device(), e.scalar_type()).contiguous();
   at::Tensor grad_e = at::empty(e.sizes(), e.options());
   at::Tensor grad_p;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 5, sizeof(acc_t), device, kOpB,
-                                    "K * D (prototypes)");
+    const acc_t tau = static_cast<acc_t>(temperature);
+    const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 5, sizeof(acc_t), dev.device,
+                                    kOpB, "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
-    const int64_t nchunks = ceil_div(P, tl.cp);
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const RBPlan rb = pcs_backward_plan(D, K, sizeof(acc_t), device);
+    const RBPlan rb = pcs_backward_plan(D, K, sizeof(acc_t), dev.device);
     int64_t T = 0;
     at::Tensor part;
     if (rb.tile.cp > 0) {
-      const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = env_prefetch() ? pcs_backward_rb_kernel<scalar_t, acc_t, true>
-                                 : pcs_backward_rb_kernel<scalar_t, acc_t, false>;
-      allow_smem(rbk, rb.bytes);
-      T = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
+      const int64_t nchunks = ceil_div(P, rb.tile.cp);
+      auto kernel = env_prefetch() ? pcs_backward_rb_kernel<scalar_t, acc_t, true>
+                                   : pcs_backward_rb_kernel<scalar_t, acc_t, false>;
+      T = wave_tiles(kernel, rb.bytes, N, nchunks, dev.device);
       part = at::empty({N * T * K * D}, acc_opts);
-      rbk<<<static_cast<unsigned>(N * T), kThreads, rb.bytes, stream>>>(
-          g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
-          part.data_ptr<acc_t>(), P, T, nch, rb.tile, rb.region0, per_image, normalize,
-          static_cast<acc_t>(temperature));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, N * T, kThreads, rb.bytes, dev.stream, g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+             pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), P, T, nchunks, rb.tile,
+             rb.region0, per_image, normalize, tau);
     } else {
+      const int64_t nchunks = ceil_div(P, tl.cp);
       auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
-      allow_smem(kernel, plan.bytes);
-      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+      T = wave_tiles(kernel, plan.bytes, N, nchunks, dev.device);
       part = at::empty({N * T * K * D}, acc_opts);
-      kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-          g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
-          part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, per_image, normalize, static_cast<acc_t>(temperature));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, N * T, kThreads, plan.bytes, dev.stream, g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+             pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl,
+             per_image, normalize, tau);
     }
     at::Tensor gp = at::empty(pr.sizes(), acc_opts);
     if (per_image) {
-      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), N, T, K * D, stream);
+      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), N, T, K * D, dev.stream);
     } else {
-      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), 1, N * T, K * D, stream);
+      launch_reduce_partials<acc_t>(part.data_ptr<acc_t>(), gp.data_ptr<acc_t>(), 1, N * T, K * D, dev.stream);
     }
     grad_p = gp.to(pr.scalar_type());
   });
@@ -554,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
   m.impl("pixel_cluster_similarity", &pixel_cluster_similarity_cuda);
   m.impl("pixel_cluster_similarity_backward", &pixel_cluster_similarity_backward_cuda);
 }

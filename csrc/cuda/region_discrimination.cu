@@ -44,10 +44,9 @@ __global__ void __launch_bounds__(kSmallThreads) rd_rows_kernel(const scalar_t* 
                                                                acc_t* __restrict__ row_loss, acc_t* __restrict__ W,
                                                                const acc_t* __restrict__ grad, int64_t N, int64_t K,
                                                                int64_t D, acc_t tau) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* L = reinterpret_cast<acc_t*>(smem_raw);  // K
-  acc_t* rs = L + K;                              // D
-  acc_t* buf = rs + D;                            // blockDim
+  LD_CUDA_DYNAMIC_SMEM(acc_t, L);  // K
+  acc_t* rs = L + K;               // D
+  acc_t* buf = rs + D;             // blockDim
   const int64_t row = blockIdx.x;
   const int64_t k = row % K;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) rs[d] = static_cast<acc_t>(r[row * D + d]);
@@ -124,31 +123,25 @@ size_t rows_smem(int64_t K, int64_t D, size_t elem) { return static_cast<size_t>
 
 template <typename scalar_t, typename acc_t>
 void launch_centres_and_rows(const at::Tensor& f, at::Tensor& ct, at::Tensor& cn, at::Tensor& c, acc_t* row_loss,
-                             acc_t* W, const acc_t* grad, double temperature, cudaStream_t stream, const char* op) {
+                             acc_t* W, const acc_t* grad, double temperature, const OpDevice& dev, const char* op) {
   const int64_t N = f.size(0), K = f.size(1), D = f.size(2);
-  rd_centres_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kSmallThreads, 0, stream>>>(
-      f.data_ptr<scalar_t>(), ct.data_ptr<acc_t>(), cn.data_ptr<acc_t>(), c.data_ptr<acc_t>(), N, K, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(rd_centres_kernel<scalar_t, acc_t>, K, kSmallThreads, 0, dev.stream, f.data_ptr<scalar_t>(),
+         ct.data_ptr<acc_t>(), cn.data_ptr<acc_t>(), c.data_ptr<acc_t>(), N, K, D);
   const size_t smem = rows_smem(K, D, sizeof(acc_t));
-  const int device = f.get_device();
-  TORCH_CHECK(smem <= smem_optin_limit(device), op, ": K + D is too large for the CUDA kernel's shared memory");
   auto kernel = rd_rows_kernel<scalar_t, acc_t>;
-  allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(N * K), kSmallThreads, smem, stream>>>(f.data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
-                                                                        row_loss, W, grad, N, K, D,
-                                                                        static_cast<acc_t>(temperature));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  require_smem(kernel, smem, dev.device, op, "K + D");
+  launch(kernel, N * K, kSmallThreads, smem, dev.stream, f.data_ptr<scalar_t>(), c.data_ptr<acc_t>(), row_loss, W,
+         grad, N, K, D, static_cast<acc_t>(temperature));
 }
 
 at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperature) {
   checks::region_discrimination(kOp, feats, temperature);
   check_inputs(feats, kOp);
-  c10::cuda::CUDAGuard guard(feats.device());
+  const OpDevice dev(feats);
   const at::Tensor f = feats.contiguous();
   const int64_t N = f.size(0), K = f.size(1), D = f.size(2);
   const auto out_opts = f.options().dtype(out_type(f.scalar_type()));
   at::Tensor loss = at::empty({}, out_opts);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(f.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "ld_ext_rd_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     at::Tensor ct = at::empty({K, D}, out_opts);
@@ -156,11 +149,9 @@ at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperatur
     at::Tensor cn = at::empty({K}, out_opts);
     at::Tensor rows = at::empty({N * K}, out_opts);
     launch_centres_and_rows<scalar_t, acc_t>(f, ct, cn, c, rows.data_ptr<acc_t>(), nullptr, nullptr, temperature,
-                                             stream, kOp);
+                                             dev, kOp);
     const acc_t scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K));
-    sum_scalar_kernel<acc_t, acc_t><<<1, kThreads, 0, stream>>>(rows.data_ptr<acc_t>(), N * K, scale,
-                                                               loss.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_scalar<acc_t>(rows.data_ptr<acc_t>(), N * K, scale, loss.data_ptr<acc_t>(), dev.stream);
   });
   return loss;
 }
@@ -168,14 +159,13 @@ at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperatur
 at::Tensor region_discrimination_backward_cuda(const at::Tensor& grad, const at::Tensor& feats, double temperature) {
   checks::region_discrimination_backward(kOpB, grad, feats, temperature);
   check_inputs(feats, kOpB);
-  c10::cuda::CUDAGuard guard(feats.device());
+  const OpDevice dev(feats);
   const at::Tensor f = feats.contiguous();
   const int64_t N = f.size(0), K = f.size(1), D = f.size(2);
   const auto acc_opts = f.options().dtype(out_type(f.scalar_type()));
   TORCH_CHECK(grad.numel() == 1, kOpB, ": grad must be a scalar");
   const at::Tensor g = grad.to(f.device(), out_type(f.scalar_type())).reshape({1}).contiguous();
   at::Tensor grad_f = at::empty(f.sizes(), f.options());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(f.get_device()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "ld_ext_rd_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     at::Tensor ct = at::empty({K, D}, acc_opts);
@@ -184,23 +174,19 @@ at::Tensor region_discrimination_backward_cuda(const at::Tensor& grad, const at:
     at::Tensor W = at::empty({N * K * K}, acc_opts);
     at::Tensor gct = at::empty({K, D}, acc_opts);
     launch_centres_and_rows<scalar_t, acc_t>(f, ct, cn, c, nullptr, W.data_ptr<acc_t>(), g.data_ptr<acc_t>(),
-                                             temperature, stream, kOpB);
+                                             temperature, dev, kOpB);
     const acc_t tau = static_cast<acc_t>(temperature);
-    rd_centre_grad_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kSmallThreads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), W.data_ptr<acc_t>(), ct.data_ptr<acc_t>(), cn.data_ptr<acc_t>(), gct.data_ptr<acc_t>(),
-        N, K, D, tau);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t total = N * K * D;
-    rd_feat_grad_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0, stream>>>(
-        W.data_ptr<acc_t>(), c.data_ptr<acc_t>(), gct.data_ptr<acc_t>(), grad_f.data_ptr<scalar_t>(), N, K, D, tau);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(rd_centre_grad_kernel<scalar_t, acc_t>, K, kSmallThreads, 0, dev.stream, f.data_ptr<scalar_t>(),
+           W.data_ptr<acc_t>(), ct.data_ptr<acc_t>(), cn.data_ptr<acc_t>(), gct.data_ptr<acc_t>(), N, K, D, tau);
+    launch(rd_feat_grad_kernel<scalar_t, acc_t>, ceil_div(N * K * D, kThreads), kThreads, 0, dev.stream,
+           W.data_ptr<acc_t>(), c.data_ptr<acc_t>(), gct.data_ptr<acc_t>(), grad_f.data_ptr<scalar_t>(), N, K, D, tau);
   });
   return grad_f;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
   m.impl("region_discrimination", &region_discrimination_cuda);
   m.impl("region_discrimination_backward", &region_discrimination_backward_cuda);
 }

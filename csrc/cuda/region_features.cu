@@ -123,8 +123,7 @@ __global__ void __launch_bounds__(kThreads) rf_forward_partial_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
     acc_t* __restrict__ ent_part, int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl,
     bool normalize, int mode, bool entropy) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int KD = tl.K * tl.D;
   const int cp = tl.cp;
   acc_t* accs = sm;
@@ -233,8 +232,7 @@ __global__ void __launch_bounds__(kThreads) rf_backward_kernel(
     const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
     int64_t D, int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool normalize, int mode, bool entropy,
     acc_t ent_scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cp = tl.cp;
   acc_t* Gs = sm;                 // K * ds
   acc_t* E = Gs + K * tl.ds;      // cp * ds
@@ -388,8 +386,7 @@ __global__ void __launch_bounds__(kThreads, 2) rf_forward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, acc_t* __restrict__ part,
     acc_t* __restrict__ ent_part, int64_t P, int64_t T, int64_t nchunks, RBTile tl, int region0, bool normalize,
     int mode, bool entropy) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   acc_t* E = sm;                  // DP * cs
   acc_t* A = E + tl.DP * cs;      // KP * cs
@@ -457,8 +454,7 @@ __global__ void __launch_bounds__(kThreads, 2) rf_backward_rb_kernel(
     const scalar_t* __restrict__ emb, const scalar_t* __restrict__ asg, const acc_t* __restrict__ Gg,
     const acc_t* __restrict__ grad_ent, scalar_t* __restrict__ grad_emb, scalar_t* __restrict__ grad_asg,
     int64_t P, int64_t T, int64_t nchunks, RBTile tl, bool normalize, int mode, bool entropy, acc_t ent_scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   const int D = tl.D, K = tl.K, DP = tl.DP, KP = tl.KP, DQ = tl.DQ, KQ = tl.KQ;
   acc_t* Z = sm;                  // DP * cs
@@ -606,8 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Te
                                                                     int64_t mode, bool entropy) {
   checks::region_features(kOp, embeddings, assignments, mode);
   check_inputs(embeddings, assignments, kOp);
-  c10::cuda::CUDAGuard guard(embeddings.device());
-  const int device = embeddings.get_device();
+  const OpDevice dev(embeddings);
   const at::Tensor e = embeddings.contiguous();
   const at::Tensor a = assignments.contiguous();
   const int64_t N = e.size(0), D = e.size(1), K = a.size(1);
@@ -616,49 +611,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_cuda(const at::Te
   at::Tensor feats = at::empty({N, K, D}, out_opts);
   at::Tensor rnorm = at::empty({N, K}, out_opts);
   at::Tensor ent = at::zeros({}, out_opts);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_region_features_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const auto acc_opts = e.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const RBPlan rb = rb_forward_plan(D, K, sizeof(acc_t), device);
+    const int imode = static_cast<int>(mode);
+    const RBPlan rb = rb_forward_plan(D, K, sizeof(acc_t), dev.device);
     int64_t T = 0;
     at::Tensor part, ent_part;
     if (rb.tile.cp > 0) {
       const int64_t nchunks = ceil_div(P, rb.tile.cp);
       auto kernel = env_prefetch() ? rf_forward_rb_kernel<scalar_t, acc_t, true>
-                                 : rf_forward_rb_kernel<scalar_t, acc_t, false>;
-      allow_smem(kernel, rb.bytes);
-      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, rb.bytes));
+                                   : rf_forward_rb_kernel<scalar_t, acc_t, false>;
+      T = wave_tiles(kernel, rb.bytes, N, nchunks, dev.device);
       part = at::empty({N * T * K * D}, acc_opts);
       ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
-      kernel<<<static_cast<unsigned>(N * T), kThreads, rb.bytes, stream>>>(
-          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), P, T,
-          nchunks, rb.tile, rb.region0, normalize, static_cast<int>(mode), entropy);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, N * T, kThreads, rb.bytes, dev.stream, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+             part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), P, T, nchunks, rb.tile, rb.region0, normalize,
+             imode, entropy);
     } else {
-      const TilePlan plan = plan_tile(K * D + kThreads, (D + 1) + (K + 1) + 3, sizeof(acc_t), device, kOp,
+      const TilePlan plan = plan_tile(K * D + kThreads, (D + 1) + (K + 1) + 3, sizeof(acc_t), dev.device, kOp,
                                       "K * D (clusters times channels)");
       const Tile tl = make_tile(plan.pixels, D, K);
       const int64_t nchunks = ceil_div(P, tl.cp);
       auto kernel = rf_forward_partial_kernel<scalar_t, acc_t>;
-      allow_smem(kernel, plan.bytes);
-      T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
+      T = wave_tiles(kernel, plan.bytes, N, nchunks, dev.device);
       part = at::empty({N * T * K * D}, acc_opts);
       ent_part = at::empty({entropy ? N * T : 1}, acc_opts);
-      kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K,
-          P, T, nchunks, tl, normalize, static_cast<int>(mode), entropy);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(kernel, N * T, kThreads, plan.bytes, dev.stream, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+             part.data_ptr<acc_t>(), ent_part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl, normalize, imode, entropy);
     }
-    rf_forward_finalize_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
-        part.data_ptr<acc_t>(), feats.data_ptr<acc_t>(), rnorm.data_ptr<acc_t>(), K, D, T, P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(rf_forward_finalize_kernel<acc_t>, N * K, kSmallThreads, 0, dev.stream, part.data_ptr<acc_t>(),
+           feats.data_ptr<acc_t>(), rnorm.data_ptr<acc_t>(), K, D, T, P);
     if (entropy) {
       const acc_t scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
-      sum_scalar_kernel<acc_t, acc_t><<<1, kThreads, 0, stream>>>(ent_part.data_ptr<acc_t>(), N * T, scale,
-                                                                 ent.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_sum_scalar<acc_t>(ent_part.data_ptr<acc_t>(), N * T, scale, ent.data_ptr<acc_t>(), dev.stream);
     }
   });
   return {feats, rnorm, ent};
@@ -672,8 +659,7 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
                                                                  bool normalize, int64_t mode, bool entropy) {
   checks::region_features_backward(kOpB, grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, mode);
   check_inputs(embeddings, assignments, kOpB);
-  c10::cuda::CUDAGuard guard(embeddings.device());
-  const int device = embeddings.get_device();
+  const OpDevice dev(embeddings);
   const at::Tensor e = embeddings.contiguous();
   const at::Tensor a = assignments.contiguous();
   const int64_t N = e.size(0), D = e.size(1), K = a.size(1);
@@ -687,50 +673,43 @@ std::tuple<at::Tensor, at::Tensor> region_features_backward_cuda(const at::Tenso
   const at::Tensor ge = grad_entropy.to(e.device(), acc_type).reshape({1}).contiguous();
   at::Tensor grad_e = at::empty(e.sizes(), e.options());
   at::Tensor grad_a = at::empty(a.sizes(), a.options());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_region_features_backward_cuda",
                                   [&] {
     using acc_t = at::acc_type<scalar_t, true>;
+    const int imode = static_cast<int>(mode);
     const int64_t ds = D + 1, ks = K + 1;
     const TilePlan plan =
-        plan_tile(K * ds, 2 * ds + 3 * ks + 5, sizeof(acc_t), device, kOpB, "K * D (clusters times channels)");
+        plan_tile(K * ds, 2 * ds + 3 * ks + 5, sizeof(acc_t), dev.device, kOpB, "K * D (clusters times channels)");
     const Tile tl = make_tile(plan.pixels, D, K);
-    const int64_t nchunks = ceil_div(P, tl.cp);
     at::Tensor G = at::empty({N * K * D}, gf.options());
-    rf_backward_prep_kernel<acc_t><<<static_cast<unsigned>(N * K), kSmallThreads, 0, stream>>>(
-        gf.data_ptr<acc_t>(), ft.data_ptr<acc_t>(), rn.data_ptr<acc_t>(), G.data_ptr<acc_t>(), D, P);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(rf_backward_prep_kernel<acc_t>, N * K, kSmallThreads, 0, dev.stream, gf.data_ptr<acc_t>(),
+           ft.data_ptr<acc_t>(), rn.data_ptr<acc_t>(), G.data_ptr<acc_t>(), D, P);
     const acc_t ent_scale = acc_t(1) / (static_cast<acc_t>(N) * static_cast<acc_t>(K) * static_cast<acc_t>(P));
-    const RBPlan rb = rb_backward_plan(D, K, sizeof(acc_t), device);
+    const RBPlan rb = rb_backward_plan(D, K, sizeof(acc_t), dev.device);
     if (rb.tile.cp > 0) {
-      const int64_t nch = ceil_div(P, rb.tile.cp);
-      auto rbk = env_prefetch() ? rf_backward_rb_kernel<scalar_t, acc_t, true>
-                                 : rf_backward_rb_kernel<scalar_t, acc_t, false>;
-      allow_smem(rbk, rb.bytes);
-      const int64_t Trb = tiles_per_image(N, nch, device, blocks_per_sm(rbk, kThreads, rb.bytes));
-      rbk<<<static_cast<unsigned>(N * Trb), kThreads, rb.bytes, stream>>>(
-          e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(),
-          grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), P, Trb, nch, rb.tile, normalize,
-          static_cast<int>(mode), entropy, ent_scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t nchunks = ceil_div(P, rb.tile.cp);
+      auto kernel = env_prefetch() ? rf_backward_rb_kernel<scalar_t, acc_t, true>
+                                   : rf_backward_rb_kernel<scalar_t, acc_t, false>;
+      const int64_t T = wave_tiles(kernel, rb.bytes, N, nchunks, dev.device);
+      launch(kernel, N * T, kThreads, rb.bytes, dev.stream, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+             G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(), grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), P,
+             T, nchunks, rb.tile, normalize, imode, entropy, ent_scale);
       return;
     }
+    const int64_t nchunks = ceil_div(P, tl.cp);
     auto kernel = rf_backward_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, plan.bytes);
-    const int64_t T = tiles_per_image(N, nchunks, device, blocks_per_sm(kernel, kThreads, plan.bytes));
-    kernel<<<static_cast<unsigned>(N * T), kThreads, plan.bytes, stream>>>(
-        e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(),
-        grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, normalize,
-        static_cast<int>(mode), entropy, ent_scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t T = wave_tiles(kernel, plan.bytes, N, nchunks, dev.device);
+    launch(kernel, N * T, kThreads, plan.bytes, dev.stream, e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+           G.data_ptr<acc_t>(), ge.data_ptr<acc_t>(), grad_e.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), D, K,
+           P, T, nchunks, tl, normalize, imode, entropy, ent_scale);
   });
   return {grad_e, grad_a};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ld_ext, CUDA, m) {
+TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
   m.impl("region_features", &region_features_cuda);
   m.impl("region_features_backward", &region_features_backward_cuda);
 }

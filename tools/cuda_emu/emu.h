@@ -1,11 +1,18 @@
 // A small CPU emulation of the CUDA execution model, enough to run ld_ext's kernels (their real
-// source, mechanically translated by translate.py) on CPU tensors, so that indexing, tiling,
-// barriers and the host-side launch plans are exercised on machines without a GPU.
+// source, csrc/cuda/*.cu, compiled as C++ with this header included first) on CPU tensors, so that
+// indexing, tiling, barriers and the host-side launch plans are exercised on machines without a GPU.
+//
+// The sources are not rewritten. This header defines LD_EXT_CUDA_EMULATION, which makes
+// csrc/cuda/common.cuh skip the CUDA headers and its definitions of the LD_CUDA_* macros, and
+// defines those macros here instead: the launch, the dynamic shared memory, the device-tensor
+// check and the dispatch key (the kernels register for CPU tensors). It also supplies the subset
+// of the CUDA runtime and c10::cuda that the host code calls, and the CUDA keywords.
 //
 // Model: the blocks of a launch run one after another; the threads of a block are real OS threads
 // (blockDim of them, reused across blocks) and __syncthreads() is a blocking barrier, so a missing
 // barrier can show up as a wrong or non-reproducible result. Shared memory is one buffer, filled
-// with NaN-like bytes at each launch, so reads of shared memory nobody wrote show up too.
+// with NaN-like bytes at each launch, so reads of shared memory nobody wrote show up too; static
+// __shared__ arrays are function statics (one block runs at a time).
 // Not emulated: warps, memory-model subtleties, performance. Debug aid only; never shipped.
 #pragma once
 
@@ -27,12 +34,16 @@
 #define EMU_SMS 4
 #endif
 
+#define LD_EXT_CUDA_EMULATION 1
+
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) alignas(n)
 
 struct emu_dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -82,7 +93,6 @@ struct Cfg {
   unsigned grid;
   unsigned block;
   size_t smem = 0;
-  int stream = 0;
 };
 
 template <typename F>
@@ -141,6 +151,13 @@ inline int cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* nb, K, int, size_t
 }
 #define C10_CUDA_CHECK(x) (void)(x)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() (void)0
+
+// The macros of csrc/cuda/common.cuh, emulated.
+#define LD_CUDA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::g_smem)
+#define LD_CUDA_LAUNCH(kernel, grid, block, smem, stream) \
+  emu::launch(kernel, emu::Cfg{static_cast<unsigned>(grid), static_cast<unsigned>(block), static_cast<size_t>(smem)})
+#define LD_CUDA_IS_DEVICE_TENSOR(t) ((t).is_cpu())
+#define LD_CUDA_DISPATCH_KEY CPU
 
 namespace c10 {
 namespace cuda {

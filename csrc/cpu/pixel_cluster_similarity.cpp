@@ -8,14 +8,14 @@ namespace ld_ext {
 namespace cpu {
 namespace {
 
-struct PSShape {
+struct PCSShape {
   int64_t N, D, K, P;
   bool shared;
 };
 
 template <typename T>
-LD_INLINE void ps_forward_task_impl(const T* z, const T* proto, T* out, const PSShape& sh, int64_t n, int64_t c0,
-                                    int64_t c1, T inv_tau, bool normalize) {
+LD_INLINE void pcs_forward_task_impl(const T* z, const T* proto, T* out, const PCSShape& sh, int64_t n, int64_t c0,
+                                     int64_t c1, T inv_tau, bool normalize) {
   const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
   std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts), prs(K * D);
   const T* zn = z + n * D * P;
@@ -48,20 +48,20 @@ LD_INLINE void ps_forward_task_impl(const T* z, const T* proto, T* out, const PS
   }
 }
 
-LD_CLONES void ps_forward_task(const float* z, const float* proto, float* out, const PSShape& sh, int64_t n,
-                                   int64_t c0, int64_t c1, float inv_tau, bool normalize) {
-  ps_forward_task_impl<float>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
+LD_CLONES void pcs_forward_task(const float* z, const float* proto, float* out, const PCSShape& sh, int64_t n,
+                                int64_t c0, int64_t c1, float inv_tau, bool normalize) {
+  pcs_forward_task_impl<float>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
 }
-void ps_forward_task(const double* z, const double* proto, double* out, const PSShape& sh, int64_t n, int64_t c0,
-                         int64_t c1, double inv_tau, bool normalize) {
-  ps_forward_task_impl<double>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
+void pcs_forward_task(const double* z, const double* proto, double* out, const PCSShape& sh, int64_t n, int64_t c0,
+                      int64_t c1, double inv_tau, bool normalize) {
+  pcs_forward_task_impl<double>(z, proto, out, sh, n, c0, c1, inv_tau, normalize);
 }
 
 // Backward of one task. partial (K*D, double) receives sum_t gL[k,t] e[d,t] over the task's pixels.
 template <typename T>
-LD_INLINE void ps_backward_task_impl(const T* go, const T* z, const T* proto, const T* out, T* gz, double* partial,
-                                     const PSShape& sh, int64_t n, int64_t c0, int64_t c1, T inv_tau,
-                                     bool normalize) {
+LD_INLINE void pcs_backward_task_impl(const T* go, const T* z, const T* proto, const T* out, T* gz, double* partial,
+                                      const PCSShape& sh, int64_t n, int64_t c0, int64_t c1, T inv_tau,
+                                      bool normalize) {
   const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
   std::vector<T> E(D * ts), GL(K * ts), GE(D * ts), m(ts), inv(ts), dotv(ts);
   const T* zn = z + n * D * P;
@@ -95,20 +95,20 @@ LD_INLINE void ps_backward_task_impl(const T* go, const T* z, const T* proto, co
   }
 }
 
-LD_CLONES void ps_backward_task(const float* go, const float* z, const float* proto, const float* out, float* gz,
-                                    double* partial, const PSShape& sh, int64_t n, int64_t c0, int64_t c1,
-                                    float inv_tau, bool normalize) {
-  ps_backward_task_impl<float>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
+LD_CLONES void pcs_backward_task(const float* go, const float* z, const float* proto, const float* out, float* gz,
+                                 double* partial, const PCSShape& sh, int64_t n, int64_t c0, int64_t c1,
+                                 float inv_tau, bool normalize) {
+  pcs_backward_task_impl<float>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
 }
-void ps_backward_task(const double* go, const double* z, const double* proto, const double* out, double* gz,
-                          double* partial, const PSShape& sh, int64_t n, int64_t c0, int64_t c1, double inv_tau,
-                          bool normalize) {
-  ps_backward_task_impl<double>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
+void pcs_backward_task(const double* go, const double* z, const double* proto, const double* out, double* gz,
+                       double* partial, const PCSShape& sh, int64_t n, int64_t c0, int64_t c1, double inv_tau,
+                       bool normalize) {
+  pcs_backward_task_impl<double>(go, z, proto, out, gz, partial, sh, n, c0, c1, inv_tau, normalize);
 }
 
-PSShape shape_of(const at::Tensor& z, const at::Tensor& proto) {
+PCSShape shape_of(const at::Tensor& z, const at::Tensor& proto) {
   const bool shared = proto.dim() == 2;
-  PSShape sh{z.size(0), z.size(1), proto.size(shared ? 0 : 1), pixels_of(z), shared};
+  PCSShape sh{z.size(0), z.size(1), proto.size(shared ? 0 : 1), pixels_of(z), shared};
   TORCH_CHECK(proto.size(proto.dim() - 1) == sh.D, "prototypes and embeddings disagree on D");
   TORCH_CHECK(shared || proto.size(0) == sh.N, "prototypes and embeddings disagree on N");
   return sh;
@@ -121,7 +121,7 @@ at::Tensor pixel_cluster_similarity_cpu(const at::Tensor& embeddings, const at::
   check_cpu_float(prototypes, "prototypes");
   const at::Tensor z = as_compute(embeddings);
   const at::Tensor pr = as_compute(prototypes).to(z.scalar_type());
-  const PSShape sh = shape_of(z, pr);
+  const PCSShape sh = shape_of(z, pr);
   std::vector<int64_t> osz{sh.N, sh.K};
   for (int64_t i = 2; i < embeddings.dim(); ++i) osz.push_back(embeddings.size(i));
   at::Tensor out = at::empty(osz, z.options());
@@ -135,7 +135,7 @@ at::Tensor pixel_cluster_similarity_cpu(const at::Tensor& embeddings, const at::
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / nchunks, c = task % nchunks;
         const int64_t c0 = c * kChunk, c1 = std::min(sh.P, c0 + kChunk);
-        ps_forward_task(zp, pp, op, sh, n, c0, c1, inv_tau, normalize);
+        pcs_forward_task(zp, pp, op, sh, n, c0, c1, inv_tau, normalize);
       }
     });
   });
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const a
   // the CUDA backward does for every dtype).
   const at::Tensor so = out.scalar_type() == ct ? out.contiguous()
                                                 : pixel_cluster_similarity_cpu(z, pr, temperature, normalize);
-  const PSShape sh = shape_of(z, pr);
+  const PCSShape sh = shape_of(z, pr);
   const int64_t nchunks = (sh.P + kChunk - 1) / kChunk;
   const int64_t ntasks = sh.N * nchunks;
   at::Tensor gz = at::empty({sh.N, sh.D, sh.P}, z.options());
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const a
         const int64_t n = task / nchunks, c = task % nchunks;
         const int64_t c0 = c * kChunk, c1 = std::min(sh.P, c0 + kChunk);
         double* part = partials.data() + task * sh.K * sh.D;
-        ps_backward_task(gop, zp, pp, sp, gzp, part, sh, n, c0, c1, inv_tau, normalize);
+        pcs_backward_task(gop, zp, pp, sp, gzp, part, sh, n, c0, c1, inv_tau, normalize);
       }
     });
   });

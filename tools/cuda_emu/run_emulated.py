@@ -1,57 +1,127 @@
 """Run ld_ext's CUDA kernels on the CPU (emu.h) against the float64 reference.
 
-    python csrc/cuda/emu/run_emulated.py [--build-dir DIR] [--seed S]
+    python tools/cuda_emu/run_emulated.py [--build-dir DIR] [--seed S] [--only rf|rd|pcs|pd|norm ...]
 
-Translates csrc/cuda/*.cu (translate.py), builds them as a CPU library `ld_ext_emu` with
-torch.utils.cpp_extension (C++20, no nvcc), then calls every forward and backward op on fresh
-random inputs and compares with ld_ext.reference in float64 (float32 and bfloat16 inputs with
-fp32-level tolerances, float64 tightly), checks that two runs are bitwise equal, and covers tiles
-that hold several chunks per block and the shared-memory opt-in path. Prints "N passed, M failed"
-last and exits non-zero on any failure. Needs only torch (any build) and a C++20 compiler.
+Builds a CPU library from the CUDA sources as they are, with torch.utils.cpp_extension (C++20, no
+nvcc): csrc/ops.cpp (the schemas, namespace ld_ext), csrc/cpu/isa.cpp, and every csrc/cuda/*.cu
+compiled as C++ through a generated one-line wrapper that includes emu.h first (emu.h defines the
+LD_CUDA_* macros of csrc/cuda/common.cuh its own way; nothing is rewritten). The CUDA kernels then
+serve the ld_ext ops for CPU tensors. Before building, the CUDA sources are checked for CUDA
+constructs written outside those macros (a raw `<<<...>>>` launch, `extern __shared__`, `is_cuda()`,
+a registration for the CUDA key), which the emulator could not replace: any is an error that
+names the file and line. Then every forward and backward op is called on fresh random inputs and
+compared with ld_ext.reference in float64 (float32 and bfloat16 inputs with fp32-level tolerances,
+float64 tightly); two runs must be bitwise equal; tiles that hold several chunks per block and the
+shared-memory opt-in path are covered. Prints "N passed, M failed" last and exits non-zero on any
+failure. Needs only torch (any build) and a C++20 compiler. Never import the ld_ext package in the
+same process (its own ld_ext._C would define the same operators again).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import glob
-import importlib.util
+import importlib
 import os
 import random
+import re
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
 MODES = ["probs", "sigmoid", "softmax"]
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("ld_ext_reference", os.path.join(ROOT, "ld_ext", "reference.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """ld_ext/reference.py as a module of a stand-in package over ld_ext/ (its relative imports work),
+    without running ld_ext/__init__.py, which would load ld_ext._C."""
+    pkg = types.ModuleType("_ld_ext_sources")
+    pkg.__path__ = [os.path.join(ROOT, "ld_ext")]
+    sys.modules.setdefault("_ld_ext_sources", pkg)
+    return importlib.import_module("_ld_ext_sources.reference")
+
+
+# CUDA constructs the emulator cannot replace when written directly: each must go through its
+# LD_CUDA_* macro or helper of csrc/cuda/common.cuh (whose #ifndef LD_EXT_CUDA_EMULATION block
+# defines the macros and is exempt).
+RAW_CUDA = [
+    (re.compile(r"<<<"), "a kernel launch with <<<...>>>: use launch() of common.cuh"),
+    (re.compile(r"\bextern\s+__shared__\b"), "extern __shared__: use LD_CUDA_DYNAMIC_SMEM(T, name)"),
+    (re.compile(r"\.is_cuda\(\)"), "is_cuda(): use check_cuda_tensor() or LD_CUDA_IS_DEVICE_TENSOR"),
+    (re.compile(r"TORCH_LIBRARY_IMPL\s*\(\s*ld_ext\s*,\s*CUDA\b"),
+     "TORCH_LIBRARY_IMPL(ld_ext, CUDA, m): use TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m)"),
+]
+GUARD = "#ifndef LD_EXT_CUDA_EMULATION"
+
+
+def check_sources(cuda_dir: str = os.path.join(CSRC, "cuda")) -> list[str]:
+    """The CUDA sources' files; raises SystemExit naming file:line for each CUDA construct written
+    outside the LD_CUDA_* macros, or when common.cuh lost the block that emu.h replaces."""
+    paths = sorted(glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cuh")))
+    if not any(p.endswith(".cu") for p in paths):
+        raise SystemExit(f"run_emulated: no CUDA sources in {cuda_dir}")
+    problems = []
+    for path in paths:
+        with open(path) as f:
+            lines = f.read().split("\n")
+        name = os.path.relpath(path, ROOT)
+        if os.path.basename(path) == "common.cuh" and GUARD not in [ln.strip() for ln in lines]:
+            problems.append(f"{name}: no '{GUARD}' block (emu.h relies on it to replace the CUDA headers and macros)")
+        depth = 0  # inside the #ifndef LD_EXT_CUDA_EMULATION block (nesting of #if...#endif)
+        for no, line in enumerate(lines, 1):
+            code = line.split("//", 1)[0]
+            stripped = code.strip()
+            if depth:
+                if stripped.startswith("#if"):
+                    depth += 1
+                elif stripped.startswith("#endif"):
+                    depth -= 1
+                continue
+            if stripped == GUARD:
+                depth = 1
+                continue
+            for pattern, why in RAW_CUDA:
+                if pattern.search(code):
+                    problems.append(f"{name}:{no}: {why}")
+    if problems:
+        raise SystemExit("run_emulated: CUDA source the emulator cannot run:\n  " + "\n  ".join(problems))
+    return paths
 
 
 def build(build_dir: str):
-    sys.path.insert(0, HERE)
-    import translate  # noqa: E402
-
+    """Compiles the CUDA sources for the emulator (see the module docstring); returns torch.ops.ld_ext."""
     from torch.utils.cpp_extension import load
 
+    sources = check_sources()
     gen = os.path.join(build_dir, "gen")
-    translate.main(gen)
+    os.makedirs(gen, exist_ok=True)
+    wrappers = []
+    for path in sources:
+        if not path.endswith(".cu"):
+            continue
+        wrapper = os.path.join(gen, "emu_" + os.path.basename(path)[:-3] + ".cpp")
+        text = f'// Generated by tools/cuda_emu/run_emulated.py.\n#include "emu.h"\n#include "{path}"\n'
+        old = open(wrapper).read() if os.path.exists(wrapper) else None
+        if old != text:  # unchanged wrappers keep their timestamps (ninja rebuilds what changed)
+            with open(wrapper, "w") as f:
+                f.write(text)
+        wrappers.append(wrapper)
     load(
         name="ld_ext_emu",
-        sources=[os.path.join(gen, "schemas.cpp")] + sorted(glob.glob(os.path.join(gen, "cuda", "*.cpp"))),
+        sources=[os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "cpu", "isa.cpp")] + wrappers,
+        extra_include_paths=[HERE],
         extra_cflags=["-O1", "-std=c++20", "-DEMU_SMS=4", "-w"],
         build_directory=build_dir,
         is_python_module=False,
         verbose=False,
     )
-    return torch.ops.ld_ext_emu
+    return torch.ops.ld_ext
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,8 +1,6 @@
-// The two small contrastive criteria on the CPU: region discrimination on (N, K, D) region
-// features and the patch (instance) discrimination criterion on (M, D) rows. Region
-// discrimination works in double internally; patch discrimination computes its M x M logits and
-// exponentials in the input precision and keeps every sum in double (see below). Results are
-// returned in the input dtype (float32 for float16/bfloat16 inputs).
+// patch_discrimination on the CPU: the patch (instance) discrimination criterion on (M, D) rows,
+// forward and backward. The M x M logits and exponentials are computed in the input precision and
+// every sum is kept in double (see below); the result is returned in the input dtype.
 #include <type_traits>
 
 #include "common.h"
@@ -11,102 +9,6 @@ namespace ld_ext {
 namespace cpu {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// region_discrimination: c~ = mean_n r, c = c~/(||c~||+eps), l = <r, c>/tau,
-// loss = mean_{n,k} (logsumexp_j l[n,k,:] - l[n,k,k]).
-
-struct RDState {
-  int64_t N, K, D;
-  std::vector<double> r, ct, c, cn, lse, logits;  // logits (N*K, K)
-};
-
-RDState rd_prepare(const at::Tensor& feats, double tau) {
-  const at::Tensor f = feats.to(at::kDouble).contiguous();
-  RDState st{f.size(0), f.size(1), f.size(2), {}, {}, {}, {}, {}, {}};
-  const int64_t N = st.N, K = st.K, D = st.D;
-  st.r.assign(f.data_ptr<double>(), f.data_ptr<double>() + N * K * D);
-  st.ct.assign(K * D, 0.0);
-  st.c.assign(K * D, 0.0);
-  st.cn.assign(K, 0.0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t i = 0; i < K * D; ++i) st.ct[i] += st.r[n * K * D + i];
-  for (int64_t i = 0; i < K * D; ++i) st.ct[i] /= static_cast<double>(N);
-  for (int64_t k = 0; k < K; ++k) {
-    st.cn[k] = safe_norm(st.ct.data() + k * D, D);
-    for (int64_t d = 0; d < D; ++d) st.c[k * D + d] = st.ct[k * D + d] / (st.cn[k] + kNormEps);
-  }
-  st.logits.assign(N * K * K, 0.0);
-  st.lse.assign(N * K, 0.0);
-  for (int64_t i = 0; i < N * K; ++i) {
-    const double* ri = st.r.data() + i * D;
-    double* li = st.logits.data() + i * K;
-    double mx = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < K; ++j) {
-      double acc = 0.0;
-      for (int64_t d = 0; d < D; ++d) acc += ri[d] * st.c[j * D + d];
-      li[j] = acc / tau;
-      mx = li[j] > mx ? li[j] : mx;
-    }
-    if (!std::isfinite(mx)) mx = 0.0;  // NaN or inf logits: let them propagate through the sum
-    double se = 0.0;
-    for (int64_t j = 0; j < K; ++j) se += std::exp(li[j] - mx);
-    st.lse[i] = mx + std::log(se);
-  }
-  return st;
-}
-
-at::Tensor region_discrimination_cpu(const at::Tensor& feats, double temperature) {
-  checks::region_discrimination("ld_ext::region_discrimination", feats, temperature);
-  check_cpu_float(feats, "feats");
-  const RDState st = rd_prepare(feats, temperature);
-  double loss = 0.0;
-  for (int64_t i = 0; i < st.N * st.K; ++i) loss += st.lse[i] - st.logits[i * st.K + (i % st.K)];
-  loss /= static_cast<double>(st.N * st.K);
-  const auto out_t = (feats.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-  return scalar_result(loss, feats.options(), out_t);
-}
-
-at::Tensor region_discrimination_backward_cpu(const at::Tensor& grad, const at::Tensor& feats, double temperature) {
-  checks::region_discrimination_backward("ld_ext::region_discrimination_backward", grad, feats, temperature);
-  check_cpu_float(feats, "feats");
-  const RDState st = rd_prepare(feats, temperature);
-  const int64_t N = st.N, K = st.K, D = st.D;
-  const double g = grad.to(at::kDouble).item<double>() / static_cast<double>(N * K);
-  std::vector<double> gr(N * K * D, 0.0), gc(K * D, 0.0), gl(K);
-  for (int64_t i = 0; i < N * K; ++i) {
-    const int64_t k = i % K;
-    const double* li = st.logits.data() + i * K;
-    for (int64_t j = 0; j < K; ++j) gl[j] = g * (std::exp(li[j] - st.lse[i]) - (j == k ? 1.0 : 0.0)) / temperature;
-    double* gri = gr.data() + i * D;
-    const double* ri = st.r.data() + i * D;
-    for (int64_t j = 0; j < K; ++j) {
-      const double* cj = st.c.data() + j * D;
-      double* gcj = gc.data() + j * D;
-      for (int64_t d = 0; d < D; ++d) {
-        gri[d] += gl[j] * cj[d];
-        gcj[d] += gl[j] * ri[d];
-      }
-    }
-  }
-  // through c = c~ / (||c~|| + eps) and c~ = mean_n r
-  for (int64_t k = 0; k < K; ++k) {
-    const double* ctk = st.ct.data() + k * D;
-    const double* gck = gc.data() + k * D;
-    const double cn = st.cn[k];
-    double dotv = 0.0;
-    for (int64_t d = 0; d < D; ++d) dotv += ctk[d] * gck[d];
-    const double coef = cn > 0.0 ? dotv / (cn * (cn + kNormEps) * (cn + kNormEps)) : 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      const double gct = gck[d] / (cn + kNormEps) - ctk[d] * coef;
-      for (int64_t n = 0; n < N; ++n) gr[(n * K + k) * D + d] += gct / static_cast<double>(N);
-    }
-  }
-  at::Tensor out = at::empty({N, K, D}, feats.options().dtype(at::kDouble));
-  std::memcpy(out.data_ptr<double>(), gr.data(), sizeof(double) * gr.size());
-  return out.to(feats.scalar_type());
-}
-
-// ---------------------------------------------------------------------------------------------
 // patch_discrimination. Row i pairs with i' = (i + M/2) mod M. With s_ij = <x_i, sg(x_j)>/T,
 // q_ij = exp(s_ij - max_j s_ij) (j != i), W_i = sum_j q_ij + 1e-10 exp(-max), p_ij = q_ij / W_i:
 //   f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij),   loss = -(1/M) sum_i f_i.
@@ -593,27 +495,10 @@ at::Tensor patch_discrimination_backward_cpu(const at::Tensor& grad, const at::T
 
 }  // namespace
 
-
 }  // namespace cpu
-
-std::string cpu_isa() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return "x86-64-v4 (AVX-512)";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "x86-64-v3 (AVX2+FMA)";
-  return "x86-64 baseline";
-#else
-  return "generic";
-#endif
-}
-
 }  // namespace ld_ext
 
 TORCH_LIBRARY_IMPL(ld_ext, CPU, m) {
-  m.impl("region_discrimination", &ld_ext::cpu::region_discrimination_cpu);
-  m.impl("region_discrimination_backward", &ld_ext::cpu::region_discrimination_backward_cpu);
   m.impl("patch_discrimination", &ld_ext::cpu::patch_discrimination_cpu);
   m.impl("patch_discrimination_backward", &ld_ext::cpu::patch_discrimination_backward_cpu);
 }
