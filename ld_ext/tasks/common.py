@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import data as _data
 from ..data import readers as _readers
+from ..normalization import normalize_embeddings
 from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
 from ..data import IMAGE_EXTENSIONS, file_stem, scale_intensity  # re-exported: one definition, in ld_ext.data
 
@@ -363,7 +364,7 @@ def embed(model, images, batch: int = 8):
     es, ss = [], []
     for i in range(0, x.shape[0], batch):
         z, s = model(x[i : i + batch])
-        es.append(z / (z.norm(dim=1, keepdim=True) + 1e-10))
+        es.append(normalize_embeddings(z))
         ss.append(s)
     e = torch.cat(es)
     s = torch.cat(ss) if ss[0] is not None else None

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..normalization import normalize_embeddings
 from . import common
 from .segmentation import split_indices
 
@@ -112,7 +113,7 @@ def network_features(model, images, kind: str = DEFAULT_FEATURES, batch: int = 8
             parts = []
             if kind in ("z", "z+decoder"):
                 z = model.decoder.emb_head(h)
-                parts.append(z / (z.norm(dim=1, keepdim=True) + 1e-10))
+                parts.append(normalize_embeddings(z))
             if kind in ("decoder", "z+decoder"):
                 parts.append(h)
             out.append(torch.cat(parts, 1).float())

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..normalization import normalize_embeddings
 from . import common
 
 __all__ = [
@@ -240,7 +241,7 @@ def soft_segmentation(model, images: np.ndarray, temperature: float = 0.2, batch
     for i in range(0, x.shape[0], batch):
         z, s = model(x[i : i + batch])
         r = ops.region_features(z, s, normalize=True, assignment=model.assignment)
-        e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
+        e = normalize_embeddings(z)
         a_all.append(assignment(s))
         s_all.append(ops.pixel_cluster_similarity(e, r, temperature))
     return torch.cat(a_all).numpy(), torch.cat(s_all).numpy()
