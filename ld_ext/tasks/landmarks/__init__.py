@@ -37,7 +37,8 @@ or ``--evaluate N``: warp the template with N random known affine + elastic defo
 report mean radial error and success rates for LD centre-sensitive, LD uniform and NCC.
 
 Modules: ``pooling`` (descriptors), ``search`` (shared search and sub-pixel steps), ``locator``
-(``LandmarkLocator``), ``ncc`` (the baseline), ``centre_term`` (the training term), ``points``
+(``LandmarkLocator``), ``ncc`` (the baseline), ``centre_term`` (the training term), ``pretrain_stage``
+(the term as stage 3 of ``ld-ext pretrain``), ``points``
 (points I/O), ``evaluation`` (known-warp evaluation, selected settings, paired differences) and
 ``cli``; every public name is importable from ``ld_ext.tasks.landmarks``.
 """
@@ -58,6 +59,7 @@ from .evaluation import (
 from .locator import LandmarkLocator
 from .ncc import ncc_locate, ncc_map, ncc_maps, ncc_patch_field, ncc_score_maps
 from .points import load_points
+from .pretrain_stage import DEFAULT_CENTRE_STEPS, STAGE3_FILE, centre_term_record, run_centre_stage
 from .pooling import (
     DEFAULT_EDGE,
     DEFAULT_FRACTIONAL,
@@ -130,4 +132,8 @@ __all__ = [
     "plot_landmarks",
     "centre_sensitive_loss",
     "train_centre_sensitive",
+    "DEFAULT_CENTRE_STEPS",
+    "STAGE3_FILE",
+    "centre_term_record",
+    "run_centre_stage",
 ]

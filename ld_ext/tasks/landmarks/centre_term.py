@@ -36,7 +36,7 @@ def centre_sensitive_loss(
     c = _sample(e1, cand)  # (M, O + R, D)
     a = _sample(e2, p2)  # (M, D)
     logits = torch.einsum("md,mod->mo", a, c) / temperature
-    return F.cross_entropy(logits, torch.full((m,), centre, dtype=torch.long))
+    return F.cross_entropy(logits, torch.full((m,), centre, dtype=torch.long, device=logits.device))
 
 
 def train_centre_sensitive(
@@ -71,7 +71,8 @@ def train_centre_sensitive(
             t = common.warp_image(images[i], wp)
             v2.append(np.clip(np.clip(t, 0, 1) ** rng.uniform(0.8, 1.25) + rng.normal(0, 0.02, (h, w)), 0, 1))
             warps.append((wp, t))
-        z, _ = net(common.model_input(np.stack(v1 + v2).astype(np.float32)))
+        p0 = next(net.parameters())
+        z, _ = net(common.model_input(np.stack(v1 + v2).astype(np.float32)).to(p0.device, p0.dtype))
         e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
         if pooling:
             e = pooled_descriptors(e, **pooling)

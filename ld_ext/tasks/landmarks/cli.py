@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from .centre_term import train_centre_sensitive
 from .evaluation import evaluate_methods, make_eval_targets, plot_landmarks, table_markdown
 from .locator import LandmarkLocator
 from .points import load_points
+from .pretrain_stage import centre_term_record
 from .pooling import (
     DEFAULT_EDGE,
     DEFAULT_FRACTIONAL,
@@ -21,6 +23,8 @@ from .pooling import (
     POOLING_MODES,
 )
 from .search import DEFAULT_SUBPIXEL, DEFAULT_WINDOW, SEARCH_MODES, SUBPIXEL_METHODS
+
+logger = logging.getLogger("ld_ext.tasks.landmarks")
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -72,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--centre-term-steps", type=int, default=0, metavar="N",
         help="first fine-tune the network N steps with the centre-sensitive training term on random warps "
-        "of the template and the target images (no labels; default 0 = off)",
+        "of the template and the target images (no labels; default 0 = off; a network from ld-ext pretrain "
+        "with stage 3, --centre-steps, carries the term already)",
     )
 
 
@@ -91,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.size is not None:
         common.check_positive_int("--size", args.size, 16)
     model = common.load_ld_model(args.checkpoint)
+    from ...checkpoint import load_checkpoint
+
+    in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None
     raw = common.load_image(args.template)
     template = _load_scaled(args.template, args.size)
     names, points = load_points(args.points)
@@ -110,6 +118,13 @@ def run(args: argparse.Namespace) -> int:
                     "edge": args.edge, "fractional": args.fractional, "search": search}
     if args.centre_term_steps < 0:
         raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
+    result["checkpoint_centre_term"] = in_ckpt
+    if in_ckpt is None and not args.centre_term_steps:
+        logger.warning(
+            "%s carries no centre-sensitive term (made without stage 3 of ld-ext pretrain, --centre-steps): "
+            "localisation is much less accurate; pre-train with it, or give --centre-term-steps N "
+            "(minutes per call)", args.checkpoint,
+        )
     if args.centre_term_steps:
         pool = [template]
         if args.targets is not None:

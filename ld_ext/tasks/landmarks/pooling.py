@@ -124,7 +124,7 @@ def _sample(e: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of e (1, D, H, W) at xy (..., 2) pixel coords -> (..., D)."""
     h, w = e.shape[-2:]
     g = torch.stack([(2 * xy[..., 0] + 1) / w - 1, (2 * xy[..., 1] + 1) / h - 1], -1)
-    flat = g.reshape(1, -1, 1, 2).to(e.dtype)
+    flat = g.reshape(1, -1, 1, 2).to(e.device, e.dtype)
     v = F.grid_sample(e, flat, mode="bilinear", padding_mode="border", align_corners=False)[0, :, :, 0]
     return v.t().reshape(*xy.shape[:-1], e.shape[1])
 
