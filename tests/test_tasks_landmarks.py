@@ -371,6 +371,12 @@ def test_centre_sensitive_training_runs_and_keeps_the_original():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     w = "encoder.groups.0.0.0.weight"
     assert not torch.equal(tuned.state_dict()[w], before[w])
+    # on_step sees every step; the first k steps of a longer run are exactly a k-step run
+    seen = {}
+    longer, _ = lm.train_centre_sensitive(net, imgs, steps=3, batch=2, points_per_image=8, progress=False,
+                                          on_step=lambda k, m: seen.__setitem__(k, m.state_dict()[w].clone()))
+    assert sorted(seen) == [1, 2, 3] and torch.equal(seen[3], longer.state_dict()[w])
+    assert torch.equal(seen[2], tuned.state_dict()[w])
     # the variant on pooled descriptors (measured, not used by the demo) trains too
     tuned2, hist2 = lm.train_centre_sensitive(net, imgs, steps=1, batch=2, points_per_image=8, progress=False,
                                               pooling=dict(radii=(1, 2), mode="gaussian"))

@@ -42,6 +42,7 @@ def centre_sensitive_loss(
 def train_centre_sensitive(
     model, images: np.ndarray, *, steps: int = 100, batch: int = 4, points_per_image: int = 64, lr: float = 1e-4,
     radius: int = 4, temperature: float = 0.1, seed: int = 0, progress: bool = True, pooling: dict | None = None,
+    on_step=None,
 ):
     """Fine-tune a copy of ``model`` with ``centre_sensitive_loss`` on random affine + elastic
     warps of ``images`` (M, H, W) in [0, 1] (no labels). Returns (model copy, loss history).
@@ -49,7 +50,8 @@ def train_centre_sensitive(
     With ``pooling`` (keywords of ``pooled_descriptors``: radii, mode, sigma_frac) the loss is
     applied to the pooled descriptor maps that the locator matches instead of the raw pixel
     embeddings, so the near (1..radius px) negatives are exactly the offsets the search must
-    reject."""
+    reject. ``on_step(k, net)`` is called after step k (1-based), e.g. to keep snapshots: the first
+    k steps of a longer run are exactly a k-step run (constant learning rate, same draws)."""
     import copy
 
     from tqdm import tqdm
@@ -96,5 +98,7 @@ def train_centre_sensitive(
         loss.backward()
         opt.step()
         hist.append(loss.item())
+        if on_step is not None:
+            on_step(len(hist), net)
     net.eval()
     return net, hist
