@@ -70,14 +70,14 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
         rec = centre_term_record(st)
         if rec is not None and rec.get("steps") == steps and rec.get("seed") == seed:
             model.load_state_dict(st["model"])
-            logger.info("stage 3 (centre-sensitive term): loaded from %s, not trained again", path)
+            logger.info("centre-sensitive term (stage 3): loaded from %s, not trained again", path)
             return model, rec
     if model.in_channels != 1:
-        logger.info("stage 3 (centre-sensitive term) skipped: it is for gray images (channels 1)")
+        logger.info("centre-sensitive term (stage 3) skipped: it is for gray images (channels 1)")
         return model, None
     images = _stage_images(dataset, seed)
     t0 = time.time()
-    logger.info("stage 3 (centre-sensitive term): %d steps on %d images", steps, len(images))
+    logger.info("centre-sensitive term (stage 3): %d steps on %d images", steps, len(images))
     tuned, hist = train_centre_sensitive(model, images, steps=steps, seed=seed, progress=progress)
     k = max(1, min(10, len(hist) // 4))
     rec = {"steps": int(steps), "seed": int(seed), "images": int(len(images)),
@@ -86,5 +86,6 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
     state = {k2: v.detach().cpu().clone() for k2, v in tuned.state_dict().items()}
     with defer_signals():
         save_checkpoint(path, {"config": tuned.config, "model": state, "stage": 3, "centre_term": rec})
-    logger.info("stage 3: loss %.4f -> %.4f in %.1f s", rec["loss_first"], rec["loss_last"], rec["seconds"])
+    logger.info("centre-sensitive term (stage 3): loss %.4f -> %.4f in %.1f s", rec["loss_first"], rec["loss_last"],
+                rec["seconds"])
     return tuned, rec
