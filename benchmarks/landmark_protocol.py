@@ -62,7 +62,8 @@ def templates(size: int, split: str) -> list[dict]:
             img = imgs[pos[k]]
             if (img > 0.1).mean() < 0.25:  # mostly background: too few landmarks
                 continue
-            out.append({"orientation": name, "k": k, "template": img, "neighbours": [imgs[pos[k - 2]], imgs[pos[k + 2]]]})
+            out.append({"orientation": name, "k": k, "template": img,
+                        "neighbours": [imgs[pos[k - 2]], imgs[pos[k + 2]]]})
     return out
 
 
@@ -266,7 +267,8 @@ def main(argv=None) -> int:
     v.add_argument("--targets", type=int, default=8, help="targets per template and setting")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--random-init", action="store_true", help="add a random-init network of the same shape")
-    v.add_argument("--ld-methods", default=None, help='JSON {row suffix: LandmarkLocator keywords}; default {"default": {}} '
+    v.add_argument("--ld-methods", default=None,
+                   help='JSON {row suffix: LandmarkLocator keywords}; default {"default": {}} '
                    "(the locator's defaults = ld-ext landmark's)")
     v.add_argument("--ncc-halves", type=int, nargs="*", default=[4, 8, 12])
     v.add_argument("--threads", type=int, default=2)
