@@ -4,7 +4,10 @@
 
 * stage 1: network without the clustering branch, L = L_pd + L_mix;
 * stage 2: the clustering branch is added, every other weight comes from stage 1 (by name),
-  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6), ``ld_ext.objective``.
+  L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md sections 5 and 6), ``ld_ext.objective``;
+* stage 3 (``centre_steps`` > 0; ``--centre-steps``, on by default on the command line): the
+  centre-sensitive landmark term on warps of the same images, process 0 only, ``stage3.pt``
+  (``ld_ext.tasks.landmarks.pretrain_stage``; docs/tasks.md).
 
 Beside this module: ``ld_ext.batching`` (the images of each step and process, in memory or
 streamed from the cache) and ``ld_ext.train_state`` (checking and restoring a training checkpoint).
@@ -111,6 +114,7 @@ class TrainConfig:
     checkpoint_minutes: float | None = 10.0
     dist_timeout: float = dist_utils.DEFAULT_TIMEOUT_S
     dtype: str = "float32"
+    centre_steps: int = 0  # stage 3; the CLI's default is pretrain_stage.DEFAULT_CENTRE_STEPS
 
     def validate(self) -> "TrainConfig":
         def pos_int(name, minimum=1):
@@ -147,6 +151,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
         pos_int("checkpoint_every", 0)
+        pos_int("centre_steps", 0)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         for name in ("workers", "loader_workers"):
@@ -163,7 +168,7 @@ class TrainConfig:
 
 
 # The files a run writes into --out (overlays/ holds stageS_epochEEE.png).
-RUN_FILES = ("checkpoint.pt", "stage1.pt", "stage2.pt", "model.pt", "metrics.jsonl", "losses.png")
+RUN_FILES = ("checkpoint.pt", "stage1.pt", "stage2.pt", "stage3.pt", "model.pt", "metrics.jsonl", "losses.png")
 
 
 def existing_run_files(out: Path) -> list[str]:
@@ -517,9 +522,18 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
 
         last = out / ("stage2.pt" if cfg.epochs2 else "stage1.pt")
         model = load_model(last)
+    centre = None
+    if info.is_main and cfg.centre_steps:  # stage 3, process 0 only (see its module)
+        from .tasks.landmarks.pretrain_stage import run_centre_stage
+
+        model, centre = run_centre_stage(_plain_model(model), dataset, out, cfg.centre_steps, cfg.seed, cfg.progress)
+        if centre is not None:
+            records = [r for r in records if r.get("stage") != 3] + [{"stage": 3, **centre}]
+            _write_jsonl(metrics_path, records)
     if info.is_main:
         with defer_signals():
-            save_checkpoint(out / "model.pt", {"config": _plain_model(model).config, "model": _unwrap_state(model)})
+            final = {"config": _plain_model(model).config, "model": _unwrap_state(model)}
+            save_checkpoint(out / "model.pt", {**final, "centre_term": centre} if centre else final)
         if records:
             from . import viz
 
@@ -657,6 +671,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype,
                         help="training precision (float64: slow, for verification)")
+    from .tasks.landmarks.pretrain_stage import DEFAULT_CENTRE_STEPS
+
+    parser.add_argument("--centre-steps", type=int, default=DEFAULT_CENTRE_STEPS, metavar="N",
+                        help="stage 3: N steps of the centre-sensitive landmark term on warps of the same images "
+                        "(0: off; process 0 only; not counted in --max-minutes)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -671,6 +690,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         init_stage1=args.init_stage1,
         cache=args.cache, workers=args.workers, loader_workers=args.loader_workers, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, dist_timeout=args.dist_timeout, dtype=args.dtype,
+        centre_steps=args.centre_steps,
     )
 
 

@@ -371,6 +371,12 @@ def test_centre_sensitive_training_runs_and_keeps_the_original():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     w = "encoder.groups.0.0.0.weight"
     assert not torch.equal(tuned.state_dict()[w], before[w])
+    # on_step sees every step; the first k steps of a longer run are exactly a k-step run
+    seen = {}
+    longer, _ = lm.train_centre_sensitive(net, imgs, steps=3, batch=2, points_per_image=8, progress=False,
+                                          on_step=lambda k, m: seen.__setitem__(k, m.state_dict()[w].clone()))
+    assert sorted(seen) == [1, 2, 3] and torch.equal(seen[3], longer.state_dict()[w])
+    assert torch.equal(seen[2], tuned.state_dict()[w])
     # the variant on pooled descriptors (measured, not used by the demo) trains too
     tuned2, hist2 = lm.train_centre_sensitive(net, imgs, steps=1, batch=2, points_per_image=8, progress=False,
                                               pooling=dict(radii=(1, 2), mode="gaussian"))
@@ -512,3 +518,103 @@ def test_cli_predictions_are_in_each_targets_own_pixels(tmp_path, monkeypatch):
     assert res["predictions"]["small.png"]["a"] == pytest.approx([32 * 16 / 64 - 0.5, 16 * 16 / 64 - 0.5])
     assert res["target_sizes"] == {"wide.png": [48, 32], "small.png": [16, 16]}
     assert "own pixels" in res["frame"]
+
+
+# ----------------------------------------------------------------------------- stage 3 of ld-ext pretrain
+
+
+def _stage_cfg(out, **kw):
+    from ld_ext import train
+
+    base = dict(out=str(out), size=32, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8), batch_size=2, epochs1=1,
+                epochs2=1, steps_per_epoch=1, val_images=0, progress=False, seed=3, device="cpu", centre_steps=2)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_pretrain_stage3_runs_is_saved_and_resume_skips_it(tmp_path, monkeypatch):
+    from ld_ext import train
+    from ld_ext.checkpoint import load_checkpoint, load_model
+    from ld_ext.data import ImageFolderDataset
+    from ld_ext.tasks.landmarks import pretrain_stage
+
+    ds = ImageFolderDataset.from_tensor(train.synthetic_images(6, 32, seed=4))
+    out = tmp_path / "run"
+    res = train.pretrain(_stage_cfg(out), dataset=ds)
+    ck = load_checkpoint(out / "model.pt")
+    rec = lm.centre_term_record(ck)
+    assert rec["steps"] == 2 and rec["seed"] == 3 and rec["images"] == 6
+    assert np.isfinite(rec["loss_first"]) and np.isfinite(rec["loss_last"])
+    assert lm.centre_term_record(load_checkpoint(out / pretrain_stage.STAGE3_FILE))["steps"] == 2
+    s2, s3 = load_model(out / "stage2.pt").state_dict(), load_model(out / "model.pt").state_dict()
+    w = "encoder.groups.0.0.0.weight"
+    assert not torch.equal(s2[w], s3[w])  # stage 3 trained the network after stage 2
+    assert torch.equal(s3[w], load_model(out / "stage3.pt").state_dict()[w])
+    assert torch.equal(res["final_model"].state_dict()[w], s3[w])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 2, 3] and records[2]["steps"] == 2
+    # without stage 3 the checkpoint says so
+    train.pretrain(_stage_cfg(tmp_path / "plain", centre_steps=0), dataset=ds)
+    assert lm.centre_term_record(load_checkpoint(tmp_path / "plain" / "model.pt")) is None
+    assert not (tmp_path / "plain" / "stage3.pt").exists()
+
+    # resume: stages 1-2 are not redone, stage 3 is loaded, not trained again
+    calls = {"steps": 0, "stage3": 0}
+    real = pretrain_stage.train_centre_sensitive
+
+    def counting(*a, **k):
+        calls["stage3"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(pretrain_stage, "train_centre_sensitive", counting)
+    hook = lambda info: calls.__setitem__("steps", calls["steps"] + 1)  # noqa: E731
+    again = train.pretrain(_stage_cfg(out, resume=True), dataset=ds, on_step_end=hook)
+    assert calls == {"steps": 0, "stage3": 0}
+    assert torch.equal(again["final_model"].state_dict()[w], s3[w])
+    assert lm.centre_term_record(load_checkpoint(out / "model.pt")) == rec
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [1, 2, 3]
+    # a resumed run asking for another length redoes stage 3 from the stage-2 weights only
+    train.pretrain(_stage_cfg(out, resume=True, centre_steps=3), dataset=ds, on_step_end=hook)
+    assert calls == {"steps": 0, "stage3": 1}
+    assert lm.centre_term_record(load_checkpoint(out / "model.pt"))["steps"] == 3
+    with pytest.raises(ValueError, match="centre_steps"):
+        _stage_cfg(out, centre_steps=-1).validate()
+
+
+def test_centre_term_record_validates():
+    assert lm.centre_term_record({"model": {}}) is None
+    assert lm.centre_term_record({"centre_term": {"steps": 5}}) == {"steps": 5}
+    for bad in ({"steps": "5"}, {"steps": True}, [5], {"loss": 1.0}):
+        with pytest.raises(ValueError, match="centre_term"):
+            lm.centre_term_record({"centre_term": bad})
+
+
+def test_cli_landmark_reports_whether_the_checkpoint_carries_the_term(tmp_path, caplog):
+    import argparse
+    import logging
+
+    from PIL import Image
+
+    torch.manual_seed(0)
+    net = LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8))
+    plain, term = tmp_path / "plain.pt", tmp_path / "term.pt"
+    save_checkpoint(plain, net)
+    save_checkpoint(term, {"config": net.config, "model": net.state_dict(), "centre_term": {"steps": 7, "seed": 0}})
+    yy, xx = np.mgrid[0:32, 0:32]
+    Image.fromarray((np.exp(-((xx - 12) ** 2 + (yy - 14) ** 2) / 30.0) * 255).astype(np.uint8)).save(tmp_path / "t.png")
+    (tmp_path / "targets").mkdir()
+    Image.open(tmp_path / "t.png").save(tmp_path / "targets" / "x.png")
+    (tmp_path / "p.json").write_text(json.dumps({"blob": [12, 14], "b": [20, 9], "c": [8, 22]}))
+    p = argparse.ArgumentParser()
+    lm.add_arguments(p)
+    out = tmp_path / "out.json"
+    for ck, expect in ((term, {"steps": 7, "seed": 0}), (plain, None)):
+        caplog.clear()
+        args = p.parse_args(["--checkpoint", str(ck), "--template", str(tmp_path / "t.png"), "--points",
+                             str(tmp_path / "p.json"), "--targets", str(tmp_path / "targets"), "--out", str(out)])
+        with caplog.at_level(logging.WARNING, logger="ld_ext"):
+            assert lm.run(args) == 0
+        assert json.loads(out.read_text())["checkpoint_centre_term"] == expect
+        warned = any("no centre-sensitive term" in r.getMessage() for r in caplog.records)
+        assert warned == (expect is None)

@@ -232,10 +232,10 @@ def test_cli_pretrain_on_a_folder(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", "--data", str(tmp_path / "imgs"), "--out", str(out), "--size", "32", "--emb-dim", "8",
                "--clusters", "3", "--batch-size", "2", "--epochs1", "1", "--epochs2", "1", "--steps-per-epoch", "1",
-               "--val-images", "2", "--no-progress", "--loss-impl", "reference"])
+               "--val-images", "2", "--no-progress", "--loss-impl", "reference", "--centre-steps", "2"])
     assert rc == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in recs] == [1, 2] and "rd" in recs[1] and recs[1]["images"] == 10
+    assert [r["stage"] for r in recs] == [1, 2, 3] and "rd" in recs[1] and recs[1]["images"] == 10  # 3: the landmark term
     assert load_model(out / "model.pt").n_clusters == 3
     assert load_model(out / "stage1.pt").n_clusters is None
     for name in ("checkpoint.pt", "losses.png", "overlays/stage2_epoch001.png"):

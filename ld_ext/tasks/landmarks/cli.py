@@ -1,0 +1,172 @@
+"""``ld-ext landmark``: predict landmarks in target images, or evaluate on known warps."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import common
+from .centre_term import train_centre_sensitive
+from .evaluation import evaluate_methods, make_eval_targets, plot_landmarks, table_markdown
+from .locator import LandmarkLocator
+from .points import load_points
+from .pretrain_stage import centre_term_record
+from .pooling import (
+    DEFAULT_EDGE,
+    DEFAULT_FRACTIONAL,
+    DEFAULT_RADII,
+    DEFAULT_SIGMA_FRAC,
+    EDGE_MODES,
+    FRACTIONAL_MODES,
+    POOLING_MODES,
+)
+from .search import DEFAULT_SUBPIXEL, DEFAULT_WINDOW, SEARCH_MODES, SUBPIXEL_METHODS
+
+logger = logging.getLogger("ld_ext.tasks.landmarks")
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
+    parser.add_argument("--template", required=True, help="the one annotated template image")
+    parser.add_argument("--points", required=True, help="landmarks of the template, JSON (x = column, y = row)")
+    parser.add_argument("--targets", default=None, help="folder of target images to annotate")
+    parser.add_argument("--out", required=True, help="output JSON (a PNG is written beside it)")
+    parser.add_argument("--size", type=int, default=None, help="resize template and targets to SIZE x SIZE first")
+    parser.add_argument("--radii", type=int, nargs="+", default=list(DEFAULT_RADII), help="pooling radii (px)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default="gaussian")
+    parser.add_argument(
+        "--sigma-frac", type=float, default=DEFAULT_SIGMA_FRAC, help="Gaussian pooling: sigma = F * radius"
+    )
+    parser.add_argument(
+        "--edge", choices=EDGE_MODES, default=DEFAULT_EDGE,
+        help="rim of the pooling discs: soft (anti-aliased, default) or hard",
+    )
+    parser.add_argument(
+        "--fractional", choices=FRACTIONAL_MODES, default=DEFAULT_FRACTIONAL,
+        help="descriptors at fractional positions (landmarks, Gauss-Newton): exact (pooled at the fractional "
+        "centre, default) or bilinear (interpolated from the pixel grid)",
+    )
+    parser.add_argument(
+        "--search", choices=SEARCH_MODES, default="consistent",
+        help="consistent (default): one robust affine over all landmarks, then a local search; global: each arg-max",
+    )
+    parser.add_argument(
+        "--window", type=float, default=DEFAULT_WINDOW, help="local search radius (px) around the affine prediction"
+    )
+    parser.add_argument(
+        "--subpixel", choices=SUBPIXEL_METHODS, default=DEFAULT_SUBPIXEL,
+        help="sub-pixel step: gauss-newton (feature-metric, on the descriptors), or a fit to the score map "
+        "(quadratic 3x3, bicubic 5x5, parabola per axis)",
+    )
+    parser.add_argument("--no-rectify", action="store_true", help="skip the second pass in the template frame")
+    parser.add_argument(
+        "--passes", type=int, default=1,
+        help="passes in the template frame, each through the affine refitted to the previous one (default 1)",
+    )
+    parser.add_argument(
+        "--evaluate", type=int, default=0, metavar="N",
+        help="instead of (or besides) --targets: warp the template N times with random known "
+        "affine+elastic deformations and report radial errors for LD and NCC",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--centre-term-steps", type=int, default=0, metavar="N",
+        help="first fine-tune the network N steps with the centre-sensitive training term on random warps "
+        "of the template and the target images (no labels; default 0 = off; a network from ld-ext pretrain "
+        "with stage 3, --centre-steps, carries the term already)",
+    )
+
+
+def _load_scaled(path, size):
+    img = common.scale_intensity(common.load_image(path))
+    if size is not None:
+        img = common.resize_image(img, size)
+    return img
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.targets is None and not args.evaluate:
+        raise ValueError("give --targets DIR and/or --evaluate N")
+    if args.evaluate < 0:
+        raise ValueError(f"--evaluate must be >= 0, got {args.evaluate}")
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+    model = common.load_ld_model(args.checkpoint)
+    from ...checkpoint import load_checkpoint
+
+    in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None
+    raw = common.load_image(args.template)
+    template = _load_scaled(args.template, args.size)
+    names, points = load_points(args.points)
+    if args.size is not None:  # points are given on the template as stored
+        sy, sx = template.shape[0] / raw.shape[0], template.shape[1] / raw.shape[1]
+        points = np.stack([(points[:, 0] + 0.5) * sx - 0.5, (points[:, 1] + 0.5) * sy - 0.5], 1)
+    h, w = template.shape
+    if ((points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)).any():
+        raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
+    out = Path(args.out)
+    if not args.window > 0:
+        raise ValueError(f"--window must be > 0, got {args.window}")
+    common.check_positive_int("--passes", args.passes)
+    search = dict(search=args.search, window=args.window, subpixel=args.subpixel, rectified=not args.no_rectify,
+                  passes=args.passes)
+    result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii,
+                    "edge": args.edge, "fractional": args.fractional, "search": search}
+    if args.centre_term_steps < 0:
+        raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
+    result["checkpoint_centre_term"] = in_ckpt
+    if in_ckpt is None and not args.centre_term_steps:
+        logger.warning(
+            "%s carries no centre-sensitive term (made without stage 3 of ld-ext pretrain, --centre-steps): "
+            "localisation is much less accurate; pre-train with it, or give --centre-term-steps N "
+            "(minutes per call)", args.checkpoint,
+        )
+    if args.centre_term_steps:
+        pool = [template]
+        if args.targets is not None:
+            pool += [img for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
+                     if img.shape == template.shape]
+        model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
+        result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
+    if args.targets is not None:
+        t_emb, _ = common.embed(model, template[None])
+        loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional,
+                              **search).fit(t_emb.double(), points)
+        preds = {}
+        files = common.list_images(args.targets, "targets")
+        from tqdm import tqdm
+
+        first = None
+        sizes = {}
+        for f in tqdm(files, desc="landmarks"):
+            img = _load_scaled(f, args.size)
+            p = loc.locate_image(model, img)
+            own = common.load_image(f).shape if args.size is not None else img.shape
+            # back to the target's own pixels (pixel centres map onto pixel centres)
+            sy, sx = own[0] / img.shape[0], own[1] / img.shape[1]
+            preds[f.name] = {n: [float((x + 0.5) * sx - 0.5), float((y + 0.5) * sy - 0.5)] for n, (x, y) in zip(names, p)}
+            sizes[f.name] = [int(own[1]), int(own[0])]
+            if first is None:
+                first = (img, p)
+        result["predictions"] = preds
+        result["frame"] = (
+            "predictions are [x, y] = [column, row] in each target's own pixels (the file as stored, "
+            "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]"
+        )
+        result["target_sizes"] = sizes
+        plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
+    if args.evaluate:
+        targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
+        pool = dict(radii=args.radii, edge=args.edge, fractional=args.fractional, **search)
+        ld_methods = {"centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
+                      "uniform pooling": dict(mode="uniform", **pool)}
+        ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search, ld_methods=ld_methods)
+        result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
+        print(table_markdown(ev["rows"]))
+    common.atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return 0
