@@ -35,7 +35,7 @@ STRONG = dict(bias=0.2, max_rotation_deg=30.0, scale_range=(0.85, 1.15), elastic
 
 
 def _volume_slices(size: int, axis: int) -> tuple[np.ndarray, list[int]]:
-    from ld_ext.demo import load_mni_slices
+    from ld_ext.demos.mni import load_mni_slices
 
     d = load_mni_slices(size, axis=axis)
     return d["images"][:, 0].numpy().astype(np.float32), d["index"].tolist()
