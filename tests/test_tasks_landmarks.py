@@ -534,11 +534,12 @@ def _stage_cfg(out, **kw):
 
 def test_pretrain_stage3_runs_is_saved_and_resume_skips_it(tmp_path, monkeypatch):
     from ld_ext import train
+    from ld_ext.bench import synthetic_images
     from ld_ext.checkpoint import load_checkpoint, load_model
     from ld_ext.data import ImageFolderDataset
     from ld_ext.tasks.landmarks import pretrain_stage
 
-    ds = ImageFolderDataset.from_tensor(train.synthetic_images(6, 32, seed=4))
+    ds = ImageFolderDataset.from_tensor(synthetic_images(6, 32, seed=4))
     out = tmp_path / "run"
     res = train.pretrain(_stage_cfg(out), dataset=ds)
     ck = load_checkpoint(out / "model.pt")
