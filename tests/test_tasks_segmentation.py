@@ -87,6 +87,25 @@ def test_decoder_head_and_frozen_body():
         seg.train_segnet(net, masks.astype(np.float32), masks, steps=1, body_lr_factor=-1.0)
 
 
+def test_unit_embedding_head_reads_e_times_sqrt_d():
+    net = seg.build_segnet(None, config=TINY, seed=0, head="e").eval()
+    assert net.head.in_channels == TINY["emb_dim"]
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        z, _ = net.body(x)
+        e = z / (z.norm(dim=1, keepdim=True) + 1e-10)
+        want = net.head(e * TINY["emb_dim"] ** 0.5)
+        got = net(x)
+    torch.testing.assert_close(got, want)
+    # independent of the scale of z: z scaled by 7 (the embedding's last conv) gives the same logits
+    last = net.body.decoder.emb_head[-1]
+    with torch.no_grad():
+        last.weight.mul_(7.0)
+        last.bias.mul_(7.0)
+        torch.testing.assert_close(net(x), got)
+        assert not torch.allclose(net.body(x)[0], z)
+
+
 def test_ld_init_copies_weights_random_does_not(tmp_path):
     torch.manual_seed(0)
     ld = LDNet(**TINY)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..normalization import normalize_embeddings
 from . import common
 
 # Defaults (docs/tasks.md section 1 has the measurements behind them).
@@ -46,13 +47,15 @@ DEFAULT_FREEZE_STEPS = 0
 __all__ = ["SegNet", "HEADS", "build_segnet", "train_segnet", "predict", "transfer_experiment", "add_arguments", "run"]
 
 
-HEADS = ("z", "decoder")
+HEADS = ("z", "e", "decoder")
 
 
 class SegNet(nn.Module):
     """LD network body + a 1x1 conv head -> 1-channel logits.
 
-    ``head="z"``: the head reads the raw embedding z (D channels); ``head="decoder"``: it reads the
+    ``head="z"``: the head reads the raw embedding z (D channels); ``head="e"``: the unit embedding
+    e = z / (||z|| + 1e-10) that the LD objective and the linear probe see, times sqrt(D) (unit rms
+    per channel); ``head="decoder"``: it reads the
     decoder's full-resolution features that feed the embedding branch (the embedding branch is
     then unused).
     """
@@ -63,13 +66,14 @@ class SegNet(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.body = body
         self.head_on = head
-        cin = body.emb_dim if head == "z" else body.decoder.out_channels
+        cin = body.decoder.out_channels if head == "decoder" else body.emb_dim
         self.head = nn.Conv2d(cin, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head_on == "z":
+        if self.head_on in ("z", "e"):
             z, _ = self.body(x)
-            return self.head(z)
+            # e scaled by sqrt(D): unit rms per channel, the scale of the probe's standardised features
+            return self.head(z if self.head_on == "z" else normalize_embeddings(z) * z.shape[1] ** 0.5)
         return self.head(self.body.decoder.features(self.body.encoder(x)))
 
 
@@ -354,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head", choices=HEADS, default=DEFAULT_HEAD,
-                        help=f"1x1 head on the embedding z or on the decoder features (default {DEFAULT_HEAD})")
+                        help=f"1x1 head on the embedding z, on the unit embedding e = z/||z|| or on the decoder features (default {DEFAULT_HEAD})")
     parser.add_argument("--body-lr-factor", type=float, default=DEFAULT_BODY_LR_FACTOR,
                         help=f"the network body trains at lr x FACTOR, the head at lr (default {DEFAULT_BODY_LR_FACTOR})")
     parser.add_argument("--freeze-steps", type=int, default=DEFAULT_FREEZE_STEPS,
