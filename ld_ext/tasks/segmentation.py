@@ -2,8 +2,8 @@
 
 docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
-convolution + sigmoid head on the raw embedding z (``--head decoder``: on the decoder features
-that feed the embedding branch). ``--body-lr-factor`` scales the body's learning rate against
+convolution + sigmoid head on the raw embedding z (``--head e``: on sqrt(D) times the unit
+embedding; ``--head decoder``: on the decoder features that feed the embedding branch). ``--body-lr-factor`` scales the body's learning rate against
 the head's, ``--freeze-steps`` trains the head alone first. It is trained on ``--shots`` labelled images
 with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
