@@ -244,9 +244,11 @@ def test_time_call_and_time_once_call_what_they_time():
 
 
 def test_child_peak_rss_sees_the_child_allocation():
-    """A child that touches 800 MiB peaks that much higher than one that does nothing. (Linux keeps
-    the forking process's peak in the child's ru_maxrss across exec, so the measuring process is a
-    fresh interpreter here, whose own peak is far below 800 MiB.)"""
+    """A child that touches 800 MiB more than the measuring process's own peak peaks that much
+    higher than one that does nothing. (Linux keeps the forking process's peak in the child's
+    ru_maxrss across exec, so the measuring process is a fresh interpreter and the child allocates
+    800 MiB on top of that interpreter's peak: importing a CUDA build of torch alone peaks near
+    500 MiB, which broke a fixed 800 MiB child on torch 2.11+cu130.)"""
     import json
     import subprocess
     import sys
@@ -257,7 +259,9 @@ def test_child_peak_rss_sees_the_child_allocation():
         "import json, sys\n"
         "from ld_ext.bench.memory import child_peak_rss\n"
         "small = child_peak_rss([sys.executable, '-c', 'pass'])\n"
-        "big = child_peak_rss([sys.executable, '-c', 'b = bytearray(800 << 20); b[::4096] = bytes(len(b[::4096]))'])\n"
+        "import resource\n"
+        "n = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + (800 << 20)\n"
+        "big = child_peak_rss([sys.executable, '-c', f'b = bytearray({n}); b[::4096] = bytes(len(b[::4096]))'])\n"
         "bad = child_peak_rss([sys.executable, '-c', 'import sys; sys.exit(\"boom\")'])\n"
         "print(json.dumps([small, big, bad]))\n"
     )
