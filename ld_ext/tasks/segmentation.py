@@ -358,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head", choices=HEADS, default=DEFAULT_HEAD,
-                        help=f"1x1 head on the embedding z, on the unit embedding e = z/||z|| or on the decoder features (default {DEFAULT_HEAD})")
+                        help=f"1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features (default {DEFAULT_HEAD})")
     parser.add_argument("--body-lr-factor", type=float, default=DEFAULT_BODY_LR_FACTOR,
                         help=f"the network body trains at lr x FACTOR, the head at lr (default {DEFAULT_BODY_LR_FACTOR})")
     parser.add_argument("--freeze-steps", type=int, default=DEFAULT_FREEZE_STEPS,
