@@ -1,5 +1,5 @@
-"""Tests of the task demos (``ld-ext demo --task ...``, ``ld_ext.tasks.tasks`` and ``.landmark``) and of the
-MNI152 data they use (``ld_ext.tasks.mni``): geometry, structures, argument wiring and quick runs."""
+"""Tests of the task demos (``ld-ext demo --task ...``, ``ld_ext.demos.tasks`` and ``.landmark``) and of the
+MNI152 data they use (``ld_ext.demos.mni``): geometry, structures, argument wiring and quick runs."""
 import argparse
 import json
 
@@ -10,6 +10,11 @@ import torch
 from ld_ext.checkpoint import save_checkpoint
 from ld_ext.models import LDNet
 from ld_ext.demos import landmark, mni, tasks
+
+# the demo data ship inside nilearn and are read with nibabel (the `demo` and `medical` extras);
+# README: "Tests of DICOM, NIfTI and the demos skip when pydicom, nibabel or nilearn is not installed"
+pytest.importorskip("nilearn", reason="the demo data ship inside nilearn")
+pytest.importorskip("nibabel", reason="the demo data are NIfTI files")
 
 
 def test_ventricles_are_a_small_central_structure():
