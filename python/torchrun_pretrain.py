@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Multi-process training with the LD losses under torchrun (gloo on CPU, nccl on GPUs).
 
-    torchrun --nproc_per_node 2 python/torchrun_pretrain.py                       # 2 processes, synthetic images
+    torchrun --standalone --nproc_per_node 2 python/torchrun_pretrain.py          # 2 processes, synthetic images (a free port)
     torchrun --nproc_per_node 2 python/torchrun_pretrain.py --images DIR --size 128
     torchrun --nproc_per_node 2 python/torchrun_pretrain.py --steps 3 --size 32    # a smoke run
     python python/torchrun_pretrain.py --steps 3                                  # also runs as 1 process

@@ -42,7 +42,7 @@ def test_drop_in_loss_reads_a_folder_of_images(tmp_path):
 
 
 def test_torchrun_launch_of_two_gloo_processes(tmp_path):
-    out, summary = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    out, summary = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          str(PYTHON_DIR / "torchrun_pretrain.py"), "--steps", "3", "--size", "32", "--n-images", "12",
                          "--batch-size", "2", "--out", str(tmp_path / "weights.pt")], cwd=tmp_path)
     assert summary["processes"] == 2 and summary["steps"] == 3
