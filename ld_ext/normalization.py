@@ -21,10 +21,17 @@ __all__ = [
     "ENTROPY_EPS",
     "PD_EPS",
     "ASSIGNMENT_MODES",
+    "compute_dtype",
     "unit",
     "normalize_embeddings",
     "normalize_assignments",
 ]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision tensors (bfloat16, float16) as float32, the precision the fused ops compute
+    in; float32 and float64 unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import ViewBatch, align_to_v1
-from .normalization import normalize_embeddings, unit
+from .normalization import compute_dtype, normalize_embeddings, unit
 
 __all__ = ["LOSS_IMPLS", "W_RD", "W_ENT", "RD_TEMPERATURE", "PD_TEMPERATURE", "LDObjective"]
 
@@ -33,10 +33,6 @@ W_ENT = 0.1
 RD_TEMPERATURE = 0.2  # tau of region discrimination (section 3)
 PD_TEMPERATURE = 0.1  # T of the PD and mixup criterion (section 5)
 
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Low-precision tensors to float32; float32/float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _loss_modules(loss_impl: str):
@@ -98,7 +94,7 @@ class LDObjective(nn.Module):
         b = views.batch_size
         if z.shape[0] != 5 * b:
             raise ValueError(f"z must hold 5B = {5 * b} images, got {z.shape[0]}")
-        f = unit(F.adaptive_avg_pool2d(normalize_embeddings(_f32(z)), self.grid), dim=1)  # (5B, D, G, G)
+        f = unit(F.adaptive_avg_pool2d(normalize_embeddings(compute_dtype(z)), self.grid), dim=1)  # (5B, D, G, G)
         d = f.shape[1]
         f_v2 = align_to_v1(f[2 * b : 4 * b], views.flip_h, views.flip_v, views.rot_k)
         w = views.mix_w.to(f.dtype).view(-1, 1, 1, 1)

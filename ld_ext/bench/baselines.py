@@ -13,19 +13,17 @@ import torch
 
 from .. import reference as ref
 from ..losses import PatchDiscriminationLoss, RegionDiscriminationLoss
+from ..normalization import compute_dtype
 
 __all__ = ["PlainRegionDiscriminationLoss", "PlainPatchDiscriminationLoss"]
 
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 class PlainRegionDiscriminationLoss(RegionDiscriminationLoss):
     """``RegionDiscriminationLoss`` in plain PyTorch (``reference.region_features_bmm`` etc.)."""
 
     def features(self, embeddings: torch.Tensor, assignments: torch.Tensor):
-        e, s = _f32(embeddings), _f32(assignments)
+        e, s = compute_dtype(embeddings), compute_dtype(assignments)
         r = ref.region_features_bmm(e, s, normalize=self.normalize, assignment=self.assignment)
         return r, (ref.assignment_entropy(s, self.assignment) if self.return_entropy else None)
 
@@ -37,4 +35,4 @@ class PlainPatchDiscriminationLoss(PatchDiscriminationLoss):
     """``PatchDiscriminationLoss`` in plain PyTorch (``reference.patch_discrimination``)."""
 
     def criterion(self, x: torch.Tensor) -> torch.Tensor:
-        return ref.patch_discrimination(_f32(x), self.temperature)
+        return ref.patch_discrimination(compute_dtype(x), self.temperature)
