@@ -167,7 +167,14 @@ def check_region_features(ops, R, chk, dtype, shape, mode, normalize):
     ge2, ga2 = ops.region_features_backward(w, c, e, a, feats, rnorm, normalize, m, True)
     tag = f"region_features[{dtype} {shape} {mode} normalize={normalize}]"
     chk(tag + " feats", rel(feats, fr) <= TOL[dtype], f"{rel(feats, fr):.2e}")
-    chk(tag + " entropy", rel(ent, hr) <= TOL[dtype], f"{rel(ent, hr):.2e}")
+    # The entropy is a mean of binary entropies h(a); where a is near 1 (a peaked one-pixel softmax)
+    # 1 - a already loses its relative precision in the input dtype, so any float32 implementation
+    # misses the float64 value by more than tol: rule "error <= 2 x plain error + tol" (seed
+    # 1327787327 drew a one-pixel case with error 5.4e-5 against tol 2e-5).
+    with torch.no_grad():
+        hp = R.assignment_entropy(a.to(od), mode)
+    ph = rel(hp, hr)
+    chk(tag + " entropy", rel(ent, hr) <= 2 * ph + TOL[dtype], f"{rel(ent, hr):.2e} (plain {ph:.2e})")
     chk(tag + " rnorm", rnorm.shape == (n, k) and feats.dtype == od and ent.dtype == od)
     # Plain PyTorch at the kernels' accumulation precision on the same input values: where the
     # gradient cancels (one pixel: a region feature does not depend on its assignment, so grad_a is
