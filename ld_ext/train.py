@@ -31,10 +31,12 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -678,7 +680,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(0: off; process 0 only; not counted in --max-minutes)")
 
 
+# TrainConfig fields whose command-line flag is not "--" + the field name with "-" for "_".
+_FIELD_FLAGS = {"n_clusters": "--clusters"}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The (validated) TrainConfig of ``ld-ext pretrain``'s arguments; a bad value's error names its flag."""
+    try:
+        return _config_from_args(args).validate()
+    except ValueError as exc:
+        # The message names config fields ("centre_steps must be ..."); say the flags instead, in the
+        # words before the offending value (", got ...").
+        msg = str(exc)
+        head, sep, tail = msg.partition(", got ")
+        names = {f.name for f in dataclass_fields(TrainConfig)}
+
+        def flag(m: re.Match) -> str:
+            w = m.group(0)
+            if w in _FIELD_FLAGS:
+                return _FIELD_FLAGS[w]
+            return "--" + w.replace("_", "-") if w in names and hasattr(args, w) else w
+
+        new = re.sub(r"\b[a-z][a-z0-9_]*\b", flag, head) + sep + tail
+        if new == msg:
+            raise
+        raise ValueError(new) from None
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         data=list(args.data), out=args.out, size=args.size, channels=args.channels, emb_dim=args.emb_dim,
         n_clusters=args.clusters, batch_size=args.batch_size, epochs1=args.epochs1, epochs2=args.epochs2,

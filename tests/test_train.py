@@ -541,3 +541,18 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
     ra = json.loads((tmp_path / "full" / "summary.json").read_text())["records"]
     rb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert _strip(rb) == _strip(ra)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--centre-steps", "-1"], "--centre-steps must be an int >= 0, got -1"),
+    (["--clusters", "0"], "--clusters must be an int >= 1, got 0"),
+    (["--epochs1", "0", "--epochs2", "0"], "--epochs1 + --epochs2 must be > 0"),
+    (["--rd-temperature", "0"], "--rd-temperature must be a positive number, got 0.0"),
+])
+def test_pretrain_bad_value_error_names_the_flag(tmp_path, capsys, argv, words):
+    from ld_ext.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(out), "--no-progress", *argv]) == 2
+    assert capsys.readouterr().err == f"ld-ext: error: {words}\n"
+    assert not out.exists()
