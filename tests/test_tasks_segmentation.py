@@ -171,3 +171,46 @@ def test_cli_missing_mask_and_size_mismatch(tmp_path):
     Image.fromarray(np.zeros((30, 32), np.uint8)).save(tmp_path / "masks" / "s3.png")
     with pytest.raises(ValueError, match="s3.png has size 32x32 but its mask s3.png has size 32x30"):
         seg.run(args)
+
+
+@pytest.mark.parametrize("head", ["z", "e", "decoder"])
+@pytest.mark.parametrize("balanced", [False, True])
+def test_fit_head_folds_the_linear_probe_into_the_head(head, balanced):
+    from ld_ext.tasks import common
+    from ld_ext.tasks.probe import LinearProbe
+
+    torch.manual_seed(0)
+    net = seg.build_segnet(None, config=TINY, seed=0, head=head)
+    yy, xx = np.mgrid[0:32, 0:32]
+    masks = np.stack([(xx - 12 - 3 * i) ** 2 + (yy - 16) ** 2 < 40 for i in range(3)])
+    images = (masks * 0.6 + 0.2 + 0.05 * np.random.default_rng(0).standard_normal(masks.shape)).astype(np.float32)
+    seg.fit_head(net, images, masks, balanced=balanced)
+    assert not net.training
+    with torch.no_grad():
+        feats = net.head_features(common.model_input(images))
+        got = torch.sigmoid(net(common.model_input(images)))[:, 0].numpy()
+    want = LinearProbe(weight_decay=1e-3, balanced=balanced).fit(feats, masks).predict_proba(feats)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    # the probe is a useful start: far better than the near-zero head (Dice 0 at 0.5)
+    assert common.dice(got > 0.5, masks) > 0.5
+
+
+def test_head_init_selects_the_start_per_init(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ld.pt", LDNet(**TINY))
+    yy, xx = np.mgrid[0:32, 0:32]
+    masks = np.stack([(xx - 16) ** 2 + (yy - 16) ** 2 < 30 + i for i in range(6)])
+    images = (masks * 0.7 + 0.2).astype(np.float32)
+    calls = []
+    real = seg.fit_head
+    monkeypatch.setattr(seg, "fit_head", lambda net, *a, **k: calls.append(k) or real(net, *a, **k))
+    r = seg.transfer_experiment(images, masks, tmp_path / "ld.pt", shots=2, seeds=2, steps=1, progress=False)
+    assert (r["settings"]["head_init"], r["settings"]["random_head_init"]) == ("probe", "zero")
+    assert calls == [{"balanced": False}] * 2  # LD init only, once per seed
+    calls.clear()
+    seg.transfer_experiment(images, masks, tmp_path / "ld.pt", shots=2, seeds=1, steps=1, progress=False,
+                            head_init="zero", random_head_init="probe-balanced")
+    assert calls == [{"balanced": True}]
+    net = seg.build_segnet(None, config=TINY, seed=0)
+    with pytest.raises(ValueError, match="head_init"):
+        seg.train_segnet(net, images, masks, steps=1, head_init="lp")
