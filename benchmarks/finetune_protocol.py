@@ -3,6 +3,7 @@
     python benchmarks/finetune_protocol.py run  --checkpoint CKPT --split dev|eval --seeds 3 \
         [--first-seed 0] [--inits LD,random] [--setting '{"head_init": "probe"}'] --out RESULT.json
     python benchmarks/finetune_protocol.py summary RESULT.json [BASELINE.json]
+    python benchmarks/finetune_protocol.py drift --checkpoint CKPT [--split dev] [--seeds 3] --out DRIFT.json
 
 Data: MNI152 T1 slices at 64 x 64 from ``ld_ext.demos.tasks.probe_data`` (needs nilearn and
 nibabel); structures ventricles, thalamus, striatum (slices with >= 3 mask pixels); development
@@ -13,6 +14,10 @@ same slices, network initialisation and data order for every setting and both in
 compared in pairs. ``--setting`` holds keyword arguments of ``train_segnet`` (e.g. ``lr``,
 ``head_init``, ``freeze_steps``) and ``head`` (for ``build_segnet``). One torch thread per process;
 results are written after every run (an interrupted run resumes where it stopped).
+
+``drift`` fine-tunes the LD-initialised network from each head start (``zero``, ``probe``) and
+measures how far the body moved: the relative L2 change of its weights and the mean cosine
+between the embedding z of the held-out images before and after (1 = unchanged features).
 
 ``summary`` prints per structure mean +- std over seeds for each init and the paired difference
 LD - random; with a second file, the paired difference of the first file's runs against the
@@ -66,6 +71,46 @@ def run(args) -> int:
                 res[key] = common.dice(predict(net, imgs[test]) > 0.5, msks[test])
                 print(f"{args.split} {key} dice {res[key]:.3f} ({time.time() - t0:.0f} s)", flush=True)
                 atomic_write_json(out, res)
+    return 0
+
+
+def drift(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    from ld_ext.atomic import atomic_write_json
+    from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
+    from ld_ext.tasks import common
+    from ld_ext.tasks.segmentation import build_segnet, split_indices, train_segnet
+
+    data = probe_data(PROBE_DEV_Z if args.split == "dev" else PROBE_EVAL_Z, 64, structures=STRUCTURES)
+    res: dict = {}
+    for name, (imgs, msks, _) in data.items():
+        msks = msks.astype(bool)
+        test, trains = split_indices(len(imgs), 5, args.seeds, 0.5, msks.reshape(len(msks), -1).any(1))
+        x = common.model_input(imgs[test])
+        for s in range(args.seeds):
+            for head_init in ("zero", "probe"):
+                net = build_segnet(args.checkpoint, seed=s)
+                w0 = torch.cat([p.detach().flatten().clone() for p in net.body.parameters()])
+                net.eval()
+                with torch.no_grad():
+                    z0 = net.body(x)[0]
+                train_segnet(net, imgs[trains[s]], msks[trains[s]], steps=100, seed=s, head_init=head_init)
+                w1 = torch.cat([p.detach().flatten() for p in net.body.parameters()])
+                with torch.no_grad():
+                    z1 = net.body(x)[0]
+                rec = {"weight_drift": ((w1 - w0).norm() / w0.norm()).item(),
+                       "z_cosine": F.cosine_similarity(z0, z1, dim=1).mean().item()}
+                res[f"{name}|{s}|{head_init}"] = rec
+                print(f"{name} seed {s} head {head_init}: weight drift {rec['weight_drift']:.3f}, "
+                      f"mean cos(z before, z after) {rec['z_cosine']:.3f}", flush=True)
+                atomic_write_json(args.out, res)
+    for head_init in ("zero", "probe"):
+        v = [r for k, r in res.items() if k.endswith("|" + head_init)]
+        print(f"head {head_init}: mean weight drift {np.mean([r['weight_drift'] for r in v]):.3f}, "
+              f"mean cosine {np.mean([r['z_cosine'] for r in v]):.3f} ({len(v)} runs)")
     return 0
 
 
@@ -129,8 +174,13 @@ def main(argv=None) -> int:
     s = sub.add_parser("summary")
     s.add_argument("result")
     s.add_argument("baseline", nargs="?")
+    d = sub.add_parser("drift")
+    d.add_argument("--checkpoint", required=True)
+    d.add_argument("--split", choices=("dev", "eval"), default="dev")
+    d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    return run(args) if args.cmd == "run" else summary(args)
+    return {"run": run, "summary": summary, "drift": drift}[args.cmd](args)
 
 
 if __name__ == "__main__":
