@@ -36,30 +36,36 @@ import numpy as np
 STRUCTURES = ("ventricles", "thalamus", "striatum")
 
 
+def _structures(split: str, n_seeds: int):
+    """(name, images, bool masks, held-out indices, training indices per seed) per structure."""
+    from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
+    from ld_ext.tasks.segmentation import split_indices
+
+    data = probe_data(PROBE_DEV_Z if split == "dev" else PROBE_EVAL_Z, 64, structures=STRUCTURES)
+    for name, (imgs, msks, _) in data.items():
+        msks = msks.astype(bool)
+        test, trains = split_indices(len(imgs), 5, n_seeds, 0.5, msks.reshape(len(msks), -1).any(1))
+        yield name, imgs, msks, test, trains
+
+
 def run(args) -> int:
     import torch
 
     torch.set_num_threads(1)
     from ld_ext.atomic import atomic_write_json
     from ld_ext.checkpoint import load_checkpoint
-    from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
     from ld_ext.tasks import common
-    from ld_ext.tasks.segmentation import build_segnet, predict, split_indices, train_segnet
+    from ld_ext.tasks.segmentation import build_segnet, predict, train_segnet
 
     setting = json.loads(args.setting)
     head = setting.pop("head", "z")
     steps = setting.pop("steps", 100)
     cfg = dict(load_checkpoint(args.checkpoint)["config"])
-    zs = PROBE_DEV_Z if args.split == "dev" else PROBE_EVAL_Z
-    data = probe_data(zs, 64, structures=STRUCTURES)
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}
     res.setdefault("_meta", {"checkpoint": str(args.checkpoint), "split": args.split, "setting": args.setting})
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    for name, (imgs, msks, _) in data.items():
-        msks = msks.astype(bool)
-        has_fg = msks.reshape(len(msks), -1).any(1)
-        test, trains = split_indices(len(imgs), 5, seeds.stop, 0.5, has_fg)
+    for name, imgs, msks, test, trains in _structures(args.split, seeds.stop):
         for s in seeds:
             for init in args.inits.split(","):
                 key = f"{name}|{s}|{init}"
@@ -80,27 +86,24 @@ def drift(args) -> int:
 
     torch.set_num_threads(1)
     from ld_ext.atomic import atomic_write_json
-    from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
     from ld_ext.tasks import common
-    from ld_ext.tasks.segmentation import build_segnet, split_indices, train_segnet
+    from ld_ext.tasks.segmentation import build_segnet, train_segnet
 
-    data = probe_data(PROBE_DEV_Z if args.split == "dev" else PROBE_EVAL_Z, 64, structures=STRUCTURES)
+    def body_state(net, x):
+        """The body's weights (flat) and its embedding z of ``x`` in eval mode."""
+        net.eval()
+        with torch.no_grad():
+            return torch.cat([p.detach().flatten() for p in net.body.parameters()]), net.body(x)[0]
+
     res: dict = {}
-    for name, (imgs, msks, _) in data.items():
-        msks = msks.astype(bool)
-        test, trains = split_indices(len(imgs), 5, args.seeds, 0.5, msks.reshape(len(msks), -1).any(1))
+    for name, imgs, msks, test, trains in _structures(args.split, args.seeds):
         x = common.model_input(imgs[test])
+        w0, z0 = body_state(build_segnet(args.checkpoint), x)  # the seed only draws the head
         for s in range(args.seeds):
             for head_init in ("zero", "probe"):
                 net = build_segnet(args.checkpoint, seed=s)
-                w0 = torch.cat([p.detach().flatten().clone() for p in net.body.parameters()])
-                net.eval()
-                with torch.no_grad():
-                    z0 = net.body(x)[0]
                 train_segnet(net, imgs[trains[s]], msks[trains[s]], steps=100, seed=s, head_init=head_init)
-                w1 = torch.cat([p.detach().flatten() for p in net.body.parameters()])
-                with torch.no_grad():
-                    z1 = net.body(x)[0]
+                w1, z1 = body_state(net, x)
                 rec = {"weight_drift": ((w1 - w0).norm() / w0.norm()).item(),
                        "z_cosine": F.cosine_similarity(z0, z1, dim=1).mean().item()}
                 res[f"{name}|{s}|{head_init}"] = rec
