@@ -12,8 +12,8 @@ and the last one go through the linear probe of docs/tasks.md
 ("Linear probe"): 4 small structures, 1 and 5 shots, 3 seeds, on the registered development
 slices ``PROBE_DEV_Z`` (odd z: seen, unlabelled, in pre-training; for choosing a recipe) and
 evaluation slices ``PROBE_EVAL_Z`` (even z, never seen in pre-training; for reporting), against
-the random-init network, intensity features and the position control (each probed snapshot's run
-repeats them; they do not depend on the snapshot). ``--reuse`` probes the snapshots of an earlier
+the random-init network, intensity features and the position control (probed once per split,
+with the first snapshot: they do not depend on it). ``--reuse`` probes the snapshots of an earlier
 run in DIR again (e.g. with other ``--splits``) without training. Minutes are wall time on the machine that runs it (run it alone: a loaded machine
 stretches them); the steps of each snapshot are recorded too.
 
@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 
-def _probe(model, size, zs, seeds):
+def _probe(model, size, zs, seeds, methods):
     from ld_ext.demos.tasks import run_probe_protocol
 
-    res = run_probe_protocol(model, size, zs, warped=False, seeds=seeds)
+    res = run_probe_protocol(model, size, zs, warped=False, seeds=seeds, methods=methods)
     overall = {}
-    for method in ("LD", "random-init", "intensity", "position"):
+    for method in methods:
         vals = [v for r in res for v in (r["summary"][method][str(k)]["mean"] for k in (1, 5))]
         overall[method] = sum(vals) / len(vals)
     per = {r["label"]: {str(k): r["summary"]["LD"][str(k)]["mean"] for k in (1, 5)} for r in res}
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from ld_ext.atomic import atomic_write_json
     from ld_ext.checkpoint import load_model
     from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z
+    from ld_ext.tasks.probe import FEATURE_SETS
 
     out = Path(args.out)
     snaps = out / "snapshots"
@@ -105,12 +106,15 @@ def main(argv=None) -> int:
     for split in args.splits.split(","):
         zs_probe = {"dev": PROBE_DEV_Z, "eval": PROBE_EVAL_Z}[split]
         records = []
+        baselines = None
         for e in chosen:
             t0 = time.time()
-            overall, per = _probe(load_model(snaps / f"epoch{e:03d}.pt"), args.size, zs_probe, args.seeds)
+            methods = ("LD",) if baselines else FEATURE_SETS
+            overall, per = _probe(load_model(snaps / f"epoch{e:03d}.pt"), args.size, zs_probe, args.seeds, methods)
+            baselines = baselines or {k: v for k, v in overall.items() if k != "LD"}
+            overall.update(baselines)
             records.append({**eps[e - 1], "probe_LD": overall["LD"], "per_structure": per,
-                            "baselines": {k: v for k, v in overall.items() if k != "LD"},
-                            "probe_seconds": round(time.time() - t0, 1)})
+                            "baselines": baselines, "probe_seconds": round(time.time() - t0, 1)})
             print(f"{split}: epoch {e} ({records[-1]['steps']} steps, {records[-1]['seconds'] / 60:.1f} min): probe LD "
                   f"{overall['LD']:.3f} (random-init {overall['random-init']:.3f}, intensity {overall['intensity']:.3f}, "
                   f"position {overall['position']:.3f})", flush=True)

@@ -185,8 +185,10 @@ def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=ST
 
 
 def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seeds: int = 3, kind: str | None = None,
-                       weight_decay: float | None = None, structures=STRUCTURES, label: str = "") -> list:
-    """The probe (LD vs random-init vs intensity vs position) on each structure of ``probe_data``."""
+                       weight_decay: float | None = None, structures=STRUCTURES, label: str = "",
+                       methods=None) -> list:
+    """The probe (LD vs random-init vs intensity vs position, or the subset ``methods``) on each
+    structure of ``probe_data``."""
     from ..tasks import probe
 
     data = probe_data(zs, size, warped=warped, structures=structures)
@@ -199,7 +201,7 @@ def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seed
         if n < 2 or n - n_test < max(shots):
             logger.warning("probe: %s is on %d slice(s) only, too few for %d shot(s); left out", name, n, max(shots))
             continue
-        feats = probe.baseline_feature_sets(model, imgs, kind)
+        feats = probe.baseline_feature_sets(model, imgs, kind, methods or probe.FEATURE_SETS)
         r = probe.probe_experiment(feats, msks, shots=shots, seeds=seeds, weight_decay=weight_decay, label=name)
         r["z_mm"] = used_z
         r["_images"], r["_masks"] = imgs, msks
