@@ -66,6 +66,11 @@ def main(argv=None) -> int:
                 atomic_write(args.out, lambda f: torch.save(model.state_dict(), f))
                 res["saved"] = args.out
             print(json.dumps(res))
+        if distributed:
+            # Every process reaches the teardown together: a process that destroyed its gloo group
+            # while process 0 was still saving once aborted ("terminate called without an active
+            # exception", SIGABRT) after all work was done.
+            dist.barrier()
     finally:
         if distributed:
             dist.destroy_process_group()
