@@ -8,7 +8,13 @@ A checkpoint is a dict saved with ``torch.save``::
 
 ``save_checkpoint(path, obj)`` accepts an ``LDNet`` (wrapped into that dict), a dict of that
 form, or a plain state dict. ``load_model(path)`` rebuilds the ``LDNet``; for a plain state dict
-it infers the architecture from the tensor shapes. Every load uses ``weights_only=True`` and any
+it infers the architecture from the tensor shapes.
+
+A checkpoint may carry two networks of the same architecture: ``"model"``, the representation
+(what segmentation, probe and shape-guided transfer read), and ``"landmark_model"``, the same
+network after the centre-sensitive landmark term (stage 3 of ``ld-ext pretrain``), which only
+``ld-ext landmark`` reads. ``load_model(path, part="landmark")`` returns the latter when present and
+the representation otherwise; ``checkpoint_parts(ckpt)`` says which the file holds. Every load uses ``weights_only=True`` and any
 problem is reported as a ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file.
 A stored ``config`` is checked (types, bounds, agreement with the tensor shapes) before any
 network is built, so a malformed file cannot make the loader allocate a huge model.
@@ -38,11 +44,15 @@ from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "load_model", "infer_config", "validate_config", "atomic_write",
-    "atomic_write_bytes", "defer_signals", "remove_stale_temp_files", "FORMAT", "VERSION",
+    "atomic_write_bytes", "defer_signals", "remove_stale_temp_files", "FORMAT", "VERSION", "LANDMARK_KEY", "PARTS",
+    "checkpoint_parts",
 ]
 
 FORMAT = "ld_ext.checkpoint"
 VERSION = 1
+# The entry holding the landmark network (stage 3) beside the representation in ``"model"``.
+LANDMARK_KEY = "landmark_model"
+PARTS = ("representation", "landmark")
 
 # Bounds on a stored LDNet config (far above any real network; they stop a malformed file from
 # making the loader allocate gigabytes or loop for minutes before the shapes are compared).
@@ -214,14 +224,39 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return cfg
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LDNet:
-    """Rebuild the ``LDNet`` saved in ``path`` (in eval mode)."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    where = f"checkpoint {path}"
-    sd = ckpt["model"]
+def checkpoint_parts(ckpt: Mapping) -> dict:
+    """What a loaded checkpoint dict holds: ``{"representation": bool, "landmark": bool,
+    "legacy_stage3": bool}``. ``legacy_stage3`` marks a file of ld_ext before the two parts were kept
+    apart, or a ``stage3.pt``: its ``"model"`` is the network after stage 3 (a ``"centre_term"`` record
+    and no ``"landmark_model"``), so the representation and the landmark network are one and the same."""
+    has_lm = LANDMARK_KEY in ckpt
+    legacy = not has_lm and ckpt.get("centre_term") is not None
+    return {"representation": True, "landmark": has_lm or ckpt.get("centre_term") is not None,
+            "legacy_stage3": legacy}
+
+
+def _check_state_dict(sd: Any, where: str, key: str) -> Mapping[str, torch.Tensor]:
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{where}: {key!r} entry is not a state dict")
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{where}: 'model' must map parameter names to tensors; {bad[0]!r} does not")
+        raise ValueError(f"{where}: {key!r} must map parameter names to tensors; {bad[0]!r} does not")
+    return sd
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", part: str = "representation") -> LDNet:
+    """Rebuild the ``LDNet`` saved in ``path`` (in eval mode).
+
+    ``part``: ``"representation"`` (default) reads ``"model"``; ``"landmark"`` reads
+    ``"landmark_model"`` when the file has one (stage 3 of ``ld-ext pretrain``) and ``"model"``
+    otherwise.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    ckpt = load_checkpoint(path, map_location=map_location)
+    where = f"checkpoint {path}"
+    key = LANDMARK_KEY if part == "landmark" and LANDMARK_KEY in ckpt else "model"
+    sd = _check_state_dict(ckpt[key], where, key)
     try:
         inferred = infer_config(sd)
     except ValueError as exc:

@@ -45,7 +45,7 @@ import torch
 from . import distributed as dist_utils
 from .augment import AugmentConfig, LDViewGenerator, item_generator
 from .batching import Batches, default_loader_workers
-from .checkpoint import atomic_write_bytes, defer_signals, remove_stale_temp_files, save_checkpoint
+from .checkpoint import LANDMARK_KEY, atomic_write_bytes, defer_signals, remove_stale_temp_files, save_checkpoint
 from .data import CachedImageDataset, ImageFolderDataset, Preprocessing, open_or_build_cache
 from .models import DEFAULT_WIDTHS, LDNet
 from .objective import LOSS_IMPLS, PD_TEMPERATURE, RD_TEMPERATURE, LDObjective
@@ -524,18 +524,25 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
 
         last = out / ("stage2.pt" if cfg.epochs2 else "stage1.pt")
         model = load_model(last)
-    centre = None
+    centre = landmark_net = None
     if info.is_main and cfg.centre_steps:  # stage 3, process 0 only (see its module)
         from .tasks.landmarks.pretrain_stage import run_centre_stage
 
-        model, centre = run_centre_stage(_plain_model(model), dataset, out, cfg.centre_steps, cfg.seed, cfg.progress)
+        # stage 3 tunes a copy: the representation (what segmentation, probe and shape-guided read)
+        # stays the stage-2 network, and model.pt carries the landmark network beside it
+        landmark_net, centre = run_centre_stage(_plain_model(model), dataset, out, cfg.centre_steps, cfg.seed,
+                                                cfg.progress)
         if centre is not None:
             records = [r for r in records if r.get("stage") != 3] + [{"stage": 3, **centre}]
             _write_jsonl(metrics_path, records)
+        else:
+            landmark_net = None
     if info.is_main:
         with defer_signals():
             final = {"config": _plain_model(model).config, "model": _unwrap_state(model)}
-            save_checkpoint(out / "model.pt", {**final, "centre_term": centre} if centre else final)
+            if centre:
+                final.update({"centre_term": centre, LANDMARK_KEY: _unwrap_state(landmark_net)})
+            save_checkpoint(out / "model.pt", final)
         if records:
             from . import viz
 
@@ -555,6 +562,7 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
         }
     )
     summary["final_model"] = _plain_model(model)
+    summary["landmark_model"] = landmark_net
     return summary
 
 

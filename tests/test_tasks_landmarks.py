@@ -547,17 +547,30 @@ def test_pretrain_stage3_runs_is_saved_and_resume_skips_it(tmp_path, monkeypatch
     assert rec["steps"] == 2 and rec["seed"] == 3 and rec["images"] == 6
     assert np.isfinite(rec["loss_first"]) and np.isfinite(rec["loss_last"])
     assert lm.centre_term_record(load_checkpoint(out / pretrain_stage.STAGE3_FILE))["steps"] == 2
-    s2, s3 = load_model(out / "stage2.pt").state_dict(), load_model(out / "model.pt").state_dict()
+    s2 = load_model(out / "stage2.pt").state_dict()
+    rep = load_model(out / "model.pt").state_dict()  # the representation: stage 2, untouched by stage 3
+    s3 = load_model(out / "model.pt", part="landmark").state_dict()
+    assert s2.keys() == rep.keys() == s3.keys()
+    assert all(torch.equal(s2[k], rep[k]) for k in s2)
     w = "encoder.groups.0.0.0.weight"
-    assert not torch.equal(s2[w], s3[w])  # stage 3 trained the network after stage 2
-    assert torch.equal(s3[w], load_model(out / "stage3.pt").state_dict()[w])
-    assert torch.equal(res["final_model"].state_dict()[w], s3[w])
+    assert not torch.equal(s2[w], s3[w])  # stage 3 trained a copy of the network after stage 2
+    assert all(torch.equal(s3[k], v) for k, v in load_model(out / "stage3.pt").state_dict().items())
+    assert torch.equal(res["final_model"].state_dict()[w], s2[w])
+    assert torch.equal(res["landmark_model"].state_dict()[w], s3[w])
+    from ld_ext.checkpoint import checkpoint_parts
+
+    assert checkpoint_parts(ck) == {"representation": True, "landmark": True, "legacy_stage3": False}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [1, 2, 3] and records[2]["steps"] == 2
     # without stage 3 the checkpoint says so
     train.pretrain(_stage_cfg(tmp_path / "plain", centre_steps=0), dataset=ds)
     assert lm.centre_term_record(load_checkpoint(tmp_path / "plain" / "model.pt")) is None
     assert not (tmp_path / "plain" / "stage3.pt").exists()
+    plain = load_checkpoint(tmp_path / "plain" / "model.pt")
+    assert checkpoint_parts(plain) == {"representation": True, "landmark": False, "legacy_stage3": False}
+    # no landmark network in the file: part="landmark" falls back to the representation
+    a = load_model(tmp_path / "plain" / "model.pt", part="landmark").state_dict()
+    assert all(torch.equal(v, plain["model"][k]) for k, v in a.items())
 
     # resume: stages 1-2 are not redone, stage 3 is loaded, not trained again
     calls = {"steps": 0, "stage3": 0}
@@ -571,7 +584,8 @@ def test_pretrain_stage3_runs_is_saved_and_resume_skips_it(tmp_path, monkeypatch
     hook = lambda info: calls.__setitem__("steps", calls["steps"] + 1)  # noqa: E731
     again = train.pretrain(_stage_cfg(out, resume=True), dataset=ds, on_step_end=hook)
     assert calls == {"steps": 0, "stage3": 0}
-    assert torch.equal(again["final_model"].state_dict()[w], s3[w])
+    assert torch.equal(again["final_model"].state_dict()[w], s2[w])
+    assert torch.equal(again["landmark_model"].state_dict()[w], s3[w])
     assert lm.centre_term_record(load_checkpoint(out / "model.pt")) == rec
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [1, 2, 3]
@@ -619,3 +633,43 @@ def test_cli_landmark_reports_whether_the_checkpoint_carries_the_term(tmp_path, 
         assert json.loads(out.read_text())["checkpoint_centre_term"] == expect
         warned = any("no centre-sensitive term" in r.getMessage() for r in caplog.records)
         assert warned == (expect is None)
+
+
+def test_two_part_checkpoint_each_task_reads_its_network(tmp_path, caplog):
+    """model.pt of ld-ext pretrain with stage 3: "model" is the representation (stage 2) that the
+    segmentation, probe and shape-guided tasks read; "landmark_model" is what ld-ext landmark reads.
+    Each load says in one log line which network it read."""
+    import logging
+
+    from ld_ext.checkpoint import LANDMARK_KEY, load_checkpoint
+    from ld_ext.tasks import common
+
+    torch.manual_seed(0)
+    rep = LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8))
+    lmk = LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8))
+    both, legacy = tmp_path / "model.pt", tmp_path / "legacy.pt"
+    save_checkpoint(both, {"config": rep.config, "model": rep.state_dict(), "centre_term": {"steps": 7, "seed": 0},
+                           LANDMARK_KEY: lmk.state_dict()})
+    save_checkpoint(legacy, {"config": lmk.config, "model": lmk.state_dict(), "centre_term": {"steps": 7, "seed": 0}})
+    cases = [(both, "representation", rep, "reading the representation network"),
+             (both, "landmark", lmk, "reading the landmark network"),
+             (legacy, "representation", lmk, "representation before stage 3 is stage2.pt"),
+             (legacy, "landmark", lmk, "the landmark task reads them as they are")]
+    for path, part, expect, said in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ld_ext"):
+            got = common.load_ld_model(path, part=part).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expect.state_dict().items()), (path.name, part)
+        assert any(said in r.getMessage() for r in caplog.records), (path.name, part, caplog.text)
+    with pytest.raises(ValueError, match="part must be one of"):
+        common.load_ld_model(both, part="body")
+    # a landmark network of another architecture than the config is refused with the file named
+    other = LDNet(in_channels=1, emb_dim=4, n_clusters=4, widths=(4, 4, 8, 8, 8))
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, {**load_checkpoint(both), LANDMARK_KEY: other.state_dict()})
+    with pytest.raises(ValueError, match="bad.pt"):
+        common.load_ld_model(bad, part="landmark")
+    # a landmark entry that is not a state dict
+    save_checkpoint(bad, {**load_checkpoint(both), LANDMARK_KEY: [1, 2]})
+    with pytest.raises(ValueError, match="'landmark_model' entry is not a state dict"):
+        common.load_ld_model(bad, part="landmark")

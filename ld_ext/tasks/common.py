@@ -7,6 +7,7 @@ Pixel coordinates everywhere are ``(x, y)`` = (column, row) with pixel centres a
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..data import readers as _readers
 from ..normalization import normalize_embeddings
 from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
 from ..data import IMAGE_EXTENSIONS, file_stem, scale_intensity  # re-exported: one definition, in ld_ext.data
+
+logger = logging.getLogger("ld_ext.tasks")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -40,6 +43,7 @@ __all__ = [
     "warp_image",
     "model_input",
     "load_ld_model",
+    "describe_part",
     "embed",
     "atomic_write_text",
     "atomic_write_json",
@@ -349,11 +353,34 @@ def model_input(images) -> torch.Tensor:
     return normalize_intensity(x)
 
 
-def load_ld_model(path):
-    """The LDNet of a checkpoint (weights_only load, clear errors)."""
-    from ..checkpoint import load_model
+def load_ld_model(path, part: str = "representation"):
+    """The LDNet of a checkpoint (weights_only load, clear errors), and one log line saying which
+    network of the file the task reads.
 
-    return load_model(path, map_location="cpu")
+    ``part``: ``"representation"`` (segmentation, probe, shape-guided: the network of stages 1-2)
+    or ``"landmark"`` (``ld-ext landmark``: the network after the centre-sensitive term of stage 3,
+    when the file has one). See ``ld_ext.checkpoint.load_model``.
+    """
+    from ..checkpoint import checkpoint_parts, load_checkpoint, load_model
+
+    model = load_model(path, map_location="cpu", part=part)
+    has = checkpoint_parts(load_checkpoint(path, map_location="cpu"))
+    logger.info("%s: %s", path, describe_part(has, part))
+    return model
+
+
+def describe_part(has: dict, part: str) -> str:
+    """One sentence on which network of a checkpoint a task reads (``has``: ``checkpoint_parts``)."""
+    if has["legacy_stage3"]:
+        return ("its weights include the centre-sensitive landmark term of stage 3 (a file of an older ld_ext, or "
+                "stage3.pt); " + ("the landmark task reads them as they are" if part == "landmark" else
+                                  "this task reads them as they are; the representation before stage 3 is "
+                                  "stage2.pt of the same run"))
+    if part == "landmark":
+        return ("reading the landmark network (after stage 3, the centre-sensitive term)" if has["landmark"] else
+                "reading the representation network (the file has no stage-3 landmark network)")
+    return "reading the representation network (stages 1-2" + (
+        "; the file's stage-3 landmark network is for ld-ext landmark)" if has["landmark"] else ")")
 
 
 @torch.no_grad()

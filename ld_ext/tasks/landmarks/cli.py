@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--evaluate must be >= 0, got {args.evaluate}")
     if args.size is not None:
         common.check_positive_int("--size", args.size, 16)
-    model = common.load_ld_model(args.checkpoint)
+    model = common.load_ld_model(args.checkpoint, part="landmark")
     from ...checkpoint import load_checkpoint
 
     in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None

@@ -2,9 +2,13 @@
 
 After stages 1 and 2 the network is fine-tuned for ``steps`` steps with ``centre_sensitive_loss``
 on random affine + elastic warps of the pre-training images (``train_centre_sensitive``, no
-labels), so that ``ld-ext landmark`` needs no per-call training. The weights after the stage go
-to ``OUT/stage3.pt`` and ``OUT/model.pt`` with a ``"centre_term"`` record (steps, loss at the
-start and end, seconds, images); one line ``{"stage": 3, ...}`` is added to ``metrics.jsonl``.
+labels), so that ``ld-ext landmark`` needs no per-call training. The stage tunes a copy: the
+stage-2 network stays the representation (``"model"`` of ``OUT/model.pt``, what segmentation, probe
+and shape-guided read), and the tuned copy goes to ``OUT/stage3.pt`` and, beside the
+representation, to ``"landmark_model"`` of ``OUT/model.pt`` (what ``ld-ext landmark`` reads), with a
+``"centre_term"`` record (steps, loss at the start and end, seconds, images); one line
+``{"stage": 3, ...}`` is added to ``metrics.jsonl``. Trained into the same weights, the term
+lowered the representation's linear-probe Dice (docs/tasks.md section 2); kept apart it cannot.
 
 Resume: a run resumed after stage 3 finished loads ``stage3.pt`` (when it was made with the same
 number of steps and seed) instead of training again; stage 3 itself has no mid-stage checkpoint,
@@ -15,6 +19,7 @@ others finish when stages 1-2 are done.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -57,7 +62,8 @@ def _stage_images(dataset, seed: int) -> np.ndarray:
 
 
 def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progress: bool = True):
-    """Stage 3 on ``model`` (the stage-2 network; a plain LDNet): returns (network, record).
+    """Stage 3 on a copy of ``model`` (the stage-2 network; a plain LDNet, left unchanged): returns
+    (landmark network, record); (``model``, None) when the stage does not apply.
 
     ``dataset``: the pre-training images (``read(indices)`` -> (n, C, S, S)). A ``stage3.pt`` in
     ``out`` made with the same ``steps`` and ``seed`` is loaded instead of training again.
@@ -69,9 +75,10 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
         st = load_checkpoint(path, map_location="cpu")
         rec = centre_term_record(st)
         if rec is not None and rec.get("steps") == steps and rec.get("seed") == seed:
-            model.load_state_dict(st["model"])
+            tuned = copy.deepcopy(model)  # the stage-2 network stays as it is: it is the representation
+            tuned.load_state_dict(st["model"])
             logger.info("centre-sensitive term (stage 3): loaded from %s, not trained again", path)
-            return model, rec
+            return tuned, rec
     if model.in_channels != 1:
         logger.info("centre-sensitive term (stage 3) skipped: it is for gray images (channels 1)")
         return model, None
