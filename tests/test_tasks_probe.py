@@ -8,7 +8,7 @@ import torch
 
 from ld_ext.checkpoint import save_checkpoint
 from ld_ext.models import LDNet
-from ld_ext.tasks import probe
+from ld_ext.tasks import common, probe
 
 TINY = dict(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8))
 
@@ -131,6 +131,62 @@ def test_experiment_scores_informative_features_above_uninformative():
     assert res["_preds"]["good"].shape == (len(res["splits"]["3"]["test"]), 32, 32)
     with pytest.raises(ValueError, match="features 'x' have shape"):
         probe.probe_experiment({"x": torch.zeros(3, 1, 32, 32)}, masks, shots=(1,), seeds=1)
+
+
+def test_threshold_is_chosen_on_the_training_images_and_dice_is_per_image():
+    # probabilities that separate the structure only above 0.8: a fixed 0.5 would mark everything
+    m = np.zeros((2, 8, 8), bool)
+    m[0, 2:4, 2:4] = True
+    p = np.where(m, 0.9, 0.7)
+    assert probe.choose_threshold(p, m) == 0.7  # 0.7 to 0.85 all give Dice 1: the nearest 0.5
+    assert probe.choose_threshold(np.full((1, 4, 4), 0.5), np.ones((1, 4, 4), bool)) == 0.45
+    with pytest.raises(ValueError, match="same shape"):
+        probe.choose_threshold(p[:1], m)
+    # per image: images without the structure are left out; pooled counts their false positives
+    pred = np.zeros((3, 4, 4), bool)
+    gt = np.zeros((3, 4, 4), bool)
+    gt[0, :2, :2] = pred[0, :2, :2] = True  # Dice 1
+    gt[1, :2, :2] = True
+    pred[1, :1, :2] = True  # Dice 2*2/(4+2) = 2/3
+    pred[2, 2:, 2:] = True  # no structure on image 2: 4 false positives
+    assert probe.dice_per_image(pred, gt) == pytest.approx((1 + 2 / 3) / 2)
+    assert common.dice(pred, gt) == pytest.approx(2 * 6 / (10 + 8))  # TP 6, predicted 10, true 8
+    assert np.isnan(probe.dice_per_image(pred[2:], gt[2:]))
+
+
+def test_experiment_reports_per_image_and_pooled_dice_at_the_chosen_threshold():
+    imgs, masks = _blobs(8)
+    # a feature that is high on the structure and, less, on a ring around it: the balanced fit's 0.5
+    # takes the ring too; the threshold chosen on the training images does not
+    ring = np.stack([binary_ring(m, 6) for m in masks])
+    torch.manual_seed(0)
+    f = torch.from_numpy((masks * 1.0 + ring * 0.5)[:, None].astype(np.float32)) + 0.2 * torch.randn(8, 1, 32, 32)
+    res = probe.probe_experiment({"f": f}, masks, shots=(2,), seeds=2)
+    test = np.asarray(res["splits"]["2"]["test"])
+    for seed in range(2):
+        thr = res["threshold"]["f"]["2"][seed]
+        assert thr in probe.THRESHOLDS
+        tr = np.asarray(res["splits"]["2"]["train"][seed])
+        lp = probe.LinearProbe().fit(f[tr], masks[tr])
+        assert thr == probe.choose_threshold(lp.predict_proba(f[tr]), masks[tr])
+        pred = lp.predict_proba(f[test]) > thr
+        assert res["dice"]["f"]["2"][seed] == pytest.approx(probe.dice_per_image(pred, masks[test]))
+        assert res["dice_pooled"]["f"]["2"][seed] == pytest.approx(common.dice(pred, masks[test]))
+        at_half = probe.dice_per_image(lp.predict_proba(f[test]) > 0.5, masks[test])
+        assert res["dice"]["f"]["2"][seed] > at_half + 0.1  # measured: 0.75 vs 0.60
+    assert res["summary_pooled"]["f"]["2"]["mean"] == pytest.approx(np.mean(res["dice_pooled"]["f"]["2"]))
+    # a split whose held-out images have no structure is one clear error
+    empty = masks.copy()
+    empty[test] = False
+    with pytest.raises(ValueError, match="no held-out image contains the structure"):
+        probe.probe_experiment({"f": f}, empty, shots=(1,), seeds=1, split={1: (test, [np.asarray([0])])},
+                               label="x")
+
+
+def binary_ring(mask: np.ndarray, width: int = 3) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    grown = torch.nn.functional.max_pool2d(t, 2 * width + 1, stride=1, padding=width)[0, 0].numpy() > 0
+    return grown & ~mask
 
 
 def test_baselines_and_tables(tmp_path):
