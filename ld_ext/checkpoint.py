@@ -45,7 +45,7 @@ from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
 __all__ = [
     "save_checkpoint", "load_checkpoint", "load_model", "infer_config", "validate_config", "atomic_write",
     "atomic_write_bytes", "defer_signals", "remove_stale_temp_files", "FORMAT", "VERSION", "LANDMARK_KEY", "PARTS",
-    "checkpoint_parts",
+    "checkpoint_parts", "check_tensor_storage",
 ]
 
 FORMAT = "ld_ext.checkpoint"
@@ -140,7 +140,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise ValueError(f"checkpoint {p} has format {fmt!r}, expected {FORMAT!r}")
     if not isinstance(obj["model"], Mapping):
         raise ValueError(f"checkpoint {p}: 'model' entry is not a state dict")
+    check_tensor_storage(obj, f"checkpoint {p}")
     return obj
+
+
+def check_tensor_storage(obj: Any, where: str, _path: str = "") -> None:
+    """Refuse any tensor in ``obj`` (nested dicts, lists, tuples) that declares more elements than
+    its storage holds: a stride-0 ("expanded") tensor stored from one number can declare a
+    (8192, 8192, 3, 3) weight in a file of a few KB, and the network built to receive it would
+    then allocate gigabytes. Every tensor ld_ext (or ``torch.save`` of a network) writes holds all
+    of its elements, so nothing real is refused; this costs no allocation."""
+    if isinstance(obj, torch.Tensor):
+        n = obj.numel()
+        if n == 0:
+            return
+        esize = obj.element_size()
+        extent = obj.storage_offset() + 1 + sum((d - 1) * abs(s) for d, s in zip(obj.shape, obj.stride()))
+        held = obj.untyped_storage().nbytes()
+        if held < n * esize or held < extent * esize:
+            raise ValueError(
+                f"{where}: tensor {_path or '(top level)'} of shape {tuple(obj.shape)} declares {n * esize:,} bytes "
+                f"but its storage holds {held:,} (a stride-0 or overlapping view); ld_ext reads only tensors that "
+                "hold all their elements"
+            )
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            check_tensor_storage(v, where, f"{_path}.{k}" if _path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_tensor_storage(v, where, f"{_path}[{i}]")
 
 
 def _why_unreadable(p: Path, exc: Exception) -> str:

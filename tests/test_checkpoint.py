@@ -113,3 +113,70 @@ def test_remove_stale_temp_files_touches_only_our_pattern(tmp_path):
     assert removed == [ours[0]] and ours[1].exists()
     assert sorted(ckpt.remove_stale_temp_files(tmp_path)) == [ours[1]]
     assert all(p.exists() for p in other) and (tmp_path / ".dir.abcdefgh.tmp").is_dir()
+
+
+def _expanded_state(cfg: dict) -> dict:
+    """A state dict of the shapes ``LDNet(**cfg)`` declares, each tensor a stride-0 view of one
+    number (a file of a few KB that declares gigabytes)."""
+    with torch.device("meta"):
+        big = LDNet(**cfg)
+    return {k: torch.zeros(1, dtype=v.dtype).expand(v.shape) if v.dim() else torch.zeros((), dtype=v.dtype)
+            for k, v in big.state_dict().items()}
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_expanded_tensors_declaring_gigabytes_are_refused_before_any_allocation(tmp_path, with_config):
+    cfg = {"in_channels": 1, "emb_dim": 8, "n_clusters": 4, "widths": [8192] * 5}
+    sd = _expanded_state(cfg)
+    assert sum(v.numel() * v.element_size() for v in sd.values()) > 40 * 2**30  # 47 GiB declared
+    path = tmp_path / "bomb.pt"
+    ckpt.save_checkpoint(path, {"config": cfg, "model": sd} if with_config else sd)
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ValueError, match=r"bomb\.pt: tensor model\..* declares .* bytes but its storage holds 4"):
+        ckpt.load_model(path)
+    with pytest.raises(ValueError, match="stride-0"):
+        ckpt.load_checkpoint(path)
+
+
+def test_expanded_tensor_anywhere_in_the_file_is_refused(tmp_path, good):
+    # e.g. in the optimiser state of a training checkpoint, or in the landmark network
+    net = LDNet(**good["config"])
+    for extra in ({"optimizer": {"state": {0: {"exp_avg": torch.zeros(1).expand(10_000_000)}}}},
+                  {ckpt.LANDMARK_KEY: {**net.state_dict(), "x": torch.zeros(2)[None].expand(10**6, 2)}}):
+        path = tmp_path / "x.pt"
+        ckpt.save_checkpoint(path, {**good, **extra})
+        with pytest.raises(ValueError, match="declares"):
+            ckpt.load_checkpoint(path)
+
+
+def test_views_that_hold_their_elements_still_load(tmp_path, good):
+    # channels_last weights are not contiguous but hold every element: nothing real is refused
+    net = LDNet(**good["config"]).to(memory_format=torch.channels_last)
+    path = tmp_path / "cl.pt"
+    ckpt.save_checkpoint(path, net)
+    back = ckpt.load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), net.state_dict().values()))
+
+
+def test_loading_a_small_bomb_stays_small_in_a_child_process(tmp_path):
+    """The must-hold of the hardening issue: no allocation above 1.5 GB for a checkpoint under 1 MB."""
+    import sys
+    import textwrap
+
+    from ld_ext.bench.memory import child_peak_rss
+
+    cfg = {"in_channels": 1, "emb_dim": 32, "n_clusters": 16, "widths": [8192] * 5}
+    path = tmp_path / "bomb.pt"
+    ckpt.save_checkpoint(path, {"config": cfg, "model": _expanded_state(cfg)})
+    code = textwrap.dedent(f"""
+        import sys
+        from ld_ext.checkpoint import load_model
+        try:
+            load_model({str(path)!r})
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            sys.exit(3)
+    """)
+    rc, peak, err = child_peak_rss([sys.executable, "-c", code])
+    assert rc == 3 and "declares" in err, err
+    assert peak < 1.5e9, peak

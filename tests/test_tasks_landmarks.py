@@ -673,3 +673,24 @@ def test_two_part_checkpoint_each_task_reads_its_network(tmp_path, caplog):
     save_checkpoint(bad, {**load_checkpoint(both), LANDMARK_KEY: [1, 2]})
     with pytest.raises(ValueError, match="'landmark_model' entry is not a state dict"):
         common.load_ld_model(bad, part="landmark")
+
+
+def test_stage3_file_of_another_network_is_trained_again_not_a_traceback(tmp_path, caplog):
+    import logging
+
+    from ld_ext import train
+    from ld_ext.bench import synthetic_images
+    from ld_ext.data import ImageFolderDataset
+    from ld_ext.tasks.landmarks import pretrain_stage
+
+    ds = ImageFolderDataset.from_tensor(synthetic_images(6, 32, seed=4))
+    out = tmp_path / "run"
+    train.pretrain(_stage_cfg(out), dataset=ds)
+    other = LDNet(in_channels=1, emb_dim=4, n_clusters=4, widths=(4, 4, 8, 8, 8))
+    rec = {"steps": 2, "seed": 3, "images": 6, "loss_first": 1.0, "loss_last": 1.0, "seconds": 0.1}
+    save_checkpoint(out / pretrain_stage.STAGE3_FILE, {"config": other.config, "model": other.state_dict(),
+                                                        "stage": 3, "centre_term": rec})
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        res = train.pretrain(_stage_cfg(out, resume=True), dataset=ds)
+    assert any("does not fit this network" in r.getMessage() for r in caplog.records), caplog.text
+    assert res["landmark_model"] is not None and res["landmark_model"].emb_dim == 8

@@ -76,9 +76,15 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
         rec = centre_term_record(st)
         if rec is not None and rec.get("steps") == steps and rec.get("seed") == seed:
             tuned = copy.deepcopy(model)  # the stage-2 network stays as it is: it is the representation
-            tuned.load_state_dict(st["model"])
-            logger.info("centre-sensitive term (stage 3): loaded from %s, not trained again", path)
-            return tuned, rec
+            try:
+                tuned.load_state_dict(st["model"])
+            except (RuntimeError, TypeError, ValueError) as exc:  # another network's stage3.pt
+                why = " ".join(str(exc).split())[:300]
+                logger.warning("centre-sensitive term (stage 3): %s does not fit this network (%s); trained again",
+                               path, why)
+            else:
+                logger.info("centre-sensitive term (stage 3): loaded from %s, not trained again", path)
+                return tuned, rec
     if model.in_channels != 1:
         logger.info("centre-sensitive term (stage 3) skipped: it is for gray images (channels 1)")
         return model, None
