@@ -46,6 +46,12 @@ def test_every_operator_has_checks_a_fake_kernel_and_an_autograd_kernel(operator
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ld_ext::{operator}", key), (operator, key)
 
 
+@pytest.mark.parametrize("op", registry.NAMES)
+def test_every_op_has_an_autocast_kernel(op):
+    # csrc/autocast.cpp; .ci/cuda_compile.sh requires the AutocastCUDA one of every op likewise
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ld_ext::{op}", "AutocastCPU"), op
+
+
 def test_registry_is_the_kernel_files():
     cpu = {p.stem for p in (REPO / "csrc" / "cpu").glob("*.cpp")} - {"isa"}  # isa.cpp: the ISA probe
     cuda = {p.stem for p in (REPO / "csrc" / "cuda").glob("*.cu")}
