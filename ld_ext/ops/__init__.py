@@ -26,11 +26,10 @@ Importing this package registers the fake and Autograd kernels, once.
 """
 from __future__ import annotations
 
-from . import api as _api
+from ..normalization import ASSIGNMENT_MODES
 from . import autograd as _autograd  # noqa: F401  (registers the Autograd kernels)
 from . import fake as _fake  # noqa: F401  (registers the fake kernels)
 from .api import (
-    ASSIGNMENT_MODES,
     build_info,
     patch_discrimination,
     pixel_cluster_similarity,
@@ -42,4 +41,12 @@ from .checks import MIN_TEMPERATURE
 from .checks import assignment_mode as _mode  # noqa: F401  (used by ld_ext.losses)
 from .checks import check_temperature as _check_temperature  # noqa: F401  (used by ld_ext.losses)
 
-__all__ = list(_api.__all__)
+__all__ = [
+    "region_features",
+    "region_features_and_entropy",
+    "region_discrimination",
+    "pixel_cluster_similarity",
+    "patch_discrimination",
+    "ASSIGNMENT_MODES",
+    "build_info",
+]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..normalization import ASSIGNMENT_MODES
 from .checks import (
     assignment_mode,
     check_float_tensor,
@@ -22,7 +21,6 @@ __all__ = [
     "region_discrimination",
     "pixel_cluster_similarity",
     "patch_discrimination",
-    "ASSIGNMENT_MODES",
     "build_info",
 ]
 
