@@ -87,19 +87,20 @@ fi
 SO="$(ls ld_ext/_C*.so)"
 echo "cuda_compile: built $(basename "$SO") in $(( $(date +%s) - start )) s"
 
-# Load the library (static registration runs; no GPU needed) and check every op has a CUDA kernel.
-"$VENV/bin/python" - "$SO" <<'EOF'
+# Load the library (static registration runs; no GPU needed) and check every operator of the op
+# registry (ld_ext/ops/registry.py, plain Python read by its path) has a CUDA kernel.
+"$VENV/bin/python" - "$SO" ld_ext/ops/registry.py <<'EOF'
+import runpy
 import sys
 import torch
 
 torch.ops.load_library(sys.argv[1])
-ops = ["region_features", "region_features_backward", "region_discrimination", "region_discrimination_backward",
-       "pixel_cluster_similarity", "pixel_cluster_similarity_backward", "patch_discrimination",
-       "patch_discrimination_backward"]
+registry = runpy.run_path(sys.argv[2])
+ops = list(registry["OPERATORS"])
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ld_ext::{op}", "CUDA")]
 if missing:
     sys.exit(f"cuda_compile: FAILED: no CUDA kernel registered for {missing}")
-fwd = [op for op in ops if not op.endswith("_backward")]
+fwd = list(registry["NAMES"])
 no_autocast = [op for op in fwd if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ld_ext::{op}", "AutocastCUDA")]
 if no_autocast:
     sys.exit(f"cuda_compile: FAILED: no AutocastCUDA kernel registered for {no_autocast}")

@@ -13,7 +13,9 @@ ASSIGN_EPS = 1e-9  # a = (s + 1e-9) / sum_k (s + 1e-9)
 ENTROPY_EPS = 1e-30  # -a log2(a + 1e-30) - (1 - a) log2(1 - a + 1e-30)
 PD_EPS = 1e-10  # P_i = pos_i / (Z_i + 1e-10)
 
-ASSIGNMENT_MODES = ("probs", "sigmoid", "softmax")
+# The assignment modes by name, with the number the operators take for each (`mode` in
+# csrc/ops.cpp's schemas; csrc/ld_ext.h). The one definition: ld_ext.ops and ld_ext.reference use it.
+ASSIGNMENT_MODES = {"probs": 0, "sigmoid": 1, "softmax": 2}
 
 __all__ = [
     "NORM_EPS",
@@ -23,8 +25,10 @@ __all__ = [
     "ASSIGNMENT_MODES",
     "compute_dtype",
     "unit",
+    "unit_and_norm",
     "normalize_embeddings",
     "normalize_assignments",
+    "sigmoid_assignments",
 ]
 
 
@@ -36,7 +40,14 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``x / (||x|| + 1e-10)`` along ``dim``: the L2 normalisation every LD vector gets."""
-    return x / (torch.norm(x, p=2, dim=dim, keepdim=True) + NORM_EPS)
+    return unit_and_norm(x, dim)[0]
+
+
+def unit_and_norm(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unit(x, dim)`` and the norm ``||x||`` it divided by (``dim`` kept, size 1), for the
+    derivative rules that need the norm too (ld_ext.ops' forward-mode rules)."""
+    m = torch.norm(x, p=2, dim=dim, keepdim=True)
+    return x / (m + NORM_EPS), m
 
 
 def normalize_embeddings(z: torch.Tensor) -> torch.Tensor:
@@ -53,8 +64,15 @@ def normalize_assignments(s: torch.Tensor, assignment: str = "probs") -> torch.T
     if assignment == "probs":
         return s
     if assignment == "sigmoid":
-        u = torch.sigmoid(s) + ASSIGN_EPS
-        return u / u.sum(dim=1, keepdim=True)
+        return sigmoid_assignments(s)[0]
     if assignment == "softmax":
         return torch.softmax(s, dim=1)
-    raise ValueError(f"assignment must be one of {ASSIGNMENT_MODES}, got {assignment!r}")
+    raise ValueError(f"assignment must be one of {tuple(ASSIGNMENT_MODES)}, got {assignment!r}")
+
+
+def sigmoid_assignments(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "sigmoid" rule, a = u / sum_k u with u = sigmoid(s) + 1e-9 (dim 1 is K), and the sum
+    sum_k u it divided by (kept dim), for the derivative rules that need it too."""
+    u = torch.sigmoid(s) + ASSIGN_EPS
+    total = u.sum(dim=1, keepdim=True)
+    return u / total, total

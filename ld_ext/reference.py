@@ -27,6 +27,7 @@ from .normalization import (  # noqa: F401  (the constants are part of this modu
     normalize_assignments,
     normalize_embeddings,
     unit,
+    unit_and_norm,
 )
 
 __all__ = [
@@ -124,8 +125,7 @@ def region_discrimination_loss_broadcast(
     """The published formulation of the same losses (broadcast product, exp then normalise)."""
     r = region_features_broadcast(embeddings, assignments, normalize=normalize, assignment=assignment)
     n, k, _ = r.shape
-    c = r.mean(dim=0)
-    c = c / (torch.norm(c, p=2, dim=1, keepdim=True) + NORM_EPS)
+    c = unit(r.mean(dim=0), dim=1)
     logits = torch.exp(torch.einsum("nkd,jd->nkj", r, c) / temperature)
     prob = logits / logits.sum(dim=2, keepdim=True)
     diag = torch.diagonal(prob, dim1=1, dim2=2)
@@ -167,8 +167,7 @@ def pixel_cluster_similarity_grad_condition(
     n, d = z.shape[:2]
     zf = z.reshape(n, d, -1)
     g = grad_out.detach().double().cpu().reshape(n, p.shape[-2], -1)
-    m = zf.norm(dim=1, keepdim=True)
-    x = zf / (m + NORM_EPS) if normalize else zf
+    x, m = unit_and_norm(zf, dim=1) if normalize else (zf, None)
     pk = p if p.dim() == 3 else p.expand(n, -1, -1)
     s = torch.softmax(torch.bmm(pk, x) / temperature, dim=1)
     gl = s * (g - (g * s).sum(1, keepdim=True)) / temperature

@@ -25,25 +25,16 @@ import sys
 import torch
 
 import ld_ext  # noqa: F401  (registers torch.ops.ld_ext)
+from ld_ext.ops import registry
 
 O = torch.ops.ld_ext
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OTHER = [torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8]
 MIN_T = 1.0 / 3.4028234663852886e38
 
-# Operator -> names of its arguments, as in the schema (csrc/ops.cpp).
-SCHEMA = {
-    "region_features": ["embeddings", "assignments", "normalize", "mode", "entropy"],
-    "region_features_backward": [
-        "grad_feats", "grad_entropy", "embeddings", "assignments", "feats", "rnorm", "normalize", "mode", "entropy",
-    ],
-    "region_discrimination": ["feats", "temperature"],
-    "region_discrimination_backward": ["grad", "feats", "temperature"],
-    "pixel_cluster_similarity": ["embeddings", "prototypes", "temperature", "normalize"],
-    "pixel_cluster_similarity_backward": ["grad_out", "embeddings", "prototypes", "out", "temperature", "normalize"],
-    "patch_discrimination": ["x", "temperature"],
-    "patch_discrimination_backward": ["grad", "x", "temperature"],
-}
+# Operator -> names of its arguments, as in its schema (csrc/ops.cpp), for every operator of the
+# registry (ld_ext/ops/registry.py): each op and its backward.
+SCHEMA = {op: [a.name for a in getattr(O, op).default._schema.arguments] for op in registry.OPERATORS}
 TEMPERATURES = [0.2, 0.07, 1.0, 5e-324, 1e-40, 2.9e-39, 3e-39, 1e-30, 0.0, -0.5, math.inf, -math.inf, math.nan]
 
 
@@ -140,11 +131,13 @@ def valid_call(rng, op):
         }
         if op.endswith("backward"):
             args.update(grad_out=Spec([n, k, *spatial], dt, dev), out=Spec([n, k, *spatial], dt, dev))
-    else:
+    elif op.startswith("patch_discrimination"):
         m = 2 * rng.randint(1, 4)
         args = {"x": Spec([m, d], dt, dev, strided), "temperature": temp}
         if op.endswith("backward"):
             args["grad"] = Spec([], ot, dev)
+    else:
+        raise KeyError(f"no valid call of {op} written here: add the op to valid_call and is_valid")
     return args
 
 
@@ -243,11 +236,13 @@ def is_valid(op, a) -> bool:
             shape = [e.shape[0], p.shape[-2], *e.shape[2:]]
             ok = saved_ok(e, a["grad_out"], e.dtype, shape) and saved_ok(e, a["out"], e.dtype, shape)
         return ok
-    x = a["x"]
-    ok = flt(x) and len(x.shape) == 2 and numel(x) > 0 and x.shape[0] % 2 == 0 and temp_ok(a["temperature"])
-    if ok and op.endswith("backward"):
-        ok = saved_ok(x, a["grad"], out_dtype(x.dtype), None) and numel(a["grad"]) == 1
-    return ok
+    if op.startswith("patch_discrimination"):
+        x = a["x"]
+        ok = flt(x) and len(x.shape) == 2 and numel(x) > 0 and x.shape[0] % 2 == 0 and temp_ok(a["temperature"])
+        if ok and op.endswith("backward"):
+            ok = saved_ok(x, a["grad"], out_dtype(x.dtype), None) and numel(a["grad"]) == 1
+        return ok
+    raise KeyError(f"no oracle for {op} written here: add the op to valid_call and is_valid")
 
 
 # ----------------------------------------------------------------------------- running
@@ -275,6 +270,8 @@ def run(seed: int, calls: int, trace: bool) -> int:
     counts = {"calls": 0, "valid_ok": 0, "invalid_refused": 0}
     problems = []
     ops = list(SCHEMA)
+    for op in ops:  # every operator of the registry has a valid call and an oracle (else KeyError)
+        is_valid(op, valid_call(random.Random(0), op))
     for i in range(calls):
         op = rng.choice(ops)
         r = rng.random()

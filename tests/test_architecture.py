@@ -11,7 +11,7 @@ import ld_ext
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "ld_ext"
-OPS = ("region_features", "region_discrimination", "pixel_cluster_similarity", "patch_discrimination")
+OPS = ld_ext.ops.registry.NAMES
 MAX_LINES = 800
 
 # the layers below the pipeline (docs/architecture.md, "What each layer may import")

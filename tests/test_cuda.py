@@ -24,6 +24,8 @@ import torch
 
 import ld_ext
 from ld_ext import reference as R
+from ld_ext.normalization import ASSIGNMENT_MODES
+from ld_ext.ops import registry
 
 DEV = os.environ.get("LD_EXT_CUDA_TEST_DEVICE", "cuda")
 if DEV not in ("cuda", "cpu"):
@@ -39,7 +41,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW = (torch.float16, torch.bfloat16)
 # Added to the plain-PyTorch error of the same dtype (relative Frobenius error against float64).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-MODES = ["probs", "sigmoid", "softmax"]
+MODES = list(ASSIGNMENT_MODES)
 # (N, D, K, spatial): odd sizes on purpose, 1-3 spatial dims, a tile boundary (128 pixels) crossed;
 # the last has K x D too large for the register-blocked kernels, so the general kernels run.
 RF_SHAPES = [(1, 2, 2, (1, 1)), (3, 5, 7, (13, 17)), (2, 32, 16, (40, 33)), (2, 3, 4, (129,)), (2, 6, 3, (5, 7, 9)),
@@ -456,17 +458,25 @@ def test_gradcheck_float64(mode):
     # gradient), so finite differences do not apply; it is checked against the reference instead.
 
 
-def test_opcheck():
+def _opcheck_args(op):
+    """Arguments for torch.library.opcheck of op ``op``, for every op of the registry."""
+    if op == "region_features":
+        e, a = rf_inputs(2, 3, 4, (5, 6), torch.float32, "sigmoid")
+        return e.requires_grad_(), a.requires_grad_(), True, 1, True
+    if op == "region_discrimination":
+        return torch.nn.functional.normalize(torch.randn(3, 4, 5, device=DEV), dim=2).requires_grad_(), 0.2
+    if op == "pixel_cluster_similarity":
+        e, _ = rf_inputs(2, 3, 4, (5, 6), torch.float32, "sigmoid")
+        return e.requires_grad_(), torch.randn(4, 3, device=DEV, requires_grad=True), 0.2, True
+    if op == "patch_discrimination":
+        return torch.nn.functional.normalize(torch.randn(6, 3, device=DEV), dim=1).requires_grad_(), 0.1
+    raise KeyError(f"no opcheck arguments for {op} written here: add them")
+
+
+@pytest.mark.parametrize("op", registry.NAMES)
+def test_opcheck(op):
     """Schema, fake kernel and autograd registration agree with the CUDA kernels."""
-    e, a = rf_inputs(2, 3, 4, (5, 6), torch.float32, "sigmoid")
-    ops = torch.ops.ld_ext
-    torch.library.opcheck(ops.region_features.default, (e.requires_grad_(), a.requires_grad_(), True, 1, True))
-    r = torch.nn.functional.normalize(torch.randn(3, 4, 5, device=DEV), dim=2).requires_grad_()
-    torch.library.opcheck(ops.region_discrimination.default, (r, 0.2))
-    p = torch.randn(4, 3, device=DEV, requires_grad=True)
-    torch.library.opcheck(ops.pixel_cluster_similarity.default, (e, p, 0.2, True))
-    x = torch.nn.functional.normalize(torch.randn(6, 3, device=DEV), dim=1).requires_grad_()
-    torch.library.opcheck(ops.patch_discrimination.default, (x, 0.1))
+    torch.library.opcheck(getattr(torch.ops.ld_ext, op).default, _opcheck_args(op))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="compares the CUDA kernels with the CPU kernels or with each other")

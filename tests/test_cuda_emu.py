@@ -43,7 +43,7 @@ def _edit(path, old, new):
 def test_sources_as_they_are_pass(emu):
     names = sorted(os.path.basename(p) for p in emu.check_sources())
     assert names == sorted(n for n in os.listdir(CUDA) if n.endswith((".cu", ".cuh")))
-    for op in ("region_features", "region_discrimination", "pixel_cluster_similarity", "patch_discrimination"):
+    for op in emu.REGISTRY.NAMES:  # ld_ext/ops/registry.py
         assert f"{op}.cu" in names
 
 

@@ -6,9 +6,26 @@ import torch
 
 import ld_ext
 from ld_ext import reference as R
+from ld_ext.ops import registry
 
 Z = torch.randn(2, 4, 5, 6)
 S = torch.randn(2, 3, 5, 6)
+O = torch.ops.ld_ext
+
+
+def _public_calls_with_temperature(z, p, r, x):
+    """op -> a call of its public function with the temperature given: every op of the registry
+    that takes a temperature (test_every_op_with_a_temperature_is_in_the_temperature_tests)."""
+    return {
+        "region_discrimination": lambda tau: ld_ext.region_discrimination(r, tau),
+        "pixel_cluster_similarity": lambda tau: ld_ext.pixel_cluster_similarity(z, p, tau),
+        "patch_discrimination": lambda tau: ld_ext.patch_discrimination(x, tau),
+    }
+
+
+def test_every_op_with_a_temperature_is_in_the_temperature_tests():
+    takes = {op for op in registry.NAMES if "temperature" in [a.name for a in getattr(O, op).default._schema.arguments]}
+    assert set(_public_calls_with_temperature(Z, None, None, None)) == takes
 
 
 @pytest.mark.parametrize(
@@ -47,10 +64,9 @@ def test_region_features_bad_input(args, kwargs, exc, words):
 def test_bad_temperature(tau, exc):
     r = torch.randn(2, 3, 4)
     x = torch.randn(4, 3)
+    public = _public_calls_with_temperature(Z, torch.randn(3, 4), r, x).values()
     for call in (
-        lambda: ld_ext.region_discrimination(r, tau),
-        lambda: ld_ext.pixel_cluster_similarity(Z, torch.randn(3, 4), tau),
-        lambda: ld_ext.patch_discrimination(x, tau),
+        *(lambda f=f: f(tau) for f in public),
         lambda: ld_ext.RegionDiscriminationLoss(temperature=tau),
         lambda: ld_ext.PatchDiscriminationLoss(temperature=tau),
     ):
@@ -120,8 +136,6 @@ def test_double_backward_is_refused():
 # torch.ops.ld_ext.* are public and check their own arguments (csrc/checks.h), on every device;
 # these calls used to crash (SIGSEGV) or return garbage. tests/test_fuzz_ops.py fuzzes the rest.
 
-O = torch.ops.ld_ext
-
 
 @pytest.mark.parametrize(
     "call, exc, words",
@@ -190,10 +204,9 @@ def test_raw_op_meta_inputs_give_meta_outputs():
 def test_temperature_so_small_that_its_inverse_overflows_is_refused(tau):
     """1/temperature must be finite in float32; 5e-324 used to be accepted and give NaN."""
     z, p, r, x = torch.randn(1, 2, 5), torch.randn(3, 2), torch.randn(2, 3, 4), torch.randn(4, 3)
+    public = _public_calls_with_temperature(z, p, r, x).values()
     calls = [
-        lambda: ld_ext.pixel_cluster_similarity(z, p, tau),
-        lambda: ld_ext.region_discrimination(r, tau),
-        lambda: ld_ext.patch_discrimination(x, tau),
+        *(lambda f=f: f(tau) for f in public),
         lambda: ld_ext.PatchDiscriminationLoss(temperature=tau),
         lambda: O.pixel_cluster_similarity(z, p, tau, False),
         lambda: O.region_discrimination(r, tau),

@@ -2,6 +2,8 @@
 
     python tools/cuda_emu/run_emulated.py [--build-dir DIR] [--seed S] [--only rf|rd|pcs|pd|norm ...]
 
+(--only takes the ops' short names of ld_ext/ops/registry.py, and norm.)
+
 Builds a CPU library from the CUDA sources as they are, with torch.utils.cpp_extension (C++20, no
 nvcc): csrc/ops.cpp (the schemas, namespace ld_ext), csrc/cpu/isa.cpp, and every csrc/cuda/*.cu
 compiled as C++ through a generated one-line wrapper that includes emu.h first (emu.h defines the
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import glob
 import importlib
+import importlib.util
 import os
 import random
 import re
@@ -35,16 +38,35 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
-MODES = ["probs", "sigmoid", "softmax"]
 
 
-def _reference():
-    """ld_ext/reference.py as a module of a stand-in package over ld_ext/ (its relative imports work),
-    without running ld_ext/__init__.py, which would load ld_ext._C."""
+def _ld_ext_module(name: str):
+    """ld_ext/<name>.py as a module of a stand-in package over ld_ext/ (its relative imports work),
+    without running ld_ext/__init__.py, which would load ld_ext._C. Not for ld_ext.ops, whose
+    __init__ loads ld_ext._C too."""
     pkg = types.ModuleType("_ld_ext_sources")
     pkg.__path__ = [os.path.join(ROOT, "ld_ext")]
     sys.modules.setdefault("_ld_ext_sources", pkg)
-    return importlib.import_module("_ld_ext_sources.reference")
+    return importlib.import_module(f"_ld_ext_sources.{name}")
+
+
+def _reference():
+    return _ld_ext_module("reference")
+
+
+def _registry():
+    """ld_ext/ops/registry.py, the list of the ops, loaded by its path: plain Python (importing it
+    as ld_ext.ops.registry would run ld_ext/ops/__init__.py, which loads ld_ext._C)."""
+    spec = importlib.util.spec_from_file_location("_ld_ext_ops_registry", os.path.join(ROOT, "ld_ext", "ops", "registry.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REGISTRY = _registry()
+ASSIGNMENT_MODES = _ld_ext_module("normalization").ASSIGNMENT_MODES  # mode name -> the operators' number
+MODES = list(ASSIGNMENT_MODES)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 
 
 # CUDA constructs the emulator cannot replace when written directly: each must go through its
@@ -154,7 +176,7 @@ def check_region_features(ops, R, chk, dtype, shape, mode, normalize):
     e = (torch.randn(n, d, *sp, dtype=torch.float64) + 0.3).to(dtype)
     a = torch.randn(n, k, *sp, dtype=torch.float64) * 2
     a = (a.softmax(1) if mode == "probs" else a).to(dtype)
-    m = MODES.index(mode)
+    m = ASSIGNMENT_MODES[mode]
     feats, rnorm, ent = ops.region_features(e, a, normalize, m, True)
     again = ops.region_features(e, a, normalize, m, True)
     er, ar = e.detach().double().clone().requires_grad_(), a.detach().double().clone().requires_grad_()
@@ -301,16 +323,73 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
+def run_region_features(ops, R, chk):
+    rf_shapes = [(1, 2, 2, (1, 1)), (3, 5, 7, (13, 17)), (2, 32, 16, (20, 19)), (2, 3, 4, (129,)), (2, 6, 3, (5, 7, 9))]
+    for dtype in DTYPES:
+        for shape in rf_shapes:
+            for mode in MODES:
+                for normalize in (False, True):
+                    check_region_features(ops, R, chk, dtype, shape, mode, normalize)
+    # Several chunks per block (N=1 gets many tiles in the emulation), padded K and D of the
+    # register-blocked path, and the general kernels with the opt-in shared memory (K x D too
+    # large for the register-blocked path).
+    for mode in MODES:
+        check_region_features(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), mode, True)
+        check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
+        check_region_features(ops, R, chk, torch.float64, (2, 33, 17, (37, 41)), mode, True)
+        check_region_features(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), mode, True)
+    with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):  # each chunk read just before its use
+        for mode in MODES:
+            check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
+            check_region_features(ops, R, chk, torch.bfloat16, (2, 8, 5, (33, 35)), mode, False)
+
+
+def run_region_discrimination(ops, R, chk):
+    for dtype in DTYPES:
+        for nkd in [(1, 1, 1), (2, 3, 5), (7, 16, 32), (3, 33, 130)]:
+            check_region_discrimination(ops, R, chk, dtype, nkd)
+
+
+def run_pixel_cluster_similarity(ops, R, chk):
+    for dtype in DTYPES:
+        for shape in [(1, 2, 2, (1,)), (3, 5, 7, (13, 17)), (2, 32, 16, (16, 17)), (2, 4, 3, (5, 6, 7))]:
+            for per_image in (False, True):
+                for normalize in (False, True):
+                    check_pcs(ops, R, chk, dtype, shape, per_image, normalize)
+    check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
+    check_pcs(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), False, True)
+    with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):
+        check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
+        check_pcs(ops, R, chk, torch.bfloat16, (2, 32, 16, (16, 17)), False, False)
+
+
+def run_patch_discrimination(ops, R, chk):
+    for dtype in DTYPES:
+        for md in [(6, 3), (130, 32), (258, 300)]:
+            check_pd(ops, R, chk, dtype, md)
+
+
+# Op -> the function that runs its checks, for every op of the registry (ld_ext/ops/registry.py).
+RUNNERS = {
+    "region_features": run_region_features,
+    "region_discrimination": run_region_discrimination,
+    "pixel_cluster_similarity": run_pixel_cluster_similarity,
+    "patch_discrimination": run_patch_discrimination,
+}
+if set(RUNNERS) != set(REGISTRY.NAMES):
+    raise SystemExit(f"run_emulated: checks written for {sorted(RUNNERS)}, the registry lists {sorted(REGISTRY.NAMES)}")
+
+
 def main(argv=None) -> int:
+    shorts = [op.short for op in REGISTRY.OPS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build-dir", default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--only", choices=["rf", "rd", "pcs", "pd", "norm"], action="append", default=None,
-                    help="check only these ops (region_features, region_discrimination, pixel_cluster_similarity, "
-                         "patch_discrimination; norm: per-pixel norms that overflow float32); repeatable; "
-                         "default all")
+    ap.add_argument("--only", choices=[*shorts, "norm"], action="append", default=None,
+                    help="check only these ops (" + ", ".join(f"{op.short}: {op.name}" for op in REGISTRY.OPS)
+                         + "; norm: per-pixel norms that overflow float32); repeatable; default all")
     args = ap.parse_args(argv)
-    want = set(args.only or ["rf", "rd", "pcs", "pd", "norm"])
+    want = set(args.only or [*shorts, "norm"])
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     print(f"run_emulated: seed {seed}")
     torch.manual_seed(seed)
@@ -322,43 +401,9 @@ def main(argv=None) -> int:
     print(f"run_emulated: built in {time.perf_counter() - t0:.0f} s")
     R = _reference()
     chk = Checker()
-    rf_shapes = [(1, 2, 2, (1, 1)), (3, 5, 7, (13, 17)), (2, 32, 16, (20, 19)), (2, 3, 4, (129,)), (2, 6, 3, (5, 7, 9))]
-    if "rf" in want:
-        for dtype in (torch.float64, torch.float32, torch.bfloat16):
-            for shape in rf_shapes:
-                for mode in MODES:
-                    for normalize in (False, True):
-                        check_region_features(ops, R, chk, dtype, shape, mode, normalize)
-        # Several chunks per block (N=1 gets many tiles in the emulation), padded K and D of the
-        # register-blocked path, and the general kernels with the opt-in shared memory (K x D too
-        # large for the register-blocked path).
-        for mode in MODES:
-            check_region_features(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), mode, True)
-            check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
-            check_region_features(ops, R, chk, torch.float64, (2, 33, 17, (37, 41)), mode, True)
-            check_region_features(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), mode, True)
-        with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):  # each chunk read just before its use
-            for mode in MODES:
-                check_region_features(ops, R, chk, torch.float32, (1, 32, 16, (61, 67)), mode, True)
-                check_region_features(ops, R, chk, torch.bfloat16, (2, 8, 5, (33, 35)), mode, False)
-    for dtype in (torch.float64, torch.float32, torch.bfloat16):
-        if "rd" in want:
-            for nkd in [(1, 1, 1), (2, 3, 5), (7, 16, 32), (3, 33, 130)]:
-                check_region_discrimination(ops, R, chk, dtype, nkd)
-        if "pcs" in want:
-            for shape in [(1, 2, 2, (1,)), (3, 5, 7, (13, 17)), (2, 32, 16, (16, 17)), (2, 4, 3, (5, 6, 7))]:
-                for per_image in (False, True):
-                    for normalize in (False, True):
-                        check_pcs(ops, R, chk, dtype, shape, per_image, normalize)
-        if "pd" in want:
-            for md in [(6, 3), (130, 32), (258, 300)]:
-                check_pd(ops, R, chk, dtype, md)
-    if "pcs" in want:
-        check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
-        check_pcs(ops, R, chk, torch.float64, (2, 200, 60, (9, 11)), False, True)
-        with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):
-            check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
-            check_pcs(ops, R, chk, torch.bfloat16, (2, 32, 16, (16, 17)), False, False)
+    for op in REGISTRY.OPS:
+        if op.short in want:
+            RUNNERS[op.name](ops, R, chk)
     if "norm" in want:
         check_large_norms(ops, R, chk)
     print(f"run_emulated: {time.perf_counter() - t0:.0f} s")

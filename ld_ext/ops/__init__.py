@@ -1,0 +1,52 @@
+"""Python face of the fused ops: input checks, autograd and fake-tensor registrations.
+
+The operators themselves are declared in ``csrc/ops.cpp`` (``torch.ops.ld_ext.*``) and
+implemented per device in ``csrc/cpu`` and ``csrc/cuda``. Every public function checks its inputs
+(raising ``TypeError``/``ValueError`` that name the argument) and then calls exactly one operator,
+so ``torch.compile(fullgraph=True)`` sees a single node per op. The operators check their
+arguments again themselves (``csrc/checks.h``, also run by the fake kernels), since
+``torch.ops.ld_ext.*`` can be called directly.
+
+Autograd: each operator's Autograd kernel is an ``autograd.Function`` with ``setup_context``, a
+backward (the fused backward operator) and a forward-mode rule (``jvp``), so ``torch.autograd``,
+``torch.autograd.forward_ad`` and ``torch.func`` (grad, vjp, jvp, jacrev, jacfwd) all work.
+
+Modules, each importing only those above it in this list (and from ld_ext only ``_C`` and
+``normalization``):
+
+* ``registry``: the one list of the ops (plain Python, readable without torch);
+* ``compiled``: loads ``ld_ext._C``, which registers the operators;
+* ``checks``: the public functions' input checks and dtype rules;
+* ``api``: the public functions;
+* ``fake``: the fake (meta) kernels;
+* ``jvp``: the forward-mode math; ``functions``: the autograd Functions;
+* ``autograd``: installs the Functions as the operators' Autograd kernels.
+
+Importing this package registers the fake and Autograd kernels, once.
+"""
+from __future__ import annotations
+
+from ..normalization import ASSIGNMENT_MODES
+from . import autograd as _autograd  # noqa: F401  (registers the Autograd kernels)
+from . import fake as _fake  # noqa: F401  (registers the fake kernels)
+from .api import (
+    build_info,
+    patch_discrimination,
+    pixel_cluster_similarity,
+    region_discrimination,
+    region_features,
+    region_features_and_entropy,
+)
+from .checks import MIN_TEMPERATURE
+from .checks import assignment_mode as _mode  # noqa: F401  (used by ld_ext.losses)
+from .checks import check_temperature as _check_temperature  # noqa: F401  (used by ld_ext.losses)
+
+__all__ = [
+    "region_features",
+    "region_features_and_entropy",
+    "region_discrimination",
+    "pixel_cluster_similarity",
+    "patch_discrimination",
+    "ASSIGNMENT_MODES",
+    "build_info",
+]
