@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+from ..viz import new_figure
 from .specs import IMPLS, MODES, Case
 
 __all__ = ["CSV_COLUMNS", "MD_COLUMNS", "write_csv", "markdown_table", "headline_markdown", "e2e_markdown", "plot_sweep"]
@@ -191,8 +192,6 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     """Log-log time vs size, one line per implementation, one panel per mode. Returns a note on failure."""
     try:
         import matplotlib.figure  # noqa: F401  (only to know whether matplotlib is there)
-
-        from ..viz import new_figure
     except ImportError:
         return "matplotlib is not installed: plots skipped"
     fig = new_figure(figsize=(11, 4.2))

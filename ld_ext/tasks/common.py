@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as _data
+from ..augment import normalize_intensity
+from ..checkpoint import load_model
 from ..data import readers as _readers
 from ..normalization import normalize_embeddings
 from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
@@ -46,9 +48,49 @@ __all__ = [
     "atomic_savefig",
     "check_positive_int",
     "check_dir",
+    "split_indices",
 ]
 
 MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
+
+
+# ----------------------------------------------------------------------------- the split of a labelled set
+
+
+def split_indices(
+    n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None,
+    pool_words: str = "labelled pairs with a non-empty mask remain",
+):
+    """(test indices, [train indices per seed]): the split of the segmentation transfer and the
+    linear probe (module docstrings of ``ld_ext.tasks.segmentation`` and ``ld_ext.tasks.probe``).
+
+    The ``n`` pairs are shuffled once (seed 0) and ``test_fraction`` of them are held out; seed
+    ``s`` then draws its ``shots`` training pairs (``1000 + s``) from the rest.
+
+    With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
+    non-held-out pairs whose mask is not empty (``pool_words`` says what that pool is in the error
+    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs).
+    At least one pair is held out and, with two or more, at least one is left to train on.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(0).permutation(n)
+    n_test = max(1, min(n - 1, int(round(n * test_fraction))))
+    test, pool = np.sort(order[:n_test]), order[n_test:]
+    what = "labelled pairs remain"
+    if has_foreground is not None:
+        fg = np.asarray(has_foreground, dtype=bool)
+        if fg.shape != (n,):
+            raise ValueError(f"has_foreground must have one entry per pair ({n}), got shape {fg.shape}")
+        what = pool_words.format(rest=len(pool))
+        pool = pool[fg[pool]]
+    if shots > len(pool):
+        raise ValueError(
+            f"shots={shots} but only {len(pool)} {what} after holding out {n_test} of {n} "
+            f"for testing; give more pairs, fewer shots or a smaller test fraction"
+        )
+    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
+    return test, trains
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -294,7 +336,7 @@ class Warp:
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # lazy: scipy.ndimage is slow to import and only the elastic warp needs it
 
     n = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
     return n / (np.abs(n).max() + 1e-12)
@@ -338,8 +380,6 @@ def warp_image(img: np.ndarray, warp: Warp, mode: str = "bilinear") -> np.ndarra
 def model_input(images) -> torch.Tensor:
     """(B, 1, H, W) network input from images in [0, 1] (array (B,H,W)/(H,W) or tensor), with
     the same fixed intensity normalisation as pre-training (``ld_ext.augment.normalize_intensity``)."""
-    from ..augment import normalize_intensity
-
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, dtype=np.float32))
     x = x.float()
     if x.dim() == 2:
@@ -351,8 +391,6 @@ def model_input(images) -> torch.Tensor:
 
 def load_ld_model(path):
     """The LDNet of a checkpoint (weights_only load, clear errors)."""
-    from ..checkpoint import load_model
-
     return load_model(path, map_location="cpu")
 
 

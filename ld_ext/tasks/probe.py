@@ -37,9 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import LDNet
 from ..normalization import normalize_embeddings
+from ..viz import new_figure
 from . import common
-from .segmentation import split_indices
+from .common import split_indices
 
 __all__ = [
     "FEATURE_SETS",
@@ -307,8 +309,6 @@ def probe_experiment(
 def baseline_feature_sets(model, images, kind: str = DEFAULT_FEATURES, methods: Sequence[str] = FEATURE_SETS) -> dict:
     """name -> features (or seed -> features) for the probe: the trained network, the same
     architecture at random initialisation (seeded per probe seed), intensity and position."""
-    from ..models import LDNet
-
     unknown = [m for m in methods if m not in FEATURE_SETS]
     if unknown:
         raise ValueError(f"methods must be among {FEATURE_SETS}, got {unknown}")
@@ -390,8 +390,6 @@ def summary_sentence(results: Sequence[dict]) -> str:
 def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> None:
     """Per structure, one row per method: held-out images with ground truth (green contour) and
     the probe's prediction (red) for seed 0 at the largest shot count."""
-    from ..viz import new_figure
-
     rows = [(r, m) for r in results for m in r["methods"]]
     fig = new_figure(figsize=(2.2 * n_show, 2.3 * len(rows)))
     axes = fig.subplots(len(rows), n_show, squeeze=False)

@@ -2,6 +2,8 @@
 pixels next to the true one, and a fine-tuning loop on random warps of unlabelled images."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,8 +54,6 @@ def train_centre_sensitive(
     embeddings, so the near (1..radius px) negatives are exactly the offsets the search must
     reject. ``on_step(k, net)`` is called after step k (1-based), e.g. to keep snapshots: the first
     k steps of a longer run are exactly a k-step run (constant learning rate, same draws)."""
-    import copy
-
     from tqdm import tqdm
 
     common.check_positive_int("steps", steps)

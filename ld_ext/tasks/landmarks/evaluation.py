@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...viz import new_figure
 from .. import common
 from .locator import LandmarkLocator
 from .ncc import ncc_locate
@@ -182,8 +183,6 @@ def paired_difference(
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:
-    from ...viz import new_figure
-
     fig = new_figure(figsize=(9, 4.8))
     ax = fig.subplots(1, 2)
     ax[0].imshow(template, cmap="gray")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ... import ops
+
 # defaults = the centre-sensitive settings selected on development data (evaluation.SELECTED_LD)
 DEFAULT_RADII = (0, 1, 2, 4, 8)
 DEFAULT_SIGMA_FRAC = 1.0
@@ -222,8 +224,6 @@ def cosine_maps(desc: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """<proto_k, desc_p> for shared prototypes (K, C) or per-image prototypes (N, K, C), through
     the fused softmax-over-prototypes op: with an extra all-zero prototype at temperature 1,
     log S_k - log S_zero is exactly the inner product."""
-    from ... import ops
-
     if protos.dim() == 2:
         zero = torch.zeros(1, protos.shape[1], dtype=protos.dtype)
         p = torch.cat([protos, zero], 0)
