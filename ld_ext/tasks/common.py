@@ -129,7 +129,7 @@ def list_images(folder, name: str = "images") -> list[Path]:
                 f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}, searched recursively"
             ) from exc
         raise
-    _readers._warn_not_regular(scan, stacklevel=3)
+    _readers.warn_not_regular(scan, stacklevel=3)
     return scan.files
 
 
@@ -335,7 +335,8 @@ class Warp:
         return torch.from_numpy(np.stack([gx, gy], 1).reshape(1, h, w, 2)).float()
 
 
-def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise of ``shape`` scaled to peak magnitude 1 (elastic fields, bias fields)."""
     from scipy.ndimage import gaussian_filter  # lazy: scipy.ndimage is slow to import and only the elastic warp needs it
 
     n = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
@@ -362,7 +363,7 @@ def random_warp(
     rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     m = rot @ np.array([[1.0, sh], [0.0, 1.0]]) @ np.diag([sx, sy])
     t = rng.uniform(-max_shift, max_shift, size=2)
-    disp = np.stack([_smooth_noise(rng, (h, w), elastic_sigma), _smooth_noise(rng, (h, w), elastic_sigma)])
+    disp = np.stack([smooth_noise(rng, (h, w), elastic_sigma), smooth_noise(rng, (h, w), elastic_sigma)])
     disp *= elastic_px
     return Warp(matrix=m, shift=t, displacement=disp, shape=(h, w))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import common
-from .pooling import _sample, pooled_descriptors
+from .pooling import sample_bilinear, pooled_descriptors
 
 # ----------------------------------------------------------------------------- training term
 
@@ -35,8 +35,8 @@ def centre_sensitive_loss(
     cand = q1[:, None, :] + offs[None]  # (M, O, 2)
     rnd = torch.stack([torch.rand(m, n_random, generator=generator) * (w - 1), torch.rand(m, n_random, generator=generator) * (h - 1)], -1)
     cand = torch.cat([cand, rnd], 1)
-    c = _sample(e1, cand)  # (M, O + R, D)
-    a = _sample(e2, p2)  # (M, D)
+    c = sample_bilinear(e1, cand)  # (M, O + R, D)
+    a = sample_bilinear(e2, p2)  # (M, D)
     logits = torch.einsum("md,mod->mo", a, c) / temperature
     return F.cross_entropy(logits, torch.full((m,), centre, dtype=torch.long, device=logits.device))
 

@@ -86,7 +86,7 @@ def make_eval_targets(
         img = common.warp_image(src, wp)
         img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
         if bias > 0:
-            img = img * (1.0 + bias * common._smooth_noise(rng, (h, w), max(h, w) / 4))
+            img = img * (1.0 + bias * common.smooth_noise(rng, (h, w), max(h, w) / 4))
         img = img + rng.normal(0, 0.02, img.shape)
         targets.append(np.clip(img, 0, 1).astype(np.float32))
         gts.append(wp.forward_points(points))
