@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     md = markdown(res)
     print(md)
     if args.out:
-        from ld_ext.checkpoint import atomic_write_bytes
+        from ld_ext.atomic import atomic_write_bytes
 
         os.makedirs(args.out, exist_ok=True)
         atomic_write_bytes(os.path.join(args.out, "gpu_train.json"), json.dumps(res, indent=2).encode())
