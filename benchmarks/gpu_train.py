@@ -4,7 +4,7 @@ One training step = the LD recipe's stage-2 step (``ld_ext.bench.end_to_end.make
 source images, 5B views made on the device (4B aligned views + B mixups), forward through the LD
 network (VGG16-BN-tiny encoder, U-Net decoder, D = 32, K = 16), the full objective
 L_pd + L_mixup + 10 L_rd + 0.1 L_ent, backward and an Adam update. The two loss implementations
-("fused": the ld_ext loss modules; "reference": their plain-PyTorch twins, ``ld_ext.bench.baselines``) run on
+("fused": the ld_ext loss modules; "reference": their plain-PyTorch twins, ``ld_ext.plain_losses``) run on
 identical networks and data; the variants are timed interleaved in one process (``ld_ext.bench
 .timing.measure_group``: warm-up, then rounds that take one sample of every variant in turn; CUDA events
 on a GPU), so load changes hit all of them alike. AMP: the step runs under
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     md = markdown(res)
     print(md)
     if args.out:
-        from ld_ext.checkpoint import atomic_write_bytes
+        from ld_ext.atomic import atomic_write_bytes
 
         os.makedirs(args.out, exist_ok=True)
         atomic_write_bytes(os.path.join(args.out, "gpu_train.json"), json.dumps(res, indent=2).encode())

@@ -1,6 +1,11 @@
 """The ``ld-ext`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together.
-A subcommand whose module is not present is left out of the command.
+``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them together
+(``SUBCOMMANDS``, the one table of names and modules). A subcommand whose module is not present
+is left out of the command.
+
+The subcommands' modules are imported lazily: ``ld-ext --help`` lists the subcommands from the
+table without importing any of them, and a subcommand's module is imported (and its arguments
+added) only when the command line names that subcommand, to run it or to show its ``--help``.
 
 User errors (a missing path, an empty folder, a bad checkpoint, a refused --out, ...) are raised
 by the library as ``ValueError``/``OSError``; here they become one line
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -20,7 +26,7 @@ import warnings
 
 from ._version import __version__
 
-# name -> (module, one-line help)
+# name -> (module, one-line help); the module is imported only when its subcommand is used
 SUBCOMMANDS = {
     "pretrain": ("ld_ext.train", "pre-train an LD network (both stages, then the centre-sensitive landmark term) on a folder of medical images"),
     "demo": ("ld_ext.demos", "pre-train on the MNI152 template shipped in nilearn and score the clusters"),
@@ -43,9 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # for "info"
 
 
 def run(args: argparse.Namespace) -> int:  # for "info"
-    import json
-
-    from .ops import build_info
+    from .ops import build_info  # lazy, as every subcommand's code: the parser does not load it
 
     print(json.dumps(build_info(), indent=2))
     return 0
@@ -78,24 +82,45 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
+class _LazySubcommands(argparse._SubParsersAction):
+    """The subcommands' action: when the command line names a subcommand, its module is imported
+    and adds its arguments to that subcommand's parser, just before the parser reads the rest of
+    the line (``--help`` included). The other subcommands' modules are never imported."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sub = self._name_parser_map.get(values[0])
+        if sub is not None:
+            _add_subcommand_arguments(sub)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _add_subcommand_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of the subcommand whose parser is ``p`` (once), from its module."""
+    if getattr(p, "_ld_ext_loaded", False):
+        return
+    p._ld_ext_loaded = True  # type: ignore[attr-defined]
+    importlib.import_module(p.get_default("_module")).add_arguments(p)
+    for action in p._actions:  # options without a help text: still show their default
+        if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+            action.help = ""
+            action.help = HelpFormatter._get_help_string(None, action)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ld-ext`` parser. It imports no subcommand module: the one a command line names is
+    imported when ``parse_args`` reaches it (``_LazySubcommands``)."""
     parser = argparse.ArgumentParser(
         prog="ld-ext", description="Local Discrimination (LD) with fused kernels.", formatter_class=HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"ld-ext {__version__}")
     _add_common(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_LazySubcommands)
     for name, (module, help_text) in SUBCOMMANDS.items():
         if not _available(module):
             continue
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         _add_common(p, argparse.SUPPRESS)
-        importlib.import_module(module).add_arguments(p)
-        for action in p._actions:  # options without a help text: still show their default
-            if action.help is None and action.option_strings and action.default is not None and action.default is not False:
-                action.help = ""
-                action.help = HelpFormatter._get_help_string(None, action)  # type: ignore[arg-type]
     return parser
 
 
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
-    from .distributed import CollectiveError
+    from .distributed import CollectiveError  # lazy: it loads torch.distributed, which the parser does not need
 
     undo_logging = configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:

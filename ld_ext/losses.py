@@ -9,8 +9,8 @@ same shapes.
 
 Each module keeps its math in small methods (``RegionDiscriminationLoss.features`` /
 ``.discrimination``, ``PatchDiscriminationLoss.criterion``) and its checks and gathering in
-``forward``; the plain-PyTorch baselines of the benchmarks (``ld_ext.bench.baselines``) override
-only the math.
+``forward``; their plain-PyTorch twins (``ld_ext.plain_losses``: ``--loss-impl reference`` and the
+benchmarks' baseline) override only the math.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@
 
 These are the modules of ``ld_ext.losses`` a user would put in their own training loop; with
 ``gather_distributed=True`` a torch.distributed job computes every term over the global batch.
-``loss_impl="reference"`` swaps in their plain-PyTorch twins (``ld_ext.bench.baselines``, the
+``loss_impl="reference"`` swaps in their plain-PyTorch twins (``ld_ext.plain_losses``, also the
 comparison baseline of the benchmarks; same interface, no fused op).
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import ViewBatch, align_to_v1
+from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss
 from .normalization import compute_dtype, normalize_embeddings, unit
+from .plain_losses import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLoss
 
 __all__ = ["LOSS_IMPLS", "W_RD", "W_ENT", "RD_TEMPERATURE", "PD_TEMPERATURE", "LDObjective"]
 
@@ -37,12 +39,7 @@ PD_TEMPERATURE = 0.1  # T of the PD and mixup criterion (section 5)
 
 def _loss_modules(loss_impl: str):
     if loss_impl == "fused":
-        from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss
-
         return RegionDiscriminationLoss, PatchDiscriminationLoss
-    # the plain-PyTorch comparison path lives with the benchmark code, beside the other baselines
-    from .bench.baselines import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLoss
-
     return PlainRegionDiscriminationLoss, PlainPatchDiscriminationLoss
 
 

@@ -15,9 +15,19 @@ OPS = ld_ext.ops.registry.NAMES
 MAX_LINES = 800
 
 # the layers below the pipeline (docs/architecture.md, "What each layer may import")
-LOW = {"normalization", "reference", "ops", "losses", "models", "augment", "atomic", "viz", "distributed",
-       "data", "checkpoint"}
+LOW = {"normalization", "reference", "ops", "losses", "plain_losses", "models", "augment", "atomic", "viz",
+       "distributed", "data", "checkpoint"}
 PIPELINE = {"train", "batching", "train_state"}
+
+# Remove at merge. The residual cases of the checks below that come from files other engineers
+# change in the same refactor (ld_ext/ops.py, ld_ext/bench/cli.py): private names they have not
+# made public yet. Each entry: (importing module, "owner.name"), module names without "ld_ext.".
+ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS = {
+    ("losses", "ops._check_temperature"),  # ops.py: make it public (e.g. check_temperature)
+    ("losses", "ops._mode"),  # ops.py: make it public under a name that says what it checks
+    ("bench.cli", "bench.cases._log"),  # cases.py: make it public; bench/cli.py: import that
+    ("bench.cli", "bench.report._label"),  # bench/cli.py: import report.sweep_label; drop the alias
+}
 
 
 def _modules():
@@ -70,8 +80,8 @@ def _violations(rule) -> list[str]:
 
 def test_the_import_checker_sees_relative_and_absolute_imports(tmp_path):
     # a check that cannot fail is a defect: the parser must find the edges the rules look for
-    edges = {t for t, _, _ in _imports("tasks.probe", ROOT / "tasks" / "probe.py")}
-    assert {"tasks.common", "normalization", "tasks.segmentation"} <= edges
+    edges = {t for t, _, _ in _imports("tasks.segmentation", ROOT / "tasks" / "segmentation.py")}
+    assert {"tasks.common", "normalization", "tasks.probe"} <= edges
     edges = {t for t, _, _ in _imports("train", ROOT / "train.py")}
     assert {"objective", "data", "models"} <= edges
     f = tmp_path / "x.py"
@@ -112,8 +122,8 @@ def test_tasks_and_the_pipeline_stay_below_demos_bench_and_cli():
             return "the pipeline calls into a task only for stage 3 (tasks.landmarks.pretrain_stage)"
         if layer == "demos" and tlayer in {"bench", "cli"}:
             return "demos never import benchmarks or the CLI"
-        if layer == "objective" and tlayer == "bench" and (at_top or not target.startswith("bench.baselines")):
-            return "the objective imports only bench.baselines, and only when loss_impl='reference' asks"
+        if layer == "objective" and tlayer == "bench":
+            return "the objective never imports the benchmarks (its plain-PyTorch losses are ld_ext.plain_losses)"
         return None
 
     assert _violations(rule) == []
@@ -145,3 +155,184 @@ def test_every_op_has_its_kernel_files_and_test_file(op):
     src = (REPO / "csrc" / "cuda" / f"{op}.cu").read_text()
     assert "TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY" in src and f'm.impl("{op}"' in src
     assert hasattr(ld_ext, op)
+
+
+# ----------------------------------------------------------------------------- the module graph
+
+
+def _module_names() -> set[str]:
+    return {name for name, _ in _modules()} | {"_C"}
+
+
+def _edges(name: str, path: Path, known: set[str]) -> list[tuple[str, int, ast.AST]]:
+    """(imported ld_ext module, line, import node) for every import of the file, in functions too.
+    ``import ld_ext.a.b`` is an edge to a.b; ``from pkg import sub`` is an edge to the submodule
+    pkg.sub when there is one (not to pkg's __init__), else to pkg; ``from . import _C`` is an edge
+    to the extension only."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "ld_ext":
+                    out.append((a.name.split(".", 1)[1] if "." in a.name else "", node.lineno, node))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                mod = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.split(".")[0] == "ld_ext":
+                mod = node.module.split(".", 1)[1] if "." in node.module else ""
+            else:
+                continue
+            for a in node.names:
+                sub = f"{mod}.{a.name}" if mod else a.name
+                out.append((sub if sub in known else mod, node.lineno, node))
+    return [(t, line, n) for t, line, n in out if t != name]
+
+
+def _graph() -> dict[str, set[str]]:
+    known = _module_names()
+    return {name: {t for t, _, _ in _edges(name, path, known)} for name, path in _modules()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (as a path a -> ... -> a) through every strongly connected group of modules."""
+    index, low, stack, on, groups = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:  # a shortest way back to the start, inside the group
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            nxt = sorted(w for w in graph[path[-1]] if w in group)
+            if start in nxt:
+                cycles.append(path + [start])
+                break
+            for w in nxt:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return cycles
+
+
+def test_the_cycle_finder_finds_cycles_and_the_graph_builder_resolves_submodules(tmp_path):
+    # a check that cannot fail is a defect
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    f = tmp_path / "x.py"
+    f.write_text("from . import _C, ops\nfrom .tasks import common\ndef f():\n    from .models import LDNet\n")
+    got = {t for t, _, _ in _edges("x", f, _module_names())}
+    assert got == {"_C", "ops", "tasks.common", "models"}, got  # the extension and the submodule, never ""
+    assert "models" in {t for t, _, _ in _edges("tasks.shape_guided", ROOT / "tasks" / "shape_guided.py", _module_names())}
+
+
+def test_no_import_cycle_between_ld_ext_modules_counting_imports_in_functions():
+    assert [" -> ".join(c) for c in _cycles(_graph())] == []
+
+
+def test_the_ops_and_the_normalisations_stay_at_the_bottom_and_bench_never_imports_the_cli():
+    bad = []
+    for name, targets in _graph().items():
+        for t in sorted(targets):
+            if (name == "ops" or name.startswith("ops.")) and not (t in ("_C", "normalization") or t.startswith("ops.") or t == "ops"):
+                bad.append(f"{name} imports {t}: ops imports only _C and normalization from ld_ext")
+            if name == "normalization":
+                bad.append(f"normalization imports {t}: it imports nothing from ld_ext")
+            if _layer(name) == "bench" and t == "cli":
+                bad.append(f"{name} imports ld_ext.cli: the benchmarks never import the command")
+    assert bad == []
+
+
+def _private_imports(modules=None) -> set[tuple[str, str]]:
+    """(importing module, "owner._name") for every underscore name one ld_ext module (of
+    ``modules``, default all) takes from another: ``from owner import _name`` or ``owner_alias._name``."""
+    modules = list(_modules() if modules is None else modules)
+    known = _module_names() | {name for name, _ in modules}
+
+    def private(n: str) -> bool:
+        return n.startswith("_") and not n.startswith("__")
+
+    found = set()
+    for name, path in modules:
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        tree = ast.parse(path.read_text())
+        aliases = {}  # local name -> the ld_ext module it is bound to ("" = ld_ext itself)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] != "ld_ext":
+                        continue
+                    if a.asname:
+                        aliases[a.asname] = a.name.split(".", 1)[1] if "." in a.name else ""
+                    else:
+                        aliases["ld_ext"] = ""
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                elif node.module and node.module.split(".")[0] == "ld_ext":
+                    mod = node.module.split(".", 1)[1] if "." in node.module else ""
+                else:
+                    continue
+                for a in node.names:
+                    sub = f"{mod}.{a.name}" if mod else a.name
+                    if sub in known:
+                        aliases[a.asname or a.name] = sub
+                    elif private(a.name) and mod != name:
+                        found.add((name, sub))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and private(node.attr)):
+                continue
+            parts = ast.unparse(node.value).split(".")
+            if parts[0] not in aliases:
+                continue
+            owner = aliases[parts[0]]
+            for p in parts[1:]:  # ld_ext.ops._x after import ld_ext.ops
+                owner = f"{owner}.{p}" if owner else p
+            if owner in known and owner not in (name, "_C"):
+                found.add((name, f"{owner}.{node.attr}" if owner else node.attr))
+    return found
+
+
+def test_the_private_name_finder_sees_both_forms(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("from .pooling import _sample, ok\nfrom ... import ops\nimport ld_ext.data.readers as r\n"
+                 "def f():\n    ops._mode('probs')\n    r._as_path_list([])\n    ops.ok()\n")
+    got = _private_imports([("tasks.landmarks.x", f)])
+    assert got == {("tasks.landmarks.x", "tasks.landmarks.pooling._sample"), ("tasks.landmarks.x", "ops._mode"),
+                   ("tasks.landmarks.x", "data.readers._as_path_list")}, got
+
+
+def test_no_underscore_name_is_imported_across_ld_ext_modules():
+    """A helper that another module needs is public in the module that owns it."""
+    found = _private_imports()
+    assert sorted(found - ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS) == []
+    # the allow-list holds only what is still there: an entry fixed at merge must go
+    assert sorted(ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS - found) == []

@@ -235,6 +235,36 @@ def test_plain_baselines_match_the_fused_loss_modules():
         bench.PlainPatchDiscriminationLoss(-1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_losses_are_the_oracle_formulation_bit_for_bit(dtype):
+    """ld_ext.plain_losses writes the oracle's eager formulation again (the losses layer never
+    imports ld_ext.reference): same operations in the same order, so the same bits, values and
+    gradients."""
+    from ld_ext import plain_losses as pl
+    from ld_ext import reference as ref
+
+    g = bench.make_generator(CPU, 5)
+    e = torch.randn(3, 5, 6, 7, generator=g, dtype=dtype, requires_grad=True)
+    s = torch.randn(3, 4, 6, 7, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=dtype), dim=1).requires_grad_()
+    for normalize, assignment in ((True, "sigmoid"), (False, "softmax"), (False, "probs")):
+        sa = s.softmax(1) if assignment == "probs" else s  # "probs" takes probabilities as given
+        a = pl.region_features(e, sa, normalize=normalize, assignment=assignment)
+        b = ref.region_features_bmm(e, sa, normalize=normalize, assignment=assignment)
+        assert torch.equal(a, b)
+        la, lb = pl.region_discrimination(a, 0.3), ref.region_discrimination(b, 0.3)
+        assert torch.equal(la, lb)
+        ha, hb = pl.assignment_entropy(sa, assignment), ref.assignment_entropy(sa, assignment)
+        assert torch.equal(ha, hb)
+        ga_all = torch.autograd.grad(la + ha, (e, s), retain_graph=True)  # sa's softmax is shared
+        for ga, gb in zip(ga_all, torch.autograd.grad(lb + hb, (e, s))):
+            assert torch.equal(ga, gb)
+    pa, pb = pl.patch_discrimination(x, 0.2), ref.patch_discrimination(x, 0.2)
+    assert torch.equal(pa, pb)
+    assert torch.equal(torch.autograd.grad(pa, x)[0], torch.autograd.grad(pb, x)[0])
+    assert bench.PlainRegionDiscriminationLoss is pl.PlainRegionDiscriminationLoss
+
+
 def test_time_call_and_time_once_call_what_they_time():
     calls = []
     t = bench.time_call(lambda: calls.append(1), CPU, warmup=2, repeats=5)

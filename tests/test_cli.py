@@ -116,3 +116,27 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
     assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_parser_imports_only_the_subcommand_the_command_line_names():
+    """`ld-ext --help` lists the subcommands without importing their modules; `ld-ext probe
+    --help` (or a run of probe) imports probe's module and no other subcommand's."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from ld_ext import cli
+modules = {m for m, _ in cli.SUBCOMMANDS.values()} - {"ld_ext.cli"}
+for argv in sys.argv[1:]:
+    try:
+        cli.build_parser().parse_args(argv.split())
+    except SystemExit:
+        pass
+print(sorted(m for m in modules if m in sys.modules))
+"""
+    for argv, loaded in ((["--help"], "[]"), (["-q probe --help"], "['ld_ext.tasks.probe']"),
+                         (["--help", "landmark --help"], "['ld_ext.tasks.landmarks']")):
+        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip().splitlines()[-1] == loaded, (argv, res.stdout)

@@ -205,7 +205,7 @@ def test_gauss_newton_recovers_a_subpixel_shift_of_a_descriptor_field():
                       size=(40, 40), mode="bicubic")
     e = e / e.norm(dim=1, keepdim=True)  # unit descriptors, as the matchers give
     pts = np.array([[12.0, 15.0], [25.0, 20.0], [18.0, 28.0]])
-    protos = lm._sample(e, torch.as_tensor(pts))
+    protos = lm.sample_bilinear(e, torch.as_tensor(pts))
     dx, dy = 0.37, -0.21
     target = _shift_field(e, dx, dy)
     start = np.round(pts + [dx, dy])
@@ -415,7 +415,7 @@ def test_fractional_descriptors_are_continuous_with_soft_edges():
     assert steps["gaussian", "soft"] < 0.5 * steps["gaussian", "hard"]
     # radius 0 is the bilinear interpolation of the embeddings
     r0 = lm.fractional_descriptors(e, pts[:3], (0,))
-    b = lm._sample(e, torch.as_tensor(pts[:3]))
+    b = lm.sample_bilinear(e, torch.as_tensor(pts[:3]))
     assert torch.allclose(r0, b / b.norm(dim=1, keepdim=True))
 
 

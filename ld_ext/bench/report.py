@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+from ..viz import new_figure
 from .specs import IMPLS, MODES, Case
 
 __all__ = ["CSV_COLUMNS", "MD_COLUMNS", "write_csv", "markdown_table", "headline_markdown", "e2e_markdown", "plot_sweep"]
@@ -54,7 +55,8 @@ def _fmt_mb(v) -> str:
     return "-" if v == "" or v is None else f"{v / 2**20:.1f}"
 
 
-def _label(row: dict, sweep: str) -> str:
+def sweep_label(row: dict, sweep: str) -> str:
+    """The x-axis label of a result row in ``sweep`` (its size, or the swept parameter's value)."""
     if sweep == "P":
         return f"{row['H']}x{row['W']}"
     if sweep in ("K", "D", "N"):
@@ -66,6 +68,9 @@ def _label(row: dict, sweep: str) -> str:
     if row["op"] == "region_discrimination":
         return f"N={row['N']} K={row['K']} D={row['D']}"
     return f"N={row['N']} D={row['D']} K={row['K']} {row['H']}x{row['W']}"
+
+
+_label = sweep_label  # the old name, still imported by bench/cli.py: remove at merge
 
 
 MD_COLUMNS = [
@@ -81,7 +86,7 @@ def markdown_table(rows: list[dict], sweep: str = "") -> str:
     An ``op`` column comes first when the rows hold more than one op."""
     groups: dict = {}
     for r in rows:
-        key = (_label(r, sweep), r["mode"], r["op"])
+        key = (sweep_label(r, sweep), r["mode"], r["op"])
         groups.setdefault(key, {})[r["impl"]] = r
     several_ops = len({r["op"] for r in rows}) > 1
     cols = (["op"] if several_ops else []) + MD_COLUMNS
@@ -191,8 +196,6 @@ def plot_sweep(rows: list[dict], sweep: str, path: str) -> str | None:
     """Log-log time vs size, one line per implementation, one panel per mode. Returns a note on failure."""
     try:
         import matplotlib.figure  # noqa: F401  (only to know whether matplotlib is there)
-
-        from ..viz import new_figure
     except ImportError:
         return "matplotlib is not installed: plots skipped"
     fig = new_figure(figsize=(11, 4.2))

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory
-from .preprocess import Preprocessing, _progress, _results, _Tally, default_workers
-from .readers import FileScan, _as_path_list, _warn_not_regular, scan_image_files
+from .preprocess import Preprocessing, file_progress_bar, processed_files, SkipTally, default_workers
+from .readers import FileScan, as_path_list, warn_not_regular, scan_image_files
 
 __all__ = ["CachedImageDataset", "open_or_build_cache", "CACHE_VERSION"]
 
@@ -182,7 +182,7 @@ def open_or_build_cache(
     root = cache_dir / f"ld_ext-cache-{key[:24]}"
     if (root / _META_FILE).exists():
         ds = CachedImageDataset(root)
-        _warn_not_regular(scan, stacklevel=3)
+        warn_not_regular(scan, stacklevel=3)
         return ds
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -199,13 +199,13 @@ def open_or_build_cache(
 
 def _build_cache(scan: FileScan, prep: Preprocessing, key: str, root: Path, paths, workers: int, progress: bool, log) -> None:
     t0 = time.time()
-    tally = _Tally(len(scan.files), scan.not_regular)
+    tally = SkipTally(len(scan.files), scan.not_regular)
     items: list[tuple[int, str]] = []
     with atomic_directory(root) as tmp:  # renamed to root when complete, deleted on any error
         if log is not None:
             log(f"building the image cache {root} from {len(scan.files)} file(s) with {max(1, workers)} process(es)")
-        with open(tmp / _IMAGES_FILE, "wb") as fh, _results(scan.files, prep, workers) as results:
-            bar = _progress(results, len(scan.files), "caching images", progress)
+        with open(tmp / _IMAGES_FILE, "wb") as fh, processed_files(scan.files, prep, workers) as results:
+            bar = file_progress_bar(results, len(scan.files), "caching images", progress)
             for fi, res in enumerate(bar):
                 tally.add(scan.files[fi], res)
                 for label, x in res.images:
@@ -231,7 +231,7 @@ def _build_cache(scan: FileScan, prep: Preprocessing, key: str, root: Path, path
             "channels": prep.channels,
             "dtype": "float32",
             "settings": prep.as_dict(),
-            "paths": [str(p) for p in _as_path_list(paths)],
+            "paths": [str(p) for p in as_path_list(paths)],
             "n_files": len(scan.files),
             "n_skipped": len(tally.skipped),
             "n_nonfinite": len(tally.nonfinite),

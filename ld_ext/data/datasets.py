@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .preprocess import Preprocessing, _progress, _results, _Tally
+from .preprocess import Preprocessing, file_progress_bar, processed_files, SkipTally
 from .readers import scan_image_files
 
 __all__ = ["ImageFolderDataset"]
@@ -39,11 +39,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         prep = Preprocessing(size, channels, tuple(nifti_axes), min_foreground, tuple(percentiles), fit)
         scan = scan_image_files(paths)
         self.size, self.channels = size, channels
-        tally = _Tally(len(scan.files), scan.not_regular)
+        tally = SkipTally(len(scan.files), scan.not_regular)
         names: list[str] = []
         images: list[torch.Tensor] = []
-        with _results(scan.files, prep, workers) as results:
-            for f, res in zip(_progress(scan.files, len(scan.files), "loading images", progress), results):
+        with processed_files(scan.files, prep, workers) as results:
+            for f, res in zip(file_progress_bar(scan.files, len(scan.files), "loading images", progress), results):
                 tally.add(f, res)
                 for label, x in res.images:
                     images.append(torch.from_numpy(x))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .readers import MissingReaderError, NonFiniteImageError, _as_path_list, load_arrays
+from .readers import MissingReaderError, NonFiniteImageError, as_path_list, load_arrays
 
 __all__ = ["scale_intensity", "to_channels", "resize_square", "prepare_image", "Preprocessing", "default_workers"]
 
@@ -162,7 +162,7 @@ def _process_file(path: Path, prep: Preprocessing) -> _FileResult:
     return res
 
 
-class _Tally:
+class SkipTally:
     """Counts of what was skipped while reading a data set, and the warnings about it."""
 
     def __init__(self, n_files: int, not_regular: Sequence[Path]) -> None:
@@ -210,14 +210,15 @@ class _Tally:
         """Raise the error for a data set without a single usable image."""
         if self.missing_reader is not None:
             raise MissingReaderError(self.missing_reader)
-        where = ", ".join(str(p) for p in _as_path_list(paths))
+        where = ", ".join(str(p) for p in as_path_list(paths))
         raise ValueError(
             f"no readable images in {where} ({len(self.skipped)} file(s) could not be read, "
             f"{len(self.nonfinite)} image(s) had NaN or infinite pixels)"
         )
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def file_progress_bar(iterable, total: int, desc: str, enabled: bool):
+    """``iterable`` wrapped in a tqdm bar counting files when ``enabled`` (and tqdm is there)."""
     if not enabled:
         return iterable
     try:
@@ -236,7 +237,7 @@ def _process_star(args):
 
 
 @contextlib.contextmanager
-def _results(files: Sequence[Path], prep: Preprocessing, workers: int) -> Iterator[Iterable[_FileResult]]:
+def processed_files(files: Sequence[Path], prep: Preprocessing, workers: int) -> Iterator[Iterable[_FileResult]]:
     """``_process_file`` over ``files`` in order, in ``workers`` processes (0 or 1: in this one)."""
     if workers <= 1 or len(files) < 2:
         yield (_process_file(f, prep) for f in files)

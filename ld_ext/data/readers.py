@@ -87,7 +87,8 @@ class FileScan:
     not_regular: list[Path] = field(default_factory=list)
 
 
-def _as_path_list(paths) -> list[Path]:
+def as_path_list(paths) -> list[Path]:
+    """One path or an iterable of paths as a list of Paths (TypeError naming what was given)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     try:
@@ -106,7 +107,7 @@ def scan_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, 
     Raises ``ValueError`` (naming ``name``) if a path does not exist, a given file is not a regular
     file or has an unsupported extension, a folder cannot be read, or nothing supported is found.
     """
-    plist = _as_path_list(paths)
+    plist = as_path_list(paths)
     found: dict[Path, tuple[int, int]] = {}
     not_regular: list[Path] = []
     exts = ", ".join(IMAGE_EXTENSIONS)
@@ -157,11 +158,12 @@ def scan_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, 
 def list_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The files of ``scan_image_files`` (a warning counts entries skipped as not regular files)."""
     scan = scan_image_files(paths)
-    _warn_not_regular(scan, stacklevel=3)
+    warn_not_regular(scan, stacklevel=3)
     return scan.files
 
 
-def _warn_not_regular(scan: FileScan, stacklevel: int = 2) -> None:
+def warn_not_regular(scan: FileScan, stacklevel: int = 2) -> None:
+    """One RuntimeWarning for the entries of ``scan`` that are not regular files (none: silent)."""
     if scan.not_regular:
         warnings.warn(
             f"skipped {len(scan.not_regular)} entr(y/ies) that are not regular files (FIFO, socket, device or broken "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import tasks
 from .mni import STRUCTURES, load_mni_slices, mni_files, mni_volume, tissue_labels
 from .pretrain import (
     add_pretrain_demo_arguments,
@@ -62,8 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "task", "pretrain") != "pretrain":
-        from . import tasks
-
-        return int(tasks.run_task_demo(args.task, args) or 0)
+        return int(tasks.run_task_demo(args.task, args) or 0)  # looked up at call time (tests replace it)
     run_pretrain_demo(args)
     return 0

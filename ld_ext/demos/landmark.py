@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_png as _save_png
+from ..checkpoint import save_checkpoint
 from ..tasks import common
+from ..tasks import landmarks as lm
+from .common import PRETRAIN_Z, show_progress
 from .mni import dosenbach_rois, mni_axial_slice, mni_slices, mni_to_pixel
-from .tasks import PRETRAIN_Z, _progress
 
 __all__ = ["LANDMARK_Z", "landmark_data", "demo_landmark"]
 
@@ -31,8 +33,6 @@ def landmark_data(size: int, z: float = LANDMARK_Z, max_points: int = 20):
 
 
 def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
-    from ..tasks import landmarks as lm
-
     template, names, points = landmark_data(size)
     d = out / "landmark"
     _save_png(d / "data" / "template.png", template)
@@ -49,9 +49,7 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
         cs_model = common.load_ld_model(cs_path)
     else:
         cs_model, hist = lm.train_centre_sensitive(model, mni_slices("t1", PRETRAIN_Z, size), steps=cs_steps,
-                                                   progress=_progress(args))
-        from ..checkpoint import save_checkpoint
-
+                                                   progress=show_progress(args))
         save_checkpoint(cs_path, cs_model)
         print(f"centre-sensitive term: loss {np.mean(hist[:5]):.3f} -> {np.mean(hist[-5:]):.3f} in {cs_steps} steps")
     models = {"LD": model, "LD+term": cs_model}
@@ -78,7 +76,7 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     for name, kw in settings.items():
         targets, gts = lm.make_eval_targets(template, points, n_eval, seed=1, **kw)
         ev = lm.evaluate_methods(models, template, points, targets, gts, ld_methods=lm.SELECTED_LD,
-                                 ncc_methods=lm.SELECTED_NCC, progress=_progress(args))
+                                 ncc_methods=lm.SELECTED_NCC, progress=show_progress(args))
         all_rows[name] = ev["rows"]
         md += f"**{name}**\n\n" + lm.table_markdown(ev["rows"]) + "\n"
         errs = ev["errors"]

@@ -27,7 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import viz
 from ..atomic import atomic_write_bytes
+from ..data import ImageFolderDataset
+from ..models import LDNet
+from ..tasks import probe
+from ..train import TrainConfig, predict, pretrain
 from .mni import STRUCTURES, load_mni_slices, tissue_labels
 
 logger = logging.getLogger(__name__)
@@ -90,8 +95,6 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50, seed: int = 0, fit_
 @torch.no_grad()
 def cluster_map(model, images: torch.Tensor) -> torch.Tensor:
     """Arg-max cluster of the model's clustering logits, (N, S, S)."""
-    from ..train import predict
-
     _, s = predict(model, images)
     if s is None:
         raise ValueError("the model has no clustering branch (stage 1)")
@@ -139,8 +142,6 @@ def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOT
     a direct neighbour of a held-out one. Labels are used by the probe only, never in pre-training.
     """
     from tqdm import tqdm
-
-    from ..tasks import probe
 
     n = data["images"].shape[0]
     pos = torch.arange(n) % holdout_every  # held-out slices sit at holdout_every // 2
@@ -215,12 +216,6 @@ def add_pretrain_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_pretrain_demo(args: argparse.Namespace) -> dict:
     """Pre-train on the template and score; returns the results dict (also written to OUT)."""
-    from .. import viz
-    from ..data import ImageFolderDataset
-    from ..models import LDNet
-    from ..tasks import probe as probe_mod
-    from ..train import TrainConfig, pretrain
-
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +276,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     atomic_write_bytes(out / "nmi.md", table.encode())
     print(table)
     if probe_res:
-        pmd = probe_mod.write_results(out / "probe", probe_res, None, {"seeds": args.probe_seeds})
+        pmd = probe.write_results(out / "probe", probe_res, None, {"seeds": args.probe_seeds})
         print(f"Small structures of held-out slices ({', '.join(r['label'] for r in probe_res)}): "
               "which features make them linearly readable?\n")
         print(pmd)

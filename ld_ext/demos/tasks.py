@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_json, atomic_write_png, atomic_write_text
-from ..tasks import common
+from ..data import ImageFolderDataset
+from ..tasks import common, probe
+from ..tasks import segmentation as seg
+from ..tasks import shape_guided as sg
+from ..train import TrainConfig, pretrain
+from .common import PRETRAIN_Z, show_progress
+from .landmark import demo_landmark
 from .mni import STRUCTURES, mni_slices, structure_slices, ventricle_slice
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,6 @@ __all__ = ["TASKS", "add_task_arguments", "run_task_demo", "demo_checkpoint", "p
 
 TASKS = ("finetune", "landmark", "shape-guided", "probe")
 
-PRETRAIN_Z = tuple(range(-40, 72, 2))  # mm
 # Every 2 mm: the ventricles are on 18 of the 44 slices, so after holding out half of the pairs
 # enough of them remain for 5 shots drawn among non-empty masks (every 4 mm, 22 slices, the
 # held-out half took 6 of the 10 ventricle slices and the demo stopped: 4 left for 5 shots).
@@ -78,18 +83,10 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on an oversubscribed machine)")
 
 
-def _progress(args) -> bool:
-    """Progress bars unless --no-progress was given."""
-    return not getattr(args, "no_progress", False)
-
-
 def demo_checkpoint(args, out: Path, size: int) -> Path:
     """The checkpoint given with --checkpoint, or a cached / fresh short LD pre-training on T1 slices."""
     if getattr(args, "checkpoint", None):
         return Path(args.checkpoint)
-    from ..data import ImageFolderDataset
-    from ..train import TrainConfig, pretrain
-
     pdir = out / "pretrain"
     model = pdir / "model.pt"
     if model.exists():
@@ -101,7 +98,7 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     e1 = max(1, steps // 3)
     cfg = TrainConfig(
         out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
-        device="cpu", amp=False, val_images=2, progress=_progress(args), seed=0,
+        device="cpu", amp=False, val_images=2, progress=show_progress(args), seed=0,
         overwrite=True,  # an interrupted earlier pre-training here is replaced
     )
     # two epochs: stage 1 gets a third of the steps, stage 2 the rest
@@ -127,8 +124,6 @@ def finetune_targets(zs, size: int) -> dict:
 
 
 def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
-    from ..tasks import segmentation as seg
-
     zs = FINETUNE_Z[::2] if args.quick else FINETUNE_Z
     images = mni_slices("t1", zs, size)
     targets = finetune_targets(zs, size)
@@ -145,7 +140,7 @@ def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
         pairs = common.pair_images_masks(data / "images", data / f"masks_{name}")
         imgs, msks = common.load_pairs(pairs)
         r = seg.transfer_experiment(imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name,
-                                    progress=_progress(args))
+                                    progress=show_progress(args))
         r["_images"], r["_masks"] = imgs, msks
         r["foreground_fraction"] = float(msks.mean())
         results.append(r)
@@ -189,8 +184,6 @@ def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seed
                        methods=None) -> list:
     """The probe (LD vs random-init vs intensity vs position, or the subset ``methods``) on each
     structure of ``probe_data``."""
-    from ..tasks import probe
-
     data = probe_data(zs, size, warped=warped, structures=structures)
     kind = kind or probe.DEFAULT_FEATURES
     weight_decay = probe.DEFAULT_WEIGHT_DECAY if weight_decay is None else weight_decay
@@ -210,8 +203,6 @@ def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seed
 
 
 def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
-    from ..tasks import probe
-
     model = common.load_ld_model(ckpt)
     d = out / "probe"
     seeds = 1 if args.quick else 3
@@ -239,8 +230,6 @@ def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
 
 
 def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
-    from ..tasks import shape_guided as sg
-
     zs = SHAPE_Z[::3] if args.quick else SHAPE_Z
     pz = SHAPE_PRIOR_Z[::3] if args.quick else SHAPE_PRIOR_Z
     images = mni_slices("t1", zs, size)
@@ -258,7 +247,7 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
         images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
         d_lr_factor=SHAPE_D_LR_FACTOR if d_lr is None else d_lr,
         instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
-        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS, progress=_progress(args),
+        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS, progress=show_progress(args),
     )
     # context for reading the Dice values: how well the whole brain (a blob enclosing the white
     # matter) would score, and how much of the guided cluster 0 is just that blob
@@ -296,8 +285,6 @@ def run_task_demo(task: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ckpt = demo_checkpoint(args, out, size)
     t1 = time.perf_counter()
-    from .landmark import demo_landmark
-
     fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided,
           "probe": demo_probe}[task]
     fn(args, out, ckpt, size)

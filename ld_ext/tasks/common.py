@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as _data
+from ..augment import normalize_intensity
+from ..checkpoint import checkpoint_parts, load_checkpoint, load_model
 from ..data import readers as _readers
 from ..normalization import normalize_embeddings
 from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
@@ -50,9 +52,49 @@ __all__ = [
     "atomic_savefig",
     "check_positive_int",
     "check_dir",
+    "split_indices",
 ]
 
 MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
+
+
+# ----------------------------------------------------------------------------- the split of a labelled set
+
+
+def split_indices(
+    n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None,
+    pool_words: str = "labelled pairs with a non-empty mask remain",
+):
+    """(test indices, [train indices per seed]): the split of the segmentation transfer and the
+    linear probe (module docstrings of ``ld_ext.tasks.segmentation`` and ``ld_ext.tasks.probe``).
+
+    The ``n`` pairs are shuffled once (seed 0) and ``test_fraction`` of them are held out; seed
+    ``s`` then draws its ``shots`` training pairs (``1000 + s``) from the rest.
+
+    With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
+    non-held-out pairs whose mask is not empty (``pool_words`` says what that pool is in the error
+    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs).
+    At least one pair is held out and, with two or more, at least one is left to train on.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(0).permutation(n)
+    n_test = max(1, min(n - 1, int(round(n * test_fraction))))
+    test, pool = np.sort(order[:n_test]), order[n_test:]
+    what = "labelled pairs remain"
+    if has_foreground is not None:
+        fg = np.asarray(has_foreground, dtype=bool)
+        if fg.shape != (n,):
+            raise ValueError(f"has_foreground must have one entry per pair ({n}), got shape {fg.shape}")
+        what = pool_words.format(rest=len(pool))
+        pool = pool[fg[pool]]
+    if shots > len(pool):
+        raise ValueError(
+            f"shots={shots} but only {len(pool)} {what} after holding out {n_test} of {n} "
+            f"for testing; give more pairs, fewer shots or a smaller test fraction"
+        )
+    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
+    return test, trains
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -91,7 +133,7 @@ def list_images(folder, name: str = "images") -> list[Path]:
                 f"{name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}, searched recursively"
             ) from exc
         raise
-    _readers._warn_not_regular(scan, stacklevel=3)
+    _readers.warn_not_regular(scan, stacklevel=3)
     return scan.files
 
 
@@ -297,8 +339,9 @@ class Warp:
         return torch.from_numpy(np.stack([gx, gy], 1).reshape(1, h, w, 2)).float()
 
 
-def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
+def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise of ``shape`` scaled to peak magnitude 1 (elastic fields, bias fields)."""
+    from scipy.ndimage import gaussian_filter  # lazy: scipy.ndimage is slow to import and only the elastic warp needs it
 
     n = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
     return n / (np.abs(n).max() + 1e-12)
@@ -324,7 +367,7 @@ def random_warp(
     rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     m = rot @ np.array([[1.0, sh], [0.0, 1.0]]) @ np.diag([sx, sy])
     t = rng.uniform(-max_shift, max_shift, size=2)
-    disp = np.stack([_smooth_noise(rng, (h, w), elastic_sigma), _smooth_noise(rng, (h, w), elastic_sigma)])
+    disp = np.stack([smooth_noise(rng, (h, w), elastic_sigma), smooth_noise(rng, (h, w), elastic_sigma)])
     disp *= elastic_px
     return Warp(matrix=m, shift=t, displacement=disp, shape=(h, w))
 
@@ -342,8 +385,6 @@ def warp_image(img: np.ndarray, warp: Warp, mode: str = "bilinear") -> np.ndarra
 def model_input(images) -> torch.Tensor:
     """(B, 1, H, W) network input from images in [0, 1] (array (B,H,W)/(H,W) or tensor), with
     the same fixed intensity normalisation as pre-training (``ld_ext.augment.normalize_intensity``)."""
-    from ..augment import normalize_intensity
-
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images, dtype=np.float32))
     x = x.float()
     if x.dim() == 2:
@@ -361,8 +402,6 @@ def load_ld_model(path, part: str = "representation"):
     or ``"landmark"`` (``ld-ext landmark``: the network after the centre-sensitive term of stage 3,
     when the file has one). See ``ld_ext.checkpoint.load_model``.
     """
-    from ..checkpoint import checkpoint_parts, load_checkpoint, load_model
-
     model = load_model(path, map_location="cpu", part=part)
     has = checkpoint_parts(load_checkpoint(path, map_location="cpu"))
     logger.info("%s: %s", path, describe_part(has, part))

@@ -46,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import LDNet
 from ..normalization import normalize_embeddings
+from ..viz import new_figure
 from . import common
-from .segmentation import split_indices
+from .common import split_indices
 
 __all__ = [
     "FEATURE_SETS",
@@ -358,8 +360,6 @@ def probe_experiment(
 def baseline_feature_sets(model, images, kind: str = DEFAULT_FEATURES, methods: Sequence[str] = FEATURE_SETS) -> dict:
     """name -> features (or seed -> features) for the probe: the trained network, the same
     architecture at random initialisation (seeded per probe seed), intensity and position."""
-    from ..models import LDNet
-
     unknown = [m for m in methods if m not in FEATURE_SETS]
     if unknown:
         raise ValueError(f"methods must be among {FEATURE_SETS}, got {unknown}")
@@ -449,8 +449,6 @@ def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> Non
     """Per structure, one row per method: the held-out images with the most of the structure, with
     ground truth (green contour) and the probe's prediction at its chosen threshold (red), seed 0
     at the largest shot count; each panel titled with its own Dice."""
-    from ..viz import new_figure
-
     rows = [(r, m) for r in results for m in r["methods"]]
     fig = new_figure(figsize=(2.2 * n_show, 2.4 * len(rows)))
     axes = fig.subplots(len(rows), n_show, squeeze=False)

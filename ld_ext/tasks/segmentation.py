@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -43,8 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import infer_config, load_checkpoint
+from ..models import CLUSTER_PREFIX, LDNet
 from ..normalization import normalize_embeddings
+from ..viz import new_figure
 from . import common
+from .common import split_indices  # the split that the probe shares; importable from here as before
+from .probe import LinearProbe
 
 # Defaults (docs/tasks.md section 1 has the measurements behind them).
 DEFAULT_STEPS = 100
@@ -104,8 +110,6 @@ def fit_head(net: SegNet, images: np.ndarray, masks: np.ndarray, *, balanced: bo
     to the masks and folded into the 1x1 convolution, so fine-tuning starts from the best linear
     read-out of the initial features instead of a near-zero head.
     """
-    from .probe import LinearProbe
-
     net.eval()
     feats = torch.cat([net.head_features(common.model_input(images[i:i + 8])) for i in range(0, len(images), 8)])
     pr = LinearProbe(weight_decay=weight_decay, balanced=balanced).fit(feats, np.asarray(masks, dtype=bool))
@@ -117,8 +121,6 @@ def fit_head(net: SegNet, images: np.ndarray, masks: np.ndarray, *, balanced: bo
 def build_segnet(checkpoint=None, config: dict | None = None, seed: int = 0, head: str = "z") -> SegNet:
     """A SegNet from an LD checkpoint (clustering branch dropped) or, with ``checkpoint=None``,
     from random initialisation with ``config`` (LDNet constructor arguments)."""
-    from ..models import CLUSTER_PREFIX, LDNet
-
     torch.manual_seed(seed)
     if checkpoint is not None:
         ld = common.load_ld_model(checkpoint)
@@ -225,38 +227,6 @@ def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def split_indices(
-    n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None,
-    pool_words: str = "labelled pairs with a non-empty mask remain",
-):
-    """(test indices, [train indices per seed]) as described in the module docstring.
-
-    With ``has_foreground`` (a boolean per pair), the training pairs are drawn only among the
-    non-held-out pairs whose mask is not empty (``pool_words`` says what that pool is in the error
-    raised when it is too small; ``{rest}`` in it stands for the number of non-held-out pairs).
-    At least one pair is held out and, with two or more, at least one is left to train on.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = np.random.default_rng(0).permutation(n)
-    n_test = max(1, min(n - 1, int(round(n * test_fraction))))
-    test, pool = np.sort(order[:n_test]), order[n_test:]
-    what = "labelled pairs remain"
-    if has_foreground is not None:
-        fg = np.asarray(has_foreground, dtype=bool)
-        if fg.shape != (n,):
-            raise ValueError(f"has_foreground must have one entry per pair ({n}), got shape {fg.shape}")
-        what = pool_words.format(rest=len(pool))
-        pool = pool[fg[pool]]
-    if shots > len(pool):
-        raise ValueError(
-            f"shots={shots} but only {len(pool)} {what} after holding out {n_test} of {n} "
-            f"for testing; give more pairs, fewer shots or a smaller test fraction"
-        )
-    trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=shots, replace=False)) for s in range(seeds)]
-    return test, trains
-
-
 def transfer_experiment(
     images: np.ndarray,
     masks: np.ndarray,
@@ -288,11 +258,7 @@ def transfer_experiment(
     a training mask that is empty anyway is reported with a warning (on an image without the
     structure the soft Dice loss is 0 whatever the prediction, so that image teaches nothing).
     """
-    import warnings
-
     from tqdm import tqdm
-
-    from ..checkpoint import load_checkpoint
 
     common.check_positive_int("shots", shots)
     common.check_positive_int("seeds", seeds)
@@ -307,8 +273,6 @@ def transfer_experiment(
     ck = load_checkpoint(checkpoint)
     cfg = dict(ck.get("config") or {})
     if not cfg:
-        from ..checkpoint import infer_config
-
         cfg = infer_config(ck["model"])
     res: dict = {"label": label, "test_indices": test.tolist(), "train_indices": [t.tolist() for t in trains],
                  "settings": {"steps": steps, "lr": lr, "head": head, "body_lr_factor": body_lr_factor,
@@ -366,8 +330,6 @@ def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
 
 def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3) -> None:
     """Rows: targets; columns: held-out images with ground truth (green) and LD / random predictions."""
-    from ..viz import new_figure
-
     rows = len(results)
     fig = new_figure(figsize=(2.2 * 2 * n_show, 2.4 * rows))
     axes = fig.subplots(rows, 2 * n_show, squeeze=False)

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..normalization import normalize_embeddings
+from .. import ops
+from ..augment import LDViewGenerator, item_generator
+from ..checkpoint import save_checkpoint
+from ..models import CLUSTER_PREFIX, LDNet
+from ..normalization import normalize_assignments, normalize_embeddings
+from ..objective import LDObjective
+from ..viz import new_figure
 from . import common
 
 __all__ = [
@@ -99,9 +105,6 @@ def augment_priors(priors: torch.Tensor, n: int, size: int, g: torch.Generator) 
 
 def assignment(s: torch.Tensor) -> torch.Tensor:
     """a = L1-normalised (sigmoid(s) + 1e-9) over K (``LDNet.assignment``)."""
-    from ..models import LDNet
-    from ..normalization import normalize_assignments
-
     return normalize_assignments(s, LDNet.assignment)
 
 
@@ -125,8 +128,6 @@ def _init_model(checkpoint, n_clusters: int | None, seed: int):
     the pre-trained network as it is (LD training continues, now with the prior). With
     ``n_clusters=K``: the checkpoint's encoder/decoder/embedding and a fresh K-cluster branch.
     Without a checkpoint: a random network with ``n_clusters`` (default 8) clusters."""
-    from ..models import CLUSTER_PREFIX, LDNet
-
     torch.manual_seed(seed)
     if checkpoint is None:
         return LDNet(in_channels=1, n_clusters=n_clusters or DEFAULT_CLUSTERS)
@@ -170,9 +171,6 @@ def train_shape_guided(
     ``images`` (M, H, W) in [0, 1], square; ``priors`` (P, h, w) binary. Returns (model, history).
     """
     from tqdm import tqdm
-
-    from ..augment import LDViewGenerator, item_generator
-    from ..objective import LDObjective
 
     common.check_positive_int("steps", steps)
     common.check_positive_int("batch", batch)
@@ -233,8 +231,6 @@ def train_shape_guided(
 def soft_segmentation(model, images: np.ndarray, temperature: float = 0.2, batch: int = 8):
     """(a, S): the assignment a (M, K, H, W) and the soft segmentation S (M, K, H, W) of section 7
     (per-image region features through the fused ops)."""
-    from .. import ops
-
     model.eval()
     x = common.model_input(images)
     a_all, s_all = [], []
@@ -259,8 +255,6 @@ def evaluate_clusters(a: np.ndarray, S: np.ndarray, masks: np.ndarray) -> dict:
 def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n_show: int = 4, guided_a=None) -> None:
     """Columns: ``n_show`` images. Rows: image, guided a[:, 0] (if given), guided S[0], plain LD's
     best S[k], and one prior each (as loaded, not augmented); red contours: ground truth (if given)."""
-    from ..viz import new_figure
-
     idx = np.linspace(0, len(images) - 1, n_show).round().astype(int)
     pidx = np.linspace(0, len(priors) - 1, n_show).round().astype(int)
     panels = [("image", images, "gray")]
@@ -382,8 +376,6 @@ def results_markdown(res: dict) -> str:
 
 def write_results(out: Path, res: dict, images, masks, priors, note: str = "") -> str | None:
     """Checkpoints, results.json, the picture and (with masks) results.md, with ``note`` appended."""
-    from ..checkpoint import save_checkpoint
-
     out.mkdir(parents=True, exist_ok=True)
     guided, plain = res["_models"]
     save_checkpoint(out / "shape_guided.pt", guided)

@@ -70,7 +70,7 @@ from .pooling import (
     FRACTIONAL_MODES,
     POOLING_MODES,
     FractionalSampler,
-    _sample,
+    sample_bilinear,
     cosine_maps,
     fractional_descriptors,
     pooled_descriptors,

@@ -2,12 +2,14 @@
 pixels next to the true one, and a fine-tuning loop on random warps of unlabelled images."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import common
-from .pooling import _sample, pooled_descriptors
+from .pooling import sample_bilinear, pooled_descriptors
 
 # ----------------------------------------------------------------------------- training term
 
@@ -33,8 +35,8 @@ def centre_sensitive_loss(
     cand = q1[:, None, :] + offs[None]  # (M, O, 2)
     rnd = torch.stack([torch.rand(m, n_random, generator=generator) * (w - 1), torch.rand(m, n_random, generator=generator) * (h - 1)], -1)
     cand = torch.cat([cand, rnd], 1)
-    c = _sample(e1, cand)  # (M, O + R, D)
-    a = _sample(e2, p2)  # (M, D)
+    c = sample_bilinear(e1, cand)  # (M, O + R, D)
+    a = sample_bilinear(e2, p2)  # (M, D)
     logits = torch.einsum("md,mod->mo", a, c) / temperature
     return F.cross_entropy(logits, torch.full((m,), centre, dtype=torch.long, device=logits.device))
 
@@ -52,8 +54,6 @@ def train_centre_sensitive(
     embeddings, so the near (1..radius px) negatives are exactly the offsets the search must
     reject. ``on_step(k, net)`` is called after step k (1-based), e.g. to keep snapshots: the first
     k steps of a longer run are exactly a k-step run (constant learning rate, same draws)."""
-    import copy
-
     from tqdm import tqdm
 
     common.check_positive_int("steps", steps)

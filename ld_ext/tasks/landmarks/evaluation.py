@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...viz import new_figure
 from .. import common
 from .locator import LandmarkLocator
 from .ncc import ncc_locate
@@ -85,7 +86,7 @@ def make_eval_targets(
         img = common.warp_image(src, wp)
         img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
         if bias > 0:
-            img = img * (1.0 + bias * common._smooth_noise(rng, (h, w), max(h, w) / 4))
+            img = img * (1.0 + bias * common.smooth_noise(rng, (h, w), max(h, w) / 4))
         img = img + rng.normal(0, 0.02, img.shape)
         targets.append(np.clip(img, 0, 1).astype(np.float32))
         gts.append(wp.forward_points(points))
@@ -182,8 +183,6 @@ def paired_difference(
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:
-    from ...viz import new_figure
-
     fig = new_figure(figsize=(9, 4.8))
     ax = fig.subplots(1, 2)
     ax[0].imshow(template, cmap="gray")

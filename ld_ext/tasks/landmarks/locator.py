@@ -15,8 +15,8 @@ from .pooling import (
     DEFAULT_SIGMA_FRAC,
     FRACTIONAL_MODES,
     FractionalSampler,
-    _check_pooling,
-    _check_radii,
+    check_pooling,
+    check_radii,
     cosine_maps,
     fractional_descriptors,
     pooled_descriptors,
@@ -27,7 +27,7 @@ from .search import (
     DEFAULT_WINDOW,
     SEARCH_MODES,
     SUBPIXEL_METHODS,
-    _split,
+    split_matcher_output,
     locate_image,
     locate_in_maps,
 )
@@ -66,13 +66,13 @@ class LandmarkLocator:
         fractional: str = DEFAULT_FRACTIONAL,
         jac_step: float = DEFAULT_JAC_STEP,
     ) -> None:
-        _check_pooling(mode, sigma_frac, edge)
+        check_pooling(mode, sigma_frac, edge)
         if fractional not in FRACTIONAL_MODES:
             raise ValueError(f"fractional must be one of {FRACTIONAL_MODES}, got {fractional!r}")
         if not jac_step > 0:
             raise ValueError(f"jac_step must be > 0, got {jac_step!r}")
         self.edge, self.fractional, self.jac_step = edge, fractional, float(jac_step)
-        self.radii = _check_radii(radii)
+        self.radii = check_radii(radii)
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         if subpixel not in SUBPIXEL_METHODS:
@@ -102,7 +102,7 @@ class LandmarkLocator:
     @torch.no_grad()
     def score_maps(self, target_emb: torch.Tensor) -> torch.Tensor:
         """Cosine maps (M, H, W) of the landmark descriptors over one target (fused op)."""
-        return _split(self.match(target_emb))[0]
+        return split_matcher_output(self.match(target_emb))[0]
 
     @torch.no_grad()
     def match(self, target_emb: torch.Tensor):
@@ -124,7 +124,7 @@ class LandmarkLocator:
     @torch.no_grad()
     def locate(self, target_emb: torch.Tensor, return_maps: bool = False):
         """Landmark positions (M, 2) in one target's unit embeddings (1, D, H, W)."""
-        maps, feats = _split(self.match(target_emb))
+        maps, feats = split_matcher_output(self.match(target_emb))
         out, _ = locate_in_maps(maps, self.points, features=feats, **self.search)
         return (out, maps) if return_maps else out
 

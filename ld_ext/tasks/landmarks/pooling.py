@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ... import ops
+
 # defaults = the centre-sensitive settings selected on development data (evaluation.SELECTED_LD)
 DEFAULT_RADII = (0, 1, 2, 4, 8)
 DEFAULT_SIGMA_FRAC = 1.0
@@ -22,7 +24,8 @@ FRACTIONAL_MODES = ("bilinear", "exact")
 # ----------------------------------------------------------------------------- pooling
 
 
-def _check_pooling(mode: str, sigma_frac: float, edge: str) -> None:
+def check_pooling(mode: str, sigma_frac: float, edge: str) -> None:
+    """ValueError unless ``mode``, ``sigma_frac`` and ``edge`` are valid pooling settings."""
     if mode not in POOLING_MODES:
         raise ValueError(f"mode must be one of {POOLING_MODES}, got {mode!r}")
     if not sigma_frac > 0:
@@ -31,7 +34,7 @@ def _check_pooling(mode: str, sigma_frac: float, edge: str) -> None:
         raise ValueError(f"edge must be one of {EDGE_MODES}, got {edge!r}")
 
 
-def _check_radii(radii) -> tuple[int, ...]:
+def check_radii(radii) -> tuple[int, ...]:
     """The pooling radii as a tuple of ints; ValueError unless a non-empty sequence of ints >= 0."""
     try:
         out = tuple(radii)
@@ -65,7 +68,7 @@ def pooling_kernel(
     """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = sigma_frac * r,
     truncated at r) or uniform. Both modes have the same support. ``edge="soft"``: the disc's rim
     is anti-aliased, weight x clamp(r + 0.5 - distance, 0, 1) (see ``fractional_descriptors``)."""
-    _check_pooling(mode, sigma_frac, edge)
+    check_pooling(mode, sigma_frac, edge)
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
         raise ValueError(f"radius must be an int >= 0, got {radius!r}")
     r = int(radius)
@@ -92,7 +95,7 @@ def pooled_descriptors(
     """
     if e.dim() != 4:
         raise ValueError(f"e must have shape (N, D, H, W), got {tuple(e.shape)}")
-    radii = _check_radii(radii)
+    radii = check_radii(radii)
     n, d, h, w = e.shape
     parts = []
     ones = torch.ones(1, 1, h, w, dtype=e.dtype)
@@ -120,7 +123,7 @@ def _same_conv_fft(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return y[..., kh // 2 : kh // 2 + h, kw // 2 : kw // 2 + w]
 
 
-def _sample(e: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+def sample_bilinear(e: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of e (1, D, H, W) at xy (..., 2) pixel coords -> (..., D)."""
     h, w = e.shape[-2:]
     g = torch.stack([(2 * xy[..., 0] + 1) / w - 1, (2 * xy[..., 1] + 1) / h - 1], -1)
@@ -132,7 +135,7 @@ def _sample(e: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
 def sample_descriptors(desc: torch.Tensor, points: np.ndarray) -> torch.Tensor:
     """Bilinear samples (M, C) of one descriptor map (1, C, H, W) at points (M, 2) (x, y),
     returned as unit vectors."""
-    v = _sample(desc, torch.as_tensor(np.asarray(points, dtype=np.float64), dtype=desc.dtype))
+    v = sample_bilinear(desc, torch.as_tensor(np.asarray(points, dtype=np.float64), dtype=desc.dtype))
     return v / (v.norm(dim=1, keepdim=True) + 1e-10)
 
 
@@ -155,10 +158,10 @@ def fractional_descriptors(
     Gaussian with ``edge="soft"`` (or a uniform disc with ``edge="soft"``) varies continuously
     with c; with ``edge="hard"`` pixels enter and leave the disc as c moves.
     """
-    _check_pooling(mode, sigma_frac, edge)
+    check_pooling(mode, sigma_frac, edge)
     if not isinstance(e, torch.Tensor) or e.dim() != 4 or e.shape[0] != 1:
         raise ValueError(f"e must be a tensor of shape (1, D, H, W), got {getattr(e, 'shape', type(e))}")
-    radii = _check_radii(radii)
+    radii = check_radii(radii)
     c = torch.as_tensor(np.asarray(points, dtype=np.float64) if not isinstance(points, torch.Tensor) else points)
     c = c.to(torch.float64)
     if c.dim() != 2 or c.shape[1] != 2:
@@ -182,7 +185,7 @@ def fractional_descriptors(
         dist = torch.sqrt((qx - c[:, 0, None]) ** 2 + (qy - c[:, 1, None]) ** 2)
     for r in radii:
         if r == 0:
-            v = _sample(e, c.to(e.dtype)).to(e.dtype) if m else e.new_zeros(0, d)
+            v = sample_bilinear(e, c.to(e.dtype)).to(e.dtype) if m else e.new_zeros(0, d)
         else:
             wgt = _window_weights(dist, int(r), mode, sigma_frac, edge) * valid
             wgt = (wgt / wgt.sum(1, keepdim=True).clamp_min(1e-12)).to(e.dtype)
@@ -198,10 +201,10 @@ class FractionalSampler:
 
     def __init__(self, e: torch.Tensor, radii: Sequence[int] = DEFAULT_RADII, mode: str = "gaussian",
                  sigma_frac: float = DEFAULT_SIGMA_FRAC, edge: str = "hard", step: float = DEFAULT_JAC_STEP) -> None:
-        _check_pooling(mode, sigma_frac, edge)
+        check_pooling(mode, sigma_frac, edge)
         if not step > 0:
             raise ValueError(f"step must be > 0, got {step!r}")
-        self.e, self.radii, self.mode, self.sigma_frac, self.edge = e, _check_radii(radii), mode, sigma_frac, edge
+        self.e, self.radii, self.mode, self.sigma_frac, self.edge = e, check_radii(radii), mode, sigma_frac, edge
         self.step = float(step)
 
     def __call__(self, xy: torch.Tensor) -> torch.Tensor:
@@ -222,8 +225,6 @@ def cosine_maps(desc: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """<proto_k, desc_p> for shared prototypes (K, C) or per-image prototypes (N, K, C), through
     the fused softmax-over-prototypes op: with an extra all-zero prototype at temperature 1,
     log S_k - log S_zero is exactly the inner product."""
-    from ... import ops
-
     if protos.dim() == 2:
         zero = torch.zeros(1, protos.shape[1], dtype=protos.dtype)
         p = torch.cat([protos, zero], 0)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pooling import _sample
+from .pooling import sample_bilinear
 
 DEFAULT_WINDOW = 3.0
 DEFAULT_SUBPIXEL = "gauss-newton"
@@ -174,11 +174,11 @@ def refine_gauss_newton(
         ey = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
         def value(q):
-            return _sample(d64, q)
+            return sample_bilinear(d64, q)
 
         def jacobian(q):
             return torch.stack(
-                [(_sample(d64, q + ex) - _sample(d64, q - ex)) / 2, (_sample(d64, q + ey) - _sample(d64, q - ey)) / 2],
+                [(sample_bilinear(d64, q + ex) - sample_bilinear(d64, q - ex)) / 2, (sample_bilinear(d64, q + ey) - sample_bilinear(d64, q - ey)) / 2],
                 -1,
             )
     else:  # a FractionalSampler (or any callable with .jacobian)
@@ -283,7 +283,7 @@ def rectify(image: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> np.ndar
     return out[0, 0].numpy()
 
 
-def _split(scored) -> tuple[torch.Tensor, tuple | None]:
+def split_matcher_output(scored) -> tuple[torch.Tensor, tuple | None]:
     """A matcher's answer: maps (M, H, W), or (maps, features) with features = (descriptor field
     (1, C, H, W), landmark descriptors (M, C)) for ``subpixel="gauss-newton"``."""
     if isinstance(scored, torch.Tensor):
@@ -305,7 +305,7 @@ def locate_image(score_fn, image: np.ndarray, points: np.ndarray, template_shape
     in the template frame, each through the affine refitted to the previous pass's inliers.
     """
     points = np.asarray(points, dtype=np.float64)
-    maps1, feats1 = _split(score_fn(image) if maps is None else maps)
+    maps1, feats1 = split_matcher_output(score_fn(image) if maps is None else maps)
     out, info = locate_in_maps(maps1, points, features=feats1, **search)
     if rectified and info["affine"] is not None:
         b = info["affine"]
@@ -316,6 +316,6 @@ def locate_image(score_fn, image: np.ndarray, points: np.ndarray, template_shape
                 if b is None:
                     break
                 info["affine"] = b
-            maps2, feats2 = _split(score_fn(rectify(image, b, template_shape)))
+            maps2, feats2 = split_matcher_output(score_fn(rectify(image, b, template_shape)))
             out = apply_affine(b, search_near(maps2, points, window, subpixel, feats2))
     return out, info

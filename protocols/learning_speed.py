@@ -1,6 +1,6 @@
 """Learning speed: linear-probe Dice of LD features against pre-training steps (and minutes).
 
-    python benchmarks/learning_speed.py --out DIR [--size 128] [--epochs1 6 --epochs2 24]
+    python protocols/learning_speed.py --out DIR [--size 128] [--epochs1 6 --epochs2 24]
         [--steps-per-epoch 40] [--lr-step 3] [--probe-minutes 2.5,5,10,20] [--splits dev,eval]
         [--reuse] [--plot FIG.png [--also OTHER_DIR ...]]
 

@@ -1,9 +1,9 @@
 """Fine-tuning protocol of docs/tasks.md section 1: LD init vs random init, paired by seed.
 
-    python benchmarks/finetune_protocol.py run  --checkpoint CKPT --split dev|eval --seeds 3 \
+    python protocols/finetune_protocol.py run  --checkpoint CKPT --split dev|eval --seeds 3 \
         [--first-seed 0] [--inits LD,random] [--setting '{"head_init": "probe"}'] --out RESULT.json
-    python benchmarks/finetune_protocol.py summary RESULT.json [BASELINE.json]
-    python benchmarks/finetune_protocol.py drift --checkpoint CKPT [--split dev] [--seeds 3] --out DRIFT.json
+    python protocols/finetune_protocol.py summary RESULT.json [BASELINE.json]
+    python protocols/finetune_protocol.py drift --checkpoint CKPT [--split dev] [--seeds 3] --out DRIFT.json
 
 Data: MNI152 T1 slices at 64 x 64 from ``ld_ext.demos.tasks.probe_data`` (needs nilearn and
 nibabel); structures ventricles, thalamus, striatum (slices with >= 3 mask pixels); development
@@ -39,7 +39,7 @@ STRUCTURES = ("ventricles", "thalamus", "striatum")
 def _structures(split: str, n_seeds: int):
     """(name, images, bool masks, held-out indices, training indices per seed) per structure."""
     from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
-    from ld_ext.tasks.segmentation import split_indices
+    from ld_ext.tasks.common import split_indices
 
     data = probe_data(PROBE_DEV_Z if split == "dev" else PROBE_EVAL_Z, 64, structures=STRUCTURES)
     for name, (imgs, msks, _) in data.items():

@@ -7,9 +7,9 @@ slices of the MNI152 2009a T1 template shipped in nilearn, cut into 8 mm blocks 
 selection) for the report. Template slices are block centres (k % 8 == 4); cross-slice targets
 come from the slices 2 mm away (the same block).
 
-  python benchmarks/landmark_protocol.py export --out DIR      # DIR/pretrain/*.png (pre-training images)
+  python protocols/landmark_protocol.py export --out DIR      # DIR/pretrain/*.png (pre-training images)
   ld-ext pretrain --data DIR/pretrain --out DIR/run ...         # the network under test
-  python benchmarks/landmark_protocol.py eval --checkpoint DIR/run/model.pt --split select|report --out R.json
+  python protocols/landmark_protocol.py eval --checkpoint DIR/run/model.pt --split select|report --out R.json
 
 Landmarks of a template slice: the 20 strongest corners (Shi-Tomasi: the smaller eigenvalue of the
 structure tensor, Gaussian sigma 1.5 px) inside the brain, at least 6 px apart and 6 px from the
