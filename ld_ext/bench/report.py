@@ -54,7 +54,7 @@ def _fmt_mb(v) -> str:
     return "-" if v == "" or v is None else f"{v / 2**20:.1f}"
 
 
-def _label(row: dict, sweep: str) -> str:
+def case_label(row: dict, sweep: str) -> str:
     if sweep == "P":
         return f"{row['H']}x{row['W']}"
     if sweep in ("K", "D", "N"):
@@ -81,7 +81,7 @@ def markdown_table(rows: list[dict], sweep: str = "") -> str:
     An ``op`` column comes first when the rows hold more than one op."""
     groups: dict = {}
     for r in rows:
-        key = (_label(r, sweep), r["mode"], r["op"])
+        key = (case_label(r, sweep), r["mode"], r["op"])
         groups.setdefault(key, {})[r["impl"]] = r
     several_ops = len({r["op"] for r in rows}) > 1
     cols = (["op"] if several_ops else []) + MD_COLUMNS
