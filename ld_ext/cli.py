@@ -28,7 +28,7 @@ from ._version import __version__
 
 # name -> (module, one-line help); the module is imported only when its subcommand is used
 SUBCOMMANDS = {
-    "pretrain": ("ld_ext.train", "pre-train an LD network (both stages, then the centre-sensitive landmark term) on a folder of medical images"),
+    "pretrain": ("ld_ext.pretrain.cli", "pre-train an LD network (both stages, then the centre-sensitive landmark term) on a folder of medical images"),
     "demo": ("ld_ext.demos", "pre-train on the MNI152 template shipped in nilearn and score the clusters"),
     "bench": ("ld_ext.bench", "benchmark the fused ops against plain PyTorch"),
     "finetune": ("ld_ext.tasks.segmentation", "transfer to segmentation (LD init vs random init)"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Pre-train LD on unlabelled images, then measure what it learned with a linear probe: the
-Python API of ``ld_ext.train`` and ``ld_ext.tasks.probe``.
+Python API of ``ld_ext.pretrain`` and ``ld_ext.tasks.probe``.
 
     python python/pretrain_then_probe.py --out runs/ptp                      # MNI152 data from nilearn (about 2 minutes)
     python python/pretrain_then_probe.py --data UNLABELLED_DIR --images DIR --masks DIR [DIR ...] --out runs/ptp
@@ -38,7 +38,7 @@ except ImportError:
 
 from ld_ext.atomic import atomic_write_png  # noqa: E402
 from ld_ext.tasks import common, probe  # noqa: E402
-from ld_ext.train import TrainConfig, pretrain  # noqa: E402
+from ld_ext.pretrain import TrainConfig, pretrain  # noqa: E402
 
 
 def write_mni_folders(root: Path, size: int, structures=("ventricles", "thalamus")) -> tuple[Path, Path, list[Path]]:

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+import ld_ext
+
 from .memory import measure_peak_memory, peak_rss_increase
 from .report import CSV_COLUMNS
 from .specs import IMPLS, MODES, OPS, Case, OpSpec, make_generator
@@ -68,7 +70,8 @@ def _make_runner(spec: OpSpec, fn, sets, cotangents, mode: str):
     return run_fwd_bwd
 
 
-def _log(settings: Settings, msg: str) -> None:
+def log(settings: Settings, msg: str) -> None:
+    """A progress line on stderr (unless ``settings.verbose`` is off)."""
     if settings.verbose:
         print(msg, file=sys.stderr, flush=True)
 
@@ -86,41 +89,11 @@ def run_case(
     """Benchmark every implementation of ``spec`` at ``case`` in the given modes; one row each."""
     device = settings.device
     impls = [i for i in settings.impls if i in spec.impls]
-    g = make_generator(device, settings.seed)
-    sets = []
-    for _ in range(settings.sets):
-        sets.append(tuple(t.requires_grad_() for t in spec.make_inputs(case, device, g)))
-    cotangents = None
-    if spec.scalar is None:  # a random cotangent of the output's shape, one per set
-        with torch.no_grad():
-            out = spec.impls["eager"]()(*sets[0])
-        cotangents = [torch.randn(out.shape, generator=g, device=device).to(out.dtype) for _ in sets]
+    sets, cotangents = _input_sets(spec, case, settings)
     in_bytes = sum(t.numel() * t.element_size() for t in sets[0])
     rows = []
     for mode in modes:
-        runs, status = {}, {}
-        for impl in impls:
-            est = spec.big_bytes(case, impl, mode)
-            if est > settings.max_bytes:
-                status[impl] = f"skipped: needs ~{est / 2**30:.1f} GiB > --max-mem-gb {settings.max_bytes / 2**30:.1f}"
-                continue
-            try:
-                fn = _prepare(spec, impl, settings)
-                runner = _make_runner(spec, fn, sets, cotangents, mode)
-                # first call: compiles (torch.compile), allocates lazily, checks it runs
-                dt = time_once(lambda: runner(0), device)
-                if impl == "compile":
-                    _log(settings, f"    compile {spec.name} {mode}: {dt:.1f} s (not timed)")
-                    dt = time_once(lambda: runner(1 % len(sets)), device)
-                if dt > settings.max_call_s:
-                    status[impl] = f"skipped: one call took {dt:.1f} s > --max-call-s {settings.max_call_s:g}"
-                    _log(settings, f"    {spec.name} {mode} {impl}: {status[impl]}")
-                    continue
-                runs[impl] = runner
-                status[impl] = "ok"
-            except Exception as exc:  # an impl that cannot run this case is reported, not fatal
-                status[impl] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-                _log(settings, f"    {spec.name} {mode} {impl}: {status[impl]}")
+        runs, status = _runners(spec, case, settings, impls, sets, cotangents, mode)
         timings = {}
         if runs:
             timings = measure_group(
@@ -131,54 +104,119 @@ def run_case(
         if settings.memory:
             for impl, runner in runs.items():
                 mems[impl] = measure_peak_memory(lambda: runner(0), device)
-        nbytes, flops = spec.bytes(case, mode), spec.flops(case, mode)
-        floor_ms = bound = None
-        if machine is not None:
-            t_mem = nbytes / machine.bandwidth * 1e3
-            t_flop = flops / machine.rate(case.torch_dtype) * 1e3
-            floor_ms, bound = (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
-        fused_ms = timings["fused"].median_ms if "fused" in timings else None
-        out_bytes = in_bytes if mode == "fwd+bwd" else 0
-        for impl in impls:
-            row = {c: "" for c in CSV_COLUMNS}
+        measured = _Measured(impls, status, timings, mems, in_bytes, len(sets))
+        rows += _mode_rows(spec, case, settings, machine, mode, measured, section, sweep)
+    return rows
+
+
+def _input_sets(spec: OpSpec, case: Case, settings: Settings) -> tuple[list[tuple], list | None]:
+    """``settings.sets`` input sets (requiring grad) and, for a non-scalar op, a random cotangent of
+    the output's shape per set."""
+    device = settings.device
+    g = make_generator(device, settings.seed)
+    sets = []
+    for _ in range(settings.sets):
+        sets.append(tuple(t.requires_grad_() for t in spec.make_inputs(case, device, g)))
+    cotangents = None
+    if spec.scalar is None:  # a random cotangent of the output's shape, one per set
+        with torch.no_grad():
+            out = spec.impls["eager"]()(*sets[0])
+        cotangents = [torch.randn(out.shape, generator=g, device=device).to(out.dtype) for _ in sets]
+    return sets, cotangents
+
+
+def _runners(spec: OpSpec, case: Case, settings: Settings, impls: list[str], sets, cotangents, mode: str):
+    """(runner per implementation that runs here within the limits, status per implementation)."""
+    runs, status = {}, {}
+    for impl in impls:
+        est = spec.big_bytes(case, impl, mode)
+        if est > settings.max_bytes:
+            status[impl] = f"skipped: needs ~{est / 2**30:.1f} GiB > --max-mem-gb {settings.max_bytes / 2**30:.1f}"
+            continue
+        try:
+            fn = _prepare(spec, impl, settings)
+            runner = _make_runner(spec, fn, sets, cotangents, mode)
+            # first call: compiles (torch.compile), allocates lazily, checks it runs
+            dt = time_once(lambda: runner(0), settings.device)
+            if impl == "compile":
+                log(settings, f"    compile {spec.name} {mode}: {dt:.1f} s (not timed)")
+                dt = time_once(lambda: runner(1 % len(sets)), settings.device)
+            if dt > settings.max_call_s:
+                status[impl] = f"skipped: one call took {dt:.1f} s > --max-call-s {settings.max_call_s:g}"
+                log(settings, f"    {spec.name} {mode} {impl}: {status[impl]}")
+                continue
+            runs[impl] = runner
+            status[impl] = "ok"
+        except Exception as exc:  # an impl that cannot run this case is reported, not fatal
+            status[impl] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            log(settings, f"    {spec.name} {mode} {impl}: {status[impl]}")
+    return runs, status
+
+
+@dataclass
+class _Measured:
+    """What one mode of a case measured: status, timings and peak memory per implementation."""
+
+    impls: list[str]
+    status: dict
+    timings: dict
+    mems: dict
+    in_bytes: int
+    n_sets: int
+
+
+def _mode_rows(spec: OpSpec, case: Case, settings: Settings, machine: Machine | None, mode: str, m: _Measured,
+               section: str, sweep: str) -> list[dict]:
+    """The CSV rows of one mode, one per implementation (floor from the machine's measured rates)."""
+    nbytes, flops = spec.bytes(case, mode), spec.flops(case, mode)
+    floor_ms = bound = None
+    if machine is not None:
+        t_mem = nbytes / machine.bandwidth * 1e3
+        t_flop = flops / machine.rate(case.torch_dtype) * 1e3
+        floor_ms, bound = (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
+    fused_ms = m.timings["fused"].median_ms if "fused" in m.timings else None
+    out_bytes = m.in_bytes if mode == "fwd+bwd" else 0
+    rows = []
+    for impl in m.impls:
+        row = {c: "" for c in CSV_COLUMNS}
+        row.update(
+            section=section, sweep=sweep, op=spec.name, mode=mode, impl=impl, device=settings.device.type,
+            dtype=case.dtype, N=case.N, D=case.D, K=case.K, H=case.H, W=case.W, P=case.P, M=case.M,
+            bytes=nbytes, flops=flops, input_sets=m.n_sets, status=m.status[impl],
+            compile=("dynamic" if settings.compile_dynamic else "static") if impl == "compile" else "",
+        )
+        if spec.name == "patch_discrimination":
+            for k in ("N", "K", "H", "W", "P"):
+                row[k] = ""
+        else:
+            row["M"] = ""
+        if impl in m.timings:
+            t = m.timings[impl]
             row.update(
-                section=section, sweep=sweep, op=spec.name, mode=mode, impl=impl, device=device.type,
-                dtype=case.dtype, N=case.N, D=case.D, K=case.K, H=case.H, W=case.W, P=case.P, M=case.M,
-                bytes=nbytes, flops=flops, input_sets=len(sets), status=status[impl],
-                compile=("dynamic" if settings.compile_dynamic else "static") if impl == "compile" else "",
+                median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, min_ms=t.min_ms, max_ms=t.max_ms,
+                repeats=t.repeats, calls_per_sample=t.number,
+                achieved_GBps=nbytes / (t.median_ms * 1e-3) / 1e9,
             )
-            if spec.name == "patch_discrimination":
-                for k in ("N", "K", "H", "W", "P"):
-                    row[k] = ""
-            else:
-                row["M"] = ""
-            if impl in timings:
-                t = timings[impl]
+            if fused_ms is not None:
+                row["speedup_of_fused"] = t.median_ms / fused_ms
+            if floor_ms is not None:
                 row.update(
-                    median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, min_ms=t.min_ms, max_ms=t.max_ms,
-                    repeats=t.repeats, calls_per_sample=t.number,
-                    achieved_GBps=nbytes / (t.median_ms * 1e-3) / 1e9,
+                    floor_ms=floor_ms, floor_bound=bound, x_floor=t.median_ms / floor_ms,
+                    pct_copy_bw=100.0 * nbytes / (t.median_ms * 1e-3) / machine.bandwidth,
                 )
-                if fused_ms is not None:
-                    row["speedup_of_fused"] = t.median_ms / fused_ms
-                if floor_ms is not None:
-                    row.update(
-                        floor_ms=floor_ms, floor_bound=bound, x_floor=t.median_ms / floor_ms,
-                        pct_copy_bw=100.0 * nbytes / (t.median_ms * 1e-3) / machine.bandwidth,
-                    )
-            if impl in mems:
-                peak, method = mems[impl]
-                row["mem_method"] = method
-                if peak is not None:
-                    row["peak_mem_bytes"] = peak
-                    row["extra_mem_pct"] = 100.0 * (peak - out_bytes) / in_bytes
-            rows.append(row)
-            if impl in timings:
-                _log(
-                    settings,
-                    f"    {spec.name:24s} {mode:7s} {impl:9s} {timings[impl].median_ms:10.3f} ms"
-                    + (f"  (fused x{row['speedup_of_fused']:.2f})" if row["speedup_of_fused"] != "" else ""),
-                )
+        if impl in m.mems:
+            peak, method = m.mems[impl]
+            row["mem_method"] = method
+            if peak is not None:
+                row["peak_mem_bytes"] = peak
+                row["extra_mem_pct"] = 100.0 * (peak - out_bytes) / m.in_bytes
+        rows.append(row)
+        if impl in m.timings:
+            log(
+                settings,
+                f"    {spec.name:24s} {mode:7s} {impl:9s} {m.timings[impl].median_ms:10.3f} ms"
+                + (f"  (fused x{row['speedup_of_fused']:.2f})" if row["speedup_of_fused"] != "" else ""),
+            )
     return rows
 
 
@@ -212,8 +250,6 @@ def rss_probe(impl: str, case: Case, seed: int) -> dict | None:
     """Run ``_rss_probe_main`` in a fresh interpreter; None where it cannot run (non-Linux, error)."""
     if not sys.platform.startswith("linux"):
         return None
-    import ld_ext
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(ld_ext.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

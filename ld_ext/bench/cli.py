@@ -16,10 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .cases import Settings, _log, run_case, run_headline
+from ..ops import build_info
+from .cases import Settings, log, run_case, run_headline
 from .end_to_end import run_e2e
 from .memory import CPU_MEM_METHOD, CUDA_MEM_METHOD
-from .report import _label, e2e_markdown, headline_markdown, markdown_table, plot_sweep, write_csv
+from .report import e2e_markdown, headline_markdown, markdown_table, plot_sweep, sweep_label, write_csv
 from .specs import BASE, IMPLS, OPS, Case
 from .timing import Machine
 
@@ -146,9 +147,7 @@ def _env_line(device: torch.device) -> str:
         except OSError:
             pass
     try:
-        import ld_ext
-
-        info = ld_ext.build_info()
+        info = build_info()
         parts.append(f"ld_ext cpu_isa={info.get('cpu_isa')} cuda_compiled={info.get('cuda_compiled')}")
     except Exception as exc:  # the fused ops may be missing; the rest of the run says so per row
         parts.append(f"ld_ext build info unavailable ({type(exc).__name__})")
@@ -174,9 +173,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, v: dict) -> int:
     device = v["device"]
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    for knob in ("cache_size_limit", "recompile_limit"):  # the name differs across torch versions
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    _raise_dynamo_cache_limit()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     tiny = args.tiny
@@ -190,8 +187,54 @@ def _run(args: argparse.Namespace, v: dict) -> int:
     env = _env_line(device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"ld-ext bench on {device}: {env}; seed {seed}; {'quick' if args.quick else 'full'} run", flush=True)
-    all_rows: list[dict] = []
-    md = [
+    report = _Report(args.out, _report_header(args, v, stamp, env, seed))
+    measured: dict = {}  # region-loss case -> (impls, rows): a sweep point equal to one already measured is reused
+    if "headline" in v["sections"]:
+        _headline_section(report, settings, machine, base, tiny)
+    report.save_partial()
+    if "ops" in v["sections"]:
+        _ops_section(report, args, settings, machine, base, measured)
+    report.save_partial()
+    if "sweeps" in v["sections"]:
+        _sweeps_section(report, args, v, settings, machine, base, measured)
+    report.save_partial()
+    if "e2e" in v["sections"]:
+        _e2e_section(report, settings, v, tiny)
+    report.save_partial()
+    _finish_report(report, args, machine, t_start)
+    return 0
+
+
+def _raise_dynamo_cache_limit() -> None:
+    for knob in ("cache_size_limit", "recompile_limit"):  # the name differs across torch versions
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+
+
+class _Report:
+    """The rows (results.csv) and the markdown lines (results.md) of a run, with its notes."""
+
+    def __init__(self, out: str, md: list[str]) -> None:
+        self.rows: list[dict] = []
+        self.md = md
+        self.notes: list[str] = []
+        self.csv_path = os.path.join(out, "results.csv")
+        self.md_path = os.path.join(out, "results.md")
+
+    def save_partial(self) -> None:  # after every section, so that an interrupted run keeps what it measured
+        write_csv(self.rows, self.csv_path)
+        with open(self.md_path, "w") as f:
+            f.write("\n".join(self.md + ["(partial: the run has not finished)"]) + "\n")
+
+    def save(self) -> None:
+        write_csv(self.rows, self.csv_path)
+        with open(self.md_path, "w") as f:
+            f.write("\n".join(self.md) + "\n")
+
+
+def _report_header(args: argparse.Namespace, v: dict, stamp: str, env: str, seed: int) -> list[str]:
+    device, tiny = v["device"], args.tiny
+    return [
         f"# ld_ext benchmark ({device.type}{', quick' if args.quick else ''}{', tiny' if tiny else ''})",
         "",
         f"{stamp}; {env}; seed {seed}; median of {v['repeats']} interleaved samples after {args.warmup} warm-up "
@@ -202,116 +245,131 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         + " (outputs and gradients included).",
         "",
     ]
-    notes: list[str] = []
-    csv_path = os.path.join(args.out, "results.csv")
-    md_path = os.path.join(args.out, "results.md")
 
-    def save_partial() -> None:  # after every section, so that an interrupted run keeps what it measured
-        write_csv(all_rows, csv_path)
-        with open(md_path, "w") as f:
-            f.write("\n".join(md + ["(partial: the run has not finished)"]) + "\n")
 
-    measured: dict = {}  # region-loss case -> (impls, rows): a sweep point equal to one already measured is reused
+def _headline_section(report: _Report, settings: Settings, machine: Machine, base: Case, tiny: bool) -> None:
+    print("== headline", file=sys.stderr, flush=True)
+    rows, extra = run_headline(settings, machine, base, rss=not tiny)
+    report.rows += rows
+    text = headline_markdown(rows, extra, base)
+    report.md += [
+        "## Headline: fused RegionDiscriminationLoss forward+backward",
+        "",
+        f"`RegionDiscriminationLoss(normalize=True, assignment=\"sigmoid\", return_entropy=True)` at "
+        f"N={base.N} D={base.D} K={base.K} {base.H}x{base.W} {base.dtype}, backward of 10*L_rd + 0.1*L_ent, vs "
+        f"`reference.region_discrimination_loss` (eager) and `torch.compile` of it (static shapes; compile time excluded).",
+        "",
+        text,
+        "",
+    ]
+    print("\n" + text + "\n", flush=True)
 
-    if "headline" in v["sections"]:
-        print("== headline", file=sys.stderr, flush=True)
-        rows, extra = run_headline(settings, machine, base, rss=not tiny)
-        all_rows += rows
-        text = headline_markdown(rows, extra, base)
-        md += [
-            "## Headline: fused RegionDiscriminationLoss forward+backward",
-            "",
-            f"`RegionDiscriminationLoss(normalize=True, assignment=\"sigmoid\", return_entropy=True)` at "
-            f"N={base.N} D={base.D} K={base.K} {base.H}x{base.W} {base.dtype}, backward of 10*L_rd + 0.1*L_ent, vs "
-            f"`reference.region_discrimination_loss` (eager) and `torch.compile` of it (static shapes; compile time excluded).",
-            "",
-            text,
-            "",
-        ]
-        print("\n" + text + "\n", flush=True)
 
-    save_partial()
-    if "ops" in v["sections"]:
-        print("== ops", file=sys.stderr, flush=True)
-        ops_settings = settings
-        if args.quick and "compile" in settings.impls:
-            ops_settings = replace(settings, impls=tuple(i for i in settings.impls if i != "compile"))
-            notes.append("--quick: torch.compile is timed only in the headline (compile time dominates a quick run).")
-        rows = []
-        for spec in OPS.values():
-            torch._dynamo.reset()
-            op_rows = run_case(spec, base, ops_settings, machine, section="ops")
-            if spec.name == "region_loss" and "compile" not in ops_settings.impls:
-                measured[base] = (ops_settings.impls, op_rows)  # the sweeps reuse it for their base point
-            rows += op_rows
-        all_rows += rows
-        md += ["## Every op at the base configuration", ""]
-        md += [f"- `{s.name}`: {s.config}" for s in OPS.values()]
-        md += ["", markdown_table(rows), ""]
-
-    save_partial()
-    if "sweeps" in v["sections"]:
-        sweep_sets = TINY_SWEEPS if tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
-        sw_settings = replace(settings, compile_dynamic=not args.compile_static)
-        if args.quick and args.max_mem_gb is None and device.type == "cpu":
-            sw_settings = replace(sw_settings, max_bytes=min(settings.max_bytes, 1 << 30))
-            notes.append("--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up).")
-        if args.quick and "compile" in settings.impls:
-            sw_settings = replace(sw_settings, impls=tuple(i for i in settings.impls if i != "compile"))
-        spec = OPS["region_loss"]
-        md += [
-            "## Sweeps of the region loss",
-            "",
-            f"`RegionDiscriminationLoss({spec.config})`; one parameter varied, the others at the base "
-            f"configuration. compile: {'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}. "
-            "The base point, common to all sweeps, is measured once and repeated in each table.",
-            "",
-        ]
+def _ops_section(report: _Report, args, settings: Settings, machine: Machine, base: Case, measured: dict) -> None:
+    print("== ops", file=sys.stderr, flush=True)
+    ops_settings = settings
+    if args.quick and "compile" in settings.impls:
+        ops_settings = replace(settings, impls=tuple(i for i in settings.impls if i != "compile"))
+        report.notes.append("--quick: torch.compile is timed only in the headline (compile time dominates a quick run).")
+    rows = []
+    for spec in OPS.values():
         torch._dynamo.reset()
-        for sweep in v["sweeps"]:
-            print(f"== sweep {sweep}", file=sys.stderr, flush=True)
-            rows = []
-            if sweep == "dtype":
-                points = [replace(base, dtype=dt) for dt in DTYPES[device.type]]
-            elif sweep == "P":
-                points = [replace(base, H=s, W=s) for s in sweep_sets["P"]]
-            else:
-                points = [replace(base, **{sweep: val}) for val in sweep_sets[sweep]]
-            for case in points:
-                if args.compile_static:
-                    torch._dynamo.reset()
-                label = _label(dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op="", M=case.M), sweep)
-                if case in measured and measured[case][0] == sw_settings.impls:
-                    _log(settings, f"  {label}: same case as measured before, rows reused")
-                    rows += [dict(r, section="sweeps", sweep=sweep) for r in measured[case][1]]
-                    continue
-                _log(settings, f"  {label}")
-                case_rows = run_case(spec, case, sw_settings, machine, section="sweeps", sweep=sweep)
-                measured[case] = (sw_settings.impls, case_rows)
-                rows += case_rows
-            all_rows += rows
-            md += [f"### Sweep {sweep}", "", markdown_table(rows, sweep), ""]
-            save_partial()
-            if not args.no_plots:
-                png = os.path.join(args.out, f"bench_sweep_{sweep}.png")
-                note = plot_sweep(rows, sweep, png)
-                if note:
-                    if note not in notes:
-                        notes.append(note)
-                        print(f"note: {note}", flush=True)
-                else:
-                    md += [f"![sweep {sweep}](bench_sweep_{sweep}.png)", ""]
+        op_rows = run_case(spec, base, ops_settings, machine, section="ops")
+        if spec.name == "region_loss" and "compile" not in ops_settings.impls:
+            measured[base] = (ops_settings.impls, op_rows)  # the sweeps reuse it for their base point
+        rows += op_rows
+    report.rows += rows
+    report.md += ["## Every op at the base configuration", ""]
+    report.md += [f"- `{s.name}`: {s.config}" for s in OPS.values()]
+    report.md += ["", markdown_table(rows), ""]
 
-    save_partial()
-    if "e2e" in v["sections"]:
-        print("== e2e", file=sys.stderr, flush=True)
-        bs, size = (1, 16) if tiny else (4, 128)
-        rows, how = run_e2e(settings, batch_size=bs, size=size, steps=v["e2e_steps"], warmup=1 if tiny else 2)
-        all_rows += rows
-        md += ["## End to end: LD training steps per second", ""]
-        md += [e2e_markdown(rows, how) if rows else how, ""]
 
-    save_partial()
+def _sweep_settings(report: _Report, args, settings: Settings) -> Settings:
+    """The sweeps' settings: dynamic compile unless --compile-static; --quick narrows them."""
+    sw_settings = replace(settings, compile_dynamic=not args.compile_static)
+    if args.quick and args.max_mem_gb is None and settings.device.type == "cpu":
+        sw_settings = replace(sw_settings, max_bytes=min(settings.max_bytes, 1 << 30))
+        report.notes.append("--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up).")
+    if args.quick and "compile" in settings.impls:
+        sw_settings = replace(sw_settings, impls=tuple(i for i in settings.impls if i != "compile"))
+    return sw_settings
+
+
+def _sweeps_section(report: _Report, args, v: dict, settings: Settings, machine: Machine, base: Case,
+                    measured: dict) -> None:
+    sweep_sets = TINY_SWEEPS if args.tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
+    sw_settings = _sweep_settings(report, args, settings)
+    spec = OPS["region_loss"]
+    report.md += [
+        "## Sweeps of the region loss",
+        "",
+        f"`RegionDiscriminationLoss({spec.config})`; one parameter varied, the others at the base "
+        f"configuration. compile: {'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}. "
+        "The base point, common to all sweeps, is measured once and repeated in each table.",
+        "",
+    ]
+    torch._dynamo.reset()
+    for sweep in v["sweeps"]:
+        print(f"== sweep {sweep}", file=sys.stderr, flush=True)
+        points = _sweep_points(sweep, base, sweep_sets, settings.device)
+        rows = _sweep_rows(sweep, points, args, settings, sw_settings, machine, measured)
+        report.rows += rows
+        report.md += [f"### Sweep {sweep}", "", markdown_table(rows, sweep), ""]
+        report.save_partial()
+        if not args.no_plots:
+            _plot_sweep(report, rows, sweep, args.out)
+
+
+def _sweep_points(sweep: str, base: Case, sweep_sets: dict, device: torch.device) -> list[Case]:
+    if sweep == "dtype":
+        return [replace(base, dtype=dt) for dt in DTYPES[device.type]]
+    if sweep == "P":
+        return [replace(base, H=s, W=s) for s in sweep_sets["P"]]
+    return [replace(base, **{sweep: val}) for val in sweep_sets[sweep]]
+
+
+def _sweep_rows(sweep: str, points: list[Case], args, settings: Settings, sw_settings: Settings, machine: Machine,
+                measured: dict) -> list[dict]:
+    """One sweep's rows; a point measured before with the same implementations is reused."""
+    rows = []
+    for case in points:
+        if args.compile_static:
+            torch._dynamo.reset()
+        label = sweep_label(dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op="", M=case.M), sweep)
+        if case in measured and measured[case][0] == sw_settings.impls:
+            log(settings, f"  {label}: same case as measured before, rows reused")
+            rows += [dict(r, section="sweeps", sweep=sweep) for r in measured[case][1]]
+            continue
+        log(settings, f"  {label}")
+        case_rows = run_case(OPS["region_loss"], case, sw_settings, machine, section="sweeps", sweep=sweep)
+        measured[case] = (sw_settings.impls, case_rows)
+        rows += case_rows
+    return rows
+
+
+def _plot_sweep(report: _Report, rows: list[dict], sweep: str, out: str) -> None:
+    png = os.path.join(out, f"bench_sweep_{sweep}.png")
+    note = plot_sweep(rows, sweep, png)
+    if note:
+        if note not in report.notes:
+            report.notes.append(note)
+            print(f"note: {note}", flush=True)
+    else:
+        report.md += [f"![sweep {sweep}](bench_sweep_{sweep}.png)", ""]
+
+
+def _e2e_section(report: _Report, settings: Settings, v: dict, tiny: bool) -> None:
+    print("== e2e", file=sys.stderr, flush=True)
+    bs, size = (1, 16) if tiny else (4, 128)
+    rows, how = run_e2e(settings, batch_size=bs, size=size, steps=v["e2e_steps"], warmup=1 if tiny else 2)
+    report.rows += rows
+    report.md += ["## End to end: LD training steps per second", ""]
+    report.md += [e2e_markdown(rows, how) if rows else how, ""]
+
+
+def _finish_report(report: _Report, args, machine: Machine, t_start: float) -> None:
+    """The measured device rates, run time and notes; results.csv and results.md, also printed."""
+    md = report.md
     if machine._bw is not None:
         md.append(
             f"Measured on this device in this run: copy bandwidth {machine.bandwidth / 1e9:.1f} GB/s (dst.copy_(src), "
@@ -321,13 +379,10 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         )
         md.append("")
     elapsed = time.perf_counter() - t_start
-    md += [f"Run time {elapsed:.0f} s (compile time included)."] + [f"Note: {n}" for n in notes]
-    write_csv(all_rows, csv_path)
-    with open(md_path, "w") as f:
-        f.write("\n".join(md) + "\n")
+    md += [f"Run time {elapsed:.0f} s (compile time included)."] + [f"Note: {n}" for n in report.notes]
+    report.save()
     print("\n".join(md), flush=True)
-    print(f"\nwrote {csv_path}, {md_path}" + ("" if args.no_plots else " and bench_sweep_*.png where plotted"), flush=True)
-    return 0
+    print(f"\nwrote {report.csv_path}, {report.md_path}" + ("" if args.no_plots else " and bench_sweep_*.png where plotted"), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,6 @@ def sweep_label(row: dict, sweep: str) -> str:
     return f"N={row['N']} D={row['D']} K={row['K']} {row['H']}x{row['W']}"
 
 
-_label = sweep_label  # the old name, still imported by bench/cli.py: remove at merge
 
 
 MD_COLUMNS = [

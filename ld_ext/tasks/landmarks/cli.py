@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...checkpoint import load_checkpoint
 from .. import common
 from .centre_term import train_centre_sensitive
 from .evaluation import evaluate_methods, make_eval_targets, plot_landmarks, table_markdown
@@ -89,25 +90,10 @@ def _load_scaled(path, size):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.targets is None and not args.evaluate:
-        raise ValueError("give --targets DIR and/or --evaluate N")
-    if args.evaluate < 0:
-        raise ValueError(f"--evaluate must be >= 0, got {args.evaluate}")
-    if args.size is not None:
-        common.check_positive_int("--size", args.size, 16)
+    _check_task_args(args)
     model = common.load_ld_model(args.checkpoint, part="landmark")
-    from ...checkpoint import load_checkpoint
-
     in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None
-    raw = common.load_image(args.template)
-    template = _load_scaled(args.template, args.size)
-    names, points = load_points(args.points)
-    if args.size is not None:  # points are given on the template as stored
-        sy, sx = template.shape[0] / raw.shape[0], template.shape[1] / raw.shape[1]
-        points = np.stack([(points[:, 0] + 0.5) * sx - 0.5, (points[:, 1] + 0.5) * sy - 0.5], 1)
-    h, w = template.shape
-    if ((points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)).any():
-        raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
+    template, names, points = _template_and_points(args)
     out = Path(args.out)
     if not args.window > 0:
         raise ValueError(f"--window must be > 0, got {args.window}")
@@ -126,47 +112,89 @@ def run(args: argparse.Namespace) -> int:
             "(minutes per call)", args.checkpoint,
         )
     if args.centre_term_steps:
-        pool = [template]
-        if args.targets is not None:
-            pool += [img for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
-                     if img.shape == template.shape]
-        model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
-        result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
+        model = _tune_centre_term(args, model, template, result)
     if args.targets is not None:
-        t_emb, _ = common.embed(model, template[None])
-        loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional,
-                              **search).fit(t_emb.double(), points)
-        preds = {}
-        files = common.list_images(args.targets, "targets")
-        from tqdm import tqdm
-
-        first = None
-        sizes = {}
-        for f in tqdm(files, desc="landmarks"):
-            img = _load_scaled(f, args.size)
-            p = loc.locate_image(model, img)
-            own = common.load_image(f).shape if args.size is not None else img.shape
-            # back to the target's own pixels (pixel centres map onto pixel centres)
-            sy, sx = own[0] / img.shape[0], own[1] / img.shape[1]
-            preds[f.name] = {n: [float((x + 0.5) * sx - 0.5), float((y + 0.5) * sy - 0.5)] for n, (x, y) in zip(names, p)}
-            sizes[f.name] = [int(own[1]), int(own[0])]
-            if first is None:
-                first = (img, p)
-        result["predictions"] = preds
-        result["frame"] = (
-            "predictions are [x, y] = [column, row] in each target's own pixels (the file as stored, "
-            "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]"
-        )
-        result["target_sizes"] = sizes
-        plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
+        _locate_targets(args, model, template, names, points, search, result, out)
     if args.evaluate:
-        targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
-        pool = dict(radii=args.radii, edge=args.edge, fractional=args.fractional, **search)
-        ld_methods = {"centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
-                      "uniform pooling": dict(mode="uniform", **pool)}
-        ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search, ld_methods=ld_methods)
-        result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
-        print(table_markdown(ev["rows"]))
+        _evaluate(args, model, template, points, search, result)
     common.atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0
+
+
+def _check_task_args(args: argparse.Namespace) -> None:
+    """What to do (--targets and/or --evaluate) and --size, checked before anything is loaded."""
+    if args.targets is None and not args.evaluate:
+        raise ValueError("give --targets DIR and/or --evaluate N")
+    if args.evaluate < 0:
+        raise ValueError(f"--evaluate must be >= 0, got {args.evaluate}")
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+
+
+def _template_and_points(args: argparse.Namespace) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The template (scaled, resized to --size) and its landmarks in its pixels, which must lie inside it."""
+    raw = common.load_image(args.template)
+    template = _load_scaled(args.template, args.size)
+    names, points = load_points(args.points)
+    if args.size is not None:  # points are given on the template as stored
+        sy, sx = template.shape[0] / raw.shape[0], template.shape[1] / raw.shape[1]
+        points = np.stack([(points[:, 0] + 0.5) * sx - 0.5, (points[:, 1] + 0.5) * sy - 0.5], 1)
+    h, w = template.shape
+    if ((points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)).any():
+        raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
+    return template, names, points
+
+
+def _tune_centre_term(args: argparse.Namespace, model, template: np.ndarray, result: dict):
+    """--centre-term-steps: fine-tune on warps of the template and the targets of its size."""
+    pool = [template]
+    if args.targets is not None:
+        pool += [img for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
+                 if img.shape == template.shape]
+    model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
+    result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
+    return model
+
+
+def _locate_targets(args: argparse.Namespace, model, template: np.ndarray, names: list[str], points: np.ndarray,
+                    search: dict, result: dict, out: Path) -> None:
+    """--targets: the landmarks of every target image in its own pixels, and a PNG of the first."""
+    t_emb, _ = common.embed(model, template[None])
+    loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional,
+                          **search).fit(t_emb.double(), points)
+    preds = {}
+    files = common.list_images(args.targets, "targets")
+    from tqdm import tqdm
+
+    first = None
+    sizes = {}
+    for f in tqdm(files, desc="landmarks"):
+        img = _load_scaled(f, args.size)
+        p = loc.locate_image(model, img)
+        own = common.load_image(f).shape if args.size is not None else img.shape
+        # back to the target's own pixels (pixel centres map onto pixel centres)
+        sy, sx = own[0] / img.shape[0], own[1] / img.shape[1]
+        preds[f.name] = {n: [float((x + 0.5) * sx - 0.5), float((y + 0.5) * sy - 0.5)] for n, (x, y) in zip(names, p)}
+        sizes[f.name] = [int(own[1]), int(own[0])]
+        if first is None:
+            first = (img, p)
+    result["predictions"] = preds
+    result["frame"] = (
+        "predictions are [x, y] = [column, row] in each target's own pixels (the file as stored, "
+        "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]"
+    )
+    result["target_sizes"] = sizes
+    plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
+
+
+def _evaluate(args: argparse.Namespace, model, template: np.ndarray, points: np.ndarray, search: dict,
+              result: dict) -> None:
+    """--evaluate N: radial errors of LD and NCC on N known random warps of the template (printed)."""
+    targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
+    pool = dict(radii=args.radii, edge=args.edge, fractional=args.fractional, **search)
+    ld_methods = {"centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
+                  "uniform pooling": dict(mode="uniform", **pool)}
+    ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search, ld_methods=ld_methods)
+    result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
+    print(table_markdown(ev["rows"]))

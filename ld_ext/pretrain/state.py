@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed as dist_utils
-from .checkpoint import load_checkpoint
+from .. import distributed as dist_utils
+from ..checkpoint import load_checkpoint
 
 __all__ = [
     "validate_resume_state", "load_optimizer", "load_scheduler", "restore", "rng_state", "set_rng_state", "seed_all",
