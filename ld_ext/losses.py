@@ -19,6 +19,7 @@ from torch import nn
 
 from . import distributed as _dist
 from . import ops
+from .ops.checks import assignment_mode, check_temperature
 
 
 __all__ = ["RegionDiscriminationLoss", "PatchDiscriminationLoss"]
@@ -60,8 +61,8 @@ class RegionDiscriminationLoss(nn.Module):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        self.temperature = ops._check_temperature(temperature)
-        ops._mode(assignment)
+        self.temperature = check_temperature(temperature)
+        assignment_mode(assignment)  # refuses an unknown mode here, not at the first call
         if not isinstance(gather_distributed, bool):
             raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
         self.normalize = bool(normalize)
@@ -113,7 +114,7 @@ class PatchDiscriminationLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = ops._check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         if not isinstance(gather_distributed, bool):
             raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
         self.gather_distributed = gather_distributed

@@ -171,7 +171,7 @@ def evaluate(args) -> int:
     nets = {}
     for spec in args.checkpoint:
         label, _, path = spec.rpartition("=")
-        nets[label or "LD"] = common.load_ld_model(path)
+        nets[label or "LD"] = common.load_ld_model(path, part="landmark")  # stage 3 of model.pt, when it has one
     if args.random_init:
         torch.manual_seed(0)
         some = next(iter(nets.values()))

@@ -19,15 +19,9 @@ LOW = {"normalization", "reference", "ops", "losses", "plain_losses", "models", 
        "distributed", "data", "checkpoint"}
 PIPELINE = {"train", "pretrain", "batching", "train_state"}
 
-# Remove at merge. The residual cases of the checks below that come from files other engineers
-# change in the same refactor (ld_ext/ops.py, ld_ext/bench/cli.py): private names they have not
-# made public yet. Each entry: (importing module, "owner.name"), module names without "ld_ext.".
-ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS = {
-    ("losses", "ops._check_temperature"),  # ops.py: make it public (e.g. check_temperature)
-    ("losses", "ops._mode"),  # ops.py: make it public under a name that says what it checks
-    ("bench.cli", "bench.cases._log"),  # cases.py: make it public; bench/cli.py: import that
-    ("bench.cli", "bench.report._label"),  # bench/cli.py: import report.sweep_label; drop the alias
-}
+# The compiled extension is ld_ext._C by the convention of torch extensions: a public module
+# whose name starts with an underscore, not a private helper.
+EXTENSION = "_C"
 
 
 def _modules():
@@ -277,7 +271,7 @@ def _private_imports(modules=None) -> set[tuple[str, str]]:
     known = _module_names() | {name for name, _ in modules}
 
     def private(n: str) -> bool:
-        return n.startswith("_") and not n.startswith("__")
+        return n.startswith("_") and not n.startswith("__") and n != EXTENSION
 
     found = set()
     for name, path in modules:
@@ -333,6 +327,4 @@ def test_the_private_name_finder_sees_both_forms(tmp_path):
 def test_no_underscore_name_is_imported_across_ld_ext_modules():
     """A helper that another module needs is public in the module that owns it."""
     found = _private_imports()
-    assert sorted(found - ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS) == []
-    # the allow-list holds only what is still there: an entry fixed at merge must go
-    assert sorted(ALLOWED_UNTIL_MERGE_PRIVATE_IMPORTS - found) == []
+    assert sorted(found) == []

@@ -38,8 +38,6 @@ from .api import (
     region_features_and_entropy,
 )
 from .checks import MIN_TEMPERATURE
-from .checks import assignment_mode as _mode  # noqa: F401  (used by ld_ext.losses)
-from .checks import check_temperature as _check_temperature  # noqa: F401  (used by ld_ext.losses)
 
 __all__ = [
     "region_features",

@@ -399,7 +399,7 @@ def _run_epoch(run: _Run, st: _Stage, epoch: int, first: int, sums: dict[str, fl
     """Steps ``first ..`` of one epoch, then its record, checkpoint, overlays; returns its seconds."""
     t0 = time.time()
     wait0 = run.batches.wait_s
-    bar = _progress(run.steps, f"stage {st.stage} epoch {epoch + 1}/{st.n_epochs}", run.cfg.progress and run.info.is_main)
+    bar = _step_progress_bar(run.steps, f"stage {st.stage} epoch {epoch + 1}/{st.n_epochs}", run.cfg.progress and run.info.is_main)
     if bar is not None and first:
         bar.update(first)
     for step, img1, img2 in run.batches.epoch(st.stage, epoch, first, run.steps):
@@ -588,7 +588,7 @@ def _unwrap_state(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in _plain_model(model).state_dict().items()}
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _step_progress_bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...checkpoint import defer_signals, load_checkpoint, save_checkpoint
 from .centre_term import train_centre_sensitive
 
 __all__ = ["STAGE3_FILE", "DEFAULT_CENTRE_STEPS", "MAX_STAGE_IMAGES", "centre_term_record", "run_centre_stage"]
@@ -35,7 +36,7 @@ logger = logging.getLogger("ld_ext.train")
 
 STAGE3_FILE = "stage3.pt"
 # Selected on the protocol's selection slices at 128 x 128 (docs/tasks.md section 2, "The term in
-# pre-training"; benchmarks/landmark_protocol.py) among 0, 50 and 100 steps (longer runs were not
+# pre-training"; protocols/landmark_protocol.py) among 0, 50 and 100 steps (longer runs were not
 # measured): MRE 2.46 px (0), 0.70 (50), 0.68 (100).
 DEFAULT_CENTRE_STEPS = 100
 MAX_STAGE_IMAGES = 2048  # images drawn (with the seed) from a larger training set for the stage
@@ -68,8 +69,6 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
     ``dataset``: the pre-training images (``read(indices)`` -> (n, C, S, S)). A ``stage3.pt`` in
     ``out`` made with the same ``steps`` and ``seed`` is loaded instead of training again.
     """
-    from ...checkpoint import defer_signals, load_checkpoint, save_checkpoint
-
     path = Path(out) / STAGE3_FILE
     if path.exists():
         st = load_checkpoint(path, map_location="cpu")
