@@ -7,14 +7,8 @@ import logging as _logging
 from . import reference
 from ._version import __version__
 from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss
-from .ops import (
-    build_info,
-    patch_discrimination,
-    pixel_cluster_similarity,
-    region_discrimination,
-    region_features,
-    region_features_and_entropy,
-)
+from .ops import api as _api
+from .ops.api import *  # noqa: F403  (the public op functions; ld_ext.ops.api.__all__ is their one list)
 
 # Library code reports through logging (logger "ld_ext"); it prints nothing unless the program
 # configures logging (the ld-ext command does).
@@ -23,12 +17,7 @@ _logging.getLogger("ld_ext").addHandler(_logging.NullHandler())
 __all__ = [
     "RegionDiscriminationLoss",
     "PatchDiscriminationLoss",
-    "region_features",
-    "region_features_and_entropy",
-    "region_discrimination",
-    "pixel_cluster_similarity",
-    "patch_discrimination",
-    "build_info",
+    *_api.__all__,
     "reference",
     "__version__",
 ]

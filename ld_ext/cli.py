@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
@@ -56,10 +58,15 @@ def run(args: argparse.Namespace) -> int:  # for "info"
 
 
 def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+    """Whether ``module`` (dotted) exists, found on disk without importing it or its parent
+    packages (``importlib.util.find_spec`` would run ``ld_ext.pretrain/__init__.py``)."""
+    parts = module.split(".")
+    spec = importlib.util.find_spec(parts[0])
+    for i in range(1, len(parts)):
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), list(spec.submodule_search_locations))
+    return spec is not None
 
 
 class HelpFormatter(argparse.HelpFormatter):

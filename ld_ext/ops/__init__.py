@@ -29,22 +29,8 @@ from __future__ import annotations
 from ..normalization import ASSIGNMENT_MODES
 from . import autograd as _autograd  # noqa: F401  (registers the Autograd kernels)
 from . import fake as _fake  # noqa: F401  (registers the fake kernels)
-from .api import (
-    build_info,
-    patch_discrimination,
-    pixel_cluster_similarity,
-    region_discrimination,
-    region_features,
-    region_features_and_entropy,
-)
+from . import api
+from .api import *  # noqa: F403  (the public functions; api.__all__ is their one list)
 from .checks import MIN_TEMPERATURE
 
-__all__ = [
-    "region_features",
-    "region_features_and_entropy",
-    "region_discrimination",
-    "pixel_cluster_similarity",
-    "patch_discrimination",
-    "ASSIGNMENT_MODES",
-    "build_info",
-]
+__all__ = [*api.__all__, "ASSIGNMENT_MODES"]
