@@ -2,6 +2,7 @@
 
 Chen et al., "Unsupervised Local Discrimination for Medical Images" (arXiv 2108.09440).
 """
+
 import logging as _logging
 
 from . import reference
@@ -14,10 +15,4 @@ from .ops.api import *  # noqa: F403  (the public op functions; ld_ext.ops.api._
 # configures logging (the ld-ext command does).
 _logging.getLogger("ld_ext").addHandler(_logging.NullHandler())
 
-__all__ = [
-    "RegionDiscriminationLoss",
-    "PatchDiscriminationLoss",
-    *_api.__all__,
-    "reference",
-    "__version__",
-]
+__all__ = ["RegionDiscriminationLoss", "PatchDiscriminationLoss", *_api.__all__, "reference", "__version__"]

@@ -1,4 +1,5 @@
 """``python -m ld_ext ...`` is the ``ld-ext`` command."""
+
 import sys
 
 from .cli import main

@@ -10,6 +10,7 @@ Writers: ``atomic_write(path, write)`` (``write`` gets a binary file object), an
 ``atomic_write_bytes``, ``atomic_write_text``, ``atomic_write_json``, ``atomic_write_png`` (an
 array as an 8-bit PNG) and ``atomic_savefig`` (a matplotlib figure as PNG).
 """
+
 from __future__ import annotations
 
 import contextlib

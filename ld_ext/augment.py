@@ -21,6 +21,7 @@ operations run in a fixed order (brightness, contrast, saturation, hue) instead 
 one; hue is a rotation of the chroma plane in YIQ space; the v2 flips are drawn independently
 per axis (p = 0.5 each); images are normalised with fixed ``NORM_MEAN``/``NORM_STD``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -211,7 +212,9 @@ class LDViewGenerator:
 
     def __call__(self, img1: torch.Tensor, img2: torch.Tensor, generators: Sequence[torch.Generator]) -> ViewBatch:
         if img1.shape != img2.shape or img1.dim() != 4:
-            raise ValueError(f"img1 and img2 must both be (B, C, H, W), got {tuple(img1.shape)} and {tuple(img2.shape)}")
+            raise ValueError(
+                f"img1 and img2 must both be (B, C, H, W), got {tuple(img1.shape)} and {tuple(img2.shape)}"
+            )
         b, c = img1.shape[:2]
         if len(generators) != b:
             raise ValueError(f"need one generator per item: {b} items, {len(generators)} generators")

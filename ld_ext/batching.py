@@ -6,6 +6,7 @@ set per epoch, ``batch_indices`` gives a step's global items and their partner i
 process's share of each step from memory (an ``ImageFolderDataset`` moved to the device once) or
 streamed from the cache by a DataLoader.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def epoch_order(n: int, stage: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=item_generator(seed, stage, epoch, -1))
 
 
-def batch_indices(n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int, order: torch.Tensor | None = None):
+def batch_indices(
+    n: int, stage: int, epoch: int, step: int, global_batch: int, seed: int, order: torch.Tensor | None = None
+):
     """Global item indices, their partner images and the items' global numbers for one step.
 
     ``order`` is ``epoch_order(n, stage, epoch, seed)`` when the caller already has it.
@@ -104,7 +107,9 @@ class Batches:
     ``wait_s`` accumulates the time the training loop spent waiting for the next batch.
     """
 
-    def __init__(self, dataset, n: int, gb: int, b: int, rank: int, seed: int, device: torch.device, workers: int) -> None:
+    def __init__(
+        self, dataset, n: int, gb: int, b: int, rank: int, seed: int, device: torch.device, workers: int
+    ) -> None:
         self.device, self.b = device, b
         self.source = _StepImages(dataset, n, gb, b, rank, seed)
         self.streaming = not isinstance(dataset, ImageFolderDataset)
@@ -115,8 +120,13 @@ class Batches:
         self.keys = _StepKeys()
         pin = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
-            self.source, batch_size=None, sampler=self.keys, num_workers=workers, pin_memory=pin,
-            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+            self.source,
+            batch_size=None,
+            sampler=self.keys,
+            num_workers=workers,
+            pin_memory=pin,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(0),  # never draws from the global RNG
         )
 

@@ -24,6 +24,7 @@ after. The atomic writers (``atomic_write``, ``atomic_write_bytes``) and
 ``remove_stale_temp_files(folder)`` (temp files a killed writer left behind) are those of
 ``ld_ext.atomic``, importable from here too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,13 +40,29 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_bytes, remove_stale_temp_files  # re-exported: the writers live in ld_ext.atomic
+from .atomic import (
+    atomic_write,
+    atomic_write_bytes,
+    remove_stale_temp_files,
+)  # re-exported: the writers live in ld_ext.atomic
 from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "load_model", "infer_config", "validate_config", "atomic_write",
-    "atomic_write_bytes", "defer_signals", "remove_stale_temp_files", "FORMAT", "VERSION", "LANDMARK_KEY", "PARTS",
-    "checkpoint_parts", "check_tensor_storage",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "infer_config",
+    "validate_config",
+    "atomic_write",
+    "atomic_write_bytes",
+    "defer_signals",
+    "remove_stale_temp_files",
+    "FORMAT",
+    "VERSION",
+    "LANDMARK_KEY",
+    "PARTS",
+    "checkpoint_parts",
+    "check_tensor_storage",
 ]
 
 FORMAT = "ld_ext.checkpoint"
@@ -59,6 +76,7 @@ PARTS = ("representation", "landmark")
 MAX_WIDTH = 8192
 MAX_DEPTH = 64
 MAX_CHANNELS = 8192
+
 
 @contextlib.contextmanager
 def defer_signals(signals=(signal.SIGINT, signal.SIGTERM)):
@@ -180,8 +198,10 @@ def _why_unreadable(p: Path, exc: Exception) -> str:
     is_zip = zipfile.is_zipfile(p)
     glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if is_zip and glob:
-        return (f"it holds a Python object of type {glob.group(1)}; ld_ext loads only tensors, numbers, strings "
-                "and containers of them (weights-only), so that loading a file cannot run code")
+        return (
+            f"it holds a Python object of type {glob.group(1)}; ld_ext loads only tensors, numbers, strings "
+            "and containers of them (weights-only), so that loading a file cannot run code"
+        )
     if is_zip and "central directory" not in text:
         return f"the file is a damaged PyTorch archive ({type(exc).__name__})"
     with open(p, "rb") as f:
@@ -259,8 +279,7 @@ def checkpoint_parts(ckpt: Mapping) -> dict:
     and no ``"landmark_model"``), so the representation and the landmark network are one and the same."""
     has_lm = LANDMARK_KEY in ckpt
     legacy = not has_lm and ckpt.get("centre_term") is not None
-    return {"representation": True, "landmark": has_lm or ckpt.get("centre_term") is not None,
-            "legacy_stage3": legacy}
+    return {"representation": True, "landmark": has_lm or ckpt.get("centre_term") is not None, "legacy_stage3": legacy}
 
 
 def _check_state_dict(sd: Any, where: str, key: str) -> Mapping[str, torch.Tensor]:
@@ -294,8 +313,14 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", part: str = "
         cfg = inferred
     else:
         cfg = validate_config(stored, where)
-        full = {"in_channels": 1, "emb_dim": 32, "n_clusters": 16, "widths": list(DEFAULT_WIDTHS),
-                "depths": list(DEFAULT_DEPTHS), **cfg}
+        full = {
+            "in_channels": 1,
+            "emb_dim": 32,
+            "n_clusters": 16,
+            "widths": list(DEFAULT_WIDTHS),
+            "depths": list(DEFAULT_DEPTHS),
+            **cfg,
+        }
         have = {"depths": list(DEFAULT_DEPTHS), **inferred}
         diff = [f"{k}={full[k]!r} (the tensors say {have[k]!r})" for k in have if full[k] != have[k]]
         if diff:

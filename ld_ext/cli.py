@@ -14,6 +14,7 @@ the environment variable ``LD_EXT_TRACEBACK=1``) shows the traceback instead. Ct
 exit status 130. Library code reports progress through :mod:`logging` (logger ``ld_ext``); the
 command sends it to stderr, one plain line per message (``-q`` shows warnings only, ``-v`` debug).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,10 @@ from ._version import __version__
 
 # name -> (module, one-line help); the module is imported only when its subcommand is used
 SUBCOMMANDS = {
-    "pretrain": ("ld_ext.pretrain.cli", "pre-train an LD network (both stages, then the centre-sensitive landmark term) on a folder of medical images"),
+    "pretrain": (
+        "ld_ext.pretrain.cli",
+        "pre-train an LD network (both stages, then the centre-sensitive landmark term) on a folder of medical images",
+    ),
     "demo": ("ld_ext.demos", "pre-train on the MNI152 template shipped in nilearn and score the clusters"),
     "bench": ("ld_ext.bench", "benchmark the fused ops against plain PyTorch"),
     "finetune": ("ld_ext.tasks.segmentation", "transfer to segmentation (LD init vs random init)"),

@@ -9,6 +9,7 @@ the single-process update on the concatenated batch. Batch-norm statistics are m
 ``GlobalBatchNorm2d`` (CPU; torch's SyncBatchNorm only supports accelerators) or torch's
 ``SyncBatchNorm`` on CUDA.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -278,7 +279,9 @@ def _convert_cpu(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
         ref = module.weight if module.affine else module.running_mean
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kw)
+        new = GlobalBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kw
+        )
         with torch.no_grad():
             if module.affine:
                 new.weight.copy_(module.weight)

@@ -12,6 +12,7 @@ Each module keeps its math in small methods (``RegionDiscriminationLoss.features
 ``forward``; their plain-PyTorch twins (``ld_ext.plain_losses``: ``--loss-impl reference`` and the
 benchmarks' baseline) override only the math.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ embeddings ``z`` (not normalised) and the raw clustering logits ``s`` (pre-sigmo
 Stage 2 is built with the clustering branch and takes every other weight from a stage-1
 model *by parameter name* (``LDNet.load_stage1``), never by position.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
@@ -24,9 +25,7 @@ CLUSTER_PREFIX = "decoder.cluster_head."
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
     )
 
 

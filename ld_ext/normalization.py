@@ -4,6 +4,7 @@ Both the test oracle (``ld_ext.reference``) and the pipeline (``ld_ext.objective
 from here, so that neither has to import the other; the kernels use the same values
 (``csrc/ld_ext.h``).
 """
+
 from __future__ import annotations
 
 import torch

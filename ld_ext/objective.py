@@ -16,6 +16,7 @@ These are the modules of ``ld_ext.losses`` a user would put in their own trainin
 ``loss_impl="reference"`` swaps in their plain-PyTorch twins (``ld_ext.plain_losses``, also the
 comparison baseline of the benchmarks; same interface, no fused op).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,6 @@ W_RD = 10.0  # L = L_pd + L_mix + 10 L_rd + 0.1 L_ent (docs/method.md section 6)
 W_ENT = 0.1
 RD_TEMPERATURE = 0.2  # tau of region discrimination (section 3)
 PD_TEMPERATURE = 0.1  # T of the PD and mixup criterion (section 5)
-
 
 
 def _loss_modules(loss_impl: str):

@@ -13,6 +13,7 @@ the same order, so the same values bit for bit; ``tests/test_bench.py`` checks i
 written here, on ``ld_ext.normalization``, because the losses layer never imports the oracle
 (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ Two formulations of region features are given:
 Constants and the normalisations follow docs/method.md exactly; they are defined once in
 ``ld_ext.normalization`` (shared with the pipeline) and re-exported here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -150,7 +151,11 @@ def pixel_cluster_similarity(
 
 
 def pixel_cluster_similarity_grad_condition(
-    embeddings: torch.Tensor, prototypes: torch.Tensor, grad_out: torch.Tensor, temperature: float = 0.2, *,
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    grad_out: torch.Tensor,
+    temperature: float = 0.2,
+    *,
     normalize: bool = False,
 ) -> tuple[float, float]:
     """Condition numbers (embeddings, prototypes) of the similarity's backward for ``grad_out``:
@@ -233,4 +238,3 @@ def patch_discrimination_published(x: torch.Tensor, temperature: float = 0.1) ->
     lnPon = all_prob / all_div[:, None]
     lnPon = torch.log(1 - lnPon).sum(1) - torch.log(1 - lnPmt)
     return -(torch.log(lnPmt).sum(0) + lnPon.sum(0)) / m
-

@@ -2,6 +2,7 @@
 ``ld_ext.pretrain`` (the package that holds the trainer, its configuration and ``ld-ext pretrain``),
 so that code written against ``ld_ext.train`` keeps working. Its progress still goes to the
 logger ``ld_ext.train``."""
+
 from __future__ import annotations
 
 from .pretrain import (

@@ -1,4 +1,5 @@
 """Pictures people look at: cluster overlays, embedding maps and loss curves (PNG, written atomically)."""
+
 from __future__ import annotations
 
 import io
@@ -26,10 +27,26 @@ def cluster_palette(k: int) -> np.ndarray:
     """(k, 3) uint8 distinct colours (tab20 then evenly spaced hues)."""
     base = np.array(
         [
-            [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
-            [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232], [255, 187, 120],
-            [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148], [247, 182, 210], [199, 199, 199],
-            [219, 219, 141], [158, 218, 229],
+            [31, 119, 180],
+            [255, 127, 14],
+            [44, 160, 44],
+            [214, 39, 40],
+            [148, 103, 189],
+            [140, 86, 75],
+            [227, 119, 194],
+            [127, 127, 127],
+            [188, 189, 34],
+            [23, 190, 207],
+            [174, 199, 232],
+            [255, 187, 120],
+            [152, 223, 138],
+            [255, 152, 150],
+            [197, 176, 213],
+            [196, 156, 148],
+            [247, 182, 210],
+            [199, 199, 199],
+            [219, 219, 141],
+            [158, 218, 229],
         ],
         dtype=np.uint8,
     )
@@ -128,7 +145,9 @@ def _text_size(font, text: str) -> tuple[int, int]:
     return right - left, bottom - top
 
 
-def save_loss_curves(records: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "pd", "mix", "rd", "ent")) -> Path:
+def save_loss_curves(
+    records: Sequence[dict], path: str | os.PathLike, keys: Sequence[str] = ("loss", "pd", "mix", "rd", "ent")
+) -> Path:
     """Plot per-epoch losses from metrics records (one line per key present) to a PNG."""
     fig = new_figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -136,7 +155,9 @@ def save_loss_curves(records: Sequence[dict], path: str | os.PathLike, keys: Seq
     for key in keys:
         ys = [r.get(key) for r in records]
         if any(y is not None for y in ys):
-            ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], marker=".", label=key)
+            ax.plot(
+                [x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], marker=".", label=key
+            )
     for i in range(1, len(records)):
         if records[i].get("stage") != records[i - 1].get("stage"):
             ax.axvline(i + 0.5, color="gray", lw=0.8, ls="--")

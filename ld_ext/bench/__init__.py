@@ -33,6 +33,7 @@ the CPU allocator, in time order); the headline adds the peak RSS of a subproces
 mmap every block >= 64 KiB, so that freed memory leaves the RSS and the high-water mark tracks
 allocations made outside ATen too).
 """
+
 from __future__ import annotations
 
 from .baselines import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLoss
@@ -45,10 +46,43 @@ from .specs import BASE, IMPLS, MODES, OPS, Case, OpSpec, make_generator
 from .timing import Machine, Timing, copy_bandwidth, matmul_rate, measure_group, time_call, time_once
 
 __all__ = [
-    "Case", "OpSpec", "OPS", "IMPLS", "MODES", "BASE", "SECTIONS", "SWEEPS", "CSV_COLUMNS", "MD_COLUMNS",
-    "make_generator", "Timing", "measure_group", "time_call", "time_once", "copy_bandwidth", "matmul_rate",
-    "Machine", "measure_peak_memory", "cuda_peak_memory", "CPU_MEM_METHOD", "CUDA_MEM_METHOD", "Settings",
-    "run_case", "run_headline", "rss_probe", "RSS_METHOD", "make_training_step", "synthetic_images", "run_e2e",
-    "PlainRegionDiscriminationLoss", "PlainPatchDiscriminationLoss", "write_csv", "markdown_table",
-    "headline_markdown", "e2e_markdown", "add_arguments", "run", "main",
+    "Case",
+    "OpSpec",
+    "OPS",
+    "IMPLS",
+    "MODES",
+    "BASE",
+    "SECTIONS",
+    "SWEEPS",
+    "CSV_COLUMNS",
+    "MD_COLUMNS",
+    "make_generator",
+    "Timing",
+    "measure_group",
+    "time_call",
+    "time_once",
+    "copy_bandwidth",
+    "matmul_rate",
+    "Machine",
+    "measure_peak_memory",
+    "cuda_peak_memory",
+    "CPU_MEM_METHOD",
+    "CUDA_MEM_METHOD",
+    "Settings",
+    "run_case",
+    "run_headline",
+    "rss_probe",
+    "RSS_METHOD",
+    "make_training_step",
+    "synthetic_images",
+    "run_e2e",
+    "PlainRegionDiscriminationLoss",
+    "PlainPatchDiscriminationLoss",
+    "write_csv",
+    "markdown_table",
+    "headline_markdown",
+    "e2e_markdown",
+    "add_arguments",
+    "run",
+    "main",
 ]

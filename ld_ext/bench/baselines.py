@@ -4,6 +4,7 @@ They live in the losses layer (``ld_ext.plain_losses``), since ``LDObjective(los
 trains with them too; the benchmarks (the end-to-end step, ``ld_ext.bench``) import them from
 here, beside their other baselines.
 """
+
 from __future__ import annotations
 
 from ..plain_losses import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLoss

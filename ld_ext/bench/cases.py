@@ -2,6 +2,7 @@
 interleaved (``timing``), peak memory (``memory``), floor from the measured device rates; one
 CSV row per (mode, implementation). The headline adds the RSS of a subprocess on the CPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -97,7 +98,11 @@ def run_case(
         timings = {}
         if runs:
             timings = measure_group(
-                runs, len(sets), device, warmup=settings.warmup, repeats=settings.repeats,
+                runs,
+                len(sets),
+                device,
+                warmup=settings.warmup,
+                repeats=settings.repeats,
                 target_sample_s=settings.target_sample_s,
             )
         mems = {}
@@ -165,8 +170,16 @@ class _Measured:
     n_sets: int
 
 
-def _mode_rows(spec: OpSpec, case: Case, settings: Settings, machine: Machine | None, mode: str, m: _Measured,
-               section: str, sweep: str) -> list[dict]:
+def _mode_rows(
+    spec: OpSpec,
+    case: Case,
+    settings: Settings,
+    machine: Machine | None,
+    mode: str,
+    m: _Measured,
+    section: str,
+    sweep: str,
+) -> list[dict]:
     """The CSV rows of one mode, one per implementation (floor from the machine's measured rates)."""
     nbytes, flops = spec.bytes(case, mode), spec.flops(case, mode)
     floor_ms = bound = None
@@ -180,9 +193,24 @@ def _mode_rows(spec: OpSpec, case: Case, settings: Settings, machine: Machine | 
     for impl in m.impls:
         row = {c: "" for c in CSV_COLUMNS}
         row.update(
-            section=section, sweep=sweep, op=spec.name, mode=mode, impl=impl, device=settings.device.type,
-            dtype=case.dtype, N=case.N, D=case.D, K=case.K, H=case.H, W=case.W, P=case.P, M=case.M,
-            bytes=nbytes, flops=flops, input_sets=m.n_sets, status=m.status[impl],
+            section=section,
+            sweep=sweep,
+            op=spec.name,
+            mode=mode,
+            impl=impl,
+            device=settings.device.type,
+            dtype=case.dtype,
+            N=case.N,
+            D=case.D,
+            K=case.K,
+            H=case.H,
+            W=case.W,
+            P=case.P,
+            M=case.M,
+            bytes=nbytes,
+            flops=flops,
+            input_sets=m.n_sets,
+            status=m.status[impl],
             compile=("dynamic" if settings.compile_dynamic else "static") if impl == "compile" else "",
         )
         if spec.name == "patch_discrimination":
@@ -193,15 +221,22 @@ def _mode_rows(spec: OpSpec, case: Case, settings: Settings, machine: Machine | 
         if impl in m.timings:
             t = m.timings[impl]
             row.update(
-                median_ms=t.median_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, min_ms=t.min_ms, max_ms=t.max_ms,
-                repeats=t.repeats, calls_per_sample=t.number,
+                median_ms=t.median_ms,
+                q1_ms=t.q1_ms,
+                q3_ms=t.q3_ms,
+                min_ms=t.min_ms,
+                max_ms=t.max_ms,
+                repeats=t.repeats,
+                calls_per_sample=t.number,
                 achieved_GBps=nbytes / (t.median_ms * 1e-3) / 1e9,
             )
             if fused_ms is not None:
                 row["speedup_of_fused"] = t.median_ms / fused_ms
             if floor_ms is not None:
                 row.update(
-                    floor_ms=floor_ms, floor_bound=bound, x_floor=t.median_ms / floor_ms,
+                    floor_ms=floor_ms,
+                    floor_bound=bound,
+                    x_floor=t.median_ms / floor_ms,
                     pct_copy_bw=100.0 * nbytes / (t.median_ms * 1e-3) / machine.bandwidth,
                 )
         if impl in m.mems:
@@ -273,7 +308,9 @@ def rss_probe(impl: str, case: Case, seed: int) -> dict | None:
 def run_headline(settings: Settings, machine: Machine, case: Case, rss: bool = True) -> tuple[list[dict], dict]:
     """The core issue's figure: fused vs eager vs compile, fwd+bwd, with floor and memory."""
     hs = replace(
-        settings, impls=tuple(i for i in ("fused", "eager", "compile") if i in settings.impls), compile_dynamic=False,
+        settings,
+        impls=tuple(i for i in ("fused", "eager", "compile") if i in settings.impls),
+        compile_dynamic=False,
         max_call_s=math.inf,
     )
     torch._dynamo.reset()

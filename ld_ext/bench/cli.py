@@ -2,6 +2,7 @@
 over the sections (headline, ops, sweeps, e2e) and its outputs (results.csv, results.md,
 bench_sweep_*.png in ``--out``, written after every section).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,36 +36,62 @@ FULL_SWEEPS = {
     "D": [8, 16, 32, 64, 128],
     "N": [2, 4, 8, 16, 32],
 }
-QUICK_SWEEPS = {
-    "P": [32, 64, 128, 256],
-    "K": [4, 16, 64],
-    "D": [8, 32, 128],
-    "N": [2, 8, 16],
-}
+QUICK_SWEEPS = {"P": [32, 64, 128, 256], "K": [4, 16, 64], "D": [8, 32, 128], "N": [2, 8, 16]}
 TINY_SWEEPS = {"P": [8, 12], "K": [2, 3], "D": [4, 5], "N": [2, 3]}
 DTYPES = {"cpu": ["float32", "float64"], "cuda": ["float32", "float16", "bfloat16", "float64"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
-    parser.add_argument("--quick", action="store_true", help="smaller sweeps, compile timed only in the headline (< 3 min on a 2-core CPU)")
-    parser.add_argument("--out", default="bench_out", help="output folder for results.csv, results.md, bench_*.png (default: bench_out)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller sweeps, compile timed only in the headline (< 3 min on a 2-core CPU)",
+    )
+    parser.add_argument(
+        "--out", default="bench_out", help="output folder for results.csv, results.md, bench_*.png (default: bench_out)"
+    )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
     parser.add_argument("--sweeps", default=None, help=f"comma-separated subset of {','.join(SWEEPS)} (default: all)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="timed samples per implementation (>= 5; default 7, 5 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed samples per implementation (>= 5; default 7, 5 with --quick)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per implementation (default 2)")
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated through (fresh random data; default 3)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
-    parser.add_argument("--max-mem-gb", type=float, default=None, help="skip implementations whose estimated peak exceeds this (default 8 on CPU, 2 with --quick; half the GPU)")
-    parser.add_argument("--max-call-s", type=float, default=None, help="skip an implementation whose single call takes longer than this many seconds (default 8 on CPU, 5 with --quick; none on CUDA; never in the headline)")
-    parser.add_argument("--compile-static", action="store_true", help="compile every sweep point with static shapes (default: dynamic=True in sweeps, static in headline/ops)")
+    parser.add_argument(
+        "--max-mem-gb",
+        type=float,
+        default=None,
+        help="skip implementations whose estimated peak exceeds this (default 8 on CPU, 2 with --quick; half the GPU)",
+    )
+    parser.add_argument(
+        "--max-call-s",
+        type=float,
+        default=None,
+        help="skip an implementation whose single call takes longer than this many seconds (default 8 on CPU, 5 with --quick; none on CUDA; never in the headline)",
+    )
+    parser.add_argument(
+        "--compile-static",
+        action="store_true",
+        help="compile every sweep point with static shapes (default: dynamic=True in sweeps, static in headline/ops)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out everywhere")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--e2e-steps", type=int, default=None, help="timed training steps per loss implementation (default 7, 5 with --quick)")
-    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes, 1 thread (for tests of the harness, not for figures)")
+    parser.add_argument(
+        "--e2e-steps",
+        type=int,
+        default=None,
+        help="timed training steps per loss implementation (default 7, 5 with --quick)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke-test sizes, 1 thread (for tests of the harness, not for figures)"
+    )
 
 
 class BenchError(ValueError):
@@ -132,8 +159,16 @@ def _validate(args: argparse.Namespace) -> dict:
         max_call_s = 5.0 if args.quick else 8.0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BenchError(f"--out {args.out!r} exists and is not a folder")
-    return dict(device=device, sections=sections, sweeps=sweeps, impls=tuple(impls), repeats=repeats,
-                e2e_steps=e2e_steps, max_bytes=max_bytes, max_call_s=max_call_s)
+    return dict(
+        device=device,
+        sections=sections,
+        sweeps=sweeps,
+        impls=tuple(impls),
+        repeats=repeats,
+        e2e_steps=e2e_steps,
+        max_bytes=max_bytes,
+        max_call_s=max_call_s,
+    )
 
 
 def _env_line(device: torch.device) -> str:
@@ -178,8 +213,16 @@ def _run(args: argparse.Namespace, v: dict) -> int:
     t_start = time.perf_counter()
     tiny = args.tiny
     settings = Settings(
-        device=device, warmup=args.warmup, repeats=v["repeats"], sets=args.sets, seed=seed, impls=v["impls"],
-        max_bytes=v["max_bytes"], max_call_s=v["max_call_s"], memory=not args.no_memory, compile_dynamic=False,
+        device=device,
+        warmup=args.warmup,
+        repeats=v["repeats"],
+        sets=args.sets,
+        seed=seed,
+        impls=v["impls"],
+        max_bytes=v["max_bytes"],
+        max_call_s=v["max_call_s"],
+        memory=not args.no_memory,
+        compile_dynamic=False,
         target_sample_s=0.002 if tiny else (0.02 if device.type == "cpu" else 0.01),
     )
     base = Case(N=2, D=4, K=3, H=8, W=8, M=16) if tiny else Case(**BASE)
@@ -240,7 +283,7 @@ def _report_header(args: argparse.Namespace, v: dict, stamp: str, env: str, seed
         f"{stamp}; {env}; seed {seed}; median of {v['repeats']} interleaved samples after {args.warmup} warm-up "
         f"calls, {args.sets} rotating input sets of fresh random data"
         + ("; CUDA events" if device.type == "cuda" else "; time.perf_counter")
-        + f". Ratios are implementation time / fused time, measured in the same run. Peak memory: "
+        + ". Ratios are implementation time / fused time, measured in the same run. Peak memory: "
         + (CUDA_MEM_METHOD if device.type == "cuda" else CPU_MEM_METHOD)
         + " (outputs and gradients included).",
         "",
@@ -255,7 +298,7 @@ def _headline_section(report: _Report, settings: Settings, machine: Machine, bas
     report.md += [
         "## Headline: fused RegionDiscriminationLoss forward+backward",
         "",
-        f"`RegionDiscriminationLoss(normalize=True, assignment=\"sigmoid\", return_entropy=True)` at "
+        f'`RegionDiscriminationLoss(normalize=True, assignment="sigmoid", return_entropy=True)` at '
         f"N={base.N} D={base.D} K={base.K} {base.H}x{base.W} {base.dtype}, backward of 10*L_rd + 0.1*L_ent, vs "
         f"`reference.region_discrimination_loss` (eager) and `torch.compile` of it (static shapes; compile time excluded).",
         "",
@@ -270,7 +313,9 @@ def _ops_section(report: _Report, args, settings: Settings, machine: Machine, ba
     ops_settings = settings
     if args.quick and "compile" in settings.impls:
         ops_settings = replace(settings, impls=tuple(i for i in settings.impls if i != "compile"))
-        report.notes.append("--quick: torch.compile is timed only in the headline (compile time dominates a quick run).")
+        report.notes.append(
+            "--quick: torch.compile is timed only in the headline (compile time dominates a quick run)."
+        )
     rows = []
     for spec in OPS.values():
         torch._dynamo.reset()
@@ -289,14 +334,17 @@ def _sweep_settings(report: _Report, args, settings: Settings) -> Settings:
     sw_settings = replace(settings, compile_dynamic=not args.compile_static)
     if args.quick and args.max_mem_gb is None and settings.device.type == "cpu":
         sw_settings = replace(sw_settings, max_bytes=min(settings.max_bytes, 1 << 30))
-        report.notes.append("--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up).")
+        report.notes.append(
+            "--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up)."
+        )
     if args.quick and "compile" in settings.impls:
         sw_settings = replace(sw_settings, impls=tuple(i for i in settings.impls if i != "compile"))
     return sw_settings
 
 
-def _sweeps_section(report: _Report, args, v: dict, settings: Settings, machine: Machine, base: Case,
-                    measured: dict) -> None:
+def _sweeps_section(
+    report: _Report, args, v: dict, settings: Settings, machine: Machine, base: Case, measured: dict
+) -> None:
     sweep_sets = TINY_SWEEPS if args.tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
     sw_settings = _sweep_settings(report, args, settings)
     spec = OPS["region_loss"]
@@ -328,14 +376,17 @@ def _sweep_points(sweep: str, base: Case, sweep_sets: dict, device: torch.device
     return [replace(base, **{sweep: val}) for val in sweep_sets[sweep]]
 
 
-def _sweep_rows(sweep: str, points: list[Case], args, settings: Settings, sw_settings: Settings, machine: Machine,
-                measured: dict) -> list[dict]:
+def _sweep_rows(
+    sweep: str, points: list[Case], args, settings: Settings, sw_settings: Settings, machine: Machine, measured: dict
+) -> list[dict]:
     """One sweep's rows; a point measured before with the same implementations is reused."""
     rows = []
     for case in points:
         if args.compile_static:
             torch._dynamo.reset()
-        label = sweep_label(dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op="", M=case.M), sweep)
+        label = sweep_label(
+            dict(H=case.H, W=case.W, N=case.N, D=case.D, K=case.K, dtype=case.dtype, op="", M=case.M), sweep
+        )
         if case in measured and measured[case][0] == sw_settings.impls:
             log(settings, f"  {label}: same case as measured before, rows reused")
             rows += [dict(r, section="sweeps", sweep=sweep) for r in measured[case][1]]
@@ -382,7 +433,11 @@ def _finish_report(report: _Report, args, machine: Machine, t_start: float) -> N
     md += [f"Run time {elapsed:.0f} s (compile time included)."] + [f"Note: {n}" for n in report.notes]
     report.save()
     print("\n".join(md), flush=True)
-    print(f"\nwrote {report.csv_path}, {report.md_path}" + ("" if args.no_plots else " and bench_sweep_*.png where plotted"), flush=True)
+    print(
+        f"\nwrote {report.csv_path}, {report.md_path}"
+        + ("" if args.no_plots else " and bench_sweep_*.png where plotted"),
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

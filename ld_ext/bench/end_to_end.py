@@ -4,6 +4,7 @@
 synthetic images; ``run_e2e`` times the two loss implementations interleaved on identical networks
 and data (``ld-ext bench --sections e2e``; ``benchmarks/gpu_train.py`` on a GPU).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -88,17 +89,33 @@ def run_e2e(settings, batch_size: int = 4, size: int = 128, steps: int = 7, warm
         model.load_state_dict(base.state_dict())
         model.to(device).train()
         torch.manual_seed(settings.seed)  # same data for both
-        step = make_training_step(model, loss_impl=impl, batch_size=batch_size, size=size, device=device, seed=settings.seed)
-        steps_fn[impl] = (lambda s: (lambda i: s()))(step)
+        step = make_training_step(
+            model, loss_impl=impl, batch_size=batch_size, size=size, device=device, seed=settings.seed
+        )
+        steps_fn[impl] = (lambda s: lambda i: s())(step)
     t = measure_group(steps_fn, 1, device, warmup=warmup, repeats=steps, target_sample_s=0.0, max_number=1)
     rows = []
     for impl, tm in t.items():
         row = {c: "" for c in CSV_COLUMNS}
         row.update(
-            section="e2e", op=f"LD training step (B={batch_size}, {5 * batch_size} images, {size}x{size})",
-            mode="step", impl=impl, device=device.type, dtype="float32", H=size, W=size, P=size * size,
-            median_ms=tm.median_ms, q1_ms=tm.q1_ms, q3_ms=tm.q3_ms, min_ms=tm.min_ms, max_ms=tm.max_ms,
-            repeats=tm.repeats, calls_per_sample=1, input_sets=1, status="ok",
+            section="e2e",
+            op=f"LD training step (B={batch_size}, {5 * batch_size} images, {size}x{size})",
+            mode="step",
+            impl=impl,
+            device=device.type,
+            dtype="float32",
+            H=size,
+            W=size,
+            P=size * size,
+            median_ms=tm.median_ms,
+            q1_ms=tm.q1_ms,
+            q3_ms=tm.q3_ms,
+            min_ms=tm.min_ms,
+            max_ms=tm.max_ms,
+            repeats=tm.repeats,
+            calls_per_sample=1,
+            input_sets=1,
+            status="ok",
             speedup_of_fused=tm.median_ms / t["fused"].median_ms,
         )
         rows.append(row)

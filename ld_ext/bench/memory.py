@@ -9,6 +9,7 @@
   clear_refs reset), for a subprocess that also sees allocations made outside ATen;
   ``child_peak_rss``: the peak RSS of a whole command.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,11 @@ import torch
 from .timing import sync
 
 __all__ = [
-    "CPU_MEM_METHOD", "CUDA_MEM_METHOD", "measure_peak_memory", "cuda_peak_memory", "peak_rss_increase",
+    "CPU_MEM_METHOD",
+    "CUDA_MEM_METHOD",
+    "measure_peak_memory",
+    "cuda_peak_memory",
+    "peak_rss_increase",
     "child_peak_rss",
 ]
 
@@ -71,7 +76,6 @@ def _profiler_peak(fn: Callable[[], object]) -> int:
         total += e.nbytes()
         peak = max(peak, total)
     return peak
-
 
 
 def cuda_peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:

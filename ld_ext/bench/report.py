@@ -1,6 +1,7 @@
 """What a benchmark run writes: the CSV (one row per measurement), the markdown tables (ratios =
 implementation time / fused time, measured in the same run) and the sweep plots.
 """
+
 from __future__ import annotations
 
 import csv
@@ -8,15 +9,53 @@ import csv
 from ..viz import new_figure
 from .specs import IMPLS, MODES, Case
 
-__all__ = ["CSV_COLUMNS", "MD_COLUMNS", "write_csv", "markdown_table", "headline_markdown", "e2e_markdown", "plot_sweep"]
-
-CSV_COLUMNS = [
-    "section", "sweep", "op", "mode", "impl", "device", "dtype", "N", "D", "K", "H", "W", "P", "M",
-    "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "repeats", "calls_per_sample", "input_sets",
-    "speedup_of_fused", "bytes", "flops", "floor_ms", "floor_bound", "x_floor", "achieved_GBps",
-    "pct_copy_bw", "peak_mem_bytes", "extra_mem_pct", "mem_method", "compile", "status",
+__all__ = [
+    "CSV_COLUMNS",
+    "MD_COLUMNS",
+    "write_csv",
+    "markdown_table",
+    "headline_markdown",
+    "e2e_markdown",
+    "plot_sweep",
 ]
 
+CSV_COLUMNS = [
+    "section",
+    "sweep",
+    "op",
+    "mode",
+    "impl",
+    "device",
+    "dtype",
+    "N",
+    "D",
+    "K",
+    "H",
+    "W",
+    "P",
+    "M",
+    "median_ms",
+    "q1_ms",
+    "q3_ms",
+    "min_ms",
+    "max_ms",
+    "repeats",
+    "calls_per_sample",
+    "input_sets",
+    "speedup_of_fused",
+    "bytes",
+    "flops",
+    "floor_ms",
+    "floor_bound",
+    "x_floor",
+    "achieved_GBps",
+    "pct_copy_bw",
+    "peak_mem_bytes",
+    "extra_mem_pct",
+    "mem_method",
+    "compile",
+    "status",
+]
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -70,12 +109,21 @@ def sweep_label(row: dict, sweep: str) -> str:
     return f"N={row['N']} D={row['D']} K={row['K']} {row['H']}x{row['W']}"
 
 
-
-
 MD_COLUMNS = [
-    "case", "mode", "fused ms", "eager ms", "compile ms", "published ms",
-    "eager/fused", "compile/fused", "published/fused", "fused % copy bw", "fused x floor",
-    "fused peak MB", "eager peak MB", "published peak MB",
+    "case",
+    "mode",
+    "fused ms",
+    "eager ms",
+    "compile ms",
+    "published ms",
+    "eager/fused",
+    "compile/fused",
+    "published/fused",
+    "fused % copy bw",
+    "fused x floor",
+    "fused peak MB",
+    "eager peak MB",
+    "published peak MB",
 ]
 
 
@@ -91,6 +139,7 @@ def markdown_table(rows: list[dict], sweep: str = "") -> str:
     cols = (["op"] if several_ops else []) + MD_COLUMNS
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (label, mode, op), by in groups.items():
+
         def get(impl, col):
             r = by.get(impl)
             return "" if r is None else r.get(col, "")
@@ -106,11 +155,19 @@ def markdown_table(rows: list[dict], sweep: str = "") -> str:
         f = by.get("fused", {})
         pct = f.get("pct_copy_bw", "")
         cells = [
-            label, mode, ms("fused"), ms("eager"), ms("compile"), ms("published"),
-            _fmt_x(get("eager", "speedup_of_fused")), _fmt_x(get("compile", "speedup_of_fused")),
+            label,
+            mode,
+            ms("fused"),
+            ms("eager"),
+            ms("compile"),
+            ms("published"),
+            _fmt_x(get("eager", "speedup_of_fused")),
+            _fmt_x(get("compile", "speedup_of_fused")),
             _fmt_x(get("published", "speedup_of_fused")),
-            "-" if pct == "" else f"{pct:.0f}%", _fmt_x(f.get("x_floor", "")),
-            _fmt_mb(get("fused", "peak_mem_bytes")), _fmt_mb(get("eager", "peak_mem_bytes")),
+            "-" if pct == "" else f"{pct:.0f}%",
+            _fmt_x(f.get("x_floor", "")),
+            _fmt_mb(get("fused", "peak_mem_bytes")),
+            _fmt_mb(get("eager", "peak_mem_bytes")),
             _fmt_mb(get("published", "peak_mem_bytes")),
         ]
         if several_ops:
@@ -164,17 +221,26 @@ def headline_markdown(rows: list[dict], extra: dict, case: Case) -> str:
         checks = []
         e, c = by.get("eager"), by.get("compile")
         if e is not None and e["status"] == "ok":
-            checks.append(f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} ({e['speedup_of_fused']:.2f}x)")
+            checks.append(
+                f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} ({e['speedup_of_fused']:.2f}x)"
+            )
         if c is not None and c["status"] == "ok":
-            checks.append(f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} ({c['speedup_of_fused']:.2f}x)")
+            checks.append(
+                f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} ({c['speedup_of_fused']:.2f}x)"
+            )
         if f.get("extra_mem_pct", "") != "":
-            checks.append(f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} ({f['extra_mem_pct']:.1f}%)")
+            checks.append(
+                f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} ({f['extra_mem_pct']:.1f}%)"
+            )
         out.append("Targets: " + "; ".join(checks) + ".")
     return "\n".join(out)
 
 
 def e2e_markdown(rows: list[dict], how: str) -> str:
-    lines = ["| losses | median step ms | IQR ms | steps/s | step-rate ratio fused/reference |", "|---|---|---|---|---|"]
+    lines = [
+        "| losses | median step ms | IQR ms | steps/s | step-rate ratio fused/reference |",
+        "|---|---|---|---|---|",
+    ]
     by = {r["impl"]: r for r in rows}
     for impl in ("fused", "reference"):
         r = by.get(impl)

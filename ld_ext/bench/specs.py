@@ -6,6 +6,7 @@ formulation of ``ld_ext.reference``), ``compile`` (``torch.compile`` of ``eager`
 ``published`` (the published code's formulation: the broadcast product e[:, None] * a[:, :, None]
 for region features, exp-then-normalise for the criteria).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,6 @@ class Case:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
 
-
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -92,7 +92,6 @@ class OpSpec:
     big_bytes: Callable  # (case, impl, mode) -> rough peak bytes of the impl (to skip what cannot fit)
     config: str = ""
     sweepable: bool = False
-
 
 
 def _fused():
@@ -167,10 +166,10 @@ def _region_features_spec() -> OpSpec:
         title="region_features",
         make_inputs=inputs,
         impls={
-            "fused": lambda: (lambda e, a: _fused().region_features(e, a)),
-            "eager": lambda: (lambda e, a: ref.region_features_bmm(e, a)),
-            "compile": lambda: (lambda e, a: ref.region_features_bmm(e, a)),
-            "published": lambda: (lambda e, a: ref.region_features_broadcast(e, a)),
+            "fused": lambda: lambda e, a: _fused().region_features(e, a),
+            "eager": lambda: lambda e, a: ref.region_features_bmm(e, a),
+            "compile": lambda: lambda e, a: ref.region_features_bmm(e, a),
+            "published": lambda: lambda e, a: ref.region_features_broadcast(e, a),
         },
         scalar=None,
         bytes=_rl_bytes,
@@ -197,10 +196,10 @@ def _region_discrimination_spec() -> OpSpec:
         title="region_discrimination",
         make_inputs=inputs,
         impls={
-            "fused": lambda: (lambda r: _fused().region_discrimination(r, 0.2)),
-            "eager": lambda: (lambda r: ref.region_discrimination(r, 0.2)),
-            "compile": lambda: (lambda r: ref.region_discrimination(r, 0.2)),
-            "published": lambda: (lambda r: _rd_published(r, 0.2)),
+            "fused": lambda: lambda r: _fused().region_discrimination(r, 0.2),
+            "eager": lambda: lambda r: ref.region_discrimination(r, 0.2),
+            "compile": lambda: lambda r: ref.region_discrimination(r, 0.2),
+            "published": lambda: lambda r: _rd_published(r, 0.2),
         },
         scalar=lambda out: out,
         bytes=nbytes,
@@ -234,9 +233,9 @@ def _pixel_cluster_similarity_spec() -> OpSpec:
         title="pixel_cluster_similarity",
         make_inputs=inputs,
         impls={
-            "fused": lambda: (lambda e, p: _fused().pixel_cluster_similarity(e, p, 0.2, normalize=True)),
-            "eager": lambda: (lambda e, p: ref.pixel_cluster_similarity(e, p, 0.2, normalize=True)),
-            "compile": lambda: (lambda e, p: ref.pixel_cluster_similarity(e, p, 0.2, normalize=True)),
+            "fused": lambda: lambda e, p: _fused().pixel_cluster_similarity(e, p, 0.2, normalize=True),
+            "eager": lambda: lambda e, p: ref.pixel_cluster_similarity(e, p, 0.2, normalize=True),
+            "compile": lambda: lambda e, p: ref.pixel_cluster_similarity(e, p, 0.2, normalize=True),
         },
         scalar=None,
         bytes=nbytes,
@@ -264,9 +263,9 @@ def _patch_discrimination_spec() -> OpSpec:
         make_inputs=inputs,
         impls={
             "fused": lambda: _fused().PatchDiscriminationLoss(temperature=0.1),
-            "eager": lambda: (lambda x: ref.patch_discrimination(x, 0.1)),
-            "compile": lambda: (lambda x: ref.patch_discrimination(x, 0.1)),
-            "published": lambda: (lambda x: ref.patch_discrimination_published(x, 0.1)),
+            "eager": lambda: lambda x: ref.patch_discrimination(x, 0.1),
+            "compile": lambda: lambda x: ref.patch_discrimination(x, 0.1),
+            "published": lambda: lambda x: ref.patch_discrimination_published(x, 0.1),
         },
         scalar=lambda out: out,
         bytes=nbytes,

@@ -5,6 +5,7 @@ copy bandwidth and matmul rate (the floor of every figure).
 changes on a shared machine hit all of them alike); ``time_call`` is the same for one callable;
 ``time_once`` is one synchronised wall-clock call (a compile, a first call).
 """
+
 from __future__ import annotations
 
 import gc
@@ -55,7 +56,6 @@ def _timing(samples_ms: list, number: int) -> Timing:
         number=number,
         samples_ms=list(samples_ms),
     )
-
 
 
 def measure_group(
@@ -117,11 +117,20 @@ def measure_group(
     return {name: _timing(samples[name], numbers[name]) for name in runs}
 
 
-def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 7,
-              slow_call_s: float = 0.5) -> Timing:
+def time_call(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 7, slow_call_s: float = 0.5
+) -> Timing:
     """Per-call time of ``fn()``: ``measure_group`` of one implementation, one call per sample."""
-    return measure_group({"fn": lambda i: fn()}, 1, device, warmup=warmup, repeats=repeats, target_sample_s=0.0,
-                         max_number=1, slow_call_s=slow_call_s)["fn"]
+    return measure_group(
+        {"fn": lambda i: fn()},
+        1,
+        device,
+        warmup=warmup,
+        repeats=repeats,
+        target_sample_s=0.0,
+        max_number=1,
+        slow_call_s=slow_call_s,
+    )["fn"]
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -149,7 +158,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
     b = torch.randn(n, n, generator=g, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    t = measure_group({"mm": lambda i: torch.mm(a, b, out=out)}, 1, device, warmup=2, repeats=repeats, target_sample_s=0.05)
+    t = measure_group(
+        {"mm": lambda i: torch.mm(a, b, out=out)}, 1, device, warmup=2, repeats=repeats, target_sample_s=0.05
+    )
     return 2 * n**3 / (t["mm"].median_ms * 1e-3)
 
 
@@ -165,7 +176,9 @@ class Machine:
     @property
     def bandwidth(self) -> float:
         if self._bw is None:
-            self._bw = copy_bandwidth(self.device, nbytes=(1 << 20) if self.tiny else (1 << 27 if self.device.type == "cpu" else 1 << 30))
+            self._bw = copy_bandwidth(
+                self.device, nbytes=(1 << 20) if self.tiny else (1 << 27 if self.device.type == "cpu" else 1 << 30)
+            )
         return self._bw
 
     def rate(self, dtype: torch.dtype) -> float:

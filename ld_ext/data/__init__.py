@@ -14,6 +14,7 @@
 
 Every public name is importable from ``ld_ext.data`` itself.
 """
+
 from __future__ import annotations
 
 from .cache import CACHE_VERSION, CachedImageDataset, open_or_build_cache

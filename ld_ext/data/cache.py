@@ -1,6 +1,7 @@
 """The preprocessed on-disk cache of pre-training: a flat float32 array file plus an index,
 built once (in worker processes) and read by offset, so nothing of the size of the data set is
 held in memory."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,9 @@ _INDEX_FILE = "index.json"
 
 def _cache_key(scan: FileScan, prep: Preprocessing) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "settings": prep.as_dict(), "dtype": "float32"}, sort_keys=True).encode())
+    h.update(
+        json.dumps({"version": CACHE_VERSION, "settings": prep.as_dict(), "dtype": "float32"}, sort_keys=True).encode()
+    )
     for f, s, m in zip(scan.files, scan.sizes, scan.mtimes):
         h.update(f"\n{f}\0{s}\0{m}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -74,7 +77,9 @@ class CachedImageDataset(torch.utils.data.Dataset):
         except (OSError, ValueError) as exc:
             raise ValueError(f"not an ld_ext image cache (no readable {_META_FILE}): {self.root} ({exc})") from exc
         if self.meta.get("version") != CACHE_VERSION:
-            raise ValueError(f"image cache {self.root} has version {self.meta.get('version')!r}, expected {CACHE_VERSION}")
+            raise ValueError(
+                f"image cache {self.root} has version {self.meta.get('version')!r}, expected {CACHE_VERSION}"
+            )
         self.n = int(self.meta["n"])
         self.channels, self.size = int(self.meta["channels"]), int(self.meta["size"])
         self.fingerprint = str(self.meta["key"])
@@ -84,7 +89,9 @@ class CachedImageDataset(torch.utils.data.Dataset):
         expected = self.n * self._item * 4
         actual = self._path.stat().st_size if self._path.exists() else -1
         if actual != expected:
-            raise ValueError(f"image cache {self._path} has {actual} bytes, expected {expected}; delete {self.root} to rebuild it")
+            raise ValueError(
+                f"image cache {self._path} has {actual} bytes, expected {expected}; delete {self.root} to rebuild it"
+            )
         self._fd: int | None = None
         self._pid: int | None = None
         self._index: dict | None = None
@@ -197,7 +204,9 @@ def open_or_build_cache(
     return CachedImageDataset(root)
 
 
-def _build_cache(scan: FileScan, prep: Preprocessing, key: str, root: Path, paths, workers: int, progress: bool, log) -> None:
+def _build_cache(
+    scan: FileScan, prep: Preprocessing, key: str, root: Path, paths, workers: int, progress: bool, log
+) -> None:
     t0 = time.time()
     tally = SkipTally(len(scan.files), scan.not_regular)
     items: list[tuple[int, str]] = []

@@ -1,4 +1,5 @@
 """The in-memory data set: every image of some paths, preprocessed and held as one tensor."""
+
 from __future__ import annotations
 
 import hashlib

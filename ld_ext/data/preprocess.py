@@ -5,6 +5,7 @@ resized to ``size`` x ``size``; and reading a list of files that way in worker p
 the count of what was skipped (unreadable files, images holding NaN or infinite pixels: never
 turned into blank images).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,16 +70,14 @@ def resize_square(x: torch.Tensor, size: int, fit: str = "pad") -> torch.Tensor:
     else:
         raise ValueError(f"fit must be 'pad' or 'crop', got {fit!r}")
     if x.shape[-1] != size:
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)[0]
+        x = F.interpolate(
+            x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
+        )[0]
     return x.clamp(0, 1)
 
 
 def prepare_image(
-    arr: np.ndarray,
-    size: int,
-    channels: int = 1,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    fit: str = "pad",
+    arr: np.ndarray, size: int, channels: int = 1, percentiles: tuple[float, float] = (0.5, 99.5), fit: str = "pad"
 ) -> torch.Tensor:
     """Robust scaling, channel conversion and resizing of one image -> float32 (C, size, size) in [0, 1]."""
     x = torch.from_numpy(to_channels(scale_intensity(arr, percentiles), channels))
@@ -203,7 +202,9 @@ class SkipTally:
             )
         if self.n_upsampled:
             warnings.warn(
-                f"{self.n_upsampled} image(s) are smaller than {size}x{size} and were upsampled", RuntimeWarning, stacklevel=stacklevel
+                f"{self.n_upsampled} image(s) are smaller than {size}x{size} and were upsampled",
+                RuntimeWarning,
+                stacklevel=stacklevel,
             )
 
     def fail(self, paths) -> None:

@@ -13,6 +13,7 @@ Folders are searched recursively; names starting with a dot are ignored; entries
 regular files (FIFOs, sockets, devices) are skipped without being opened, and counted.
 ``IMAGE_EXTENSIONS`` is the one list of supported extensions.
 """
+
 from __future__ import annotations
 
 import os
@@ -312,7 +313,9 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` image: (H, W), (H, W, 1) or (H, W, 3) of a real number type -> float32."""
     _check_regular(path)
     arr = np.load(str(path), allow_pickle=False)
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.issubdtype(arr.dtype, np.complexfloating):
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.issubdtype(
+        arr.dtype, np.complexfloating
+    ):
         raise ValueError(f"{path}: a .npy image must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]

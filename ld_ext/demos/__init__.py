@@ -11,6 +11,7 @@
 
 ``add_arguments`` / ``run`` are the subcommand's entry points (``ld_ext.cli``).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 ``ld_ext.demos.tasks`` (finetune, probe, shape-guided, the shared pre-training) and
 ``ld_ext.demos.landmark`` both use these, so they live here rather than in either of them.
 """
+
 from __future__ import annotations
 
 __all__ = ["PRETRAIN_Z", "show_progress"]

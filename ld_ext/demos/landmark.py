@@ -1,6 +1,7 @@
 """``ld-ext demo --task landmark``: one-shot landmark localisation on the MNI152 T1 template
 (the Dosenbach et al. (2010) ROI centres shipped with nilearn, those within 5 mm of the template
 slice and inside the brain, projected onto it), LD against normalised cross-correlation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,9 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     if cs_path.exists():
         cs_model = common.load_ld_model(cs_path)
     else:
-        cs_model, hist = lm.train_centre_sensitive(model, mni_slices("t1", PRETRAIN_Z, size), steps=cs_steps,
-                                                   progress=show_progress(args))
+        cs_model, hist = lm.train_centre_sensitive(
+            model, mni_slices("t1", PRETRAIN_Z, size), steps=cs_steps, progress=show_progress(args)
+        )
         save_checkpoint(cs_path, cs_model)
         print(f"centre-sensitive term: loss {np.mean(hist[:5]):.3f} -> {np.mean(hist[-5:]):.3f} in {cs_steps} steps")
     models = {"LD": model, "LD+term": cs_model}
@@ -75,8 +77,16 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     first = None
     for name, kw in settings.items():
         targets, gts = lm.make_eval_targets(template, points, n_eval, seed=1, **kw)
-        ev = lm.evaluate_methods(models, template, points, targets, gts, ld_methods=lm.SELECTED_LD,
-                                 ncc_methods=lm.SELECTED_NCC, progress=show_progress(args))
+        ev = lm.evaluate_methods(
+            models,
+            template,
+            points,
+            targets,
+            gts,
+            ld_methods=lm.SELECTED_LD,
+            ncc_methods=lm.SELECTED_NCC,
+            progress=show_progress(args),
+        )
         all_rows[name] = ev["rows"]
         md += f"**{name}**\n\n" + lm.table_markdown(ev["rows"]) + "\n"
         errs = ev["errors"]
@@ -87,14 +97,18 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
             for other in (f"{label} uniform pooling", best_ncc):
                 pd = lm.paired_difference(cs, errs[other], ev["target"])
                 paired[name][f"{label} centre-sensitive - {other}"] = pd
-                md += (f"- {label} centre-sensitive minus {other}: {pd['mean_diff_px']:+.3f} px "
-                       f"(95% CI over targets {pd['ci95_px'][0]:+.3f}..{pd['ci95_px'][1]:+.3f}; "
-                       f"lower on {100 * pd['targets_a_better']:.0f}% of targets)\n")
+                md += (
+                    f"- {label} centre-sensitive minus {other}: {pd['mean_diff_px']:+.3f} px "
+                    f"(95% CI over targets {pd['ci95_px'][0]:+.3f}..{pd['ci95_px'][1]:+.3f}; "
+                    f"lower on {100 * pd['targets_a_better']:.0f}% of targets)\n"
+                )
         md += "\n"
         if name == "hard":
             first = (targets[0], gts[0])  # the picture shows a hard target
     common.atomic_write_text(d / "results.md", md)
-    common.atomic_write_json(d / "results.json", {"landmarks": names, "points": points, "rows": all_rows, "paired": paired})
+    common.atomic_write_json(
+        d / "results.json", {"landmarks": names, "points": points, "rows": all_rows, "paired": paired}
+    )
     # a picture of the first target
     target, gt = first
     te, _ = common.embed(cs_model, template[None])
@@ -102,7 +116,9 @@ def demo_landmark(args, out: Path, ckpt: Path, size: int) -> dict:
     ncc_half = 4
     preds = {
         "LD+term centre-sensitive": loc.locate_image(cs_model, target),
-        f"NCC {2 * ncc_half + 1}x{2 * ncc_half + 1}": lm.ncc_locate(template, points, target, ncc_half, **lm.SELECTED_NCC[ncc_half]),
+        f"NCC {2 * ncc_half + 1}x{2 * ncc_half + 1}": lm.ncc_locate(
+            template, points, target, ncc_half, **lm.SELECTED_NCC[ncc_half]
+        ),
     }
     lm.plot_landmarks(d / "landmarks.png", template, points, target, gt, preds, "a warped target (hard setting)")
     print(md)

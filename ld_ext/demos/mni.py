@@ -16,6 +16,7 @@ MNI152 loader of ld_ext, used by every demo.
   (|x| <= 24 mm, -45 <= y <= 30 mm, -5 <= z <= 35 mm), i.e. the lateral and third ventricles.
 * ``dosenbach_rois``: the Dosenbach et al. (2010) ROI centres (MNI mm) shipped with nilearn.
 """
+
 from __future__ import annotations
 
 import csv
@@ -116,8 +117,9 @@ def _square_resize(x: torch.Tensor, size: int, value: float = 0.0) -> torch.Tens
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=s > size)
 
 
-def load_mni_slices(size: int = 128, axis: int = 2, min_brain: float = 0.05, holdout_every: int = 5,
-                    structures: tuple = ()) -> dict:
+def load_mni_slices(
+    size: int = 128, axis: int = 2, min_brain: float = 0.05, holdout_every: int = 5, structures: tuple = ()
+) -> dict:
     """Axial slices of the template with tissue probabilities, split into train / held-out.
 
     Returns ``images`` (N, 1, S, S) in [0, 1], ``probs`` (N, 4, S, S) (background, CSF, GM, WM),

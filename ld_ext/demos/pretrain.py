@@ -16,6 +16,7 @@ second table that measures what a pixel representation is for: a linear probe
 untrained network, intensity + local means and a position control (``probe_scores``). Each table
 is followed by one sentence saying what its numbers mean.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,9 @@ def normalized_mutual_info(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(0.0, mi / ((ha + hb) / 2))
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iters: int = 50, seed: int = 0, fit_samples: int = 50000) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_1d(
+    values: torch.Tensor, k: int, iters: int = 50, seed: int = 0, fit_samples: int = 50000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on scalar values (quantile initialisation, fitted on a random subsample); (labels, centres)."""
     v = values.reshape(-1).double()
     g = torch.Generator().manual_seed(seed)
@@ -129,8 +132,9 @@ PROBE_SEEDS = 3
 PROBE_MIN_PIXELS = 3
 
 
-def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOTS, progress: bool = False,
-                 holdout_every: int = 5) -> list:
+def probe_scores(
+    trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOTS, progress: bool = False, holdout_every: int = 5
+) -> list:
     """The linear probe of ``ld_ext.tasks.probe`` on the small structures of ``data``
     (``load_mni_slices(..., structures=...)``): LD's frozen embedding against the untrained
     network (a new draw per seed), intensity + local means and the position control; network
@@ -154,17 +158,36 @@ def probe_scores(trained, data: dict, seeds: int = PROBE_SEEDS, shots=PROBE_SHOT
         pool = torch.nonzero(data["train"] & has & (pos == 0))[:, 0].numpy()
         if len(test) == 0 or len(pool) < max(shots):
             continue
-        trains = [np.sort(np.random.default_rng(1000 + s).choice(pool, size=max(shots), replace=False)) for s in range(seeds)]
-        split = {k: (test, [t[np.sort(np.random.default_rng(2000 + i).choice(len(t), k, replace=False))] for i, t in enumerate(trains)])
-                 for k in shots}
+        trains = [
+            np.sort(np.random.default_rng(1000 + s).choice(pool, size=max(shots), replace=False)) for s in range(seeds)
+        ]
+        split = {
+            k: (
+                test,
+                [
+                    t[np.sort(np.random.default_rng(2000 + i).choice(len(t), k, replace=False))]
+                    for i, t in enumerate(trains)
+                ],
+            )
+            for k in shots
+        }
         sel = np.union1d(test, pool)
         remap = {int(j): i for i, j in enumerate(sel)}
-        split = {k: (np.array([remap[int(j)] for j in te]), [np.array([remap[int(j)] for j in t]) for t in trs])
-                 for k, (te, trs) in split.items()}
+        split = {
+            k: (np.array([remap[int(j)] for j in te]), [np.array([remap[int(j)] for j in t]) for t in trs])
+            for k, (te, trs) in split.items()
+        }
         imgs = data["images"][torch.as_tensor(sel), 0]
         feats = probe.baseline_feature_sets(trained, imgs)
-        r = probe.probe_experiment(feats, m[torch.as_tensor(sel)].numpy(), shots=shots, seeds=seeds, split=split,
-                                   label=name, keep_predictions=True)
+        r = probe.probe_experiment(
+            feats,
+            m[torch.as_tensor(sel)].numpy(),
+            shots=shots,
+            seeds=seeds,
+            split=split,
+            label=name,
+            keep_predictions=True,
+        )
         r["_images"], r["_masks"] = imgs.numpy(), m[torch.as_tensor(sel)].numpy()
         r["heldout_slices"], r["train_pool_slices"] = len(test), len(pool)
         results.append(r)
@@ -196,21 +219,33 @@ def add_pretrain_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="slice size (default 128)")
     parser.add_argument("--epochs1", type=int, default=EPOCHS1, help="stage-1 epochs")
     parser.add_argument("--epochs2", type=int, default=EPOCHS2, help="stage-2 epochs")
-    parser.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH,
-                        help=f"steps per epoch (default {STEPS_PER_EPOCH}: {(EPOCHS1 + EPOCHS2) * STEPS_PER_EPOCH} training steps "
-                        "in all, every one of them run)")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=STEPS_PER_EPOCH,
+        help=f"steps per epoch (default {STEPS_PER_EPOCH}: {(EPOCHS1 + EPOCHS2) * STEPS_PER_EPOCH} training steps "
+        "in all, every one of them run)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="B pairs per step (5B images)")
     parser.add_argument("--clusters", type=int, default=16, help="K clusters")
     parser.add_argument("--lr-step", type=int, default=6, help="halve the learning rate every N epochs")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="optional training time budget in minutes, shared among the epochs of both stages; by "
-                        "default there is none and every step runs (a budget that cuts stage 1 short on a busy "
-                        "machine leaves LD's features weaker than the baselines in the final table)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="optional training time budget in minutes, shared among the epochs of both stages; by "
+        "default there is none and every step runs (a budget that cuts stage 1 short on a busy "
+        "machine leaves LD's features weaker than the baselines in the final table)",
+    )
     parser.add_argument("--loss-impl", choices=("fused", "reference"), default="fused")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--probe-seeds", type=int, default=PROBE_SEEDS,
-                        help=f"seeds of the final linear-probe table (default {PROBE_SEEDS})")
+    parser.add_argument(
+        "--probe-seeds",
+        type=int,
+        default=PROBE_SEEDS,
+        help=f"seeds of the final linear-probe table (default {PROBE_SEEDS})",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -224,12 +259,29 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     train_imgs = data["images"][data["train"]]
     test_imgs = data["images"][data["test"]]
     test_labels = tissue_labels(data["probs"][data["test"]])
-    logger.info("MNI152 2009a: %d training and %d held-out axial slices at %dx%d", len(train_imgs), len(test_imgs), args.size, args.size)
+    logger.info(
+        "MNI152 2009a: %d training and %d held-out axial slices at %dx%d",
+        len(train_imgs),
+        len(test_imgs),
+        args.size,
+        args.size,
+    )
     cfg = TrainConfig(
-        out=str(out), size=args.size, channels=1, n_clusters=args.clusters, batch_size=args.batch_size,
-        epochs1=args.epochs1, epochs2=args.epochs2, steps_per_epoch=args.steps_per_epoch, lr_step=args.lr_step,
-        seed=args.seed, device=args.device, loss_impl=args.loss_impl, max_minutes=args.max_minutes,
-        progress=not args.no_progress, overwrite=True,  # the demo's folder: a rerun replaces its run
+        out=str(out),
+        size=args.size,
+        channels=1,
+        n_clusters=args.clusters,
+        batch_size=args.batch_size,
+        epochs1=args.epochs1,
+        epochs2=args.epochs2,
+        steps_per_epoch=args.steps_per_epoch,
+        lr_step=args.lr_step,
+        seed=args.seed,
+        device=args.device,
+        loss_impl=args.loss_impl,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+        overwrite=True,  # the demo's folder: a rerun replaces its run
     )
     vsel = torch.linspace(0, len(test_imgs) - 1, 4).round().long()
     summary = pretrain(cfg, dataset=ImageFolderDataset.from_tensor(train_imgs), val_images=test_imgs[vsel])
@@ -245,13 +297,15 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     rows = []
     for i in vsel.tolist():
         img = test_imgs[i]
-        rows.append([
-            viz.overlay_clusters(img, torch.zeros_like(test_labels[i]), 1, alpha=0.0),
-            viz.overlay_clusters(img, test_labels[i], 4, alpha=0.6),
-            viz.overlay_clusters(img, maps["LD (trained)"][i], args.clusters),
-            viz.overlay_clusters(img, maps["untrained network"][i], args.clusters),
-            viz.overlay_clusters(img, list(maps.values())[2][i], args.clusters),
-        ])
+        rows.append(
+            [
+                viz.overlay_clusters(img, torch.zeros_like(test_labels[i]), 1, alpha=0.0),
+                viz.overlay_clusters(img, test_labels[i], 4, alpha=0.6),
+                viz.overlay_clusters(img, maps["LD (trained)"][i], args.clusters),
+                viz.overlay_clusters(img, maps["untrained network"][i], args.clusters),
+                viz.overlay_clusters(img, list(maps.values())[2][i], args.clusters),
+            ]
+        )
     columns = ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"]
     overlay = viz.save_grid(rows, out / "demo_clusters.png", titles=columns)
     recs = summary["records"]
@@ -277,13 +331,17 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     print(table)
     if probe_res:
         pmd = probe.write_results(out / "probe", probe_res, None, {"seeds": args.probe_seeds})
-        print(f"Small structures of held-out slices ({', '.join(r['label'] for r in probe_res)}): "
-              "which features make them linearly readable?\n")
+        print(
+            f"Small structures of held-out slices ({', '.join(r['label'] for r in probe_res)}): "
+            "which features make them linearly readable?\n"
+        )
         print(pmd)
     else:
         print("probe: no structure has enough slices at this size; no probe table")
     if summary["stopped_early"]:
-        print(f"note: the time budget (--max-minutes {args.max_minutes:g}) stopped training after {len(recs)} of "
-              f"{args.epochs1 + args.epochs2} epochs; these tables describe a shorter pre-training than the demo's")
+        print(
+            f"note: the time budget (--max-minutes {args.max_minutes:g}) stopped training after {len(recs)} of "
+            f"{args.epochs1 + args.epochs2} epochs; these tables describe a shorter pre-training than the demo's"
+        )
     print(f"done in {results['seconds_total']:.0f} s; results in {out / 'demo_results.json'}, overlays in {overlay}")
     return results

@@ -17,6 +17,7 @@ An LD checkpoint is needed by every task demo: ``--checkpoint`` gives one; other
 pre-training run (the pipeline's ``ld_ext.train.pretrain``, both stages) on T1 slices is made
 once and cached in ``OUT/pretrain/model.pt`` so the task demos share it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,10 +78,23 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--pretrain-steps", type=int, default=150, help="LD pre-training steps if no checkpoint (default 150)")
     _add(parser, "--task-steps", type=int, default=None, help="training steps of the task (default: per task)")
     _add(parser, "--quick", action="store_true", help="tiny settings (smoke test, numbers meaningless)")
-    _add(parser, "--d-lr-factor", type=float, default=None,
-         help="shape-guided: discriminator lr = FACTOR x the network's (published 0.05; the demo's short schedule uses 1)")
-    _add(parser, "--instance-noise", type=float, default=0.0, help="shape-guided: noise sd on the discriminator's inputs")
-    _add(parser, "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on an oversubscribed machine)")
+    _add(
+        parser,
+        "--d-lr-factor",
+        type=float,
+        default=None,
+        help="shape-guided: discriminator lr = FACTOR x the network's (published 0.05; the demo's short schedule uses 1)",
+    )
+    _add(
+        parser, "--instance-noise", type=float, default=0.0, help="shape-guided: noise sd on the discriminator's inputs"
+    )
+    _add(
+        parser,
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 is fastest on an oversubscribed machine)",
+    )
 
 
 def demo_checkpoint(args, out: Path, size: int) -> Path:
@@ -97,15 +111,26 @@ def demo_checkpoint(args, out: Path, size: int) -> Path:
     ds = ImageFolderDataset.from_tensor(imgs)
     e1 = max(1, steps // 3)
     cfg = TrainConfig(
-        out=str(pdir), size=size, epochs1=1, epochs2=1, steps_per_epoch=None, batch_size=2 if args.quick else 4,
-        device="cpu", amp=False, val_images=2, progress=show_progress(args), seed=0,
+        out=str(pdir),
+        size=size,
+        epochs1=1,
+        epochs2=1,
+        steps_per_epoch=None,
+        batch_size=2 if args.quick else 4,
+        device="cpu",
+        amp=False,
+        val_images=2,
+        progress=show_progress(args),
+        seed=0,
         overwrite=True,  # an interrupted earlier pre-training here is replaced
     )
     # two epochs: stage 1 gets a third of the steps, stage 2 the rest
     cfg.epochs1, cfg.epochs2 = 1, 2
     cfg.steps_per_epoch = e1 if not args.quick else 2
     t0 = time.perf_counter()
-    logger.info("pre-training LD on %d MNI152 T1 slices (%dx%d), %d steps", imgs.shape[0], size, size, 3 * cfg.steps_per_epoch)
+    logger.info(
+        "pre-training LD on %d MNI152 T1 slices (%dx%d), %d steps", imgs.shape[0], size, size, 3 * cfg.steps_per_epoch
+    )
     pretrain(cfg, dataset=ds)
     logger.info("pre-training took %.0f s", time.perf_counter() - t0)
     return model
@@ -139,8 +164,9 @@ def demo_finetune(args, out: Path, ckpt: Path, size: int) -> dict:
     for name in targets:
         pairs = common.pair_images_masks(data / "images", data / f"masks_{name}")
         imgs, msks = common.load_pairs(pairs)
-        r = seg.transfer_experiment(imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name,
-                                    progress=show_progress(args))
+        r = seg.transfer_experiment(
+            imgs, msks, ckpt, shots=shots, seeds=seeds, steps=steps, label=name, progress=show_progress(args)
+        )
         r["_images"], r["_masks"] = imgs, msks
         r["foreground_fraction"] = float(msks.mean())
         results.append(r)
@@ -167,8 +193,15 @@ def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=ST
     if warped:
         rng = np.random.default_rng(seed)
         for i in range(len(images)):
-            w = common.random_warp((size, size), rng, max_rotation_deg=20.0, scale_range=(0.85, 1.15),
-                                   max_shift=0.08 * size, elastic_px=0.03 * size, elastic_sigma=size / 8)
+            w = common.random_warp(
+                (size, size),
+                rng,
+                max_rotation_deg=20.0,
+                scale_range=(0.85, 1.15),
+                max_shift=0.08 * size,
+                elastic_px=0.03 * size,
+                elastic_sigma=size / 8,
+            )
             images[i] = common.warp_image(images[i], w)
             for name in masks:
                 masks[name][i] = common.warp_image(masks[name][i].astype(np.float32), w) > 0.5
@@ -179,9 +212,20 @@ def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=ST
     return out
 
 
-def run_probe_protocol(model, size: int, zs, *, warped: bool, shots=(1, 5), seeds: int = 3, kind: str | None = None,
-                       weight_decay: float | None = None, structures=STRUCTURES, label: str = "",
-                       methods=None) -> list:
+def run_probe_protocol(
+    model,
+    size: int,
+    zs,
+    *,
+    warped: bool,
+    shots=(1, 5),
+    seeds: int = 3,
+    kind: str | None = None,
+    weight_decay: float | None = None,
+    structures=STRUCTURES,
+    label: str = "",
+    methods=None,
+) -> list:
     """The probe (LD vs random-init vs intensity vs position, or the subset ``methods``) on each
     structure of ``probe_data``."""
     data = probe_data(zs, size, warped=warped, structures=structures)
@@ -208,13 +252,14 @@ def demo_probe(args, out: Path, ckpt: Path, size: int) -> dict:
     seeds = 1 if args.quick else 3
     zs = PROBE_EVAL_Z[::2] if args.quick else PROBE_EVAL_Z
     shots = (1, 2) if args.quick else (1, 5)
-    md = (f"Linear probe on the MNI152 T1 evaluation slices (z = {zs[0]}..{zs[-1]} mm, every 2 mm; settings "
-          f"selected on the odd-z development slices), {size}x{size}, checkpoint {ckpt}.\n\n")
+    md = (
+        f"Linear probe on the MNI152 T1 evaluation slices (z = {zs[0]}..{zs[-1]} mm, every 2 mm; settings "
+        f"selected on the odd-z development slices), {size}x{size}, checkpoint {ckpt}.\n\n"
+    )
     res_all = {}
     for warped in (False, True):
         tag = "warped" if warped else "aligned"
-        res = run_probe_protocol(model, size, zs, warped=warped, shots=shots, seeds=seeds,
-                                 kind=probe.DEFAULT_FEATURES)
+        res = run_probe_protocol(model, size, zs, warped=warped, shots=shots, seeds=seeds, kind=probe.DEFAULT_FEATURES)
         if not res:
             md += f"**{tag}**: no structure on enough slices\n\n"
             continue
@@ -244,10 +289,17 @@ def demo_shape_guided(args, out: Path, ckpt: Path, size: int) -> dict:
     steps = args.task_steps or (3 if args.quick else SHAPE_STEPS)
     d_lr = getattr(args, "d_lr_factor", None)
     res = sg.shape_guided_experiment(
-        images, priors, masks, checkpoint=ckpt, steps=steps, batch=2 if args.quick else 4,
+        images,
+        priors,
+        masks,
+        checkpoint=ckpt,
+        steps=steps,
+        batch=2 if args.quick else 4,
         d_lr_factor=SHAPE_D_LR_FACTOR if d_lr is None else d_lr,
         instance_noise=getattr(args, "instance_noise", 0.0) or 0.0,
-        d_spectral_norm=True, restarts=1 if args.quick else SHAPE_RESTARTS, progress=show_progress(args),
+        d_spectral_norm=True,
+        restarts=1 if args.quick else SHAPE_RESTARTS,
+        progress=show_progress(args),
     )
     # context for reading the Dice values: how well the whole brain (a blob enclosing the white
     # matter) would score, and how much of the guided cluster 0 is just that blob
@@ -285,8 +337,9 @@ def run_task_demo(task: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ckpt = demo_checkpoint(args, out, size)
     t1 = time.perf_counter()
-    fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided,
-          "probe": demo_probe}[task]
+    fn = {"finetune": demo_finetune, "landmark": demo_landmark, "shape-guided": demo_shape_guided, "probe": demo_probe}[
+        task
+    ]
     fn(args, out, ckpt, size)
     t2 = time.perf_counter()
     timing = {"task": task, "pretrain_seconds": t1 - t0, "task_seconds": t2 - t1, "total_seconds": t2 - t0}

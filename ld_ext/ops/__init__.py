@@ -24,6 +24,7 @@ Modules, each importing only those above it in this list (and from ld_ext only `
 
 Importing this package registers the fake and Autograd kernels, once.
 """
+
 from __future__ import annotations
 
 from ..normalization import ASSIGNMENT_MODES

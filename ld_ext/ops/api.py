@@ -1,5 +1,6 @@
 """The public functions of the fused ops: each checks its inputs (ld_ext/ops/checks.py) and then
 calls exactly one operator, so ``torch.compile(fullgraph=True)`` sees a single node per op."""
+
 from __future__ import annotations
 
 import torch

@@ -21,6 +21,7 @@ ones torch.func itself generates do: from torch 2.14 on, Function.apply (in C++)
 under a transform to custom_function_call, also through super(). Uses private torch APIs
 (torch._functorch, torch.autograd.function._SingleLevelFunction, forward_ad._current_level).
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,9 +58,7 @@ def _check_single_differentiation_level(name, args) -> None:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     diff = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    outer = diff and any(
-        isinstance(a, torch.Tensor) and _base_tensor(a).requires_grad for a in args
-    )
+    outer = diff and any(isinstance(a, torch.Tensor) and _base_tensor(a).requires_grad for a in args)
     if len(diff) > 1 or outer:
         raise RuntimeError(
             f"ld_ext: {name} under nested differentiation (torch.func grad/vjp/jvp inside another "

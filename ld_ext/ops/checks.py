@@ -4,6 +4,7 @@ Each check raises ``TypeError``/``ValueError`` naming the argument, before any o
 operators check their arguments again themselves (csrc/checks.h), since ``torch.ops.ld_ext.*`` can
 be called directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,7 @@ def check_pixel_tensor(name: str, x: torch.Tensor, channels: str) -> None:
     check_float_tensor(name, x)
     if not 3 <= x.dim() <= 5:
         raise ValueError(
-            f"{name} must have shape (N, {channels}, *spatial) with 1, 2 or 3 spatial dims, "
-            f"got shape {tuple(x.shape)}"
+            f"{name} must have shape (N, {channels}, *spatial) with 1, 2 or 3 spatial dims, got shape {tuple(x.shape)}"
         )
     check_nonempty(name, x)
 

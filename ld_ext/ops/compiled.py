@@ -2,6 +2,7 @@
 (schemas in csrc/ops.cpp, kernels in csrc/cpu and csrc/cuda). Every module of ld_ext.ops gets
 ``_C`` and the operator namespace ``ops`` from here, so a broken install fails in one place, with
 the build hint."""
+
 from __future__ import annotations
 
 import torch

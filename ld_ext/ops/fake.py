@@ -4,6 +4,7 @@ Each runs its operator's argument checks (csrc/checks.h, through ld_ext._C) firs
 with meta tensors, or with one meta and one real tensor, is refused as on a real device. Registered
 when this module is imported (once, by ld_ext/ops/__init__.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,9 @@ def _region_features_fake(embeddings, assignments, normalize, mode, entropy):
 
 
 @torch.library.register_fake("ld_ext::region_features_backward")
-def _region_features_backward_fake(grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy):
+def _region_features_backward_fake(
+    grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy
+):
     _C.check_region_features_backward(
         grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, normalize, mode, entropy
     )

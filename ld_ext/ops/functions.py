@@ -6,6 +6,7 @@ operator of the registry to its Function; ld_ext/ops/autograd.py installs them a
 Autograd kernels. The Functions derive from autograd's private _SingleLevelFunction (see
 autograd.py for why).
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,9 +58,7 @@ class _RegionFeatures(_SingleLevelFunction):
             grad_feats = torch.zeros_like(feats)
         if grad_entropy is None:
             grad_entropy = feats.new_zeros(())
-        ge, ga = ops.region_features_backward(
-            grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, *ctx.cfg
-        )
+        ge, ga = ops.region_features_backward(grad_feats, grad_entropy, embeddings, assignments, feats, rnorm, *ctx.cfg)
         return ge, ga, None, None, None
 
     @staticmethod

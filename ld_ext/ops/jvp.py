@@ -2,6 +2,7 @@
 normalisations of docs/method.md with their tangents, computed in float32 (float64 for float64
 inputs), as the kernels compute. The normalisations themselves are ld_ext.normalization's, the
 ones the reference uses; only their derivatives are written here."""
+
 from __future__ import annotations
 
 import math

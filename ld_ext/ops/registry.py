@@ -14,6 +14,7 @@ anything: by path (``runpy.run_path``), or from a shell:
     python3 ld_ext/ops/registry.py              # the ops, one per line
     python3 ld_ext/ops/registry.py --operators  # every operator: each op and its backward
 """
+
 from __future__ import annotations
 
 import sys

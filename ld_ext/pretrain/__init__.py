@@ -27,6 +27,7 @@ arriving during a checkpoint write are delivered after it. An ``--out`` that alr
 is refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set. Progress is
 reported through logging (logger ``ld_ext.train``): one line per epoch.
 """
+
 from __future__ import annotations
 
 from .cli import add_arguments, run

@@ -1,4 +1,5 @@
 """``ld-ext pretrain``: the flags (made from ``TrainConfig``'s fields) and the run."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if is_main:
             ck = Path(cfg.out) / "checkpoint.pt"
-            msg = f"last complete checkpoint: {ck} (continue with --resume)" if ck.exists() else "no epoch was completed"
+            msg = (
+                f"last complete checkpoint: {ck} (continue with --resume)" if ck.exists() else "no epoch was completed"
+            )
             print(f"ld-ext: interrupted; {msg}", file=sys.stderr, flush=True)
         return 130
     finally:
@@ -36,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         note = " (stopped early by the time budget)" if summary["stopped_early"] else ""
         print(
-            f"done in {summary['seconds'] / 60:.1f} min{note}: model {summary['model']}, "
-            f"metrics {summary['metrics']}",
+            f"done in {summary['seconds'] / 60:.1f} min{note}: model {summary['model']}, metrics {summary['metrics']}",
             flush=True,
         )
     return 0

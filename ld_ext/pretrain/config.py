@@ -5,6 +5,7 @@ metadata (``_flag`` / ``_switch``); ``add_config_flags`` turns them into argumen
 ``config_from_args`` back into a validated ``TrainConfig``, whose error messages then name the
 flags (``validate`` is given the display name of every field).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,76 +36,153 @@ def _switch(flag: str, help: str, negate: bool = False) -> dict:
 class TrainConfig:
     """Everything a pre-training run needs (the CLI flags map one to one)."""
 
-    data: list[str] = field(default_factory=list, metadata=_flag(
-        "--data", "folders (searched recursively) or files", nargs="+", required=True, metavar="PATH"))
-    out: str = field(default="ld_run", metadata=_flag(
-        "--out", "output folder (checkpoints, metrics, overlays)", required=True, metavar="DIR"))
+    data: list[str] = field(
+        default_factory=list,
+        metadata=_flag("--data", "folders (searched recursively) or files", nargs="+", required=True, metavar="PATH"),
+    )
+    out: str = field(
+        default="ld_run",
+        metadata=_flag("--out", "output folder (checkpoints, metrics, overlays)", required=True, metavar="DIR"),
+    )
     size: int = field(default=128, metadata=_flag("--size", "image size (square) fed to the network", type=int))
     channels: int = field(default=1, metadata=_flag("--channels", "1 = gray, 3 = RGB", type=int, choices=(1, 3)))
     emb_dim: int = field(default=32, metadata=_flag("--emb-dim", "D, embedding channels", type=int))
     n_clusters: int = field(default=16, metadata=_flag("--clusters", "K, clusters of stage 2", type=int))
     widths: tuple[int, ...] = DEFAULT_WIDTHS
-    batch_size: int = field(default=4, metadata=_flag(
-        "--batch-size", "B pairs per process and step (5B images)", type=int))
+    batch_size: int = field(
+        default=4, metadata=_flag("--batch-size", "B pairs per process and step (5B images)", type=int)
+    )
     epochs1: int = field(default=20, metadata=_flag("--epochs1", "stage-1 epochs (PD + mixup)", type=int))
     epochs2: int = field(default=80, metadata=_flag("--epochs2", "stage-2 epochs (LD)", type=int))
-    steps_per_epoch: int | None = field(default=None, metadata=_flag(
-        "--steps-per-epoch", "steps per epoch (default: images / global batch)", type=int))
+    steps_per_epoch: int | None = field(
+        default=None, metadata=_flag("--steps-per-epoch", "steps per epoch (default: images / global batch)", type=int)
+    )
     lr: float = field(default=1e-3, metadata=_flag("--lr", "Adam learning rate", type=float))
     lr_step: int = field(default=10, metadata=_flag("--lr-step", "halve the learning rate every N epochs", type=int))
     lr_gamma: float = 0.5
     grid: int = field(default=8, metadata=_flag("--grid", "G, patch grid for PD/mixup", type=int))
-    rd_temperature: float = field(default=RD_TEMPERATURE, metadata=_flag(
-        "--rd-temperature", "tau of region discrimination (docs/method.md section 3)", type=float))
-    pd_temperature: float = field(default=PD_TEMPERATURE, metadata=_flag(
-        "--pd-temperature", "T of the patch-discrimination and mixup criterion (section 5)", type=float))
-    seed: int = field(default=0, metadata=_flag(
-        "--seed", "seed of every random choice (items, augmentations, init)", type=int))
+    rd_temperature: float = field(
+        default=RD_TEMPERATURE,
+        metadata=_flag("--rd-temperature", "tau of region discrimination (docs/method.md section 3)", type=float),
+    )
+    pd_temperature: float = field(
+        default=PD_TEMPERATURE,
+        metadata=_flag("--pd-temperature", "T of the patch-discrimination and mixup criterion (section 5)", type=float),
+    )
+    seed: int = field(
+        default=0, metadata=_flag("--seed", "seed of every random choice (items, augmentations, init)", type=int)
+    )
     device: str = field(default="auto", metadata=_flag("--device", "auto, cpu or cuda"))
     amp: bool = field(default=True, metadata=_switch("--no-amp", "disable mixed precision on CUDA", negate=True))
-    loss_impl: str = field(default="fused", metadata=_flag(
-        "--loss-impl", "fused ld_ext ops or plain PyTorch", choices=LOSS_IMPLS))
+    loss_impl: str = field(
+        default="fused", metadata=_flag("--loss-impl", "fused ld_ext ops or plain PyTorch", choices=LOSS_IMPLS)
+    )
     val_images: int = field(default=4, metadata=_flag("--val-images", "images in the overlay PNGs", type=int))
-    nifti_axes: tuple[int, ...] = field(default=(2,), metadata=_flag(
-        "--nifti-axes", "NIfTI slice axes", type=int, nargs="+"))
-    min_foreground: float = field(default=0.05, metadata=_flag(
-        "--min-foreground", "skip NIfTI slices with less foreground", type=float))
-    fit: str = field(default="pad", metadata=_flag(
-        "--fit", "make images square by padding or cropping", choices=("pad", "crop")))
-    resume: bool = field(default=False, metadata=_switch(
-        "--resume", "continue the run in OUT from OUT/checkpoint.pt (also from the middle of an epoch)"))
-    overwrite: bool = field(default=False, metadata=_switch(
-        "--overwrite", "replace the run already in OUT (without --resume or --overwrite such an OUT is refused)"))
-    init_stage1: str | None = field(default=None, metadata=_flag(
-        "--init-stage1", "skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)",
-        metavar="CKPT"))
-    max_minutes: float | None = field(default=None, metadata=_flag(
-        "--max-minutes", "training time budget, shared among the remaining epochs; a stage ends early when another "
-        "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)", type=float))
+    nifti_axes: tuple[int, ...] = field(
+        default=(2,), metadata=_flag("--nifti-axes", "NIfTI slice axes", type=int, nargs="+")
+    )
+    min_foreground: float = field(
+        default=0.05, metadata=_flag("--min-foreground", "skip NIfTI slices with less foreground", type=float)
+    )
+    fit: str = field(
+        default="pad", metadata=_flag("--fit", "make images square by padding or cropping", choices=("pad", "crop"))
+    )
+    resume: bool = field(
+        default=False,
+        metadata=_switch(
+            "--resume", "continue the run in OUT from OUT/checkpoint.pt (also from the middle of an epoch)"
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=_switch(
+            "--overwrite", "replace the run already in OUT (without --resume or --overwrite such an OUT is refused)"
+        ),
+    )
+    init_stage1: str | None = field(
+        default=None,
+        metadata=_flag(
+            "--init-stage1",
+            "skip stage 1: start stage 2 from this stage-1 checkpoint (weights matched by name)",
+            metavar="CKPT",
+        ),
+    )
+    max_minutes: float | None = field(
+        default=None,
+        metadata=_flag(
+            "--max-minutes",
+            "training time budget, shared among the remaining epochs; a stage ends early when another "
+            "epoch would overrun its share, and the next stage starts (such a run is not resumable exactly)",
+            type=float,
+        ),
+    )
     progress: bool = field(default=True, metadata=_switch("--no-progress", "no progress bars", negate=True))
-    cache: str | None = field(default=None, metadata=_flag(
-        "--cache", "where the preprocessed image cache is kept (default OUT/cache); a shared DIR lets runs reuse it",
-        metavar="DIR"))
-    workers: int | None = field(default=None, metadata=_flag(
-        "--workers", "processes that build the cache (default: the CPUs, at most 8)", type=int))
-    loader_workers: int | None = field(default=None, metadata=_flag(
-        "--loader-workers", "DataLoader processes reading batches from the cache (default: 0 on CPU, i.e. the "
-        "training process reads them; min(4, CPUs/2) on CUDA, with pinned memory)", type=int))
-    checkpoint_every: int = field(default=0, metadata=_flag(
-        "--checkpoint-every", "also write checkpoint.pt every STEPS steps inside an epoch (0: off)", type=int,
-        metavar="STEPS"))
-    checkpoint_minutes: float | None = field(default=10.0, metadata=_flag(
-        "--checkpoint-minutes", "also write checkpoint.pt inside an epoch when MIN minutes passed since the last one",
-        type=float, metavar="MIN"))
-    dist_timeout: float = field(default=dist_utils.DEFAULT_TIMEOUT_S, metadata=_flag(
-        "--dist-timeout", "multi-process runs: how long a process waits for the others (start-up and every "
-        "collective) before stopping with an error", type=float, metavar="SECONDS"))
-    dtype: str = field(default="float32", metadata=_flag(
-        "--dtype", "training precision (float64: slow, for verification)", choices=("float32", "float64")))
+    cache: str | None = field(
+        default=None,
+        metadata=_flag(
+            "--cache",
+            "where the preprocessed image cache is kept (default OUT/cache); a shared DIR lets runs reuse it",
+            metavar="DIR",
+        ),
+    )
+    workers: int | None = field(
+        default=None,
+        metadata=_flag("--workers", "processes that build the cache (default: the CPUs, at most 8)", type=int),
+    )
+    loader_workers: int | None = field(
+        default=None,
+        metadata=_flag(
+            "--loader-workers",
+            "DataLoader processes reading batches from the cache (default: 0 on CPU, i.e. the "
+            "training process reads them; min(4, CPUs/2) on CUDA, with pinned memory)",
+            type=int,
+        ),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_flag(
+            "--checkpoint-every",
+            "also write checkpoint.pt every STEPS steps inside an epoch (0: off)",
+            type=int,
+            metavar="STEPS",
+        ),
+    )
+    checkpoint_minutes: float | None = field(
+        default=10.0,
+        metadata=_flag(
+            "--checkpoint-minutes",
+            "also write checkpoint.pt inside an epoch when MIN minutes passed since the last one",
+            type=float,
+            metavar="MIN",
+        ),
+    )
+    dist_timeout: float = field(
+        default=dist_utils.DEFAULT_TIMEOUT_S,
+        metadata=_flag(
+            "--dist-timeout",
+            "multi-process runs: how long a process waits for the others (start-up and every "
+            "collective) before stopping with an error",
+            type=float,
+            metavar="SECONDS",
+        ),
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=_flag(
+            "--dtype", "training precision (float64: slow, for verification)", choices=("float32", "float64")
+        ),
+    )
     # stage 3; the CLI's default is pretrain_stage.DEFAULT_CENTRE_STEPS (add_config_flags' cli_defaults)
-    centre_steps: int = field(default=0, metadata=_flag(
-        "--centre-steps", "stage 3: N steps of the centre-sensitive landmark term on warps of the same images "
-        "(0: off; process 0 only; not counted in --max-minutes)", type=int, metavar="N"))
+    centre_steps: int = field(
+        default=0,
+        metadata=_flag(
+            "--centre-steps",
+            "stage 3: N steps of the centre-sensitive landmark term on warps of the same images "
+            "(0: off; process 0 only; not counted in --max-minutes)",
+            type=int,
+            metavar="N",
+        ),
+    )
 
     def validate(self, names: Mapping[str, str] | None = None) -> "TrainConfig":
         """Check every field; returns self. ``names`` maps a field to the name an error message
@@ -125,13 +203,13 @@ class TrainConfig:
         if self.size < 16:
             raise ValueError(f"{n('size')} must be >= 16, got {self.size}")
         if self.size % self.grid:
-            warnings.warn(f"size {self.size} is not a multiple of grid {self.grid}; patch cells are uneven", stacklevel=2)
+            warnings.warn(
+                f"size {self.size} is not a multiple of grid {self.grid}; patch cells are uneven", stacklevel=2
+            )
         if self.epochs1 + self.epochs2 == 0:
             raise ValueError(f"{n('epochs1')} + {n('epochs2')} must be > 0")
         if self.init_stage1 is not None and self.epochs2 == 0:
-            raise ValueError(
-                f"{n('init_stage1')} starts stage 2 from a stage-1 checkpoint: {n('epochs2')} must be > 0"
-            )
+            raise ValueError(f"{n('init_stage1')} starts stage 2 from a stage-1 checkpoint: {n('epochs2')} must be > 0")
         if self.steps_per_epoch is not None:
             pos_int("steps_per_epoch")
         if self.channels not in (1, 3):
@@ -159,7 +237,11 @@ class TrainConfig:
                 pos_int(name, 0)
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
             raise ValueError(f"{n('checkpoint_minutes')} must be > 0 (or None), got {self.checkpoint_minutes!r}")
-        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) or not self.dist_timeout > 0:
+        if (
+            isinstance(self.dist_timeout, bool)
+            or not isinstance(self.dist_timeout, (int, float))
+            or not self.dist_timeout > 0
+        ):
             raise ValueError(f"{n('dist_timeout')} must be a positive number of seconds, got {self.dist_timeout!r}")
         return self
 
@@ -176,10 +258,42 @@ class TrainConfig:
 
 # The order of the flags in --help (the fields keep theirs: a checkpoint stores them in field order).
 FLAG_ORDER = (
-    "data", "out", "size", "channels", "emb_dim", "n_clusters", "batch_size", "epochs1", "epochs2", "steps_per_epoch",
-    "lr", "lr_step", "grid", "rd_temperature", "pd_temperature", "seed", "device", "amp", "loss_impl", "val_images",
-    "nifti_axes", "min_foreground", "fit", "max_minutes", "resume", "overwrite", "cache", "workers", "loader_workers",
-    "checkpoint_every", "checkpoint_minutes", "dist_timeout", "init_stage1", "progress", "dtype", "centre_steps",
+    "data",
+    "out",
+    "size",
+    "channels",
+    "emb_dim",
+    "n_clusters",
+    "batch_size",
+    "epochs1",
+    "epochs2",
+    "steps_per_epoch",
+    "lr",
+    "lr_step",
+    "grid",
+    "rd_temperature",
+    "pd_temperature",
+    "seed",
+    "device",
+    "amp",
+    "loss_impl",
+    "val_images",
+    "nifti_axes",
+    "min_foreground",
+    "fit",
+    "max_minutes",
+    "resume",
+    "overwrite",
+    "cache",
+    "workers",
+    "loader_workers",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "dist_timeout",
+    "init_stage1",
+    "progress",
+    "dtype",
+    "centre_steps",
 )
 
 
@@ -187,7 +301,9 @@ def _flag_fields() -> list[Field]:
     """The fields set on the command line, in FLAG_ORDER."""
     by_name = {f.name: f for f in fields(TrainConfig) if "flag" in f.metadata}
     if set(by_name) != set(FLAG_ORDER):
-        raise AssertionError(f"FLAG_ORDER does not list the fields with a flag: {sorted(set(by_name) ^ set(FLAG_ORDER))}")
+        raise AssertionError(
+            f"FLAG_ORDER does not list the fields with a flag: {sorted(set(by_name) ^ set(FLAG_ORDER))}"
+        )
     return [by_name[name] for name in FLAG_ORDER]
 
 

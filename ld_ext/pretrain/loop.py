@@ -5,6 +5,7 @@ overlays, the time budget), then stage 3 and ``model.pt``.
 The state of one run lives in ``_Run`` and that of one stage in ``_Stage``; the functions below
 each do one of the steps, in the order ``_pretrain`` calls them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -146,8 +147,9 @@ def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     model = run.model
     if model is None:  # everything was already done: rebuild the final model from disk
         model = load_model(run.out / ("stage2.pt" if cfg.epochs2 else "stage1.pt"))
-    landmark_net, run.records = _stage3_and_final_model(cfg, run.info, model, run.dataset, run.out, run.records,
-                                                        run.metrics_path)
+    landmark_net, run.records = _stage3_and_final_model(
+        cfg, run.info, model, run.dataset, run.out, run.records, run.metrics_path
+    )
     if run.info.is_main and run.records:
         save_loss_plot(run.records, run.out / "losses.png")
     return _summary(run, model, landmark_net)
@@ -205,7 +207,11 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
                 raise ValueError(f"data path does not exist: {d}")
         cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
         dataset = open_or_build_cache(
-            cfg.data, cfg.preprocessing(), cache_dir, workers=cfg.workers, progress=cfg.progress and env_rank == 0,
+            cfg.data,
+            cfg.preprocessing(),
+            cache_dir,
+            workers=cfg.workers,
+            progress=cfg.progress and env_rank == 0,
             log=logger.info if env_rank == 0 else None,
         )
     if not isinstance(dataset, (ImageFolderDataset, CachedImageDataset)):
@@ -253,8 +259,13 @@ def _new_run(cfg: TrainConfig, out: Path, dataset, n: int, info, val_images, res
     """The views, the objective and the batches of the run (after the global RNGs were seeded or restored)."""
     viewgen = LDViewGenerator(cfg.size, AugmentConfig())
     tdtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    objective = LDObjective(cfg.loss_impl, cfg.grid, rd_temperature=cfg.rd_temperature,
-                            pd_temperature=cfg.pd_temperature, assignment=LDNet.assignment)
+    objective = LDObjective(
+        cfg.loss_impl,
+        cfg.grid,
+        rd_temperature=cfg.rd_temperature,
+        pd_temperature=cfg.pd_temperature,
+        assignment=LDNet.assignment,
+    )
     gb = cfg.batch_size * info.world_size
     steps = cfg.steps_per_epoch or max(1, n // gb)
     t_start = time.time()
@@ -264,9 +275,23 @@ def _new_run(cfg: TrainConfig, out: Path, dataset, n: int, info, val_images, res
     workers = cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers(info.device)
     batches = Batches(dataset, n, gb, cfg.batch_size, info.rank, cfg.seed, info.device, workers)
     return _Run(
-        cfg=cfg, out=out, dataset=dataset, n=n, info=info, val_images=val_images, resume_state=resume_state,
-        records=records, viewgen=viewgen, objective=objective, tdtype=tdtype, gb=gb, steps=steps, t_start=t_start,
-        stage1_state=stage1_state, batches=batches, last_save=time.time(),
+        cfg=cfg,
+        out=out,
+        dataset=dataset,
+        n=n,
+        info=info,
+        val_images=val_images,
+        resume_state=resume_state,
+        records=records,
+        viewgen=viewgen,
+        objective=objective,
+        tdtype=tdtype,
+        gb=gb,
+        steps=steps,
+        t_start=t_start,
+        stage1_state=stage1_state,
+        batches=batches,
+        last_save=time.time(),
     )
 
 
@@ -288,8 +313,10 @@ def _run_stage(run: _Run, stage: int, n_epochs: int, stages: list[tuple[int, int
             break
     if run.info.is_main:
         with defer_signals():
-            save_checkpoint(run.out / f"stage{stage}.pt",
-                            {"config": _plain_model(st.model).config, "model": _unwrap_state(st.model), "stage": stage})
+            save_checkpoint(
+                run.out / f"stage{stage}.pt",
+                {"config": _plain_model(st.model).config, "model": _unwrap_state(st.model), "stage": stage},
+            )
     run.stage1_state = _unwrap_state(st.model) if stage == 1 else run.stage1_state
 
 
@@ -386,7 +413,11 @@ def _out_of_time(run: _Run, st: _Stage, epoch: int, dt: float) -> bool:
         if run.info.is_main:
             logger.info(
                 "time budget: stage %d stopped after epoch %d of %d (%.1f of its %.1f min)",
-                st.stage, epoch + 1, st.n_epochs, (time.time() - st.t0) / 60, st.budget / 60,
+                st.stage,
+                epoch + 1,
+                st.n_epochs,
+                (time.time() - st.t0) / 60,
+                st.budget / 60,
             )
         return True
     return False
@@ -399,7 +430,9 @@ def _run_epoch(run: _Run, st: _Stage, epoch: int, first: int, sums: dict[str, fl
     """Steps ``first ..`` of one epoch, then its record, checkpoint, overlays; returns its seconds."""
     t0 = time.time()
     wait0 = run.batches.wait_s
-    bar = _step_progress_bar(run.steps, f"stage {st.stage} epoch {epoch + 1}/{st.n_epochs}", run.cfg.progress and run.info.is_main)
+    bar = _step_progress_bar(
+        run.steps, f"stage {st.stage} epoch {epoch + 1}/{st.n_epochs}", run.cfg.progress and run.info.is_main
+    )
     if bar is not None and first:
         bar.update(first)
     for step, img1, img2 in run.batches.epoch(st.stage, epoch, first, run.steps):
@@ -410,12 +443,21 @@ def _run_epoch(run: _Run, st: _Stage, epoch: int, first: int, sums: dict[str, fl
             bar.update(1)
             bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in sums.items()})
         if not math.isfinite(float(losses["loss"].detach())):
-            raise FloatingPointError(f"loss became {float(losses['loss'].detach())} at stage {st.stage} epoch {epoch + 1} step {step + 1}")
+            raise FloatingPointError(
+                f"loss became {float(losses['loss'].detach())} at stage {st.stage} epoch {epoch + 1} step {step + 1}"
+            )
         done = step + 1
         saved = _mid_epoch_checkpoint(run, st, epoch, done, sums)
         if run.on_step_end is not None:
-            run.on_step_end({"stage": st.stage, "epoch": epoch, "step": done, "checkpointed": saved,
-                             "losses": {k: float(v.detach()) for k, v in losses.items()}})
+            run.on_step_end(
+                {
+                    "stage": st.stage,
+                    "epoch": epoch,
+                    "step": done,
+                    "checkpointed": saved,
+                    "losses": {k: float(v.detach()) for k, v in losses.items()},
+                }
+            )
     if bar is not None:
         bar.close()
     st.sched.step()
@@ -448,9 +490,13 @@ def _mid_epoch_checkpoint(run: _Run, st: _Stage, epoch: int, done: int, sums: di
     """Process 0, inside an epoch: checkpoint.pt every --checkpoint-every steps or --checkpoint-minutes.
     Returns whether it was written."""
     cfg = run.cfg
-    if run.info.is_main and done < run.steps and (
-        (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
-        or (cfg.checkpoint_minutes is not None and time.time() - run.last_save >= 60 * cfg.checkpoint_minutes)
+    if (
+        run.info.is_main
+        and done < run.steps
+        and (
+            (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            or (cfg.checkpoint_minutes is not None and time.time() - run.last_save >= 60 * cfg.checkpoint_minutes)
+        )
     ):
         with defer_signals():
             save_checkpoint(run.ckpt_path, _train_state(run, st, epoch, done, sums))
@@ -465,8 +511,15 @@ def _epoch_record(run: _Run, st: _Stage, epoch: int, first: int, sums: dict, dt:
     run_steps = steps - first
     rec = {"stage": st.stage, "epoch": epoch + 1, "lr": st.opt.param_groups[0]["lr"]}
     rec.update({k: v / steps for k, v in sums.items()})
-    rec.update({"steps": steps, "images": 5 * gb * steps, "seconds": round(dt, 3),
-                "images_per_s": round(5 * gb * run_steps / dt, 3), "data_wait_s": round(wait_s, 4)})
+    rec.update(
+        {
+            "steps": steps,
+            "images": 5 * gb * steps,
+            "seconds": round(dt, 3),
+            "images_per_s": round(5 * gb * run_steps / dt, 3),
+            "data_wait_s": round(wait_s, 4),
+        }
+    )
     return rec
 
 
@@ -478,8 +531,11 @@ def _end_epoch(run: _Run, st: _Stage, epoch: int, rec: dict) -> None:
             write_jsonl(run.metrics_path, run.records)
         run.last_save = time.time()
         if run.val_images is not None and len(run.val_images):
-            save_overlays(_plain_model(st.model), run.val_images,
-                          run.out / "overlays" / f"stage{st.stage}_epoch{epoch + 1:03d}.png")
+            save_overlays(
+                _plain_model(st.model),
+                run.val_images,
+                run.out / "overlays" / f"stage{st.stage}_epoch{epoch + 1:03d}.png",
+            )
         logger.info(_epoch_line(rec, st.n_epochs))
     dist_utils.barrier()
     if run.on_epoch_end is not None:

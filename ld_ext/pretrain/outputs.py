@@ -1,5 +1,6 @@
 """The files a run writes into ``--out`` besides checkpoints' contents: which ones there are, the
 metrics log (JSON lines), the validation overlays and the loss curves."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,13 @@ from ..atomic import atomic_write_bytes, remove_stale_temp_files
 from ..models import LDNet
 
 __all__ = [
-    "RUN_FILES", "existing_run_files", "clean_temp_files", "write_jsonl", "read_jsonl", "predict", "save_overlays",
+    "RUN_FILES",
+    "existing_run_files",
+    "clean_temp_files",
+    "write_jsonl",
+    "read_jsonl",
+    "predict",
+    "save_overlays",
     "save_loss_plot",
 ]
 

@@ -6,6 +6,7 @@ built from it; ``load_optimizer`` / ``load_scheduler`` check a state_dict agains
 naming the file; ``rng_state`` / ``set_rng_state`` / ``seed_all`` cover every global RNG (torch,
 CUDA, Python, NumPy); ``load_for_all`` reads a checkpoint on process 0 and broadcasts it.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,13 @@ from .. import distributed as dist_utils
 from ..checkpoint import load_checkpoint
 
 __all__ = [
-    "validate_resume_state", "load_optimizer", "load_scheduler", "restore", "rng_state", "set_rng_state", "seed_all",
+    "validate_resume_state",
+    "load_optimizer",
+    "load_scheduler",
+    "restore",
+    "rng_state",
+    "set_rng_state",
+    "seed_all",
     "load_for_all",
 ]
 
@@ -41,8 +48,8 @@ def validate_resume_state(state: dict, path: Path) -> dict:
         raise ValueError(f"{where}: 'step' must be an int >= 0, got {step!r}"[:300])
     sums = state.get("sums")
     if sums is not None and not (
-        isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                                       for k, v in sums.items())
+        isinstance(sums, dict)
+        and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in sums.items())
     ):
         raise ValueError(f"{where}: 'sums' must map loss names to numbers")
     for key in ("optimizer", "scheduler"):
@@ -58,10 +65,13 @@ def validate_resume_state(state: dict, path: Path) -> dict:
     if rng is not None:
         ok = (
             isinstance(rng, dict)
-            and isinstance(rng.get("torch"), torch.Tensor) and rng["torch"].dtype == torch.uint8
-            and isinstance(rng.get("python"), list) and len(rng["python"]) == 626
+            and isinstance(rng.get("torch"), torch.Tensor)
+            and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("python"), list)
+            and len(rng["python"]) == 626
             and all(isinstance(v, int) and not isinstance(v, bool) for v in rng["python"])
-            and isinstance(rng.get("numpy"), torch.Tensor) and rng["numpy"].numel() == 624
+            and isinstance(rng.get("numpy"), torch.Tensor)
+            and rng["numpy"].numel() == 624
             and isinstance(rng.get("numpy_pos"), int)
         )
         if not ok:
@@ -77,8 +87,10 @@ def _same_kind(fresh, loaded) -> bool:
     if isinstance(fresh, num):
         return isinstance(loaded, num) and math.isfinite(loaded)
     if isinstance(fresh, (list, tuple)):
-        return isinstance(loaded, (list, tuple)) and len(loaded) == len(fresh) and all(
-            _same_kind(a, b) for a, b in zip(fresh, loaded)
+        return (
+            isinstance(loaded, (list, tuple))
+            and len(loaded) == len(fresh)
+            and all(_same_kind(a, b) for a, b in zip(fresh, loaded))
         )
     if fresh is None:
         return loaded is None
@@ -103,8 +115,11 @@ def load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
     if len(groups) != len(fresh["param_groups"]) or not all(isinstance(g, dict) for g in groups):
         raise ValueError(f"{len(groups)} parameter groups, expected {len(fresh['param_groups'])}")
     for fg, g in zip(fresh["param_groups"], groups):
-        _check_like({k: v for k, v in fg.items() if k != "params"}, {k: v for k, v in g.items() if k != "params"},
-                    "parameter group")
+        _check_like(
+            {k: v for k, v in fg.items() if k != "params"},
+            {k: v for k, v in g.items() if k != "params"},
+            "parameter group",
+        )
         if not isinstance(g.get("params"), list) or len(g["params"]) != len(fg["params"]):
             raise ValueError("parameter group lists the wrong number of parameters")
     params = [p for grp in opt.param_groups for p in grp["params"]]
@@ -117,7 +132,9 @@ def load_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"state {name!r} of parameter {key} is not a tensor")
             if t.dim() > 0 and t.shape != shape:
-                raise ValueError(f"state {name!r} of parameter {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+                raise ValueError(
+                    f"state {name!r} of parameter {key} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+                )
     opt.load_state_dict(sd)
 
 
@@ -160,6 +177,7 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
 
 def load_for_all(path: Path, check: Callable[[dict], None] | None = None, missing: str | None = None) -> dict:
     """A checkpoint read by process 0 only and broadcast; a problem is raised on every process

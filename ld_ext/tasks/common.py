@@ -5,6 +5,7 @@ transport, model loading and embedding. The atomic writers of results (``atomic_
 
 Pixel coordinates everywhere are ``(x, y)`` = (column, row) with pixel centres at integers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,7 +63,11 @@ MASK_SUFFIXES = ("", "_mask", "_seg", "_label", "_gt")
 
 
 def split_indices(
-    n: int, shots: int, seeds: int, test_fraction: float = 0.5, has_foreground=None,
+    n: int,
+    shots: int,
+    seeds: int,
+    test_fraction: float = 0.5,
+    has_foreground=None,
     pool_words: str = "labelled pairs with a non-empty mask remain",
 ):
     """(test indices, [train indices per seed]): the split of the segmentation transfer and the
@@ -341,7 +346,9 @@ class Warp:
 
 def smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     """Gaussian-smoothed white noise of ``shape`` scaled to peak magnitude 1 (elastic fields, bias fields)."""
-    from scipy.ndimage import gaussian_filter  # lazy: scipy.ndimage is slow to import and only the elastic warp needs it
+    from scipy.ndimage import (
+        gaussian_filter,
+    )  # lazy: scipy.ndimage is slow to import and only the elastic warp needs it
 
     n = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
     return n / (np.abs(n).max() + 1e-12)
@@ -411,15 +418,24 @@ def load_ld_model(path, part: str = "representation"):
 def describe_part(has: dict, part: str) -> str:
     """One sentence on which network of a checkpoint a task reads (``has``: ``checkpoint_parts``)."""
     if has["legacy_stage3"]:
-        return ("its weights include the centre-sensitive landmark term of stage 3 (a file of an older ld_ext, or "
-                "stage3.pt); " + ("the landmark task reads them as they are" if part == "landmark" else
-                                  "this task reads them as they are; the representation before stage 3 is "
-                                  "stage2.pt of the same run"))
+        return (
+            "its weights include the centre-sensitive landmark term of stage 3 (a file of an older ld_ext, or "
+            "stage3.pt); "
+            + (
+                "the landmark task reads them as they are"
+                if part == "landmark"
+                else "this task reads them as they are; the representation before stage 3 is stage2.pt of the same run"
+            )
+        )
     if part == "landmark":
-        return ("reading the landmark network (after stage 3, the centre-sensitive term)" if has["landmark"] else
-                "reading the representation network (the file has no stage-3 landmark network)")
+        return (
+            "reading the landmark network (after stage 3, the centre-sensitive term)"
+            if has["landmark"]
+            else "reading the representation network (the file has no stage-3 landmark network)"
+        )
     return "reading the representation network (stages 1-2" + (
-        "; the file's stage-3 landmark network is for ld-ext landmark)" if has["landmark"] else ")")
+        "; the file's stage-3 landmark network is for ld-ext landmark)" if has["landmark"] else ")"
+    )
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ Split (``probe_splits``): the pairs are shuffled once (seed 0) and ``test_fracti
 held out for every seed and shot count; each seed draws its ``N`` training pairs among the other
 pairs whose mask is not empty (a probe on an empty mask cannot learn the structure).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -182,15 +183,19 @@ class LinearProbe:
     @staticmethod
     def _pixels(features: torch.Tensor) -> torch.Tensor:
         if not isinstance(features, torch.Tensor) or features.dim() != 4:
-            raise ValueError(f"features must be a (N, C, H, W) tensor, got {getattr(features, 'shape', type(features))}")
+            raise ValueError(
+                f"features must be a (N, C, H, W) tensor, got {getattr(features, 'shape', type(features))}"
+            )
         return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
 
     def fit(self, features: torch.Tensor, masks) -> "LinearProbe":
         x = self._pixels(features)
         y = torch.as_tensor(np.asarray(masks, dtype=bool)).reshape(-1)
         if y.numel() != x.shape[0]:
-            raise ValueError(f"masks must have shape (N, H, W) = {(features.shape[0],) + tuple(features.shape[2:])}, "
-                             f"got {tuple(np.shape(masks))}")
+            raise ValueError(
+                f"masks must have shape (N, H, W) = {(features.shape[0],) + tuple(features.shape[2:])}, "
+                f"got {tuple(np.shape(masks))}"
+            )
         npos = int(y.sum())
         if npos == 0 or npos == y.numel():
             raise ValueError("the training masks must contain both foreground and background pixels")
@@ -204,8 +209,14 @@ class LinearProbe:
             wt = torch.full_like(yf, 1.0 / y.numel())
         w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-9, tolerance_change=1e-12)
+        opt = torch.optim.LBFGS(
+            [w, b],
+            lr=1.0,
+            max_iter=self.max_iter,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
+        )
         sign = 2 * yf - 1
 
         def closure():
@@ -245,7 +256,11 @@ def probe_splits(masks, shots: int, seeds: int, test_fraction: float = 0.5, min_
         raise ValueError(f"need at least 2 labelled images (one to train, one to test), got {n}")
     fg = masks.reshape(n, -1).sum(1) >= min_pixels
     return split_indices(
-        n, shots, seeds, test_fraction, has_foreground=fg,
+        n,
+        shots,
+        seeds,
+        test_fraction,
+        has_foreground=fg,
         pool_words=f"of the {{rest}} non-held-out images contain the structure (>= {min_pixels} foreground pixels)",
     )
 
@@ -309,11 +324,23 @@ def probe_experiment(
     splits = split or {s: probe_splits(masks, s, seeds, test_fraction) for s in shots}
     for s_count in shots:
         if not masks[np.asarray(splits[s_count][0])].any():
-            raise ValueError(f"{label}: no held-out image contains the structure ({s_count} shot(s)); "
-                             "give more labelled images or a larger test fraction")
-    res: dict = {"label": label, "shots": shots, "seeds": seeds, "methods": list(features),
-                 "foreground_fraction": float(masks.mean()), "splits": {}, "dice": {}, "dice_pooled": {},
-                 "threshold": {}, "summary": {}, "summary_pooled": {}}
+            raise ValueError(
+                f"{label}: no held-out image contains the structure ({s_count} shot(s)); "
+                "give more labelled images or a larger test fraction"
+            )
+    res: dict = {
+        "label": label,
+        "shots": shots,
+        "seeds": seeds,
+        "methods": list(features),
+        "foreground_fraction": float(masks.mean()),
+        "splits": {},
+        "dice": {},
+        "dice_pooled": {},
+        "threshold": {},
+        "summary": {},
+        "summary_pooled": {},
+    }
     cache: dict = {}
 
     def feats(name, seed):
@@ -330,7 +357,10 @@ def probe_experiment(
     t0 = time.perf_counter()
     for s_count in shots:
         test, trains = splits[s_count]
-        res["splits"][str(s_count)] = {"test": np.asarray(test).tolist(), "train": [np.asarray(t).tolist() for t in trains]}
+        res["splits"][str(s_count)] = {
+            "test": np.asarray(test).tolist(),
+            "train": [np.asarray(t).tolist() for t in trains],
+        }
     for name in features:
         for key in ("dice", "dice_pooled", "threshold"):
             res[key][name] = {}
@@ -344,8 +374,11 @@ def probe_experiment(
                 probe = LinearProbe(weight_decay=weight_decay).fit(f[tr], masks[tr])
                 thr = choose_threshold(probe.predict_proba(f[tr]), masks[tr])
                 p = probe.predict_proba(f[te])
-                for key, v in (("dice", dice_per_image(p > thr, masks[te])),
-                               ("dice_pooled", common.dice(p > thr, masks[te])), ("threshold", thr)):
+                for key, v in (
+                    ("dice", dice_per_image(p > thr, masks[te])),
+                    ("dice_pooled", common.dice(p > thr, masks[te])),
+                    ("threshold", thr),
+                ):
                     res[key][name].setdefault(str(s_count), []).append(v)
                 if keep_predictions and seed == 0 and s_count == max(shots):
                     preds[name], thresholds[name] = p, thr
@@ -370,6 +403,7 @@ def baseline_feature_sets(model, images, kind: str = DEFAULT_FEATURES, methods: 
         if m == "LD":
             out[m] = network_features(model, imgs, kind)
         elif m == "random-init":
+
             def rand_feats(seed, cfg=cfg):
                 torch.manual_seed(10_000 + seed)
                 return network_features(LDNet(**cfg), imgs, kind)
@@ -438,11 +472,15 @@ def summary_sentence(results: Sequence[dict]) -> str:
         parts.append(f"{'+' if d >= 0 else '-'}{abs(d):.1f} points against the {METHOD_LABELS.get(m, m)}")
     n_struct = len(results)
     shots = "/".join(str(s) for s in results[0]["shots"])
-    verdict = ("LD's frozen features make these structures more linearly readable than every baseline"
-               if all(_overall(results, m) < ld for m in methods if m != "LD")
-               else "LD's frozen features do NOT beat every baseline here")
-    return (f"{verdict}: mean held-out Dice per image {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
-            f"{results[0]['seeds']} seed(s), " + ", ".join(parts) + ".")
+    verdict = (
+        "LD's frozen features make these structures more linearly readable than every baseline"
+        if all(_overall(results, m) < ld for m in methods if m != "LD")
+        else "LD's frozen features do NOT beat every baseline here"
+    )
+    return (
+        f"{verdict}: mean held-out Dice per image {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
+        f"{results[0]['seeds']} seed(s), " + ", ".join(parts) + "."
+    )
 
 
 def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> None:
@@ -471,12 +509,17 @@ def plot_overlays(path, images, results: Sequence[dict], n_show: int = 3) -> Non
             ov = np.zeros(pr.shape + (4,))
             ov[pr] = (1.0, 0.1, 0.1, 0.45)
             ax.imshow(ov)
-            ax.set_title(f"{r['label']}: {METHOD_LABELS.get(m, m)}\nDice {common.dice(pr, masks[test[j]]):.2f} "
-                         f"(t = {thr:.2f})", fontsize=6.5)
+            ax.set_title(
+                f"{r['label']}: {METHOD_LABELS.get(m, m)}\nDice {common.dice(pr, masks[test[j]]):.2f} (t = {thr:.2f})",
+                fontsize=6.5,
+            )
     height = 2.4 * len(rows)
     fig.subplots_adjust(top=1.0 - 0.5 / height, hspace=0.35)
-    fig.suptitle("held-out images: ground truth (green contour), probe prediction above its threshold t (red)",
-                 fontsize=8, y=1.0 - 0.1 / height)
+    fig.suptitle(
+        "held-out images: ground truth (green contour), probe prediction above its threshold t (red)",
+        fontsize=8,
+        y=1.0 - 0.1 / height,
+    )
     common.atomic_savefig(fig, path)
 
 
@@ -499,14 +542,27 @@ def write_results(out, results: Sequence[dict], images=None, extra: dict | None 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
     parser.add_argument("--images", required=True, help="folder of 2-D images")
-    parser.add_argument("--masks", required=True, nargs="+", metavar="DIR",
-                        help="one folder of binary masks per structure (named like the images, optional _mask suffix)")
+    parser.add_argument(
+        "--masks",
+        required=True,
+        nargs="+",
+        metavar="DIR",
+        help="one folder of binary masks per structure (named like the images, optional _mask suffix)",
+    )
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="labelled training images (default 1 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
-    parser.add_argument("--features", choices=NETWORK_FEATURES, default=DEFAULT_FEATURES,
-                        help=f"network features: unit embedding z, decoder features, or both (default {DEFAULT_FEATURES})")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
-                        help=f"L2 penalty of the linear probe (default {DEFAULT_WEIGHT_DECAY})")
+    parser.add_argument(
+        "--features",
+        choices=NETWORK_FEATURES,
+        default=DEFAULT_FEATURES,
+        help=f"network features: unit embedding z, decoder features, or both (default {DEFAULT_FEATURES})",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=DEFAULT_WEIGHT_DECAY,
+        help=f"L2 penalty of the linear probe (default {DEFAULT_WEIGHT_DECAY})",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
     parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
@@ -531,8 +587,15 @@ def run(args: argparse.Namespace) -> int:
         if min(imgs.shape[1:]) < 16:
             raise ValueError(f"images must be at least 16x16 pixels, got {imgs.shape[2]}x{imgs.shape[1]}")
         feats = baseline_feature_sets(model, imgs, args.features)
-        r = probe_experiment(feats, masks, shots=args.shots, seeds=args.seeds, test_fraction=args.test_fraction,
-                             weight_decay=args.weight_decay, label=Path(mdir).name)
+        r = probe_experiment(
+            feats,
+            masks,
+            shots=args.shots,
+            seeds=args.seeds,
+            test_fraction=args.test_fraction,
+            weight_decay=args.weight_decay,
+            label=Path(mdir).name,
+        )
         r["files"] = [p[0].name for p in pairs]
         r["_images"], r["_masks"] = imgs, masks
         for s in r["shots"]:
@@ -540,8 +603,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['label']}: {s} shot(s): training images used: {', '.join(pairs[i][0].name for i in used)}")
         results.append(r)
         images = imgs
-    md = write_results(Path(args.out), results, images, {"checkpoint": str(args.checkpoint), "features": args.features,
-                                                          "weight_decay": args.weight_decay})
+    md = write_results(
+        Path(args.out),
+        results,
+        images,
+        {"checkpoint": str(args.checkpoint), "features": args.features, "weight_decay": args.weight_decay},
+    )
     print(md)
     print(f"wrote {args.out}")
     return 0

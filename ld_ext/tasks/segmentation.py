@@ -31,6 +31,7 @@ the prediction). The training files of each seed are printed and saved.
 Dice is pooled over all held-out pixels (global Dice), so slices where the structure is absent
 count through their false positives.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,9 @@ class SegNet(nn.Module):
 
 
 @torch.no_grad()
-def fit_head(net: SegNet, images: np.ndarray, masks: np.ndarray, *, balanced: bool = False,
-             weight_decay: float = 1e-3) -> None:
+def fit_head(
+    net: SegNet, images: np.ndarray, masks: np.ndarray, *, balanced: bool = False, weight_decay: float = 1e-3
+) -> None:
     """Set the head to the linear probe of the frozen head features (LP-FT's first step).
 
     The network in eval mode reads the training images as they are (no augmentation); a per-pixel
@@ -111,7 +113,7 @@ def fit_head(net: SegNet, images: np.ndarray, masks: np.ndarray, *, balanced: bo
     read-out of the initial features instead of a near-zero head.
     """
     net.eval()
-    feats = torch.cat([net.head_features(common.model_input(images[i:i + 8])) for i in range(0, len(images), 8)])
+    feats = torch.cat([net.head_features(common.model_input(images[i : i + 8])) for i in range(0, len(images), 8)])
     pr = LinearProbe(weight_decay=weight_decay, balanced=balanced).fit(feats, np.asarray(masks, dtype=bool))
     w = pr.weight / pr.std
     net.head.weight.copy_(w.reshape(net.head.weight.shape).to(net.head.weight.dtype))
@@ -192,10 +194,12 @@ def train_segnet(
     x_all = common.model_input(images)
     y_all = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([
-        {"params": list(net.head.parameters()), "lr": lr},
-        {"params": list(net.body.parameters()), "lr": lr * body_lr_factor},
-    ])
+    opt = torch.optim.Adam(
+        [
+            {"params": list(net.head.parameters()), "lr": lr},
+            {"params": list(net.body.parameters()), "lr": lr * body_lr_factor},
+        ]
+    )
     n = x_all.shape[0]
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
@@ -268,17 +272,31 @@ def transfer_experiment(
     for s, tr in enumerate(trains):
         empty = [int(i) for i in tr if not has_fg[i]]
         if empty:
-            warnings.warn(f"{label}: seed {s}: {len(empty)} of the {len(tr)} training masks are empty (indices {empty}); "
-                          "the soft Dice loss gives no gradient on them", stacklevel=2)
+            warnings.warn(
+                f"{label}: seed {s}: {len(empty)} of the {len(tr)} training masks are empty (indices {empty}); "
+                "the soft Dice loss gives no gradient on them",
+                stacklevel=2,
+            )
     ck = load_checkpoint(checkpoint)
     cfg = dict(ck.get("config") or {})
     if not cfg:
         cfg = infer_config(ck["model"])
-    res: dict = {"label": label, "test_indices": test.tolist(), "train_indices": [t.tolist() for t in trains],
-                 "settings": {"steps": steps, "lr": lr, "head": head, "body_lr_factor": body_lr_factor,
-                              "freeze_steps": freeze_steps, "head_init": head_init,
-                              "random_head_init": random_head_init, "batch": batch,
-                              "include_empty": include_empty}}
+    res: dict = {
+        "label": label,
+        "test_indices": test.tolist(),
+        "train_indices": [t.tolist() for t in trains],
+        "settings": {
+            "steps": steps,
+            "lr": lr,
+            "head": head,
+            "body_lr_factor": body_lr_factor,
+            "freeze_steps": freeze_steps,
+            "head_init": head_init,
+            "random_head_init": random_head_init,
+            "batch": batch,
+            "include_empty": include_empty,
+        },
+    }
     dices = {"LD": [], "random": []}
     preds_first = {}
     seconds = {"LD": 0.0, "random": 0.0}
@@ -286,9 +304,20 @@ def transfer_experiment(
         for init in ("LD", "random"):
             net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=s, head=head)
             t0 = time.perf_counter()
-            train_segnet(net, images[tr], masks[tr], steps=steps, lr=lr, seed=s, batch=batch,
-                         body_lr_factor=body_lr_factor, freeze_steps=freeze_steps,
-                         head_init=head_init if init == "LD" else random_head_init, progress=progress, desc=f"{label} seed {s} {init} init")
+            train_segnet(
+                net,
+                images[tr],
+                masks[tr],
+                steps=steps,
+                lr=lr,
+                seed=s,
+                batch=batch,
+                body_lr_factor=body_lr_factor,
+                freeze_steps=freeze_steps,
+                head_init=head_init if init == "LD" else random_head_init,
+                progress=progress,
+                desc=f"{label} seed {s} {init} init",
+            )
             seconds[init] += time.perf_counter() - t0
             p = predict(net, images[test])
             dices[init].append(common.dice(p > 0.5, masks[test]))
@@ -338,7 +367,7 @@ def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3)
         gt_all = r.get("_masks", masks)[test]
         img_all = r.get("_images", images)[test]
         fg = gt_all.reshape(len(test), -1).sum(1)
-        show = np.argsort(-fg)[: n_show] if len(test) > n_show else np.arange(len(test))
+        show = np.argsort(-fg)[:n_show] if len(test) > n_show else np.arange(len(test))
         show = np.sort(show)
         for ci, j in enumerate(show):
             for k, init in enumerate(("LD", "random")):
@@ -351,11 +380,15 @@ def plot_overlays(path, images, masks, results: Sequence[dict], n_show: int = 3)
                 ax.imshow(ov)
                 ax.set_title(f"{r['label']}: {init}", fontsize=8)
                 ax.axis("off")
-    fig.suptitle("held-out slices: ground truth (green contour), prediction (red = LD init, blue = random init)", fontsize=9)
+    fig.suptitle(
+        "held-out slices: ground truth (green contour), prediction (red = LD init, blue = random init)", fontsize=9
+    )
     common.atomic_savefig(fig, path)
 
 
-def write_results(out: Path, results: Sequence[dict], images, masks, shots: int, seeds: int, extra: dict | None = None) -> str:
+def write_results(
+    out: Path, results: Sequence[dict], images, masks, shots: int, seeds: int, extra: dict | None = None
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     md = results_markdown(results, shots, seeds)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
@@ -374,23 +407,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", required=True, help="folder of binary masks (same names, optional _mask suffix)")
     parser.add_argument("--shots", type=int, default=5, help="labelled training images per seed (default 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})"
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--head", choices=HEADS, default=DEFAULT_HEAD,
-                        help=f"1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features (default {DEFAULT_HEAD})")
-    parser.add_argument("--body-lr-factor", type=float, default=DEFAULT_BODY_LR_FACTOR,
-                        help=f"the network body trains at lr x FACTOR, the head at lr (default {DEFAULT_BODY_LR_FACTOR})")
-    parser.add_argument("--freeze-steps", type=int, default=DEFAULT_FREEZE_STEPS,
-                        help=f"train the head only for the first N steps (default {DEFAULT_FREEZE_STEPS})")
-    parser.add_argument("--head-init", choices=HEAD_INITS, default=DEFAULT_HEAD_INIT,
-                        help="LD-initialised network: start the head near zero, or as the linear probe of the "
-                        "network's features on the training images (probe: plain logistic loss; probe-balanced: "
-                        f"class-balanced), then fine-tune everything (default {DEFAULT_HEAD_INIT})")
-    parser.add_argument("--random-head-init", choices=HEAD_INITS, default=DEFAULT_RANDOM_HEAD_INIT,
-                        help=f"the same for the random-init network (default {DEFAULT_RANDOM_HEAD_INIT})")
+    parser.add_argument(
+        "--head",
+        choices=HEADS,
+        default=DEFAULT_HEAD,
+        help=f"1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features (default {DEFAULT_HEAD})",
+    )
+    parser.add_argument(
+        "--body-lr-factor",
+        type=float,
+        default=DEFAULT_BODY_LR_FACTOR,
+        help=f"the network body trains at lr x FACTOR, the head at lr (default {DEFAULT_BODY_LR_FACTOR})",
+    )
+    parser.add_argument(
+        "--freeze-steps",
+        type=int,
+        default=DEFAULT_FREEZE_STEPS,
+        help=f"train the head only for the first N steps (default {DEFAULT_FREEZE_STEPS})",
+    )
+    parser.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default=DEFAULT_HEAD_INIT,
+        help="LD-initialised network: start the head near zero, or as the linear probe of the "
+        "network's features on the training images (probe: plain logistic loss; probe-balanced: "
+        f"class-balanced), then fine-tune everything (default {DEFAULT_HEAD_INIT})",
+    )
+    parser.add_argument(
+        "--random-head-init",
+        choices=HEAD_INITS,
+        default=DEFAULT_RANDOM_HEAD_INIT,
+        help=f"the same for the random-init network (default {DEFAULT_RANDOM_HEAD_INIT})",
+    )
     parser.add_argument("--batch", type=int, default=5, help="images per step (default 5)")
-    parser.add_argument("--include-empty", action="store_true",
-                        help="draw training pairs among all pairs, also those whose mask is empty (default: only non-empty)")
+    parser.add_argument(
+        "--include-empty",
+        action="store_true",
+        help="draw training pairs among all pairs, also those whose mask is empty (default: only non-empty)",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
     parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
@@ -414,11 +472,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.body_lr_factor >= 0:
         raise ValueError(f"--body-lr-factor must be >= 0, got {args.body_lr_factor}")
     r = transfer_experiment(
-        images, masks, args.checkpoint, shots=args.shots, seeds=args.seeds, steps=args.steps, lr=args.lr,
-        test_fraction=args.test_fraction, include_empty=args.include_empty, head=args.head,
-        body_lr_factor=args.body_lr_factor, freeze_steps=args.freeze_steps, head_init=args.head_init,
-        random_head_init=args.random_head_init, batch=args.batch,
-        progress=not args.no_progress, label=Path(args.masks).name,
+        images,
+        masks,
+        args.checkpoint,
+        shots=args.shots,
+        seeds=args.seeds,
+        steps=args.steps,
+        lr=args.lr,
+        test_fraction=args.test_fraction,
+        include_empty=args.include_empty,
+        head=args.head,
+        body_lr_factor=args.body_lr_factor,
+        freeze_steps=args.freeze_steps,
+        head_init=args.head_init,
+        random_head_init=args.random_head_init,
+        batch=args.batch,
+        progress=not args.no_progress,
+        label=Path(args.masks).name,
     )
     r["test_files"] = [pairs[i][0].name for i in r["test_indices"]]
     r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]

@@ -17,6 +17,7 @@ segmentation of section 7, via the fused ``region_features`` and ``pixel_cluster
 against ground truth, pooled over all images; for plain LD the best-matching cluster (chosen by
 that same Dice, i.e. with the ground truth's help) is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ class ShapeDiscriminator(nn.Module):
     -> one logit per image (the sigmoid is folded into ``BCEWithLogits``). Inputs are resized to
     ``input_size`` (160 = 5 * 2^5, so the valid convolutions end at 1x1)."""
 
-    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64, 64), input_size: int = 160, spectral_norm: bool = False) -> None:
+    def __init__(
+        self, widths: Sequence[int] = (8, 16, 32, 64, 64), input_size: int = 160, spectral_norm: bool = False
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 1
@@ -134,7 +137,9 @@ def _init_model(checkpoint, n_clusters: int | None, seed: int):
     ld = common.load_ld_model(checkpoint)
     cfg = dict(ld.config)
     if cfg.get("in_channels", 1) != 1:
-        raise ValueError(f"checkpoint {checkpoint}: the shape-guided task uses 1-channel networks, got {cfg['in_channels']}")
+        raise ValueError(
+            f"checkpoint {checkpoint}: the shape-guided task uses 1-channel networks, got {cfg['in_channels']}"
+        )
     if n_clusters is None:
         if ld.n_clusters is None:
             raise ValueError(
@@ -275,7 +280,9 @@ def plot_shape_guided(path, images, masks, priors, guided, plain, best_k: int, n
         ax[rows - 1, c].set_title("a shape prior (other source)", fontsize=8)
         for r in range(rows):
             ax[r, c].axis("off")
-    fig.suptitle("shape-guided LD (cluster 0) vs plain LD" + ("; red: ground truth" if masks is not None else ""), fontsize=9)
+    fig.suptitle(
+        "shape-guided LD (cluster 0) vs plain LD" + ("; red: ground truth" if masks is not None else ""), fontsize=9
+    )
     common.atomic_savefig(fig, path)
 
 
@@ -292,8 +299,21 @@ def final_adversarial_loss(hist: list[dict], tail: int = ADV_TAIL) -> float:
 
 
 def shape_guided_experiment(
-    images, priors, masks=None, *, checkpoint=None, steps=300, n_clusters=None, lr=1e-3, batch=4, seed=0, progress=True,
-    d_lr_factor: float = 0.05, instance_noise: float = 0.0, d_spectral_norm: bool = False, restarts: int = 1,
+    images,
+    priors,
+    masks=None,
+    *,
+    checkpoint=None,
+    steps=300,
+    n_clusters=None,
+    lr=1e-3,
+    batch=4,
+    seed=0,
+    progress=True,
+    d_lr_factor: float = 0.05,
+    instance_noise: float = 0.0,
+    d_spectral_norm: bool = False,
+    restarts: int = 1,
 ) -> dict:
     """Train guided and plain LD from the same initialisation, evaluate both (if masks given).
 
@@ -302,15 +322,34 @@ def shape_guided_experiment(
     every restart's loss (and Dice, when masks are given) is recorded in ``out["restarts"]``.
     """
     common.check_positive_int("restarts", restarts)
-    out: dict = {"steps": steps, "n_clusters": n_clusters, "batch": batch, "lr": lr, "seed": seed, "d_lr_factor": d_lr_factor,
-                 "instance_noise": instance_noise, "d_spectral_norm": d_spectral_norm, "restarts": []}
+    out: dict = {
+        "steps": steps,
+        "n_clusters": n_clusters,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "d_lr_factor": d_lr_factor,
+        "instance_noise": instance_noise,
+        "d_spectral_norm": d_spectral_norm,
+        "restarts": [],
+    }
     t0 = time.perf_counter()
     best = None
     for r in range(restarts):
         model, hist = train_shape_guided(
-            images, priors, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=seed + r,
-            progress=progress, desc=f"LD + shape prior (seed {seed + r})", d_lr_factor=d_lr_factor,
-            instance_noise=instance_noise, d_spectral_norm=d_spectral_norm,
+            images,
+            priors,
+            checkpoint=checkpoint,
+            n_clusters=n_clusters,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            seed=seed + r,
+            progress=progress,
+            desc=f"LD + shape prior (seed {seed + r})",
+            d_lr_factor=d_lr_factor,
+            instance_noise=instance_noise,
+            d_spectral_norm=d_spectral_norm,
         )
         rec = {"seed": seed + r, "final_adv_g": final_adversarial_loss(hist)}
         maps = None
@@ -326,8 +365,16 @@ def shape_guided_experiment(
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain, hp = train_shape_guided(
-        images, None, checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, seed=chosen["seed"],
-        progress=progress, desc="plain LD",
+        images,
+        None,
+        checkpoint=checkpoint,
+        n_clusters=n_clusters,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=chosen["seed"],
+        progress=progress,
+        desc="plain LD",
     )
     out["seconds_plain"] = time.perf_counter() - t0
     out["n_clusters"] = guided.n_clusters
@@ -401,22 +448,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", default=None, help="ground truth for --images (same pairing rules as finetune)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, results.json/md, PNG)")
     parser.add_argument("--checkpoint", default=None, help="initialise from this LD checkpoint (default: random)")
-    parser.add_argument("--size", type=int, default=96, help="images and priors are resized to SIZE x SIZE (default 96)")
+    parser.add_argument(
+        "--size", type=int, default=96, help="images and priors are resized to SIZE x SIZE (default 96)"
+    )
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--clusters", type=int, default=None,
-                        help="replace the checkpoint's clustering branch by a fresh one with K clusters "
-                             "(default: keep the checkpoint's; without --checkpoint, 8)")
+    parser.add_argument(
+        "--clusters",
+        type=int,
+        default=None,
+        help="replace the checkpoint's clustering branch by a fresh one with K clusters "
+        "(default: keep the checkpoint's; without --checkpoint, 8)",
+    )
     parser.add_argument("--batch", type=int, default=4, help="B pairs per step (5B images through the net)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--d-lr-factor", type=float, default=0.05,
-                        help="discriminator lr = FACTOR x --lr (published: 0.05)")
-    parser.add_argument("--instance-noise", type=float, default=0.0,
-                        help="sd of Gaussian noise added to the discriminator's inputs (default 0, as published)")
-    parser.add_argument("--d-spectral-norm", action="store_true",
-                        help="spectral normalisation on the discriminator's convolutions (default off, as published)")
-    parser.add_argument("--restarts", type=int, default=1,
-                        help="train the guided network from R seeds and keep the one with the lowest final adversarial "
-                             "loss (label-free; default 1)")
+    parser.add_argument(
+        "--d-lr-factor", type=float, default=0.05, help="discriminator lr = FACTOR x --lr (published: 0.05)"
+    )
+    parser.add_argument(
+        "--instance-noise",
+        type=float,
+        default=0.0,
+        help="sd of Gaussian noise added to the discriminator's inputs (default 0, as published)",
+    )
+    parser.add_argument(
+        "--d-spectral-norm",
+        action="store_true",
+        help="spectral normalisation on the discriminator's convolutions (default off, as published)",
+    )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="train the guided network from R seeds and keep the one with the lowest final adversarial "
+        "loss (label-free; default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -432,7 +497,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.d_lr_factor > 0:
         raise ValueError(f"--d-lr-factor must be > 0, got {args.d_lr_factor}")
     prior_files = common.list_images(args.priors, "priors")
-    priors = np.stack([common.resize_image(common.load_mask(p).astype(np.float32), args.size) > 0.5 for p in prior_files])
+    priors = np.stack(
+        [common.resize_image(common.load_mask(p).astype(np.float32), args.size) > 0.5 for p in prior_files]
+    )
     if masks_dir := args.masks:
         pairs = common.pair_images_masks(args.images, masks_dir)
         images, masks = common.load_pairs(pairs, args.size)
@@ -441,9 +508,19 @@ def run(args: argparse.Namespace) -> int:
         images = np.stack([common.resize_image(common.scale_intensity(common.load_image(f)), args.size) for f in files])
         masks = None
     res = shape_guided_experiment(
-        images, priors, masks, checkpoint=args.checkpoint, steps=args.steps, n_clusters=args.clusters, lr=args.lr,
-        batch=args.batch, seed=args.seed, d_lr_factor=args.d_lr_factor,
-        instance_noise=args.instance_noise, d_spectral_norm=args.d_spectral_norm, restarts=args.restarts,
+        images,
+        priors,
+        masks,
+        checkpoint=args.checkpoint,
+        steps=args.steps,
+        n_clusters=args.clusters,
+        lr=args.lr,
+        batch=args.batch,
+        seed=args.seed,
+        d_lr_factor=args.d_lr_factor,
+        instance_noise=args.instance_noise,
+        d_spectral_norm=args.d_spectral_norm,
+        restarts=args.restarts,
     )
     md = write_results(Path(args.out), res, images, masks, priors)
     if md:

@@ -42,6 +42,7 @@ Modules: ``pooling`` (descriptors), ``search`` (shared search and sub-pixel step
 (points I/O), ``evaluation`` (known-warp evaluation, selected settings, paired differences) and
 ``cli``; every public name is importable from ``ld_ext.tasks.landmarks``.
 """
+
 from __future__ import annotations
 
 from .centre_term import centre_sensitive_loss, train_centre_sensitive

@@ -1,5 +1,6 @@
 """The centre-sensitive training term: a dense correspondence InfoNCE whose hard negatives are the
 pixels next to the true one, and a fine-tuning loop on random warps of unlabelled images."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,14 @@ from .pooling import sample_bilinear, pooled_descriptors
 
 
 def centre_sensitive_loss(
-    e1: torch.Tensor, e2: torch.Tensor, p2: torch.Tensor, q1: torch.Tensor, radius: int = 4,
-    n_random: int = 64, temperature: float = 0.1, generator: torch.Generator | None = None,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    p2: torch.Tensor,
+    q1: torch.Tensor,
+    radius: int = 4,
+    n_random: int = 64,
+    temperature: float = 0.1,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Dense correspondence InfoNCE that is sensitive to the centre.
 
@@ -33,7 +40,13 @@ def centre_sensitive_loss(
     centre = int(((offs**2).sum(1) == 0).nonzero()[0])
     m = p2.shape[0]
     cand = q1[:, None, :] + offs[None]  # (M, O, 2)
-    rnd = torch.stack([torch.rand(m, n_random, generator=generator) * (w - 1), torch.rand(m, n_random, generator=generator) * (h - 1)], -1)
+    rnd = torch.stack(
+        [
+            torch.rand(m, n_random, generator=generator) * (w - 1),
+            torch.rand(m, n_random, generator=generator) * (h - 1),
+        ],
+        -1,
+    )
     cand = torch.cat([cand, rnd], 1)
     c = sample_bilinear(e1, cand)  # (M, O + R, D)
     a = sample_bilinear(e2, p2)  # (M, D)
@@ -42,8 +55,18 @@ def centre_sensitive_loss(
 
 
 def train_centre_sensitive(
-    model, images: np.ndarray, *, steps: int = 100, batch: int = 4, points_per_image: int = 64, lr: float = 1e-4,
-    radius: int = 4, temperature: float = 0.1, seed: int = 0, progress: bool = True, pooling: dict | None = None,
+    model,
+    images: np.ndarray,
+    *,
+    steps: int = 100,
+    batch: int = 4,
+    points_per_image: int = 64,
+    lr: float = 1e-4,
+    radius: int = 4,
+    temperature: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    pooling: dict | None = None,
     on_step=None,
 ):
     """Fine-tune a copy of ``model`` with ``centre_sensitive_loss`` on random affine + elastic
@@ -90,8 +113,13 @@ def train_centre_sensitive(
             if ok.sum() < 2:
                 continue
             loss = loss + centre_sensitive_loss(
-                e[j : j + 1], e[batch + j : batch + j + 1], torch.as_tensor(p2[ok], dtype=torch.float32),
-                torch.as_tensor(q1[ok], dtype=torch.float32), radius, temperature=temperature, generator=g,
+                e[j : j + 1],
+                e[batch + j : batch + j + 1],
+                torch.as_tensor(p2[ok], dtype=torch.float32),
+                torch.as_tensor(q1[ok], dtype=torch.float32),
+                radius,
+                temperature=temperature,
+                generator=g,
             )
         loss = loss / batch
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
 """``ld-ext landmark``: predict landmarks in target images, or evaluate on known warps."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,39 +44,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sigma-frac", type=float, default=DEFAULT_SIGMA_FRAC, help="Gaussian pooling: sigma = F * radius"
     )
     parser.add_argument(
-        "--edge", choices=EDGE_MODES, default=DEFAULT_EDGE,
+        "--edge",
+        choices=EDGE_MODES,
+        default=DEFAULT_EDGE,
         help="rim of the pooling discs: soft (anti-aliased, default) or hard",
     )
     parser.add_argument(
-        "--fractional", choices=FRACTIONAL_MODES, default=DEFAULT_FRACTIONAL,
+        "--fractional",
+        choices=FRACTIONAL_MODES,
+        default=DEFAULT_FRACTIONAL,
         help="descriptors at fractional positions (landmarks, Gauss-Newton): exact (pooled at the fractional "
         "centre, default) or bilinear (interpolated from the pixel grid)",
     )
     parser.add_argument(
-        "--search", choices=SEARCH_MODES, default="consistent",
+        "--search",
+        choices=SEARCH_MODES,
+        default="consistent",
         help="consistent (default): one robust affine over all landmarks, then a local search; global: each arg-max",
     )
     parser.add_argument(
         "--window", type=float, default=DEFAULT_WINDOW, help="local search radius (px) around the affine prediction"
     )
     parser.add_argument(
-        "--subpixel", choices=SUBPIXEL_METHODS, default=DEFAULT_SUBPIXEL,
+        "--subpixel",
+        choices=SUBPIXEL_METHODS,
+        default=DEFAULT_SUBPIXEL,
         help="sub-pixel step: gauss-newton (feature-metric, on the descriptors), or a fit to the score map "
         "(quadratic 3x3, bicubic 5x5, parabola per axis)",
     )
     parser.add_argument("--no-rectify", action="store_true", help="skip the second pass in the template frame")
     parser.add_argument(
-        "--passes", type=int, default=1,
+        "--passes",
+        type=int,
+        default=1,
         help="passes in the template frame, each through the affine refitted to the previous one (default 1)",
     )
     parser.add_argument(
-        "--evaluate", type=int, default=0, metavar="N",
+        "--evaluate",
+        type=int,
+        default=0,
+        metavar="N",
         help="instead of (or besides) --targets: warp the template N times with random known "
         "affine+elastic deformations and report radial errors for LD and NCC",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--centre-term-steps", type=int, default=0, metavar="N",
+        "--centre-term-steps",
+        type=int,
+        default=0,
+        metavar="N",
         help="first fine-tune the network N steps with the centre-sensitive training term on random warps "
         "of the template and the target images (no labels; default 0 = off; a network from ld-ext pretrain "
         "with stage 3, --centre-steps, carries the term already)",
@@ -98,10 +115,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.window > 0:
         raise ValueError(f"--window must be > 0, got {args.window}")
     common.check_positive_int("--passes", args.passes)
-    search = dict(search=args.search, window=args.window, subpixel=args.subpixel, rectified=not args.no_rectify,
-                  passes=args.passes)
-    result: dict = {"template": str(args.template), "landmarks": names, "pooling": args.pooling, "radii": args.radii,
-                    "edge": args.edge, "fractional": args.fractional, "search": search}
+    search = dict(
+        search=args.search,
+        window=args.window,
+        subpixel=args.subpixel,
+        rectified=not args.no_rectify,
+        passes=args.passes,
+    )
+    result: dict = {
+        "template": str(args.template),
+        "landmarks": names,
+        "pooling": args.pooling,
+        "radii": args.radii,
+        "edge": args.edge,
+        "fractional": args.fractional,
+        "search": search,
+    }
     if args.centre_term_steps < 0:
         raise ValueError(f"--centre-term-steps must be >= 0, got {args.centre_term_steps}")
     result["checkpoint_centre_term"] = in_ckpt
@@ -109,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "%s carries no centre-sensitive term (made without stage 3 of ld-ext pretrain, --centre-steps): "
             "localisation is much less accurate; pre-train with it, or give --centre-term-steps N "
-            "(minutes per call)", args.checkpoint,
+            "(minutes per call)",
+            args.checkpoint,
         )
     if args.centre_term_steps:
         model = _tune_centre_term(args, model, template, result)
@@ -150,19 +180,31 @@ def _tune_centre_term(args: argparse.Namespace, model, template: np.ndarray, res
     """--centre-term-steps: fine-tune on warps of the template and the targets of its size."""
     pool = [template]
     if args.targets is not None:
-        pool += [img for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
-                 if img.shape == template.shape]
+        pool += [
+            img
+            for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
+            if img.shape == template.shape
+        ]
     model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
     result["centre_term"] = {"steps": args.centre_term_steps, "loss_first": hist[0], "loss_last": hist[-1]}
     return model
 
 
-def _locate_targets(args: argparse.Namespace, model, template: np.ndarray, names: list[str], points: np.ndarray,
-                    search: dict, result: dict, out: Path) -> None:
+def _locate_targets(
+    args: argparse.Namespace,
+    model,
+    template: np.ndarray,
+    names: list[str],
+    points: np.ndarray,
+    search: dict,
+    result: dict,
+    out: Path,
+) -> None:
     """--targets: the landmarks of every target image in its own pixels, and a PNG of the first."""
     t_emb, _ = common.embed(model, template[None])
-    loc = LandmarkLocator(args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional,
-                          **search).fit(t_emb.double(), points)
+    loc = LandmarkLocator(
+        args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional, **search
+    ).fit(t_emb.double(), points)
     preds = {}
     files = common.list_images(args.targets, "targets")
     from tqdm import tqdm
@@ -188,13 +230,16 @@ def _locate_targets(args: argparse.Namespace, model, template: np.ndarray, names
     plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
 
 
-def _evaluate(args: argparse.Namespace, model, template: np.ndarray, points: np.ndarray, search: dict,
-              result: dict) -> None:
+def _evaluate(
+    args: argparse.Namespace, model, template: np.ndarray, points: np.ndarray, search: dict, result: dict
+) -> None:
     """--evaluate N: radial errors of LD and NCC on N known random warps of the template (printed)."""
     targets, gts = make_eval_targets(template, points, args.evaluate, seed=args.seed)
     pool = dict(radii=args.radii, edge=args.edge, fractional=args.fractional, **search)
-    ld_methods = {"centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
-                  "uniform pooling": dict(mode="uniform", **pool)}
+    ld_methods = {
+        "centre-sensitive": dict(mode="gaussian", sigma_frac=args.sigma_frac, **pool),
+        "uniform pooling": dict(mode="uniform", **pool),
+    }
     ev = evaluate_methods(model, template, points, targets, gts, args.radii, search=search, ld_methods=ld_methods)
     result["evaluation"] = {"n_targets": args.evaluate, "rows": ev["rows"]}
     print(table_markdown(ev["rows"]))

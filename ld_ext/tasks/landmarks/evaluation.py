@@ -1,5 +1,6 @@
 """Evaluation: known warps of a template, radial errors of LD and NCC through one search, paired
 bootstrap differences, the per-method settings selected on development data, plots."""
+
 from __future__ import annotations
 
 import time
@@ -27,10 +28,25 @@ from .pooling import DEFAULT_RADII
 # edges, for both poolings; then the Jacobian step 0.25, 0.5 or 1 px; then sigma_frac 0.35, 0.5,
 # 0.7 or 1.0; then radii (0,1,2,4,8) or (1,2,4,8).
 SELECTED_LD = {
-    "centre-sensitive": dict(radii=(0, 1, 2, 4, 8), mode="gaussian", sigma_frac=1.0, window=3.0,
-                             subpixel="gauss-newton", fractional="exact", edge="soft", jac_step=0.5),
-    "uniform pooling": dict(radii=(0, 1, 2, 4, 8), mode="uniform", window=3.0, subpixel="gauss-newton",
-                            fractional="exact", edge="soft", jac_step=0.25),
+    "centre-sensitive": dict(
+        radii=(0, 1, 2, 4, 8),
+        mode="gaussian",
+        sigma_frac=1.0,
+        window=3.0,
+        subpixel="gauss-newton",
+        fractional="exact",
+        edge="soft",
+        jac_step=0.5,
+    ),
+    "uniform pooling": dict(
+        radii=(0, 1, 2, 4, 8),
+        mode="uniform",
+        window=3.0,
+        subpixel="gauss-newton",
+        fractional="exact",
+        edge="soft",
+        jac_step=0.25,
+    ),
 }
 SELECTED_NCC = {  # half-size: search settings
     4: dict(window=2.0, subpixel="gauss-newton", passes=3),
@@ -122,8 +138,10 @@ def evaluate_methods(
 
     search = dict(search or {})
     if ld_methods is None:
-        ld_methods = {"centre-sensitive": dict(radii=radii, mode="gaussian", **search),
-                      "uniform pooling": dict(radii=radii, mode="uniform", **search)}
+        ld_methods = {
+            "centre-sensitive": dict(radii=radii, mode="gaussian", **search),
+            "uniform pooling": dict(radii=radii, mode="uniform", **search),
+        }
     if ncc_methods is None:
         ncc_methods = {hh: search for hh in ncc_halves}
     models = model if isinstance(model, dict) else {"LD": model}
@@ -178,8 +196,12 @@ def paired_difference(
     pick = rng.integers(0, len(ids), (n_boot, len(ids)))
     boot = (da[pick] * cnt[pick]).sum(1) / cnt[pick].sum(1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"mean_diff_px": float((a - b).mean()), "ci95_px": [float(lo), float(hi)],
-            "targets_a_better": float((da < 0).mean()), "n_targets": int(len(ids))}
+    return {
+        "mean_diff_px": float((a - b).mean()),
+        "ci95_px": [float(lo), float(hi)],
+        "targets_a_better": float((da < 0).mean()),
+        "n_targets": int(len(ids)),
+    }
 
 
 def plot_landmarks(path, template, points, target, gt, preds: dict, title: str = "") -> None:

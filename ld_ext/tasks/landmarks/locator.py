@@ -1,4 +1,5 @@
 """``LandmarkLocator``: one-shot landmark search with pooled LD embeddings."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -79,8 +80,13 @@ class LandmarkLocator:
             raise ValueError(f"subpixel must be one of {SUBPIXEL_METHODS}, got {subpixel!r}")
         self.mode = mode
         self.sigma_frac = float(sigma_frac)
-        self.search = dict(search=search, top_k=common.check_positive_int("top_k", top_k), tol=float(tol),
-                           window=float(window), subpixel=subpixel)
+        self.search = dict(
+            search=search,
+            top_k=common.check_positive_int("top_k", top_k),
+            tol=float(tol),
+            window=float(window),
+            subpixel=subpixel,
+        )
         self.rectified = bool(rectified)
         self.passes = common.check_positive_int("passes", passes)
         self.protos: torch.Tensor | None = None
@@ -91,8 +97,9 @@ class LandmarkLocator:
         """Describe the landmarks ``points`` (M, 2) of the template's unit embeddings (1, D, H, W)."""
         self.points = np.asarray(points, dtype=np.float64)
         if self.fractional == "exact":
-            self.protos = fractional_descriptors(template_emb, self.points, self.radii, self.mode, self.sigma_frac,
-                                                 self.edge)
+            self.protos = fractional_descriptors(
+                template_emb, self.points, self.radii, self.mode, self.sigma_frac, self.edge
+            )
         else:
             desc = pooled_descriptors(template_emb, self.radii, self.mode, self.sigma_frac, self.edge)
             self.protos = sample_descriptors(desc, self.points)  # (M, R*D)
@@ -116,8 +123,9 @@ class LandmarkLocator:
         if self.search["subpixel"] != "gauss-newton":
             return maps
         if self.fractional == "exact":
-            field = FractionalSampler(target_emb.to(desc.dtype), self.radii, self.mode, self.sigma_frac, self.edge,
-                                      self.jac_step)
+            field = FractionalSampler(
+                target_emb.to(desc.dtype), self.radii, self.mode, self.sigma_frac, self.edge, self.jac_step
+            )
             return maps, (field, protos)
         return maps, (desc, protos)
 
@@ -141,6 +149,14 @@ class LandmarkLocator:
         def fn(img):
             return self.match(common.embed(model, np.asarray(img, dtype=np.float32)[None])[0].to(dtype))
 
-        out, _ = locate_image(fn, image, self.points, self.template_shape, rectified=self.rectified,
-                              maps=self.match(emb.to(dtype)), passes=self.passes, **self.search)
+        out, _ = locate_image(
+            fn,
+            image,
+            self.points,
+            self.template_shape,
+            rectified=self.rectified,
+            maps=self.match(emb.to(dtype)),
+            passes=self.passes,
+            **self.search,
+        )
         return out

@@ -1,4 +1,5 @@
 """The baseline: normalised cross-correlation (NCC) of intensity patches, through the same search."""
+
 from __future__ import annotations
 
 import numpy as np

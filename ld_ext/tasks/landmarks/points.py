@@ -1,4 +1,5 @@
 """Landmark points I/O (JSON)."""
+
 from __future__ import annotations
 
 import json

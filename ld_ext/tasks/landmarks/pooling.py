@@ -1,5 +1,6 @@
 """Pooled LD descriptors: centre-sensitive (Gaussian) or uniform pooling of unit pixel embeddings
 over nested discs, exact pooling at fractional centres, and cosine maps through the fused op."""
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,7 @@ def _window_weights(dist: torch.Tensor, r: int, mode: str, sigma_frac: float, ed
 
 
 def pooling_kernel(
-    radius: int, mode: str = "gaussian", dtype=torch.float32, sigma_frac: float = DEFAULT_SIGMA_FRAC,
-    edge: str = "hard",
+    radius: int, mode: str = "gaussian", dtype=torch.float32, sigma_frac: float = DEFAULT_SIGMA_FRAC, edge: str = "hard"
 ) -> torch.Tensor:
     """(2r+1, 2r+1) weights summing to 1 on the disc of radius r: Gaussian (sigma = sigma_frac * r,
     truncated at r) or uniform. Both modes have the same support. ``edge="soft"``: the disc's rim
@@ -199,8 +199,15 @@ class FractionalSampler:
     ``refine_gauss_newton``): ``sampler(xy)`` (M, C) and ``sampler.jacobian(xy)`` (M, C, 2) by
     central differences of ``step`` px."""
 
-    def __init__(self, e: torch.Tensor, radii: Sequence[int] = DEFAULT_RADII, mode: str = "gaussian",
-                 sigma_frac: float = DEFAULT_SIGMA_FRAC, edge: str = "hard", step: float = DEFAULT_JAC_STEP) -> None:
+    def __init__(
+        self,
+        e: torch.Tensor,
+        radii: Sequence[int] = DEFAULT_RADII,
+        mode: str = "gaussian",
+        sigma_frac: float = DEFAULT_SIGMA_FRAC,
+        edge: str = "hard",
+        step: float = DEFAULT_JAC_STEP,
+    ) -> None:
         check_pooling(mode, sigma_frac, edge)
         if not step > 0:
             raise ValueError(f"step must be > 0, got {step!r}")

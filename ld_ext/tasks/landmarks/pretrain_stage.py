@@ -17,6 +17,7 @@ an interrupted stage 3 is redone from the stage-2 weights (100 steps by default;
 Multi-process runs: stage 3 runs on process 0 only (it is short and has no collectives); the
 others finish when stages 1-2 are done.
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,8 +80,9 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
                 tuned.load_state_dict(st["model"])
             except (RuntimeError, TypeError, ValueError) as exc:  # another network's stage3.pt
                 why = " ".join(str(exc).split())[:300]
-                logger.warning("centre-sensitive term (stage 3): %s does not fit this network (%s); trained again",
-                               path, why)
+                logger.warning(
+                    "centre-sensitive term (stage 3): %s does not fit this network (%s); trained again", path, why
+                )
             else:
                 logger.info("centre-sensitive term (stage 3): loaded from %s, not trained again", path)
                 return tuned, rec
@@ -92,12 +94,21 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
     logger.info("centre-sensitive term (stage 3): %d steps on %d images", steps, len(images))
     tuned, hist = train_centre_sensitive(model, images, steps=steps, seed=seed, progress=progress)
     k = max(1, min(10, len(hist) // 4))
-    rec = {"steps": int(steps), "seed": int(seed), "images": int(len(images)),
-           "loss_first": float(np.mean(hist[:k])), "loss_last": float(np.mean(hist[-k:])),
-           "seconds": round(time.time() - t0, 3)}
+    rec = {
+        "steps": int(steps),
+        "seed": int(seed),
+        "images": int(len(images)),
+        "loss_first": float(np.mean(hist[:k])),
+        "loss_last": float(np.mean(hist[-k:])),
+        "seconds": round(time.time() - t0, 3),
+    }
     state = {k2: v.detach().cpu().clone() for k2, v in tuned.state_dict().items()}
     with defer_signals():
         save_checkpoint(path, {"config": tuned.config, "model": state, "stage": 3, "centre_term": rec})
-    logger.info("centre-sensitive term (stage 3): loss %.4f -> %.4f in %.1f s", rec["loss_first"], rec["loss_last"],
-                rec["seconds"])
+    logger.info(
+        "centre-sensitive term (stage 3): loss %.4f -> %.4f in %.1f s",
+        rec["loss_first"],
+        rec["loss_last"],
+        rec["seconds"],
+    )
     return tuned, rec

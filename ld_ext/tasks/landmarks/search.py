@@ -1,5 +1,6 @@
 """The search shared by every matcher (LD and NCC): peak candidates, a robust affine over all
 landmarks, the second pass in the template frame, and the sub-pixel steps."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def subpixel_peak(score: torch.Tensor | np.ndarray, iy: int, ix: int, method: st
     """
     if method not in MAP_SUBPIXEL_METHODS:
         raise ValueError(
-            f"method must be one of {MAP_SUBPIXEL_METHODS} (\"gauss-newton\" needs the descriptors: "
+            f'method must be one of {MAP_SUBPIXEL_METHODS} ("gauss-newton" needs the descriptors: '
             f"refine_gauss_newton), got {method!r}"
         )
     s = np.asarray(score.detach().cpu() if isinstance(score, torch.Tensor) else score, dtype=np.float64)
@@ -103,8 +104,13 @@ def _admissible(lin: np.ndarray, max_scale: float = 2.0) -> np.ndarray:
 
 
 def robust_affine(
-    points: np.ndarray, cand_xy: np.ndarray, cand_score: np.ndarray, tol: float = 4.0, n_hyp: int = 512,
-    max_scale: float = 2.0, seed: int = 0,
+    points: np.ndarray,
+    cand_xy: np.ndarray,
+    cand_score: np.ndarray,
+    tol: float = 4.0,
+    n_hyp: int = 512,
+    max_scale: float = 2.0,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """One affine map template -> target shared by all landmarks, robust to wrong peaks.
 
@@ -178,10 +184,14 @@ def refine_gauss_newton(
 
         def jacobian(q):
             return torch.stack(
-                [(sample_bilinear(d64, q + ex) - sample_bilinear(d64, q - ex)) / 2, (sample_bilinear(d64, q + ey) - sample_bilinear(d64, q - ey)) / 2],
+                [
+                    (sample_bilinear(d64, q + ex) - sample_bilinear(d64, q - ex)) / 2,
+                    (sample_bilinear(d64, q + ey) - sample_bilinear(d64, q - ey)) / 2,
+                ],
                 -1,
             )
     else:  # a FractionalSampler (or any callable with .jacobian)
+
         def value(q):
             return desc(q).to(torch.float64)
 
@@ -238,8 +248,15 @@ def search_near(
 
 
 def locate_in_maps(
-    maps: torch.Tensor, points: np.ndarray, search: str = "consistent", top_k: int = 5, tol: float = 4.0,
-    window: float = DEFAULT_WINDOW, subpixel: str = "quadratic", seed: int = 0, features=None,
+    maps: torch.Tensor,
+    points: np.ndarray,
+    search: str = "consistent",
+    top_k: int = 5,
+    tol: float = 4.0,
+    window: float = DEFAULT_WINDOW,
+    subpixel: str = "quadratic",
+    seed: int = 0,
+    features=None,
 ) -> tuple[np.ndarray, dict]:
     """Landmark positions (M, 2) from one similarity map per template landmark (M, H, W).
 
@@ -292,8 +309,16 @@ def split_matcher_output(scored) -> tuple[torch.Tensor, tuple | None]:
     return maps, features
 
 
-def locate_image(score_fn, image: np.ndarray, points: np.ndarray, template_shape: tuple[int, int],
-                 rectified: bool = True, maps=None, passes: int = 1, **search) -> tuple[np.ndarray, dict]:
+def locate_image(
+    score_fn,
+    image: np.ndarray,
+    points: np.ndarray,
+    template_shape: tuple[int, int],
+    rectified: bool = True,
+    maps=None,
+    passes: int = 1,
+    **search,
+) -> tuple[np.ndarray, dict]:
     """Landmarks (M, 2) in a target ``image`` for any matcher ``score_fn(image)``, which returns
     the (M, H, W) maps, or (maps, features) for ``subpixel="gauss-newton"`` (see ``search_near``).
 
