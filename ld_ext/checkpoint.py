@@ -14,9 +14,11 @@ A checkpoint may carry two networks of the same architecture: ``"model"``, the r
 (what segmentation, probe and shape-guided transfer read), and ``"landmark_model"``, the same
 network after the centre-sensitive landmark term (stage 3 of ``ld-ext pretrain``), which only
 ``ld-ext landmark`` reads. ``load_model(path, part="landmark")`` returns the latter when present and
-the representation otherwise; ``checkpoint_parts(ckpt)`` says which the file holds. Every load uses ``weights_only=True`` and any
-problem is reported as a ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file.
-A stored ``config`` is checked (types, bounds, agreement with the tensor shapes) before any
+the representation otherwise; ``checkpoint_parts(ckpt)`` says which the file holds.
+
+Every load uses ``weights_only=True`` and any problem is reported as a ``ValueError``
+(``FileNotFoundError`` for a missing file) naming the file. Tensors that declare more elements
+than their storage holds are refused (``check_tensor_storage``). A stored ``config`` is checked (types, bounds, agreement with the tensor shapes) before any
 network is built, so a malformed file cannot make the loader allocate a huge model.
 
 ``defer_signals()`` holds SIGINT/SIGTERM back while a file is being written and delivers them

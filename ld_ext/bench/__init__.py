@@ -4,9 +4,9 @@ Entry points: ``ld-ext bench``, ``python -m ld_ext.bench`` and ``python benchmar
 arguments). Modules, one concern each: ``specs`` (what is measured: one ``OpSpec`` per op, the
 ``Case`` sizes), ``timing`` (the timer and the device's floor rates), ``memory`` (the peak-memory
 probes), ``cases`` (one spec at one case -> CSV rows; the headline), ``end_to_end`` (LD training
-steps, fused vs plain losses), ``baselines`` (the plain-PyTorch loss modules of ``ld_ext.plain_losses``), ``report`` (CSV,
-markdown, plots), ``cli`` (arguments and the run). ``benchmarks/gpu_figures.py`` and
-``benchmarks/gpu_train.py`` use the same timing and memory code. Sections:
+steps, fused vs plain losses), ``baselines`` (the plain-PyTorch loss modules of
+``ld_ext.plain_losses``), ``report`` (CSV, markdown, plots), ``cli`` (arguments and the run).
+``benchmarks/gpu_figures.py`` and ``benchmarks/gpu_train.py`` use the same timing and memory code. Sections:
 
 * ``headline``: fused forward+backward of
   ``RegionDiscriminationLoss(normalize=True, assignment="sigmoid", return_entropy=True)`` at

@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-call-s",
         type=float,
         default=None,
-        help="skip an implementation whose single call takes longer than this many seconds (default 8 on CPU, 5 with --quick; none on CUDA; never in the headline)",
+        help="skip an implementation whose single call takes longer than this many seconds (default 8 on CPU, "
+        "5 with --quick; none on CUDA; never in the headline)",
     )
     parser.add_argument(
         "--compile-static",
@@ -300,7 +301,8 @@ def _headline_section(report: _Report, settings: Settings, machine: Machine, bas
         "",
         f'`RegionDiscriminationLoss(normalize=True, assignment="sigmoid", return_entropy=True)` at '
         f"N={base.N} D={base.D} K={base.K} {base.H}x{base.W} {base.dtype}, backward of 10*L_rd + 0.1*L_ent, vs "
-        f"`reference.region_discrimination_loss` (eager) and `torch.compile` of it (static shapes; compile time excluded).",
+        "`reference.region_discrimination_loss` (eager) and `torch.compile` of it (static shapes; compile "
+        "time excluded).",
         "",
         text,
         "",
@@ -335,7 +337,8 @@ def _sweep_settings(report: _Report, args, settings: Settings) -> Settings:
     if args.quick and args.max_mem_gb is None and settings.device.type == "cpu":
         sw_settings = replace(sw_settings, max_bytes=min(settings.max_bytes, 1 << 30))
         report.notes.append(
-            "--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation from the base size up)."
+            "--quick on CPU: sweeps skip implementations estimated above 1 GiB (the published formulation "
+            "from the base size up)."
         )
     if args.quick and "compile" in settings.impls:
         sw_settings = replace(sw_settings, impls=tuple(i for i in settings.impls if i != "compile"))
@@ -352,7 +355,8 @@ def _sweeps_section(
         "## Sweeps of the region loss",
         "",
         f"`RegionDiscriminationLoss({spec.config})`; one parameter varied, the others at the base "
-        f"configuration. compile: {'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}. "
+        "configuration. compile: "
+        f"{'static shapes per point' if args.compile_static else 'dynamic=True (one graph per mode and dtype)'}. "
         "The base point, common to all sweeps, is measured once and repeated in each table.",
         "",
     ]

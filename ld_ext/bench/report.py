@@ -193,7 +193,8 @@ def headline_markdown(rows: list[dict], extra: dict, case: Case) -> str:
         pct = r.get("extra_mem_pct", "")
         lines.append(
             f"| {impl} | {_fmt_ms(r['median_ms'])} | {_fmt_ms(r['q1_ms'])}-{_fmt_ms(r['q3_ms'])} | "
-            f"{_fmt_x(r['speedup_of_fused'])} | {_fmt_x(r.get('x_floor', ''))} | {_fmt_mb(r.get('peak_mem_bytes', ''))} | "
+            f"{_fmt_x(r['speedup_of_fused'])} | {_fmt_x(r.get('x_floor', ''))} | "
+            f"{_fmt_mb(r.get('peak_mem_bytes', ''))} | "
             f"{'-' if pct == '' else f'{pct:.1f}%'} |"
         )
     out = ["\n".join(lines), ""]
@@ -215,22 +216,26 @@ def headline_markdown(rows: list[dict], extra: dict, case: Case) -> str:
             grads = res["input_bytes"]
             out.append(
                 f"RSS probe ({impl}): peak RSS increase {res['peak_rss_increase'] / 2**20:.1f} MB, i.e. "
-                f"{100.0 * (res['peak_rss_increase'] - grads) / res['input_bytes']:.1f}% of the inputs beyond the gradients."
+                f"{100.0 * (res['peak_rss_increase'] - grads) / res['input_bytes']:.1f}% of the inputs beyond "
+                "the gradients."
             )
     if f is not None and f["status"] == "ok":
         checks = []
         e, c = by.get("eager"), by.get("compile")
         if e is not None and e["status"] == "ok":
             checks.append(
-                f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} ({e['speedup_of_fused']:.2f}x)"
+                f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} "
+                f"({e['speedup_of_fused']:.2f}x)"
             )
         if c is not None and c["status"] == "ok":
             checks.append(
-                f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} ({c['speedup_of_fused']:.2f}x)"
+                f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} "
+                f"({c['speedup_of_fused']:.2f}x)"
             )
         if f.get("extra_mem_pct", "") != "":
             checks.append(
-                f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} ({f['extra_mem_pct']:.1f}%)"
+                f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} "
+                f"({f['extra_mem_pct']:.1f}%)"
             )
         out.append("Targets: " + "; ".join(checks) + ".")
     return "\n".join(out)

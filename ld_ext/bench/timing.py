@@ -74,7 +74,8 @@ def measure_group(
     ``runs[name](i)`` performs one call on input set ``i``. Each implementation gets ``warmup``
     calls (fewer when a call takes longer than ``slow_call_s``), then a timed call that fixes how
     many calls one sample holds (so that a sample lasts about ``target_sample_s``); then
-    ``repeats`` rounds take one sample of every implementation in turn. Calls rotate over the ``n_sets`` input sets. Returns name -> Timing (per-call times).
+    ``repeats`` rounds take one sample of every implementation in turn. Calls rotate over the
+    ``n_sets`` input sets. Returns name -> Timing (per-call times).
     """
     numbers, counters = {}, {}
     for name, fn in runs.items():

@@ -190,7 +190,8 @@ class SkipTally:
         unreadable = self.skipped[self.n_not_regular :]
         if unreadable:
             warnings.warn(
-                f"skipped {len(unreadable)} unreadable file(s) of {self.n_files}; first: {unreadable[0][0]} ({unreadable[0][1]})",
+                f"skipped {len(unreadable)} unreadable file(s) of {self.n_files}; first: {unreadable[0][0]} "
+                f"({unreadable[0][1]})",
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )

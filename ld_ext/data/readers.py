@@ -150,7 +150,8 @@ def scan_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, 
     if not found:
         extra = f"; {len(not_regular)} entr(y/ies) that are not regular files were skipped" if not_regular else ""
         raise ValueError(
-            f"no supported image files found in {', '.join(str(p) for p in plist)} (looked for {exts}, recursively{extra})"
+            f"no supported image files found in {', '.join(str(p) for p in plist)} (looked for {exts}, "
+            f"recursively{extra})"
         )
     files = sorted(found)
     return FileScan(files, [found[f][0] for f in files], [found[f][1] for f in files], sorted(not_regular))

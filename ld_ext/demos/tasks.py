@@ -83,7 +83,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "--d-lr-factor",
         type=float,
         default=None,
-        help="shape-guided: discriminator lr = FACTOR x the network's (published 0.05; the demo's short schedule uses 1)",
+        help="shape-guided: discriminator lr = FACTOR x the network's (published 0.05; the demo's short "
+        "schedule uses 1)",
     )
     _add(
         parser, "--instance-noise", type=float, default=0.0, help="shape-guided: noise sd on the discriminator's inputs"

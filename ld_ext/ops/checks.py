@@ -59,7 +59,8 @@ def check_temperature(temperature) -> float:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if t < MIN_TEMPERATURE:
         raise ValueError(
-            f"temperature must be >= {MIN_TEMPERATURE:.6g} (1/temperature must be finite in float32), got {temperature!r}"
+            f"temperature must be >= {MIN_TEMPERATURE:.6g} (1/temperature must be finite in float32), got "
+            f"{temperature!r}"
         )
     return t
 

@@ -218,7 +218,8 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
         raise TypeError(f"dataset must be an ImageFolderDataset or a CachedImageDataset, got {type(dataset).__name__}")
     if dataset.channels != cfg.channels or dataset.size != cfg.size:
         raise ValueError(
-            f"dataset images are {(dataset.channels, dataset.size, dataset.size)}, expected ({cfg.channels}, {cfg.size}, {cfg.size})"
+            f"dataset images are {(dataset.channels, dataset.size, dataset.size)}, expected ({cfg.channels}, "
+            f"{cfg.size}, {cfg.size})"
         )
     return dataset
 
