@@ -18,8 +18,9 @@ the representation otherwise; ``checkpoint_parts(ckpt)`` says which the file hol
 
 Every load uses ``weights_only=True`` and any problem is reported as a ``ValueError``
 (``FileNotFoundError`` for a missing file) naming the file. Tensors that declare more elements
-than their storage holds are refused (``check_tensor_storage``). A stored ``config`` is checked (types, bounds, agreement with the tensor shapes) before any
-network is built, so a malformed file cannot make the loader allocate a huge model.
+than their storage holds are refused (``check_tensor_storage``). A stored ``config`` is checked
+(types, bounds, agreement with the tensor shapes) before any network is built, so a malformed file
+cannot make the loader allocate a huge model.
 
 ``defer_signals()`` holds SIGINT/SIGTERM back while a file is being written and delivers them
 after. The atomic writers (``atomic_write``, ``atomic_write_bytes``) and
