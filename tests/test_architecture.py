@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "ld_ext"
 OPS = ld_ext.ops.registry.NAMES
 MAX_LINES = 800
+MAX_FUNCTION_LINES = 80  # def line through last line, after ruff format
 
 # the layers below the pipeline (docs/architecture.md, "What each layer may import")
 LOW = {"normalization", "reference", "ops", "losses", "plain_losses", "models", "augment", "atomic", "viz",
@@ -126,6 +127,27 @@ def test_tasks_and_the_pipeline_stay_below_demos_bench_and_cli():
 def test_no_module_over_the_size_limit():
     long = {str(p.relative_to(REPO)): n for _, p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def _long_functions(modules) -> dict:
+    found = {}
+    for name, path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    found[f"{name}.{node.name}"] = n
+    return found
+
+
+def test_no_function_over_80_lines():
+    assert _long_functions(_modules()) == {}
+
+
+def test_the_function_length_check_sees_a_long_function(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 80 + "    return x\n")
+    assert _long_functions([("x", f)]) == {"x.long": 82}
 
 
 def test_image_extensions_defined_once():
