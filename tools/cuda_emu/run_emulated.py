@@ -279,7 +279,6 @@ def check_pd(ops, R, chk, dtype, md):
     chk(tag + " grad", rel(g, xr.grad) <= GTOL[dtype], f"{rel(g, xr.grad):.2e}")
 
 
-@contextlib.contextmanager
 def check_large_norms(ops, R, chk):
     """normalize=True with |z| ~ 1e25 in float32, where the per-pixel sum of squares overflows:
     dev_norm's rescaled path, in the register-blocked kernels (small K, D) and the general ones
