@@ -291,6 +291,102 @@ def dice_per_image(pred, masks) -> float:
     return float(np.mean([common.dice(pred[i], masks[i]) for i in np.nonzero(has)[0]]))
 
 
+def _checked_probe_inputs(masks, shots, seeds, test_fraction, split, label):
+    """(masks as bool, shots as a list, seeds, splits per shot count), each checked; every split must
+    hold out at least one image that contains the structure."""
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
+    shots = [common.check_positive_int("shots", s) for s in shots]
+    if not shots:
+        raise ValueError("shots must not be empty")
+    seeds = common.check_positive_int("seeds", seeds)
+    splits = split or {s: probe_splits(masks, s, seeds, test_fraction) for s in shots}
+    for s_count in shots:
+        if not masks[np.asarray(splits[s_count][0])].any():
+            raise ValueError(
+                f"{label}: no held-out image contains the structure ({s_count} shot(s)); "
+                "give more labelled images or a larger test fraction"
+            )
+    return masks, shots, seeds, splits
+
+
+def _empty_probe_result(label, shots, seeds, features, masks) -> dict:
+    """The result dict of ``probe_experiment`` before any probe has run."""
+    return {
+        "label": label,
+        "shots": shots,
+        "seeds": seeds,
+        "methods": list(features),
+        "foreground_fraction": float(masks.mean()),
+        "splits": {},
+        "dice": {},
+        "dice_pooled": {},
+        "threshold": {},
+        "summary": {},
+        "summary_pooled": {},
+    }
+
+
+def _feature_getter(features):
+    """``(name, seed) -> features``: a tensor as given, or ``features[name](seed)`` for a drawn feature
+    set (the last one drawn is cached, one at a time for memory)."""
+    cache: dict = {}
+
+    def feats(name, seed):
+        src = features[name]
+        if not callable(src):
+            return src
+        if (name, seed) not in cache:
+            cache.clear()  # one drawn feature set at a time (memory)
+            cache[(name, seed)] = src(seed)
+        return cache[(name, seed)]
+
+    return feats
+
+
+def _record_splits(res: dict, splits, shots) -> None:
+    """The held-out and training indices of every shot count, as lists, in ``res["splits"]``."""
+    for s_count in shots:
+        test, trains = splits[s_count]
+        res["splits"][str(s_count)] = {
+            "test": np.asarray(test).tolist(),
+            "train": [np.asarray(t).tolist() for t in trains],
+        }
+
+
+def _fit_and_score_probe(f: torch.Tensor, masks: np.ndarray, train, test, weight_decay: float):
+    """Fit one probe on the ``train`` images, choose its threshold there and score the ``test`` images:
+    (held-out probabilities, threshold, Dice per image, pooled Dice)."""
+    tr, te = np.asarray(train), np.asarray(test)
+    probe = LinearProbe(weight_decay=weight_decay).fit(f[tr], masks[tr])
+    thr = choose_threshold(probe.predict_proba(f[tr]), masks[tr])
+    p = probe.predict_proba(f[te])
+    return p, thr, dice_per_image(p > thr, masks[te]), common.dice(p > thr, masks[te])
+
+
+def _probe_one_feature_set(res: dict, name: str, feats, masks, splits, shots, seeds: int, weight_decay: float):
+    """Run the probe of feature set ``name`` for every seed and shot count, recording its scores and their
+    summaries in ``res``; returns the held-out probabilities and threshold of seed 0 at the largest shot count."""
+    for key in ("dice", "dice_pooled", "threshold"):
+        res[key][name] = {}
+    kept = None
+    for seed in range(seeds):
+        f = feats(name, seed)
+        if f.shape[0] != masks.shape[0] or tuple(f.shape[2:]) != masks.shape[1:]:
+            raise ValueError(f"features {name!r} have shape {tuple(f.shape)}; masks are {masks.shape}")
+        for s_count in shots:
+            test, trains = splits[s_count]
+            p, thr, dice, dice_pooled = _fit_and_score_probe(f, masks, trains[seed], test, weight_decay)
+            for key, v in (("dice", dice), ("dice_pooled", dice_pooled), ("threshold", thr)):
+                res[key][name].setdefault(str(s_count), []).append(v)
+            if seed == 0 and s_count == max(shots):
+                kept = (p, thr)
+    for key, skey in (("dice", "summary"), ("dice_pooled", "summary_pooled")):
+        res[skey][name] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res[key][name].items()}
+    return kept
+
+
 def probe_experiment(
     features: Mapping[str, "torch.Tensor | Callable[[int], torch.Tensor]"],
     masks,
@@ -314,76 +410,17 @@ def probe_experiment(
     indices used; and (``keep_predictions``) the held-out probabilities and threshold of seed 0 at
     the largest shot count under ``"_preds"`` and ``"_thresholds"``.
     """
-    masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
-    shots = [common.check_positive_int("shots", s) for s in shots]
-    if not shots:
-        raise ValueError("shots must not be empty")
-    seeds = common.check_positive_int("seeds", seeds)
-    splits = split or {s: probe_splits(masks, s, seeds, test_fraction) for s in shots}
-    for s_count in shots:
-        if not masks[np.asarray(splits[s_count][0])].any():
-            raise ValueError(
-                f"{label}: no held-out image contains the structure ({s_count} shot(s)); "
-                "give more labelled images or a larger test fraction"
-            )
-    res: dict = {
-        "label": label,
-        "shots": shots,
-        "seeds": seeds,
-        "methods": list(features),
-        "foreground_fraction": float(masks.mean()),
-        "splits": {},
-        "dice": {},
-        "dice_pooled": {},
-        "threshold": {},
-        "summary": {},
-        "summary_pooled": {},
-    }
-    cache: dict = {}
-
-    def feats(name, seed):
-        src = features[name]
-        if not callable(src):
-            return src
-        if (name, seed) not in cache:
-            cache.clear()  # one drawn feature set at a time (memory)
-            cache[(name, seed)] = src(seed)
-        return cache[(name, seed)]
-
+    masks, shots, seeds, splits = _checked_probe_inputs(masks, shots, seeds, test_fraction, split, label)
+    res = _empty_probe_result(label, shots, seeds, features, masks)
+    feats = _feature_getter(features)
     preds: dict = {}
     thresholds: dict = {}
     t0 = time.perf_counter()
-    for s_count in shots:
-        test, trains = splits[s_count]
-        res["splits"][str(s_count)] = {
-            "test": np.asarray(test).tolist(),
-            "train": [np.asarray(t).tolist() for t in trains],
-        }
+    _record_splits(res, splits, shots)
     for name in features:
-        for key in ("dice", "dice_pooled", "threshold"):
-            res[key][name] = {}
-        for seed in range(seeds):
-            f = feats(name, seed)
-            if f.shape[0] != masks.shape[0] or tuple(f.shape[2:]) != masks.shape[1:]:
-                raise ValueError(f"features {name!r} have shape {tuple(f.shape)}; masks are {masks.shape}")
-            for s_count in shots:
-                test, trains = splits[s_count]
-                tr, te = np.asarray(trains[seed]), np.asarray(test)
-                probe = LinearProbe(weight_decay=weight_decay).fit(f[tr], masks[tr])
-                thr = choose_threshold(probe.predict_proba(f[tr]), masks[tr])
-                p = probe.predict_proba(f[te])
-                for key, v in (
-                    ("dice", dice_per_image(p > thr, masks[te])),
-                    ("dice_pooled", common.dice(p > thr, masks[te])),
-                    ("threshold", thr),
-                ):
-                    res[key][name].setdefault(str(s_count), []).append(v)
-                if keep_predictions and seed == 0 and s_count == max(shots):
-                    preds[name], thresholds[name] = p, thr
-        for key, skey in (("dice", "summary"), ("dice_pooled", "summary_pooled")):
-            res[skey][name] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res[key][name].items()}
+        kept = _probe_one_feature_set(res, name, feats, masks, splits, shots, seeds, weight_decay)
+        if keep_predictions:
+            preds[name], thresholds[name] = kept
     res["seconds"] = time.perf_counter() - t0
     if keep_predictions:
         res["_preds"], res["_thresholds"] = preds, thresholds

@@ -3,9 +3,10 @@
 docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
 convolution + sigmoid head on the raw embedding z (``--head e``: on sqrt(D) times the unit
-embedding; ``--head decoder``: on the decoder features that feed the embedding branch). ``--body-lr-factor`` scales the body's learning rate against
-the head's, ``--freeze-steps`` trains the head alone first. It is trained on ``--shots`` labelled images
-with the soft Dice loss ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
+embedding; ``--head decoder``: on the decoder features that feed the embedding branch).
+``--body-lr-factor`` scales the body's learning rate against the head's, ``--freeze-steps`` trains
+the head alone first. It is trained on ``--shots`` labelled images with the soft Dice loss
+``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
 order) runs from a random initialisation beside it, for each seed.
 
@@ -231,6 +232,76 @@ def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _transfer_split(images, masks: np.ndarray, shots: int, seeds: int, test_fraction: float, include_empty, label):
+    """(held-out indices, training indices per seed) as in ``transfer_experiment``; warns (at the caller of
+    ``transfer_experiment``) about every seed whose training masks include empty ones."""
+    has_fg = masks.reshape(len(masks), -1).any(1)
+    test, trains = split_indices(len(images), shots, seeds, test_fraction, None if include_empty else has_fg)
+    for s, tr in enumerate(trains):
+        empty = [int(i) for i in tr if not has_fg[i]]
+        if empty:
+            warnings.warn(
+                f"{label}: seed {s}: {len(empty)} of the {len(tr)} training masks are empty (indices {empty}); "
+                "the soft Dice loss gives no gradient on them",
+                stacklevel=3,
+            )
+    return test, trains
+
+
+def _checkpoint_config(checkpoint) -> dict:
+    """The LDNet constructor arguments of a checkpoint (saved, or inferred from its weights)."""
+    ck = load_checkpoint(checkpoint)
+    cfg = dict(ck.get("config") or {})
+    if not cfg:
+        cfg = infer_config(ck["model"])
+    return cfg
+
+
+def _finetune_and_predict(
+    images, masks, train, test, checkpoint, cfg: dict, init: str, seed: int, settings: dict, progress: bool, label: str
+):
+    """Build the ``init`` ("LD" or "random") network of ``seed``, fine-tune it on the ``train`` pairs with
+    ``settings`` and predict the ``test`` images: (held-out probabilities, training seconds)."""
+    net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=seed, head=settings["head"])
+    t0 = time.perf_counter()
+    train_segnet(
+        net,
+        images[train],
+        masks[train],
+        steps=settings["steps"],
+        lr=settings["lr"],
+        seed=seed,
+        batch=settings["batch"],
+        body_lr_factor=settings["body_lr_factor"],
+        freeze_steps=settings["freeze_steps"],
+        head_init=settings["head_init"] if init == "LD" else settings["random_head_init"],
+        progress=progress,
+        desc=f"{label} seed {seed} {init} init",
+    )
+    seconds = time.perf_counter() - t0
+    return predict(net, images[test]), seconds
+
+
+def _finetune_all_seeds(images, masks, test, trains, checkpoint, cfg: dict, settings: dict, progress, label):
+    """LD-init and random-init runs for every seed: (held-out Dice per init, held-out predictions of
+    seed 0 per init, total training seconds per init)."""
+    from tqdm import tqdm
+
+    dices = {"LD": [], "random": []}
+    preds_first = {}
+    seconds = {"LD": 0.0, "random": 0.0}
+    for s, tr in enumerate(trains):
+        for init in ("LD", "random"):
+            p, sec = _finetune_and_predict(images, masks, tr, test, checkpoint, cfg, init, s, settings, progress, label)
+            seconds[init] += sec
+            dices[init].append(common.dice(p > 0.5, masks[test]))
+            if progress:
+                tqdm.write(f"{label} seed {s} {init} init: held-out Dice {dices[init][-1]:.3f}")
+            if s == 0:
+                preds_first[init] = p
+    return dices, preds_first, seconds
+
+
 def transfer_experiment(
     images: np.ndarray,
     masks: np.ndarray,
@@ -262,69 +333,31 @@ def transfer_experiment(
     a training mask that is empty anyway is reported with a warning (on an image without the
     structure the soft Dice loss is 0 whatever the prediction, so that image teaches nothing).
     """
-    from tqdm import tqdm
-
     common.check_positive_int("shots", shots)
     common.check_positive_int("seeds", seeds)
     masks = np.asarray(masks, dtype=bool)
-    has_fg = masks.reshape(len(masks), -1).any(1)
-    test, trains = split_indices(len(images), shots, seeds, test_fraction, None if include_empty else has_fg)
-    for s, tr in enumerate(trains):
-        empty = [int(i) for i in tr if not has_fg[i]]
-        if empty:
-            warnings.warn(
-                f"{label}: seed {s}: {len(empty)} of the {len(tr)} training masks are empty (indices {empty}); "
-                "the soft Dice loss gives no gradient on them",
-                stacklevel=2,
-            )
-    ck = load_checkpoint(checkpoint)
-    cfg = dict(ck.get("config") or {})
-    if not cfg:
-        cfg = infer_config(ck["model"])
+    test, trains = _transfer_split(images, masks, shots, seeds, test_fraction, include_empty, label)
+    cfg = _checkpoint_config(checkpoint)
+    settings = {
+        "steps": steps,
+        "lr": lr,
+        "head": head,
+        "body_lr_factor": body_lr_factor,
+        "freeze_steps": freeze_steps,
+        "head_init": head_init,
+        "random_head_init": random_head_init,
+        "batch": batch,
+        "include_empty": include_empty,
+    }
     res: dict = {
         "label": label,
         "test_indices": test.tolist(),
         "train_indices": [t.tolist() for t in trains],
-        "settings": {
-            "steps": steps,
-            "lr": lr,
-            "head": head,
-            "body_lr_factor": body_lr_factor,
-            "freeze_steps": freeze_steps,
-            "head_init": head_init,
-            "random_head_init": random_head_init,
-            "batch": batch,
-            "include_empty": include_empty,
-        },
+        "settings": settings,
     }
-    dices = {"LD": [], "random": []}
-    preds_first = {}
-    seconds = {"LD": 0.0, "random": 0.0}
-    for s, tr in enumerate(trains):
-        for init in ("LD", "random"):
-            net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=s, head=head)
-            t0 = time.perf_counter()
-            train_segnet(
-                net,
-                images[tr],
-                masks[tr],
-                steps=steps,
-                lr=lr,
-                seed=s,
-                batch=batch,
-                body_lr_factor=body_lr_factor,
-                freeze_steps=freeze_steps,
-                head_init=head_init if init == "LD" else random_head_init,
-                progress=progress,
-                desc=f"{label} seed {s} {init} init",
-            )
-            seconds[init] += time.perf_counter() - t0
-            p = predict(net, images[test])
-            dices[init].append(common.dice(p > 0.5, masks[test]))
-            if progress:
-                tqdm.write(f"{label} seed {s} {init} init: held-out Dice {dices[init][-1]:.3f}")
-            if s == 0:
-                preds_first[init] = p
+    dices, preds_first, seconds = _finetune_all_seeds(
+        images, masks, test, trains, checkpoint, cfg, settings, progress, label
+    )
     res["dice"] = dices
     res["train_seconds_per_run"] = {k: v / seeds for k, v in seconds.items()}
     res["summary"] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in dices.items()}
@@ -415,7 +448,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--head",
         choices=HEADS,
         default=DEFAULT_HEAD,
-        help=f"1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features (default {DEFAULT_HEAD})",
+        help="1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features "
+        f"(default {DEFAULT_HEAD})",
     )
     parser.add_argument(
         "--body-lr-factor",

@@ -298,6 +298,52 @@ def final_adversarial_loss(hist: list[dict], tail: int = ADV_TAIL) -> float:
     return float(np.mean(vals))
 
 
+def _restart_record(model, hist: list[dict], seed: int, images, masks) -> tuple[dict, tuple | None]:
+    """The record of one guided run (seed, final adversarial loss and, with masks, the Dice of cluster 0)
+    and its soft segmentation maps (a, S) when masks are given (else None)."""
+    rec = {"seed": seed, "final_adv_g": final_adversarial_loss(hist)}
+    maps = None
+    if masks is not None:
+        maps = soft_segmentation(model, images)
+        rec["dice_cluster0_a"] = common.dice(maps[0][:, 0] > 0.5, masks)
+        rec["dice_cluster0_S"] = common.dice(maps[1][:, 0] > 0.5, masks)
+    return rec, maps
+
+
+def _best_guided_run(images, priors, masks, seed: int, restarts: int, records: list, train_kw: dict, adv_kw: dict):
+    """Train the guided network from seeds ``seed, seed+1, ...`` (``restarts`` runs), append each run's record
+    to ``records`` and return the run with the lowest final adversarial loss: (model, history, record, maps)."""
+    best = None
+    for r in range(restarts):
+        model, hist = train_shape_guided(
+            images, priors, **train_kw, seed=seed + r, desc=f"LD + shape prior (seed {seed + r})", **adv_kw
+        )
+        rec, maps = _restart_record(model, hist, seed + r, images, masks)
+        records.append(rec)
+        if best is None or rec["final_adv_g"] < best[2]["final_adv_g"]:
+            best = (model, hist, rec, maps)
+    return best
+
+
+def _guided_vs_plain_dice(ag, sg, ap, sp, masks) -> dict:
+    """Dice of the guided network's cluster 0 and of plain LD's best-matching cluster (chosen by that Dice),
+    for the assignment a and the soft segmentation S, with every cluster's Dice."""
+    dg = evaluate_clusters(ag, sg, masks)
+    dp = evaluate_clusters(ap, sp, masks)
+    best_a = int(np.argmax(dp["a"]))
+    best_s = int(np.argmax(dp["S"]))
+    return {
+        "guided_cluster0_a": dg["a"][0],
+        "guided_cluster0_S": dg["S"][0],
+        "plain_best_a": dp["a"][best_a],
+        "plain_best_a_cluster": best_a,
+        "plain_best_S": dp["S"][best_s],
+        "plain_best_S_cluster": best_s,
+        "guided_all_clusters": dg,
+        "plain_all_clusters": dp,
+    }
+
+
 def shape_guided_experiment(
     images,
     priors,
@@ -333,49 +379,16 @@ def shape_guided_experiment(
         "d_spectral_norm": d_spectral_norm,
         "restarts": [],
     }
+    train_kw = dict(checkpoint=checkpoint, n_clusters=n_clusters, steps=steps, batch=batch, lr=lr, progress=progress)
+    adv_kw = dict(d_lr_factor=d_lr_factor, instance_noise=instance_noise, d_spectral_norm=d_spectral_norm)
     t0 = time.perf_counter()
-    best = None
-    for r in range(restarts):
-        model, hist = train_shape_guided(
-            images,
-            priors,
-            checkpoint=checkpoint,
-            n_clusters=n_clusters,
-            steps=steps,
-            batch=batch,
-            lr=lr,
-            seed=seed + r,
-            progress=progress,
-            desc=f"LD + shape prior (seed {seed + r})",
-            d_lr_factor=d_lr_factor,
-            instance_noise=instance_noise,
-            d_spectral_norm=d_spectral_norm,
-        )
-        rec = {"seed": seed + r, "final_adv_g": final_adversarial_loss(hist)}
-        maps = None
-        if masks is not None:
-            maps = soft_segmentation(model, images)
-            rec["dice_cluster0_a"] = common.dice(maps[0][:, 0] > 0.5, masks)
-            rec["dice_cluster0_S"] = common.dice(maps[1][:, 0] > 0.5, masks)
-        out["restarts"].append(rec)
-        if best is None or rec["final_adv_g"] < best[2]["final_adv_g"]:
-            best = (model, hist, rec, maps)
-    guided, hg, chosen, guided_maps = best
+    guided, hg, chosen, guided_maps = _best_guided_run(
+        images, priors, masks, seed, restarts, out["restarts"], train_kw, adv_kw
+    )
     out["chosen_seed"] = chosen["seed"]
     out["seconds_guided"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plain, hp = train_shape_guided(
-        images,
-        None,
-        checkpoint=checkpoint,
-        n_clusters=n_clusters,
-        steps=steps,
-        batch=batch,
-        lr=lr,
-        seed=chosen["seed"],
-        progress=progress,
-        desc="plain LD",
-    )
+    plain, hp = train_shape_guided(images, None, **train_kw, seed=chosen["seed"], desc="plain LD")
     out["seconds_plain"] = time.perf_counter() - t0
     out["n_clusters"] = guided.n_clusters
     out["final_losses"] = {"guided": hg[-1], "plain": hp[-1]}
@@ -384,20 +397,7 @@ def shape_guided_experiment(
     out["_maps"] = (ag, sg, ap, sp)
     out["_models"] = (guided, plain)
     if masks is not None:
-        dg = evaluate_clusters(ag, sg, masks)
-        dp = evaluate_clusters(ap, sp, masks)
-        best_a = int(np.argmax(dp["a"]))
-        best_s = int(np.argmax(dp["S"]))
-        out["dice"] = {
-            "guided_cluster0_a": dg["a"][0],
-            "guided_cluster0_S": dg["S"][0],
-            "plain_best_a": dp["a"][best_a],
-            "plain_best_a_cluster": best_a,
-            "plain_best_S": dp["S"][best_s],
-            "plain_best_S_cluster": best_s,
-            "guided_all_clusters": dg,
-            "plain_all_clusters": dp,
-        }
+        out["dice"] = _guided_vs_plain_dice(ag, sg, ap, sp, masks)
     return out
 
 
@@ -405,7 +405,8 @@ def results_markdown(res: dict) -> str:
     d = res["dice"]
     md = (
         "| method | Dice of a[:,k] > 0.5 | Dice of S[k] > 0.5 |\n|---|---|---|\n"
-        f"| LD + shape prior, cluster 0 (seed {res.get('chosen_seed', res['seed'])}) | {d['guided_cluster0_a']:.3f} | {d['guided_cluster0_S']:.3f} |\n"
+        f"| LD + shape prior, cluster 0 (seed {res.get('chosen_seed', res['seed'])}) | "
+        f"{d['guided_cluster0_a']:.3f} | {d['guided_cluster0_S']:.3f} |\n"
         f"| plain LD, best cluster (a: k={d['plain_best_a_cluster']}, S: k={d['plain_best_S_cluster']}) | "
         f"{d['plain_best_a']:.3f} | {d['plain_best_S']:.3f} |\n"
     )
@@ -417,7 +418,10 @@ def results_markdown(res: dict) -> str:
         )
         for r in rs:
             mark = " (kept)" if r["seed"] == res.get("chosen_seed") else ""
-            md += f"| {r['seed']}{mark} | {r['final_adv_g']:.3f} | {r.get('dice_cluster0_a', float('nan')):.3f} | {r.get('dice_cluster0_S', float('nan')):.3f} |\n"
+            md += (
+                f"| {r['seed']}{mark} | {r['final_adv_g']:.3f} | {r.get('dice_cluster0_a', float('nan')):.3f} | "
+                f"{r.get('dice_cluster0_S', float('nan')):.3f} |\n"
+            )
     return md
 
 
