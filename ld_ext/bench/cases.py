@@ -170,6 +170,93 @@ class _Measured:
     n_sets: int
 
 
+def _floor(case: Case, machine: Machine | None, nbytes: int, flops: int) -> tuple[float | None, str | None]:
+    """(floor in ms, "memory" or "compute") from the machine's measured rates; (None, None) without one."""
+    if machine is None:
+        return None, None
+    t_mem = nbytes / machine.bandwidth * 1e3
+    t_flop = flops / machine.rate(case.torch_dtype) * 1e3
+    return (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
+
+
+def _base_row(
+    spec: OpSpec,
+    case: Case,
+    settings: Settings,
+    mode: str,
+    impl: str,
+    m: _Measured,
+    section: str,
+    sweep: str,
+    nbytes: int,
+    flops: int,
+) -> dict:
+    """A CSV row with what is known before measuring: the case, the mode, the implementation, its status."""
+    row = {c: "" for c in CSV_COLUMNS}
+    row.update(
+        section=section,
+        sweep=sweep,
+        op=spec.name,
+        mode=mode,
+        impl=impl,
+        device=settings.device.type,
+        dtype=case.dtype,
+        N=case.N,
+        D=case.D,
+        K=case.K,
+        H=case.H,
+        W=case.W,
+        P=case.P,
+        M=case.M,
+        bytes=nbytes,
+        flops=flops,
+        input_sets=m.n_sets,
+        status=m.status[impl],
+        compile=("dynamic" if settings.compile_dynamic else "static") if impl == "compile" else "",
+    )
+    if spec.name == "patch_discrimination":
+        for k in ("N", "K", "H", "W", "P"):
+            row[k] = ""
+    else:
+        row["M"] = ""
+    return row
+
+
+def _add_timing_columns(
+    row: dict, t, nbytes: int, fused_ms: float | None, floor: tuple, machine: Machine | None
+) -> None:
+    """Fill ``row``'s timing columns from the timing ``t``: speed-up of fused, distance to the floor."""
+    floor_ms, bound = floor
+    row.update(
+        median_ms=t.median_ms,
+        q1_ms=t.q1_ms,
+        q3_ms=t.q3_ms,
+        min_ms=t.min_ms,
+        max_ms=t.max_ms,
+        repeats=t.repeats,
+        calls_per_sample=t.number,
+        achieved_GBps=nbytes / (t.median_ms * 1e-3) / 1e9,
+    )
+    if fused_ms is not None:
+        row["speedup_of_fused"] = t.median_ms / fused_ms
+    if floor_ms is not None:
+        row.update(
+            floor_ms=floor_ms,
+            floor_bound=bound,
+            x_floor=t.median_ms / floor_ms,
+            pct_copy_bw=100.0 * nbytes / (t.median_ms * 1e-3) / machine.bandwidth,
+        )
+
+
+def _add_memory_columns(row: dict, mem: tuple, in_bytes: int, out_bytes: int) -> None:
+    """Fill ``row``'s memory columns from ``mem`` = (peak bytes or None, method)."""
+    peak, method = mem
+    row["mem_method"] = method
+    if peak is not None:
+        row["peak_mem_bytes"] = peak
+        row["extra_mem_pct"] = 100.0 * (peak - out_bytes) / in_bytes
+
+
 def _mode_rows(
     spec: OpSpec,
     case: Case,
@@ -182,69 +269,16 @@ def _mode_rows(
 ) -> list[dict]:
     """The CSV rows of one mode, one per implementation (floor from the machine's measured rates)."""
     nbytes, flops = spec.bytes(case, mode), spec.flops(case, mode)
-    floor_ms = bound = None
-    if machine is not None:
-        t_mem = nbytes / machine.bandwidth * 1e3
-        t_flop = flops / machine.rate(case.torch_dtype) * 1e3
-        floor_ms, bound = (t_mem, "memory") if t_mem >= t_flop else (t_flop, "compute")
+    floor = _floor(case, machine, nbytes, flops)
     fused_ms = m.timings["fused"].median_ms if "fused" in m.timings else None
     out_bytes = m.in_bytes if mode == "fwd+bwd" else 0
     rows = []
     for impl in m.impls:
-        row = {c: "" for c in CSV_COLUMNS}
-        row.update(
-            section=section,
-            sweep=sweep,
-            op=spec.name,
-            mode=mode,
-            impl=impl,
-            device=settings.device.type,
-            dtype=case.dtype,
-            N=case.N,
-            D=case.D,
-            K=case.K,
-            H=case.H,
-            W=case.W,
-            P=case.P,
-            M=case.M,
-            bytes=nbytes,
-            flops=flops,
-            input_sets=m.n_sets,
-            status=m.status[impl],
-            compile=("dynamic" if settings.compile_dynamic else "static") if impl == "compile" else "",
-        )
-        if spec.name == "patch_discrimination":
-            for k in ("N", "K", "H", "W", "P"):
-                row[k] = ""
-        else:
-            row["M"] = ""
+        row = _base_row(spec, case, settings, mode, impl, m, section, sweep, nbytes, flops)
         if impl in m.timings:
-            t = m.timings[impl]
-            row.update(
-                median_ms=t.median_ms,
-                q1_ms=t.q1_ms,
-                q3_ms=t.q3_ms,
-                min_ms=t.min_ms,
-                max_ms=t.max_ms,
-                repeats=t.repeats,
-                calls_per_sample=t.number,
-                achieved_GBps=nbytes / (t.median_ms * 1e-3) / 1e9,
-            )
-            if fused_ms is not None:
-                row["speedup_of_fused"] = t.median_ms / fused_ms
-            if floor_ms is not None:
-                row.update(
-                    floor_ms=floor_ms,
-                    floor_bound=bound,
-                    x_floor=t.median_ms / floor_ms,
-                    pct_copy_bw=100.0 * nbytes / (t.median_ms * 1e-3) / machine.bandwidth,
-                )
+            _add_timing_columns(row, m.timings[impl], nbytes, fused_ms, floor, machine)
         if impl in m.mems:
-            peak, method = m.mems[impl]
-            row["mem_method"] = method
-            if peak is not None:
-                row["peak_mem_bytes"] = peak
-                row["extra_mem_pct"] = 100.0 * (peak - out_bytes) / m.in_bytes
+            _add_memory_columns(row, m.mems[impl], m.in_bytes, out_bytes)
         rows.append(row)
         if impl in m.timings:
             log(

@@ -1,4 +1,5 @@
-"""``ld-ext demo`` (the default, ``--task pretrain``): pre-train LD on the MNI152 template shipped in nilearn and score its clusters.
+"""``ld-ext demo`` (the default, ``--task pretrain``): pre-train LD on the MNI152 template shipped in \
+nilearn and score its clusters.
 
 Nothing is downloaded: the MNI152 2009a T1 template and its grey/white-matter probability maps
 are files inside the ``nilearn`` wheel; they are read with nibabel. Axial slices that contain
@@ -249,24 +250,21 @@ def add_pretrain_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def run_pretrain_demo(args: argparse.Namespace) -> dict:
-    """Pre-train on the template and score; returns the results dict (also written to OUT)."""
-    t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    data = load_mni_slices(args.size, structures=STRUCTURES)
+def _load_demo_slices(size: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(data, training images, held-out images, held-out tissue labels) of the MNI152 template."""
+    data = load_mni_slices(size, structures=STRUCTURES)
     train_imgs = data["images"][data["train"]]
     test_imgs = data["images"][data["test"]]
     test_labels = tissue_labels(data["probs"][data["test"]])
     logger.info(
-        "MNI152 2009a: %d training and %d held-out axial slices at %dx%d",
-        len(train_imgs),
-        len(test_imgs),
-        args.size,
-        args.size,
+        "MNI152 2009a: %d training and %d held-out axial slices at %dx%d", len(train_imgs), len(test_imgs), size, size
     )
-    cfg = TrainConfig(
+    return data, train_imgs, test_imgs, test_labels
+
+
+def _train_config(args: argparse.Namespace, out: Path) -> TrainConfig:
+    """The pre-training configuration from the demo's flags."""
+    return TrainConfig(
         out=str(out),
         size=args.size,
         channels=1,
@@ -283,6 +281,55 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
         progress=not args.no_progress,
         overwrite=True,  # the demo's folder: a rerun replaces its run
     )
+
+
+def _save_overlays(out: Path, test_imgs, test_labels, maps: dict, vsel, clusters: int) -> tuple[Path, list]:
+    """demo_clusters.png: per held-out slice of ``vsel``, the image, its tissue labels and each method's
+    clusters; (its path, the column titles)."""
+    rows = []
+    for i in vsel.tolist():
+        img = test_imgs[i]
+        rows.append(
+            [
+                viz.overlay_clusters(img, torch.zeros_like(test_labels[i]), 1, alpha=0.0),
+                viz.overlay_clusters(img, test_labels[i], 4, alpha=0.6),
+                viz.overlay_clusters(img, maps["LD (trained)"][i], clusters),
+                viz.overlay_clusters(img, maps["untrained network"][i], clusters),
+                viz.overlay_clusters(img, list(maps.values())[2][i], clusters),
+            ]
+        )
+    columns = ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"]
+    overlay = viz.save_grid(rows, out / "demo_clusters.png", titles=columns)
+    return overlay, columns
+
+
+def _print_probe_and_budget_notes(args: argparse.Namespace, out: Path, probe_res: list, summary: dict) -> None:
+    """Write and print the probe table (or say there is none), then a note if the time budget cut training."""
+    if probe_res:
+        pmd = probe.write_results(out / "probe", probe_res, None, {"seeds": args.probe_seeds})
+        print(
+            f"Small structures of held-out slices ({', '.join(r['label'] for r in probe_res)}): "
+            "which features make them linearly readable?\n"
+        )
+        print(pmd)
+    else:
+        print("probe: no structure has enough slices at this size; no probe table")
+    if summary["stopped_early"]:
+        print(
+            f"note: the time budget (--max-minutes {args.max_minutes:g}) stopped training after "
+            f"{len(summary['records'])} of {args.epochs1 + args.epochs2} epochs; these tables describe a shorter "
+            "pre-training than the demo's"
+        )
+
+
+def run_pretrain_demo(args: argparse.Namespace) -> dict:
+    """Pre-train on the template and score; returns the results dict (also written to OUT)."""
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data, train_imgs, test_imgs, test_labels = _load_demo_slices(args.size)
+    cfg = _train_config(args, out)
     vsel = torch.linspace(0, len(test_imgs) - 1, 4).round().long()
     summary = pretrain(cfg, dataset=ImageFolderDataset.from_tensor(train_imgs), val_images=test_imgs[vsel])
     trained = summary["final_model"].cpu().eval()
@@ -294,20 +341,7 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     t_probe = time.time()
     probe_res = probe_scores(trained, data, seeds=args.probe_seeds, progress=not args.no_progress)
     probe_seconds = time.time() - t_probe
-    rows = []
-    for i in vsel.tolist():
-        img = test_imgs[i]
-        rows.append(
-            [
-                viz.overlay_clusters(img, torch.zeros_like(test_labels[i]), 1, alpha=0.0),
-                viz.overlay_clusters(img, test_labels[i], 4, alpha=0.6),
-                viz.overlay_clusters(img, maps["LD (trained)"][i], args.clusters),
-                viz.overlay_clusters(img, maps["untrained network"][i], args.clusters),
-                viz.overlay_clusters(img, list(maps.values())[2][i], args.clusters),
-            ]
-        )
-    columns = ["image", "tissue labels", "LD clusters", "untrained clusters", "k-means"]
-    overlay = viz.save_grid(rows, out / "demo_clusters.png", titles=columns)
+    overlay, columns = _save_overlays(out, test_imgs, test_labels, maps, vsel, args.clusters)
     recs = summary["records"]
     results = {
         "seconds_total": round(time.time() - t0, 1),
@@ -329,19 +363,6 @@ def run_pretrain_demo(args: argparse.Namespace) -> dict:
     table = _table(scores) + "\n\n" + nmi_sentence(scores) + "\n"
     atomic_write_bytes(out / "nmi.md", table.encode())
     print(table)
-    if probe_res:
-        pmd = probe.write_results(out / "probe", probe_res, None, {"seeds": args.probe_seeds})
-        print(
-            f"Small structures of held-out slices ({', '.join(r['label'] for r in probe_res)}): "
-            "which features make them linearly readable?\n"
-        )
-        print(pmd)
-    else:
-        print("probe: no structure has enough slices at this size; no probe table")
-    if summary["stopped_early"]:
-        print(
-            f"note: the time budget (--max-minutes {args.max_minutes:g}) stopped training after {len(recs)} of "
-            f"{args.epochs1 + args.epochs2} epochs; these tables describe a shorter pre-training than the demo's"
-        )
+    _print_probe_and_budget_notes(args, out, probe_res, summary)
     print(f"done in {results['seconds_total']:.0f} s; results in {out / 'demo_results.json'}, overlays in {overlay}")
     return results
