@@ -381,3 +381,41 @@ def test_cache_refuses_bad_arguments(tmp_path):
         data.Preprocessing(S, percentiles=(50, 10))
     with pytest.raises(ValueError, match="not an ld_ext image cache"):
         data.CachedImageDataset(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["meta deleted", "meta a list", "meta n lowered", "index a list", "images cut"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning_not_trained_on(tmp_path, damage, caplog):
+    import json as _json
+    import logging
+
+    _write_folder(tmp_path / "d")  # 6 images
+    prep = data.Preprocessing(S)
+    cache = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c", workers=0, progress=False)
+    good = cache.read(torch.arange(6)).clone()
+    root = cache.root
+    del cache
+    meta = root / "meta.json"
+    if damage == "meta deleted":
+        meta.unlink()
+    elif damage == "meta a list":
+        meta.write_text("[1, 2, 3]")
+    elif damage == "meta n lowered":  # the array cut to match: only index.json still knows
+        m = _json.loads(meta.read_text())
+        m["n"] = 2
+        meta.write_text(_json.dumps(m))
+        with open(root / "images.f32", "r+b") as f:
+            f.truncate(2 * S * S * 4)
+    elif damage == "index a list":
+        (root / "index.json").write_text("[]")
+    else:
+        with open(root / "images.f32", "r+b") as f:
+            f.truncate(7)
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        again = data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c", workers=0, progress=False)
+    assert any("is damaged and is rebuilt" in r.getMessage() for r in caplog.records), caplog.text
+    assert len(again) == 6 and torch.equal(again.read(torch.arange(6)), good)
+    # and the rebuilt cache is reused silently
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        data.open_or_build_cache(tmp_path / "d", prep, tmp_path / "c", workers=0, progress=False)
+    assert not any("damaged" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,8 @@ from .readers import FileScan, as_path_list, warn_not_regular, scan_image_files
 __all__ = ["CachedImageDataset", "open_or_build_cache", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
+logger = logging.getLogger("ld_ext.data")
+
 _IMAGES_FILE = "images.f32"
 _META_FILE = "meta.json"
 _INDEX_FILE = "index.json"
@@ -76,14 +79,19 @@ class CachedImageDataset(torch.utils.data.Dataset):
             self.meta = json.loads((self.root / _META_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"not an ld_ext image cache (no readable {_META_FILE}): {self.root} ({exc})") from exc
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"image cache {self.root}: {_META_FILE} holds a {type(self.meta).__name__}, not a dict")
         if self.meta.get("version") != CACHE_VERSION:
             raise ValueError(
                 f"image cache {self.root} has version {self.meta.get('version')!r}, expected {CACHE_VERSION}"
             )
-        self.n = int(self.meta["n"])
-        self.channels, self.size = int(self.meta["channels"]), int(self.meta["size"])
-        self.fingerprint = str(self.meta["key"])
-        self.n_upsampled = int(self.meta.get("n_upsampled", 0))
+        try:
+            self.n = _count(self.meta, "n")
+            self.channels, self.size = _count(self.meta, "channels"), _count(self.meta, "size")
+            self.fingerprint = str(self.meta["key"])
+            self.n_upsampled = _count(self.meta, "n_upsampled", 0)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"image cache {self.root}: {_META_FILE} is malformed ({exc})") from None
         self._item = self.channels * self.size * self.size
         self._path = self.root / _IMAGES_FILE
         expected = self.n * self._item * 4
@@ -95,6 +103,14 @@ class CachedImageDataset(torch.utils.data.Dataset):
         self._fd: int | None = None
         self._pid: int | None = None
         self._index: dict | None = None
+        items = self._load_index().get("items")
+        self._index = None  # read again on first use of names/skipped/nonfinite
+        if not isinstance(items, list) or len(items) != self.n:
+            count = len(items) if isinstance(items, list) else "no"
+            raise ValueError(
+                f"image cache {self.root}: {_META_FILE} says {self.n} images, {_INDEX_FILE} lists {count}; "
+                f"delete {self.root} to rebuild it"
+            )
 
     # the descriptor is per process (DataLoader workers are forked or spawned)
     def _descriptor(self) -> int:
@@ -143,7 +159,13 @@ class CachedImageDataset(torch.utils.data.Dataset):
 
     def _load_index(self) -> dict:
         if self._index is None:
-            self._index = json.loads((self.root / _INDEX_FILE).read_text())
+            try:
+                index = json.loads((self.root / _INDEX_FILE).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"image cache {self.root}: {_INDEX_FILE} cannot be read ({exc})") from None
+            if not isinstance(index, dict):
+                raise ValueError(f"image cache {self.root}: {_INDEX_FILE} holds a {type(index).__name__}, not a dict")
+            self._index = index
         return self._index
 
     @property
@@ -187,8 +209,8 @@ def open_or_build_cache(
     key = _cache_key(scan, prep)
     cache_dir = Path(cache_dir)
     root = cache_dir / f"ld_ext-cache-{key[:24]}"
-    if (root / _META_FILE).exists():
-        ds = CachedImageDataset(root)
+    ds = _open_intact(root)
+    if ds is not None:
         warn_not_regular(scan, stacklevel=3)
         return ds
     try:
@@ -196,12 +218,35 @@ def open_or_build_cache(
     except OSError as exc:
         raise ValueError(f"cache folder cannot be created: {cache_dir} ({exc})") from exc
     with _file_lock(cache_dir / f".{root.name}.lock"):
-        if (root / _META_FILE).exists():  # built by another process meanwhile
-            return CachedImageDataset(root)
+        ds = _open_intact(root)  # built by another process meanwhile?
+        if ds is not None:
+            return ds
         for stale in cache_dir.glob(f".{root.name}.tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
+        if root.exists():  # damaged (checked above): rebuilt from the source files
+            shutil.rmtree(root)
         _build_cache(scan, prep, key, root, paths, workers, progress, log)
     return CachedImageDataset(root)
+
+
+def _open_intact(root: Path) -> CachedImageDataset | None:
+    """The cache in ``root`` when it is complete and consistent; None when there is none or it is
+    damaged (no or a malformed meta.json or index.json, a count or a file size that disagree),
+    said as a warning so that the rebuild that follows is not silent."""
+    if not root.exists():
+        return None
+    try:
+        return CachedImageDataset(root)
+    except ValueError as exc:
+        logger.warning("the image cache %s is damaged and is rebuilt: %s", root, exc)
+        return None
+
+
+def _count(meta: dict, key: str, default=None) -> int:
+    v = meta[key] if default is None else meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} must be an int >= 0, got {v!r}")
+    return v
 
 
 def _build_cache(
