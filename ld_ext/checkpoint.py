@@ -54,6 +54,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "model_from_checkpoint",
     "infer_config",
     "validate_config",
     "atomic_write",
@@ -301,10 +302,16 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", part: str = "
     ``"landmark_model"`` when the file has one (stage 3 of ``ld-ext pretrain``) and ``"model"``
     otherwise.
     """
+    return model_from_checkpoint(
+        load_checkpoint(path, map_location=map_location), f"checkpoint {path}", part, map_location
+    )
+
+
+def model_from_checkpoint(ckpt: dict, where: str, part: str = "representation", map_location: Any = "cpu") -> LDNet:
+    """``load_model`` on a checkpoint dict already read with ``load_checkpoint`` (for callers that
+    also read its other entries); ``where`` starts every error message."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-    ckpt = load_checkpoint(path, map_location=map_location)
-    where = f"checkpoint {path}"
     key = LANDMARK_KEY if part == "landmark" and LANDMARK_KEY in ckpt else "model"
     sd = _check_state_dict(ckpt[key], where, key)
     try:

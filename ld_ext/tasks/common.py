@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import data as _data
 from ..augment import normalize_intensity
-from ..checkpoint import checkpoint_parts, load_checkpoint, load_model
+from ..checkpoint import checkpoint_parts, load_checkpoint, model_from_checkpoint
 from ..data import readers as _readers
 from ..normalization import normalize_embeddings
 from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text  # re-exported for the task modules
@@ -409,9 +409,9 @@ def load_ld_model(path, part: str = "representation"):
     or ``"landmark"`` (``ld-ext landmark``: the network after the centre-sensitive term of stage 3,
     when the file has one). See ``ld_ext.checkpoint.load_model``.
     """
-    model = load_model(path, map_location="cpu", part=part)
-    has = checkpoint_parts(load_checkpoint(path, map_location="cpu"))
-    logger.info("%s: %s", path, describe_part(has, part))
+    ckpt = load_checkpoint(path, map_location="cpu")  # read once: the network and what the file holds
+    model = model_from_checkpoint(ckpt, f"checkpoint {path}", part)
+    logger.info("%s: %s", path, describe_part(checkpoint_parts(ckpt), part))
     return model
 
 
