@@ -36,7 +36,7 @@ def _modules():
 def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
     """(imported ld_ext module without the prefix, line, at module level) for every import in the
     file, relative ones resolved; `from X import y` counts as X and X.y."""
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    package = _package_of(name, path)
     tree = ast.parse(path.read_text())
     top_level = {id(n) for n in tree.body}
     found = []
@@ -45,12 +45,8 @@ def _imports(name: str, path: Path) -> list[tuple[str, int, bool]]:
             targets = [a.name for a in node.names if a.name.split(".")[0] == "ld_ext"]
             targets = [t.split(".", 1)[1] if "." in t else "" for t in targets]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
-                mod = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.split(".")[0] == "ld_ext":
-                mod = node.module.split(".", 1)[1] if "." in node.module else ""
-            else:
+            mod = _from_module(node, package)
+            if mod is None:
                 continue
             targets = [mod] + [f"{mod}.{a.name}" if mod else a.name for a in node.names]
         else:
@@ -180,12 +176,28 @@ def _module_names() -> set[str]:
     return {name for name, _ in _modules()} | {"_C"}
 
 
+def _package_of(name: str, path: Path) -> list[str]:
+    """The package a module's relative imports start from (the module itself for an __init__)."""
+    return name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+
+
+def _from_module(node: ast.ImportFrom, package: list[str]) -> str | None:
+    """The ld_ext module (without the prefix; "" = ld_ext itself) that ``from X import ...`` reads,
+    or None when X is not part of ld_ext."""
+    if node.level:
+        base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+        return ".".join(base + ([node.module] if node.module else []))
+    if node.module and node.module.split(".")[0] == "ld_ext":
+        return node.module.split(".", 1)[1] if "." in node.module else ""
+    return None
+
+
 def _edges(name: str, path: Path, known: set[str]) -> list[tuple[str, int, ast.AST]]:
     """(imported ld_ext module, line, import node) for every import of the file, in functions too.
     ``import ld_ext.a.b`` is an edge to a.b; ``from pkg import sub`` is an edge to the submodule
     pkg.sub when there is one (not to pkg's __init__), else to pkg; ``from . import _C`` is an edge
     to the extension only."""
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    package = _package_of(name, path)
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -297,7 +309,7 @@ def _private_imports(modules=None) -> set[tuple[str, str]]:
 
     found = set()
     for name, path in modules:
-        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        package = _package_of(name, path)
         tree = ast.parse(path.read_text())
         aliases = {}  # local name -> the ld_ext module it is bound to ("" = ld_ext itself)
         for node in ast.walk(tree):
@@ -310,12 +322,8 @@ def _private_imports(modules=None) -> set[tuple[str, str]]:
                     else:
                         aliases["ld_ext"] = ""
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                elif node.module and node.module.split(".")[0] == "ld_ext":
-                    mod = node.module.split(".", 1)[1] if "." in node.module else ""
-                else:
+                mod = _from_module(node, package)
+                if mod is None:
                     continue
                 for a in node.names:
                     sub = f"{mod}.{a.name}" if mod else a.name
