@@ -104,7 +104,6 @@ class CachedImageDataset(torch.utils.data.Dataset):
         self._pid: int | None = None
         self._index: dict | None = None
         items = self._load_index().get("items")
-        self._index = None  # read again on first use of names/skipped/nonfinite
         if not isinstance(items, list) or len(items) != self.n:
             count = len(items) if isinstance(items, list) else "no"
             raise ValueError(
