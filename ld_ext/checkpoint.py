@@ -67,6 +67,8 @@ __all__ = [
     "PARTS",
     "checkpoint_parts",
     "check_tensor_storage",
+    "check_archive",
+    "check_state_dict",
 ]
 
 FORMAT = "ld_ext.checkpoint"
@@ -137,12 +139,17 @@ def save_checkpoint(path: str | os.PathLike, state_dict_like: Any) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint dict with ``weights_only=True``; clear errors naming the file."""
+    """Load a checkpoint dict with ``weights_only=True``; clear errors naming the file.
+
+    The archive is checked before ``torch.load`` reads it (``check_archive``) and every tensor after
+    (``check_tensor_storage``), so a small file can neither expand in memory nor declare tensors
+    larger than what it holds."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
     if not p.is_file():
         raise ValueError(f"checkpoint path is not a file: {p}")
+    check_archive(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: our message says it
@@ -159,38 +166,132 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             raise ValueError(f"checkpoint {p} has no 'model' entry and is not a state dict")
     fmt = obj.get("format", FORMAT)
     if fmt != FORMAT:
-        raise ValueError(f"checkpoint {p} has format {fmt!r}, expected {FORMAT!r}")
+        raise ValueError(f"checkpoint {p} has format {str(fmt)[:80]!r}, expected {FORMAT!r}")
+    check_tensor_storage(obj, f"checkpoint {p}")
     if not isinstance(obj["model"], Mapping):
         raise ValueError(f"checkpoint {p}: 'model' entry is not a state dict")
-    check_tensor_storage(obj, f"checkpoint {p}")
     return obj
 
 
-def check_tensor_storage(obj: Any, where: str, _path: str = "") -> None:
-    """Refuse any tensor in ``obj`` (nested dicts, lists, tuples) that declares more elements than
-    its storage holds: a stride-0 ("expanded") tensor stored from one number can declare a
-    (8192, 8192, 3, 3) weight in a file of a few KB, and the network built to receive it would
-    then allocate gigabytes. Every tensor ld_ext (or ``torch.save`` of a network) writes holds all
-    of its elements, so nothing real is refused; this costs no allocation."""
-    if isinstance(obj, torch.Tensor):
-        n = obj.numel()
-        if n == 0:
-            return
-        esize = obj.element_size()
-        extent = obj.storage_offset() + 1 + sum((d - 1) * abs(s) for d, s in zip(obj.shape, obj.stride()))
-        held = obj.untyped_storage().nbytes()
-        if held < n * esize or held < extent * esize:
-            raise ValueError(
-                f"{where}: tensor {_path or '(top level)'} of shape {tuple(obj.shape)} declares {n * esize:,} bytes "
-                f"but its storage holds {held:,} (a stride-0 or overlapping view); ld_ext reads only tensors that "
-                "hold all their elements"
+# The first bytes of the format torch.save wrote before PyTorch 1.6 (and still writes with
+# _use_new_zipfile_serialization=False): pickle protocol 2, then the pickled magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def check_archive(path: str | os.PathLike) -> None:
+    """Refuse, before ``torch.load`` reads anything, a file it would expand in memory: ``torch.load``
+    inflates compressed records (a 1 MB record of zeros becomes 1 GB) and reads records that overlap
+    in the file once each, so the records must be stored uncompressed (as ``torch.save`` writes them)
+    and declare no more bytes than the file holds. A file that is not a zip archive is refused too:
+    ld_ext reads only the zip format ``torch.save`` has written since PyTorch 1.6 (the older format
+    sizes its storages from numbers in the file, unchecked)."""
+    p = Path(path)
+    size = p.stat().st_size
+    why = None
+    if size == 0:
+        why = "the file is empty"
+    elif not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+        if head == _LEGACY_MAGIC:
+            why = (
+                "it is in the format torch.save wrote before PyTorch 1.6 (not a zip archive), which ld_ext does "
+                "not read; load it with torch.load and save it again with torch.save's default format"
             )
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            check_tensor_storage(v, where, f"{_path}.{k}" if _path else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            check_tensor_storage(v, where, f"{_path}[{i}]")
+        elif head.startswith(b"PK"):
+            why = "the file is a truncated or damaged PyTorch archive"
+        else:
+            why = "not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)"
+    else:
+        why = _archive_problem(p, size)
+    if why is not None:
+        raise ValueError(f"could not read checkpoint {p}: {why}")
+
+
+def _archive_problem(p: Path, size: int) -> str | None:
+    """What is wrong with the records of the zip archive ``p`` (None: nothing)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return "the file is a truncated or damaged PyTorch archive"
+    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        return (
+            f"its record {packed[0].filename[:120]!r} is compressed; torch.save stores records uncompressed, and "
+            "ld_ext does not inflate them (a small file could expand to gigabytes in memory)"
+        )
+    declared = sum(i.file_size for i in infos)
+    if declared > size:
+        return (
+            f"its records declare {declared:,} bytes, more than the file's {size:,} (records that overlap, "
+            "which torch.save never writes)"
+        )
+    return None
+
+
+# Bounds on the objects of one checkpoint (far above anything ld_ext writes: a training checkpoint
+# holds a few thousand); they stop a small file from making the checks run for hours (a pickle can
+# make 2**40 references to one list in 2 KB) or exhaust the Python stack.
+MAX_OBJECTS = 1_000_000
+MAX_NESTING = 100
+
+
+def check_tensor_storage(obj: Any, where: str) -> None:
+    """Refuse any tensor in ``obj`` (nested dicts, lists, tuples; keys too) that declares more
+    elements than its storage holds, or that is not a dense (strided) tensor: a stride-0
+    ("expanded") tensor stored from one number, or a sparse one without entries, can declare a
+    (8192, 8192, 3, 3) weight in a file of a few KB, and the network built to receive it would then
+    allocate gigabytes. Every tensor ld_ext (or ``torch.save`` of a network) writes holds all of its
+    elements, so nothing real is refused; this costs no allocation.
+
+    Each container is visited once (shared references are not walked again), nesting deeper than
+    ``MAX_NESTING`` and more than ``MAX_OBJECTS`` objects are refused."""
+    seen: set[int] = set()
+    count = 0
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        o, path, depth = stack.pop()
+        if isinstance(o, torch.Tensor):
+            _check_one_tensor(o, where, path)
+            continue
+        if not isinstance(o, (Mapping, list, tuple)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if depth >= MAX_NESTING:
+            raise ValueError(f"{where}: {path or '(top level)'} is nested more than {MAX_NESTING} levels deep")
+        if isinstance(o, Mapping):
+            items = [(v, f"{path}.{_key_name(k)}" if path else _key_name(k)) for k, v in o.items()]
+            items += [(k, f"{path}[key {_key_name(k)}]") for k in o if isinstance(k, (torch.Tensor, tuple))]
+        else:
+            items = [(v, f"{path}[{i}]") for i, v in enumerate(o)]
+        count += 1 + len(items)
+        if count > MAX_OBJECTS:
+            raise ValueError(f"{where} holds more than {MAX_OBJECTS:,} objects; ld_ext's checkpoints hold far fewer")
+        stack.extend((v, name, depth + 1) for v, name in reversed(items))
+
+
+def _key_name(k: Any) -> str:
+    return str(k)[:80] if isinstance(k, (str, int)) else type(k).__name__
+
+
+def _check_one_tensor(t: torch.Tensor, where: str, path: str) -> None:
+    name = path or "(top level)"
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        kind = "quantized" if t.is_quantized else "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        raise ValueError(f"{where}: tensor {name} is a {kind} tensor; ld_ext reads only dense tensors")
+    n = t.numel()
+    if n == 0:
+        return
+    esize = t.element_size()
+    extent = t.storage_offset() + 1 + sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride()))
+    held = t.untyped_storage().nbytes()
+    if held < n * esize or held < extent * esize:
+        raise ValueError(
+            f"{where}: tensor {name} of shape {tuple(t.shape)} declares {n * esize:,} bytes "
+            f"but its storage holds {held:,} (a stride-0 or overlapping view); ld_ext reads only tensors that "
+            "hold all their elements"
+        )
 
 
 def _why_unreadable(p: Path, exc: Exception) -> str:
@@ -205,6 +306,12 @@ def _why_unreadable(p: Path, exc: Exception) -> str:
         return (
             f"it holds a Python object of type {glob.group(1)}; ld_ext loads only tensors, numbers, strings "
             "and containers of them (weights-only), so that loading a file cannot run code"
+        )
+    blocked = re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)
+    if is_zip and blocked:
+        return (
+            f"it would call {blocked.group(1)} while being loaded (code in the file), which ld_ext never runs: it "
+            "loads only tensors, numbers, strings and containers of them (weights-only)"
         )
     if is_zip and "central directory" not in text:
         return f"the file is a damaged PyTorch archive ({type(exc).__name__})"
@@ -286,12 +393,23 @@ def checkpoint_parts(ckpt: Mapping) -> dict:
     return {"representation": True, "landmark": has_lm or ckpt.get("centre_term") is not None, "legacy_stage3": legacy}
 
 
-def _check_state_dict(sd: Any, where: str, key: str) -> Mapping[str, torch.Tensor]:
+def check_state_dict(sd: Any, where: str, key: str = "model") -> Mapping[str, torch.Tensor]:
+    """``sd`` maps names to real-valued dense tensors that hold no NaN or infinity; returns it.
+
+    ``where`` starts every error message, ``key`` is the entry of the checkpoint ``sd`` came from."""
     if not isinstance(sd, Mapping):
         raise ValueError(f"{where}: {key!r} entry is not a state dict")
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{where}: {key!r} must map parameter names to tensors; {bad[0]!r} does not")
+        raise ValueError(f"{where}: {key!r} must map parameter names to tensors; {str(bad[0])[:80]!r} does not")
+    for k, v in sd.items():
+        if v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"{where}: tensor {key}.{k} is of type {v.dtype}, expected real numbers")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(
+                f"{where}: tensor {key}.{k} holds NaN or infinite values (a training run that diverged?); "
+                "ld_ext does not use such a network"
+            )
     return sd
 
 
@@ -309,32 +427,17 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu", part: str = "
 
 def model_from_checkpoint(ckpt: dict, where: str, part: str = "representation", map_location: Any = "cpu") -> LDNet:
     """``load_model`` on a checkpoint dict already read with ``load_checkpoint`` (for callers that
-    also read its other entries); ``where`` starts every error message."""
+    also read its other entries); ``where`` starts every error message.
+
+    Nothing is allocated for the network before its config (stored, or inferred from the tensor
+    shapes) is within bounds and every tensor of the file has the name, shape and kind of type the
+    config implies (compared with the network built on the meta device)."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     key = LANDMARK_KEY if part == "landmark" and LANDMARK_KEY in ckpt else "model"
-    sd = _check_state_dict(ckpt[key], where, key)
-    try:
-        inferred = infer_config(sd)
-    except ValueError as exc:
-        raise ValueError(f"{where} does not describe an LDNet: {exc}") from None
-    stored = ckpt.get("config")
-    if stored is None:
-        cfg = inferred
-    else:
-        cfg = validate_config(stored, where)
-        full = {
-            "in_channels": 1,
-            "emb_dim": 32,
-            "n_clusters": 16,
-            "widths": list(DEFAULT_WIDTHS),
-            "depths": list(DEFAULT_DEPTHS),
-            **cfg,
-        }
-        have = {"depths": list(DEFAULT_DEPTHS), **inferred}
-        diff = [f"{k}={full[k]!r} (the tensors say {have[k]!r})" for k in have if full[k] != have[k]]
-        if diff:
-            raise ValueError(f"{where}: its config does not match its weights: " + "; ".join(diff))
+    sd = check_state_dict(ckpt[key], where, key)
+    cfg = _config_of(ckpt, sd, where)
+    _check_against_config(sd, cfg, where, key)
     try:
         model = LDNet(**cfg)
     except (TypeError, ValueError) as exc:
@@ -347,3 +450,59 @@ def model_from_checkpoint(ckpt: dict, where: str, part: str = "representation", 
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model = model.to(map_location)
     return model.eval()
+
+
+def _config_of(ckpt: Mapping, sd: Mapping[str, torch.Tensor], where: str) -> dict:
+    """The LDNet config of a checkpoint: the stored one (checked, and against the tensor shapes), or
+    the one the shapes imply (within the same bounds)."""
+    try:
+        inferred = infer_config(sd)
+    except ValueError as exc:
+        raise ValueError(f"{where} does not describe an LDNet: {exc}") from None
+    inferred = validate_config(inferred, f"{where} (its tensor shapes)")
+    stored = ckpt.get("config")
+    if stored is None:
+        return inferred
+    cfg = validate_config(stored, where)
+    full = {
+        "in_channels": 1,
+        "emb_dim": 32,
+        "n_clusters": 16,
+        "widths": list(DEFAULT_WIDTHS),
+        "depths": list(DEFAULT_DEPTHS),
+        **cfg,
+    }
+    have = {"depths": list(DEFAULT_DEPTHS), **inferred}
+    diff = [f"{k}={full[k]!r} (the tensors say {have[k]!r})" for k in have if full[k] != have[k]]
+    if diff:
+        raise ValueError(f"{where}: its config does not match its weights: " + "; ".join(diff))
+    return cfg
+
+
+def _check_against_config(sd: Mapping[str, torch.Tensor], cfg: dict, where: str, key: str) -> None:
+    """Every tensor of ``sd`` has the name, shape and kind of type (floating point or integer) of
+    the network ``cfg`` describes, which is built on the meta device (no memory) to compare."""
+    try:
+        with torch.device("meta"):
+            expected = LDNet(**cfg).state_dict()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where} does not describe an LDNet: {exc}") from None
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} in the file, {tuple(v.shape)} expected"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    types = [
+        f"{k}: {sd[k].dtype} in the file, a {'floating-point' if v.is_floating_point() else 'integer'} type expected"
+        for k, v in expected.items()
+        if k in sd and sd[k].is_floating_point() != v.is_floating_point()
+    ]
+    parts = [
+        f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes), ("type", types))
+        if items
+    ]
+    if parts:
+        raise ValueError(f"{where} does not match the LDNet it describes ({key!r}): " + "; ".join(parts))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import load_checkpoint
+from ..checkpoint import check_state_dict, load_checkpoint
 
 __all__ = [
     "validate_resume_state",
@@ -61,6 +61,13 @@ def validate_resume_state(state: dict, path: Path) -> dict:
     tc = state.get("train_config", {})
     if not isinstance(tc, dict):
         raise ValueError(f"{where}: 'train_config' must be a dict, got {type(tc).__name__}")
+    odd = [k for k, v in tc.items() if not isinstance(k, str) or not _plain_setting(v)]
+    if odd:
+        raise ValueError(f"{where}: 'train_config' entry {str(odd[0])[:80]!r} is not a number, string or list of them")
+    ws = state.get("world_size")
+    if ws is not None and (isinstance(ws, bool) or not isinstance(ws, int) or not 1 <= ws <= 10**6):
+        raise ValueError(f"{where}: 'world_size' must be an int >= 1, got {ws!r}"[:300])
+    check_state_dict(state["model"], where, "model")
     rng = state.get("rng")
     if rng is not None:
         ok = (
@@ -77,6 +84,12 @@ def validate_resume_state(state: dict, path: Path) -> dict:
         if not ok:
             raise ValueError(f"{where}: 'rng' is not the RNG state ld_ext writes")
     return state
+
+
+def _plain_setting(v) -> bool:
+    """A value TrainConfig writes into 'train_config': None, a number, a string, or a list of them."""
+    scalar = (bool, int, float, str, type(None))
+    return isinstance(v, scalar) or (isinstance(v, (list, tuple)) and all(isinstance(x, scalar) for x in v))
 
 
 def _same_kind(fresh, loaded) -> bool:
@@ -195,6 +208,9 @@ def load_for_all(path: Path, check: Callable[[dict], None] | None = None, missin
             payload = (None, "missing", str(exc))
         except ValueError as exc:
             payload = (None, "invalid", str(exc))
+        except (TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:  # a check tripped on an entry
+            msg = " ".join(str(exc).split())[:300] or type(exc).__name__
+            payload = (None, "invalid", f"checkpoint {path} cannot be used ({type(exc).__name__}: {msg})")
     st, kind, msg = dist_utils.broadcast_object(payload)
     if kind is not None:
         raise (FileNotFoundError if kind == "missing" else ValueError)(msg)
