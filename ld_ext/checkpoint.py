@@ -17,10 +17,13 @@ network after the centre-sensitive landmark term (stage 3 of ``ld-ext pretrain``
 the representation otherwise; ``checkpoint_parts(ckpt)`` says which the file holds.
 
 Every load uses ``weights_only=True`` and any problem is reported as a ``ValueError``
-(``FileNotFoundError`` for a missing file) naming the file. Tensors that declare more elements
-than their storage holds are refused (``check_tensor_storage``). A stored ``config`` is checked
-(types, bounds, agreement with the tensor shapes) before any network is built, so a malformed file
-cannot make the loader allocate a huge model.
+(``FileNotFoundError`` for a missing file) naming the file; nothing the file declares is allocated
+before it is checked. Before ``torch.load``: the archive (``check_archive``: the zip format, records
+stored uncompressed, declaring no more bytes than the file holds). After it: every tensor is dense
+and holds all its elements, every object is walked once (``check_tensor_storage``). Before the
+network is built: its config, stored or inferred from the shapes, within bounds (``validate_config``)
+and every tensor of the name, shape and kind of type the config implies, finite
+(``check_state_dict``, and a comparison with the network built on the meta device).
 
 ``defer_signals()`` holds SIGINT/SIGTERM back while a file is being written and delivers them
 after. The atomic writers (``atomic_write``, ``atomic_write_bytes``) and
@@ -259,7 +262,8 @@ def check_tensor_storage(obj: Any, where: str) -> None:
             continue
         seen.add(id(o))
         if depth >= MAX_NESTING:
-            raise ValueError(f"{where}: {path or '(top level)'} is nested more than {MAX_NESTING} levels deep")
+            short = path if len(path) <= 60 else path[:60] + "..."
+            raise ValueError(f"{where}: {short or '(top level)'} is nested more than {MAX_NESTING} levels deep")
         if isinstance(o, Mapping):
             items = [(v, f"{path}.{_key_name(k)}" if path else _key_name(k)) for k, v in o.items()]
             items += [(k, f"{path}[key {_key_name(k)}]") for k in o if isinstance(k, (torch.Tensor, tuple))]

@@ -142,7 +142,7 @@ def test_deep_nesting_and_too_many_objects_are_refused(tmp_path, good, monkeypat
         torch.save({**good, "extra": y}, path)
     finally:
         sys.setrecursionlimit(limit)
-    with pytest.raises(ValueError, match=r"deep\.pt: extra(\[0\])+ is nested more than 100 levels deep"):
+    with pytest.raises(ValueError, match=r"deep\.pt: extra(\[0\])+\[0?\.\.\. is nested more than 100 levels deep"):
         ckpt.load_checkpoint(path)  # was a RecursionError (a traceback in the CLI)
     path = tmp_path / "many.pt"
     torch.save({**good, "extra": list(range(50))}, path)
@@ -234,3 +234,34 @@ def test_small_bombs_stay_small_in_a_child_process(tmp_path, case):
     rc, peak, err = child_peak_rss([sys.executable, "-c", textwrap.dedent(_CHILD.format(path=str(path)))])
     assert rc == 3 and str(path) in err, err[-3000:]
     assert peak < 1.5e9, peak
+
+
+def test_resume_state_is_checked_before_use(tmp_path):
+    """--resume's checkpoint.pt: weights, train_config and world_size checked; a check that trips
+    on an odd entry is an error naming the file, not a traceback."""
+    from ld_ext.pretrain.state import load_for_all, validate_resume_state
+
+    torch.manual_seed(0)
+    net = LDNet(1, 6, 3, SMALL)
+    opt = torch.optim.Adam(net.parameters())
+    base = {"stage": 2, "epoch": 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": {}, "train_config": {"size": 32, "widths": [4, 4]}, "world_size": 1}
+    validate_resume_state(base, tmp_path / "c.pt")
+    nan = {k: v.clone() for k, v in net.state_dict().items()}
+    nan["decoder.emb_head.1.bias"].fill_(float("nan"))
+    for change, words in (
+        ({"model": nan}, "tensor model.decoder.emb_head.1.bias holds NaN"),
+        ({"train_config": {"size": torch.zeros(3)}}, "'train_config' entry 'size' is not a number"),
+        ({"world_size": "2"}, "'world_size' must be an int >= 1"),
+    ):
+        path = tmp_path / "checkpoint.pt"
+        ckpt.save_checkpoint(path, {**base, **change})
+        with pytest.raises(ValueError) as info:
+            load_for_all(path, lambda st: validate_resume_state(st, path))
+        assert str(info.value).startswith(f"checkpoint {path}") and words in str(info.value), info.value
+
+    def tripping_check(st):
+        return st["train_config"]["size"] > st  # a TypeError inside a check
+
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint\.pt cannot be used \(TypeError: "):
+        load_for_all(path, tripping_check)
