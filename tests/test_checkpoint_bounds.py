@@ -265,3 +265,32 @@ def test_resume_state_is_checked_before_use(tmp_path):
 
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint\.pt cannot be used \(TypeError: "):
         load_for_all(path, tripping_check)
+
+
+def test_stage3_file_with_nan_weights_is_trained_again_on_resume(tmp_path, caplog):
+    """A stage3.pt whose record fits the run but whose weights hold NaN used to be loaded as the
+    landmark network without a word; now it is trained again with a warning, as one of another network."""
+    import logging
+
+    from ld_ext import train
+    from ld_ext.bench import synthetic_images
+    from ld_ext.checkpoint import load_checkpoint, save_checkpoint
+    from ld_ext.data import ImageFolderDataset
+    from ld_ext.tasks.landmarks import pretrain_stage
+
+    def cfg(**kw):
+        return train.TrainConfig(out=str(tmp_path / "run"), size=32, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8),
+                                 batch_size=2, epochs1=1, epochs2=1, steps_per_epoch=1, val_images=0, progress=False,
+                                 seed=3, device="cpu", centre_steps=2, **kw)
+
+    ds = ImageFolderDataset.from_tensor(synthetic_images(6, 32, seed=4))
+    train.pretrain(cfg(), dataset=ds)
+    path = tmp_path / "run" / pretrain_stage.STAGE3_FILE
+    st = load_checkpoint(path)
+    st["model"]["decoder.emb_head.1.weight"].fill_(float("nan"))
+    save_checkpoint(path, st)
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        res = train.pretrain(cfg(resume=True), dataset=ds)
+    assert any("does not fit this network" in r.getMessage() and "holds NaN" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert all(torch.isfinite(v).all() for v in res["landmark_model"].state_dict().values() if v.is_floating_point())

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...checkpoint import defer_signals, load_checkpoint, save_checkpoint
+from ...checkpoint import check_state_dict, defer_signals, load_checkpoint, save_checkpoint
 from .centre_term import train_centre_sensitive
 
 __all__ = ["STAGE3_FILE", "DEFAULT_CENTRE_STEPS", "MAX_STAGE_IMAGES", "centre_term_record", "run_centre_stage"]
@@ -77,7 +77,7 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
         if rec is not None and rec.get("steps") == steps and rec.get("seed") == seed:
             tuned = copy.deepcopy(model)  # the stage-2 network stays as it is: it is the representation
             try:
-                tuned.load_state_dict(st["model"])
+                tuned.load_state_dict(check_state_dict(st["model"], f"checkpoint {path}"))  # finite, real
             except (RuntimeError, TypeError, ValueError) as exc:  # another network's stage3.pt
                 why = " ".join(str(exc).split())[:300]
                 logger.warning(
