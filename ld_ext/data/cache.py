@@ -188,17 +188,21 @@ class CachedImageDataset(torch.utils.data.Dataset):
             if len(buf) != run * nbytes:
                 raise ValueError(f"short read from {self._path} at image {first}; delete {self.root} to rebuild it")
             for j in range(run):
-                self._check_image(first + j, buf[j * nbytes : (j + 1) * nbytes])
+                self._check_image(first + j, buf[j * nbytes : (j + 1) * nbytes], at_open=True)
             k += run
 
-    def _check_image(self, i: int, buf) -> None:
+    def _check_image(self, i: int, buf, at_open: bool = False) -> None:
+        """``buf`` (image ``i``) against its checksum; a mismatch after open marks the cache damaged."""
         if zlib.crc32(buf) != int(self._crc[i]):
+            msg = (
+                f"image cache file {self._path}: image {i} does not match the checksum written when the cache was "
+                "built (changed or damaged since)"
+            )
+            if at_open:  # open_or_build_cache rebuilds it now
+                raise CacheIntegrityError(msg)
             marked = self._mark_damaged(f"image {i} does not match its checksum")
             then = "the cache is marked damaged and the next run rebuilds it" if marked else f"delete {self.root}"
-            raise CacheIntegrityError(
-                f"image cache file {self._path}: image {i} does not match the checksum written when the cache was "
-                f"built (changed or damaged since); {then}"
-            )
+            raise CacheIntegrityError(f"{msg}; {then}")
         self._verified[i] = True
 
     def _mark_damaged(self, reason: str) -> bool:
