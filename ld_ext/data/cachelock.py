@@ -121,8 +121,7 @@ class CacheLock:
             if time.monotonic() - last_change > self.timeout:
                 raise CacheLockTimeout(
                     f"image cache lock {self.path}: held by {describe_holder(seen)}, with no progress for "
-                    f"{self.timeout:g} s; that process may be frozen: stop it (or wait for it with a longer "
-                    f"timeout), then run again"
+                    f"{self.timeout:g} s; that process may be frozen or stuck: stop it, then run again"
                 )
 
     def _holder_text(self) -> str:
