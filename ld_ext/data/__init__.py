@@ -10,14 +10,24 @@
   (small data sets, tests).
 * ``ld_ext.data.cache``: ``open_or_build_cache`` / ``CachedImageDataset``, the same
   preprocessing done once into a flat float32 array file plus an index, read by offset during
-  training, so nothing of the size of the data set is held in memory.
+  training, so nothing of the size of the data set is held in memory; every image has a checksum,
+  checked at open and on first read (``CacheIntegrityError``), and a damaged cache is rebuilt.
+* ``ld_ext.data.cachelock``: the build lock (``CacheLockTimeout`` when a builder shows no
+  progress for ``DEFAULT_LOCK_TIMEOUT_S``).
 
 Every public name is importable from ``ld_ext.data`` itself.
 """
 
 from __future__ import annotations
 
-from .cache import CACHE_VERSION, CachedImageDataset, open_or_build_cache
+from .cache import (
+    CACHE_VERSION,
+    DEFAULT_LOCK_TIMEOUT_S,
+    CacheIntegrityError,
+    CachedImageDataset,
+    CacheLockTimeout,
+    open_or_build_cache,
+)
 from .datasets import ImageFolderDataset
 from .preprocess import Preprocessing, default_workers, prepare_image, resize_square, scale_intensity, to_channels
 from .readers import (
@@ -25,6 +35,7 @@ from .readers import (
     IMAGE_EXTENSIONS,
     NIFTI_EXTENSIONS,
     NUMPY_EXTENSIONS,
+    OUTPUT_MARKER,
     RASTER_EXTENSIONS,
     FileScan,
     MissingReaderError,
@@ -32,6 +43,7 @@ from .readers import (
     file_stem,
     list_image_files,
     load_arrays,
+    mark_output_folder,
     read_dicom,
     read_image,
     read_nifti_slices,
@@ -47,6 +59,8 @@ __all__ = [
     "NUMPY_EXTENSIONS",
     "FileScan",
     "scan_image_files",
+    "mark_output_folder",
+    "OUTPUT_MARKER",
     "list_image_files",
     "file_stem",
     "read_image",
@@ -64,6 +78,9 @@ __all__ = [
     "CachedImageDataset",
     "open_or_build_cache",
     "CACHE_VERSION",
+    "CacheIntegrityError",
+    "CacheLockTimeout",
+    "DEFAULT_LOCK_TIMEOUT_S",
     "MissingReaderError",
     "NonFiniteImageError",
 ]

@@ -21,6 +21,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Attributes: ``images`` (the tensor), ``names`` (file[:slice] per image), ``skipped``
     ((path, reason) of files not read), ``nonfinite`` (images skipped for NaN/Inf pixels),
     ``n_upsampled`` (images smaller than ``size``), ``fingerprint`` (hex digest of the pixels).
+    ``exclude``: folders and files under ``paths`` never read (``scan_image_files``).
     """
 
     def __init__(
@@ -36,9 +37,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         progress: bool = True,
         max_images: int | None = None,
         workers: int = 0,
+        exclude: Sequence[str | os.PathLike] = (),
     ) -> None:
         prep = Preprocessing(size, channels, tuple(nifti_axes), min_foreground, tuple(percentiles), fit)
-        scan = scan_image_files(paths)
+        scan = scan_image_files(paths, exclude=exclude)
         self.size, self.channels = size, channels
         tally = SkipTally(len(scan.files), scan.not_regular)
         names: list[str] = []

@@ -10,12 +10,15 @@
 * NumPy ``.npy``: a 2D array, or (H, W, 1) / (H, W, 3).
 
 Folders are searched recursively; names starting with a dot are ignored; entries that are not
-regular files (FIFOs, sockets, devices) are skipped without being opened, and counted.
+regular files (FIFOs, sockets, devices) are skipped without being opened, and counted; folders and
+files passed as ``exclude`` (a run's outputs, the image cache) and folders that ld_ext marked as
+its outputs (``mark_output_folder``) are never discovered.
 ``IMAGE_EXTENSIONS`` is the one list of supported extensions.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import warnings
@@ -33,6 +36,8 @@ __all__ = [
     "NUMPY_EXTENSIONS",
     "FileScan",
     "scan_image_files",
+    "OUTPUT_MARKER",
+    "mark_output_folder",
     "list_image_files",
     "file_stem",
     "read_image",
@@ -78,14 +83,22 @@ def _kind(path: Path | str) -> str | None:
 
 @dataclass
 class FileScan:
-    """The supported files under some paths: ``files`` (sorted), their ``sizes`` and ``mtimes``
-    (ns), and ``not_regular``: entries with a supported name that are not regular files (FIFOs,
-    sockets, devices, broken links), skipped without being opened."""
+    """The supported files under some paths: ``files`` (sorted), their ``sizes``, ``mtimes`` (ns),
+    ``ctimes`` (ns) and ``inodes`` (what identifies a file's content without reading it: a file
+    replaced by another of the same size and mtime has a new ctime, and a new inode when it was
+    moved into place), and ``not_regular``: entries with a supported name that are not regular
+    files (FIFOs, sockets, devices, broken links), skipped without being opened."""
 
     files: list[Path] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     mtimes: list[int] = field(default_factory=list)
     not_regular: list[Path] = field(default_factory=list)
+    ctimes: list[int] = field(default_factory=list)
+    inodes: list[int] = field(default_factory=list)
+
+    def identity(self, i: int) -> list[int]:
+        """[size, mtime_ns, ctime_ns, inode] of ``files[i]``."""
+        return [self.sizes[i], self.mtimes[i], self.ctimes[i], self.inodes[i]]
 
 
 def as_path_list(paths) -> list[Path]:
@@ -101,50 +114,38 @@ def as_path_list(paths) -> list[Path]:
     return out
 
 
-def scan_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, name: str = "data") -> FileScan:
+def scan_image_files(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    name: str = "data",
+    exclude: Sequence[str | os.PathLike] = (),
+) -> FileScan:
     """All supported files under ``paths`` (files or folders, searched recursively), sorted.
 
     Nothing is opened: entries that are not regular files are listed in ``not_regular``.
+    ``exclude``: folders and files never discovered (e.g. a run's output folder and the image cache
+    when they lie inside a data folder, so that outputs are never read back as inputs); an excluded
+    path that is one of ``paths`` or contains it is not applied to that path (what is given is read).
+    Folders marked by ``mark_output_folder`` below a given folder are skipped whole; a given folder
+    that is marked itself is read without the output entries its marker lists.
     Raises ``ValueError`` (naming ``name``) if a path does not exist, a given file is not a regular
     file or has an unsupported extension, a folder cannot be read, or nothing supported is found.
     """
     plist = as_path_list(paths)
-    found: dict[Path, tuple[int, int]] = {}
+    excluded = _existing_paths(exclude)
+    found: dict[Path, os.stat_result] = {}
     not_regular: list[Path] = []
     exts = ", ".join(IMAGE_EXTENSIONS)
     for p in plist:
         if not os.path.lexists(p):
             raise ValueError(f"{name} path does not exist: {p}")
         if not p.is_dir():
-            try:
-                st = os.stat(p)
-            except OSError as exc:
-                raise ValueError(f"{name} path cannot be read: {p} ({exc})") from exc
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{name} path is not a regular file or a folder: {p}")
-            if _kind(p) is None:
-                raise ValueError(f"unsupported file type: {p} (expected {exts})")
-            found[p.absolute()] = (st.st_size, st.st_mtime_ns)
+            found[p.absolute()] = _given_file(p, name, exts)
             continue
         if not os.access(p, os.R_OK | os.X_OK):
             raise ValueError(f"{name} folder cannot be read (permission denied): {p}")
-        errors: list[OSError] = []
         n_before = len(found)
-        for root, dirs, files in os.walk(p, onerror=errors.append):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if f.startswith(".") or _kind(f) is None:
-                    continue
-                fp = Path(root) / f
-                try:
-                    st = os.stat(fp)  # follows links; never opens the file
-                except OSError:
-                    not_regular.append(fp)
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    not_regular.append(fp)
-                    continue
-                found[fp.absolute()] = (st.st_size, st.st_mtime_ns)
+        errors = _walk(p, _applicable(excluded, p) | _marked_entries(p), found, not_regular)
         if errors and len(found) == n_before:
             raise ValueError(f"{name} folder cannot be read: {p} ({errors[0]})")
     if not found:
@@ -154,7 +155,110 @@ def scan_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike], *, 
             f"recursively{extra})"
         )
     files = sorted(found)
-    return FileScan(files, [found[f][0] for f in files], [found[f][1] for f in files], sorted(not_regular))
+    st = [found[f] for f in files]
+    return FileScan(
+        files,
+        [s.st_size for s in st],
+        [s.st_mtime_ns for s in st],
+        sorted(not_regular),
+        [s.st_ctime_ns for s in st],
+        [s.st_ino for s in st],
+    )
+
+
+def _given_file(p: Path, name: str, exts: str) -> os.stat_result:
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise ValueError(f"{name} path cannot be read: {p} ({exc})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{name} path is not a regular file or a folder: {p}")
+    if _kind(p) is None:
+        raise ValueError(f"unsupported file type: {p} (expected {exts})")
+    return st
+
+
+def _existing_paths(exclude) -> dict[tuple[int, int], str]:
+    """(device, inode) -> real path of each excluded path that exists (others exclude nothing)."""
+    if isinstance(exclude, (str, os.PathLike)):
+        exclude = [exclude]
+    out = {}
+    for e in exclude:
+        try:
+            st = os.stat(e)
+        except (OSError, TypeError, ValueError):
+            continue
+        out[(st.st_dev, st.st_ino)] = os.path.realpath(e)
+    return out
+
+
+def _applicable(excluded: dict[tuple[int, int], str], root: Path) -> set[tuple[int, int]]:
+    """The excluded paths that apply under the data folder ``root``: not ``root`` or a folder above it."""
+    real = os.path.realpath(root)
+    return {k for k, e in excluded.items() if not (real == e or real.startswith(e.rstrip(os.sep) + os.sep))}
+
+
+#: the file by which ``mark_output_folder`` marks a folder of ld_ext outputs (a dot-name: never read)
+OUTPUT_MARKER = ".ld_ext-outputs"
+
+
+def mark_output_folder(folder: str | os.PathLike, entries: Sequence[str] = ()) -> None:
+    """Mark ``folder`` (created if missing) as holding ld_ext outputs, so that no later scan reads
+    images from it: it is skipped whole when it lies inside a data folder, and its ``entries``
+    (names relative to it, e.g. ``overlays``) are skipped when it is a data folder itself."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / OUTPUT_MARKER
+    text = json.dumps({"ld_ext_outputs": sorted(set(entries))}) + "\n"
+    if not marker.exists() or marker.read_text() != text:
+        marker.write_text(text)
+
+
+def _marked_entries(root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the output entries listed by a marker in the data folder ``root`` itself."""
+    try:
+        listed = json.loads((root / OUTPUT_MARKER).read_text())["ld_ext_outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(listed, list):
+        return set()
+    return set(_existing_paths([root / str(e) for e in listed]))
+
+
+def _walk(p: Path, excluded: set[tuple[int, int]], found: dict, not_regular: list[Path]) -> list[OSError]:
+    """Add the supported regular files under folder ``p`` to ``found`` (path -> stat), skipping
+    dot-names, the ``excluded`` (device, inode) pairs and folders marked as outputs; returns the
+    folder read errors."""
+    errors: list[OSError] = []
+    for root, dirs, files in os.walk(p, onerror=errors.append):
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith(".") or os.path.lexists(os.path.join(root, d, OUTPUT_MARKER)):
+                continue
+            if excluded:
+                try:
+                    st = os.stat(os.path.join(root, d))
+                except OSError:
+                    st = None
+                if st is not None and (st.st_dev, st.st_ino) in excluded:
+                    continue
+            kept.append(d)
+        dirs[:] = kept
+        for f in sorted(files):
+            if f.startswith(".") or _kind(f) is None:
+                continue
+            fp = Path(root) / f
+            try:
+                st = os.stat(fp)  # follows links; never opens the file
+            except OSError:
+                not_regular.append(fp)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                not_regular.append(fp)
+                continue
+            if (st.st_dev, st.st_ino) not in excluded:
+                found[fp.absolute()] = st
+    return errors
 
 
 def list_image_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

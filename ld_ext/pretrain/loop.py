@@ -22,7 +22,7 @@ from .. import distributed as dist_utils
 from ..augment import AugmentConfig, LDViewGenerator, item_generator
 from ..batching import Batches, default_loader_workers
 from ..checkpoint import LANDMARK_KEY, defer_signals, load_model, save_checkpoint
-from ..data import CachedImageDataset, ImageFolderDataset, open_or_build_cache
+from ..data import CachedImageDataset, ImageFolderDataset, mark_output_folder, open_or_build_cache
 from ..models import LDNet
 from ..objective import LDObjective
 from .config import TrainConfig
@@ -206,6 +206,11 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
             if not Path(d).exists():
                 raise ValueError(f"data path does not exist: {d}")
         cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
+        # outputs are never inputs: --out is marked and skipped by every later scan (its overlays and
+        # figure when --out is a data folder itself), and so is the cache; processes waiting for
+        # another's cache build give up after --dist-timeout in a multi-process run
+        if env_rank == 0:
+            mark_output_folder(out, ("overlays", "losses.png", "cache"))
         dataset = open_or_build_cache(
             cfg.data,
             cfg.preprocessing(),
@@ -213,6 +218,8 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
             workers=cfg.workers,
             progress=cfg.progress and env_rank == 0,
             log=logger.info if env_rank == 0 else None,
+            exclude=[out, out / "overlays", out / "losses.png"],
+            lock_timeout=cfg.dist_timeout if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         )
     if not isinstance(dataset, (ImageFolderDataset, CachedImageDataset)):
         raise TypeError(f"dataset must be an ImageFolderDataset or a CachedImageDataset, got {type(dataset).__name__}")
