@@ -99,7 +99,7 @@ def disk_write_error(exc: OSError, path: str | os.PathLike) -> DiskWriteError:
         errno.EFBIG: "the file is larger than allowed",
     }.get(exc.errno, exc.strerror or str(exc))
     err = DiskWriteError(
-        exc.errno, f"cannot write {path}: {why} (the file was left as it was; free some space or write elsewhere)"
+        exc.errno, f"cannot write {path}: {why}; no partial file was left (free some space or write elsewhere)"
     )
     err.filename = None  # the message names it
     return err
@@ -278,19 +278,30 @@ class FolderInUseError(ValueError):
     """Another live process holds the lock of an output folder."""
 
 
+# the folders this process holds, by (device, inode) -> how many FolderLocks share the lock
+_HELD: dict[tuple[int, int], int] = {}
+
+
 class FolderLock:
     """The lock ``lock_folder`` took; ``release()`` (or the end of a ``with`` block) gives it back,
     removes the lock file and, when ``lock_folder`` created the folder and nothing else was put
-    in it, the folder."""
+    in it, the folder. A nested lock of a folder this process already holds only counts."""
 
-    def __init__(self, folder: Path, fd: int | None, created: bool) -> None:
-        self.folder, self._fd, self._created = folder, fd, created
+    def __init__(self, folder: Path, fd: int | None, created: bool, key: tuple[int, int] | None = None) -> None:
+        self.folder, self._fd, self._created, self._key = folder, fd, created, key
+        if key is not None:
+            _HELD[key] = _HELD.get(key, 0) + 1
 
     @property
     def path(self) -> Path:
         return self.folder / LOCK_NAME
 
     def release(self) -> None:
+        key, self._key = self._key, None
+        if key is not None:
+            _HELD[key] -= 1
+            if _HELD[key] == 0:
+                del _HELD[key]
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -326,11 +337,16 @@ def lock_folder(folder: str | os.PathLike, name: str = "--out") -> FolderLock:
 
     Raises ``FolderInUseError`` (a ``ValueError``; ``name`` is the option named in its message)
     when a live process holds it. The lock is a ``fcntl.flock`` on ``folder/.ld_ext.lock``, held
-    until ``release()`` or the process ends, however it ends (a SIGKILL included). Where flock is
-    not available (not POSIX) no lock is taken."""
+    until ``release()`` or the process ends, however it ends (a SIGKILL included); this process
+    may lock a folder it holds again (``ld-ext demo`` holds its --out, and its pre-training locks
+    the same folder). Where flock is not available (not POSIX) no lock is taken."""
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    st = os.stat(folder)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        return FolderLock(folder, None, False, key)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -360,4 +376,4 @@ def lock_folder(folder: str | os.PathLike, name: str = "--out") -> FolderLock:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "argv": sys.argv[:20]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
-    return FolderLock(folder, fd, created)
+    return FolderLock(folder, fd, created, key)

@@ -23,6 +23,7 @@ line per message (``-q`` shows warnings only, ``-v`` debug).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import importlib.machinery
@@ -259,7 +260,8 @@ def _main(argv: list[str] | None) -> int:
 
     undo_logging = configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with _out_lock(args):
+            return int(importlib.import_module(args._module).run(args) or 0)
     except ModuleNotFoundError as exc:
         if debug:
             raise
@@ -278,6 +280,23 @@ def _main(argv: list[str] | None) -> int:
 
 # errno of a full disk or quota, a read-only file system, a file-size limit (ld_ext.atomic.DISK_ERRNOS)
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+# subcommands whose --out is a folder that only one process at a time may write (pretrain locks
+# its own --out in the library, on process 0 of a multi-process run)
+LOCKED_OUT = ("finetune", "probe", "shape-guided", "demo", "bench")
+
+
+def _out_lock(args: argparse.Namespace):
+    """The lock of the subcommand's --out folder (``atomic.lock_folder``): another ld-ext process
+    writing into it is refused with one line naming it."""
+    if args.command not in LOCKED_OUT or not getattr(args, "out", None):
+        return contextlib.nullcontext()
+    from .atomic import lock_folder  # lazy: it loads NumPy, which the parser does not need
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return contextlib.nullcontext()  # the subcommand says what it expects
+    return lock_folder(args.out, "--out")
 
 
 def _user_error_message(exc: BaseException) -> str:

@@ -73,16 +73,32 @@ def test_a_second_run_into_a_held_out_is_refused_and_a_killed_holder_does_not_bl
     assert (out / "model.pt").exists() and not (out / atomic.LOCK_NAME).exists()
 
 
-def test_lock_folder_in_one_process_refuses_a_second_holder_and_cleans_up(tmp_path):
+def test_lock_folder_is_reentrant_in_one_process_and_cleans_up(tmp_path):
     folder = tmp_path / "new" / "out"
     lock = atomic.lock_folder(folder)
-    with pytest.raises(atomic.FolderInUseError, match=f"pid {os.getpid()} on host"):
-        atomic.lock_folder(folder, "--out")
+    with atomic.lock_folder(folder, "--out"):  # ld-ext demo holds its --out, its pre-training locks it again
+        assert lock.path.exists()
+    assert lock.path.exists()  # still held by the outer lock
+    code = "import sys; from ld_ext.atomic import lock_folder; lock_folder(sys.argv[1])"
+    res = subprocess.run([sys.executable, "-c", code, str(folder)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert f"is in use by another ld-ext run (pid {os.getpid()} on host" in res.stderr
     lock.release()
     assert not folder.exists()  # created by the lock and left empty: removed again
     with atomic.lock_folder(tmp_path) as again:
         assert again.path.exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "new"]
+
+
+def test_other_commands_writing_an_out_folder_are_refused_while_it_is_held(tmp_path, capsys):
+    out = tmp_path / "bench"
+    with atomic.lock_folder(out):
+        # the lock of this (pytest) process counts as another run for a new process only; so a child
+        code = "import sys; from ld_ext.cli import main; sys.exit(main(sys.argv[1:]))"
+        res = subprocess.run([sys.executable, "-c", code, "bench", "--quick", "--out", str(out)], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert _error_line(res.stderr).startswith(f"ld-ext: error: --out: {out} is in use by another ld-ext run (pid {os.getpid()}")
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- one error line
