@@ -286,3 +286,12 @@ def test_the_checkpoint_records_the_data_it_was_trained_on(tmp_path):
     assert main(["pretrain", "--data", str(data), "--out", str(out), *SMALL]) == 0
     rec = load_checkpoint(out / "checkpoint.pt")["data"]
     assert rec["paths"] == [str(data.resolve())] and rec["n_images"] == 4 and len(rec["fingerprint"]) >= 15
+
+
+def test_an_lr_so_large_that_adam_overflows_is_refused_before_anything_runs(tmp_path, capsys):
+    """--lr 1e38 passed the check and then ended in torch's 'value cannot be converted to type float
+    without overflow' traceback inside Adam's first step."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(_pngs(tmp_path / "data")), "--out", str(out), *SMALL, "--lr", "1e38"]) == 2
+    assert capsys.readouterr().err == "ld-ext: error: --lr must be a number in (0, 1000], got 1e+38\n"
+    assert not out.exists()
