@@ -241,7 +241,7 @@ def test_pretrain_logs_a_data_summary_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     summary = [x for x in err if x.startswith("data: ")]
     assert summary == [
-        "data: found 8 image(s) in 5 file(s): nifti 4 slices (1 file), png 3 images (3 files), npy 1 images (1 file)",
+        "data: found 8 image(s) in 5 file(s): nifti 4 slices (1 file), png 3 images (3 files), npy 1 image (1 file)",
         f"data: skipped 1 file (UnidentifiedImageError 1); first: {data / 'broken.png'}",
         "data: skipped 1 image with NaN or infinite pixels",
         "data: 1 file gave no image (every slice of the volume below --min-foreground)",
@@ -295,3 +295,21 @@ def test_an_lr_so_large_that_adam_overflows_is_refused_before_anything_runs(tmp_
     assert main(["pretrain", "--data", str(_pngs(tmp_path / "data")), "--out", str(out), *SMALL, "--lr", "1e38"]) == 2
     assert capsys.readouterr().err == "ld-ext: error: --lr must be a number in (0, 1000], got 1e+38\n"
     assert not out.exists()
+
+
+def test_data_summary_of_an_in_memory_data_set_and_of_dicom_frames():
+    from ld_ext.pretrain.outputs import data_summary
+
+    class Frames:
+        names = ["/d/a.dcm:frame0", "/d/a.dcm:frame1", "/d/b.DCM", "/d/x.png", "/d/v.nii.gz:axis2:3"]
+        skipped = [("/d/fifo", "not a regular file (not opened)")]
+        nonfinite, n_upsampled, meta = [], 2, {"n_files": 4}
+
+        def __len__(self):
+            return 5
+
+    assert data_summary(Frames(), 64, 1) == [
+        "data: found 5 image(s) in 4 file(s): dicom 3 frames (2 files), png 1 image (1 file), nifti 1 slice (1 file)",
+        "data: skipped 1 file (not a regular file (not opened) 1); first: /d/fifo",
+        "data: training set: 5 images of 1x64x64; 2 smaller than 64x64, upsampled",
+    ]

@@ -157,8 +157,8 @@ def data_summary(dataset, size: int, channels: int) -> list[str]:
             c["files"] += 1
     parts = []
     for fmt, c in sorted(per_format.items(), key=lambda kv: -kv[1]["images"]):
-        what = ("slices" if fmt == "nifti" else "frames") if c["from_volumes"] else "images"
-        parts.append(f"{fmt} {c['images']} {what} ({_plural(c['files'], 'file')})")
+        what = ("slice" if fmt == "nifti" else "frame") if c["from_volumes"] else "image"
+        parts.append(f"{fmt} {_plural(c['images'], what)} ({_plural(c['files'], 'file')})")
     lines = [f"data: found {len(names)} image(s) in {len(files_with_images)} file(s): " + ", ".join(parts)]
     skipped = list(getattr(dataset, "skipped", []) or [])
     if skipped:
