@@ -5,6 +5,7 @@ Chen et al., "Unsupervised Local Discrimination for Medical Images" (arXiv 2108.
 
 import logging as _logging
 
+from . import cli as _cli  # noqa: F401, I001  (first: the ld-ext command's Ctrl-C while torch is imported)
 from . import reference
 from ._version import __version__
 from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss

@@ -9,21 +9,29 @@ added) only when the command line names that subcommand, to run it or to show it
 
 User errors (a missing path, an empty folder, a bad checkpoint, a refused --out, ...) are raised
 by the library as ``ValueError``/``OSError``; here they become one line
-``ld-ext: error: <message>`` on stderr and exit status 2, without a traceback. ``--debug`` (or
-the environment variable ``LD_EXT_TRACEBACK=1``) shows the traceback instead. Ctrl-C ends with
-exit status 130. Library code reports progress through :mod:`logging` (logger ``ld_ext``); the
-command sends it to stderr, one plain line per message (``-q`` shows warnings only, ``-v`` debug).
+``ld-ext: error: <message>`` on stderr and exit status 2, without a traceback; failures a run
+meets (a loss that became NaN or infinite, a full disk, a frozen peer process) are one such line
+with exit status 1. ``--debug`` (or the environment variable ``LD_EXT_TRACEBACK=1``) shows the
+traceback instead. Ctrl-C at any time ends with the line ``ld-ext: interrupted`` and exit status
+130, also while Python is still importing torch: ``ld_ext/__init__.py`` first imports this module,
+which, when the process is the ``ld-ext`` command (the console script or ``python -m ld_ext``),
+installs a SIGINT handler that exits that way until ``main`` takes over. Library code reports
+progress through :mod:`logging` (logger ``ld_ext``); the command sends it to stderr, one plain
+line per message (``-q`` shows warnings only, ``-v`` debug).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import importlib.machinery
 import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -48,6 +56,36 @@ SUBCOMMANDS = {
 _EXTRAS = {"nibabel": "medical", "pydicom": "medical", "nilearn": "demo", "scipy": None}
 
 USER_ERRORS = (ValueError, OSError)
+
+
+def started_as_command() -> bool:
+    """Whether this process is the ``ld-ext`` command: the console script, or ``python -m ld_ext``."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") in ("ld-ext", "ld-ext.exe"):
+        return True
+    argv = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and argv[i + 1 : i + 2] == ["ld_ext"] or a == "-mld_ext" for i, a in enumerate(argv))
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """SIGINT before ``main`` runs (the imports of torch take seconds): one line, exit 130."""
+    try:
+        os.write(2, b"ld-ext: interrupted\n")
+    finally:
+        os._exit(130)
+
+
+def guard_start_up() -> None:
+    """In the ``ld-ext`` command only (a program that imports ld_ext keeps its own Ctrl-C
+    handling): a Ctrl-C before ``main`` starts ends the process with one line, without the
+    traceback of an interrupted import."""
+    if started_as_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _interrupted_while_starting)
+        except ValueError:  # not the main thread
+            pass
+
+
+guard_start_up()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # for "info"
@@ -202,6 +240,16 @@ def error(message: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: KeyboardInterrupt
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("ld-ext: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False)) or os.environ.get("LD_EXT_TRACEBACK", "0") == "1"
@@ -212,27 +260,50 @@ def main(argv: list[str] | None = None) -> int:
 
     undo_logging = configure_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except KeyboardInterrupt:
-        print("ld-ext: interrupted", file=sys.stderr)
-        return 130
+        with _out_lock(args):
+            return int(importlib.import_module(args._module).run(args) or 0)
     except ModuleNotFoundError as exc:
         if debug:
             raise
         return error(_missing_module_message(exc))
-    except CollectiveError as exc:  # a frozen or dead peer process: its own line, exit 1
+    except (CollectiveError, FloatingPointError) as exc:  # a frozen or dead peer, a NaN loss: exit 1
         if debug:
             raise
         return error(" ".join(str(exc).split()), code=1)
     except USER_ERRORS as exc:
         if debug:
             raise
-        msg = str(exc).strip() or type(exc).__name__
-        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in msg:
-            msg = f"{msg}: {exc.filename}"
-        return error(" ".join(msg.split()))
+        return error(_user_error_message(exc), code=1 if getattr(exc, "errno", None) in _DISK_ERRNOS else 2)
     finally:
         undo_logging()
+
+
+# errno of a full disk or quota, a read-only file system, a file-size limit (ld_ext.atomic.DISK_ERRNOS)
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+# subcommands whose --out is a folder that only one process at a time may write (pretrain locks
+# its own --out in the library, on process 0 of a multi-process run)
+LOCKED_OUT = ("finetune", "probe", "shape-guided", "demo", "bench")
+
+
+def _out_lock(args: argparse.Namespace):
+    """The lock of the subcommand's --out folder (``atomic.lock_folder``): another ld-ext process
+    writing into it is refused with one line naming it."""
+    if args.command not in LOCKED_OUT or not getattr(args, "out", None):
+        return contextlib.nullcontext()
+    from .atomic import lock_folder  # lazy: it loads NumPy, which the parser does not need
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return contextlib.nullcontext()  # the subcommand says what it expects
+    return lock_folder(args.out, "--out")
+
+
+def _user_error_message(exc: BaseException) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in msg:
+        msg = f"{msg}: {exc.filename}"
+    return " ".join(msg.split())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ from ..data import Preprocessing
 from ..models import DEFAULT_WIDTHS
 from ..objective import LOSS_IMPLS, PD_TEMPERATURE, RD_TEMPERATURE
 
-__all__ = ["TrainConfig", "FLAG_ORDER", "add_config_flags", "config_from_args"]
+__all__ = ["TrainConfig", "FLAG_ORDER", "add_config_flags", "config_from_args", "MAX_LR"]
+
+#: the largest --lr accepted (Adam with lr ~ 3e37 overflows float32 in its first step)
+MAX_LR = 1000.0
 
 
 def _flag(flag: str, help: str, **argparse_kwargs) -> dict:
@@ -214,8 +217,9 @@ class TrainConfig:
             pos_int("steps_per_epoch")
         if self.channels not in (1, 3):
             raise ValueError(f"{n('channels')} must be 1 or 3, got {self.channels!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"{n('lr')} must be a positive number, got {self.lr!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= MAX_LR:
+            # above it Adam's step overflows float32 (a RuntimeError from torch) long before any use
+            raise ValueError(f"{n('lr')} must be a number in (0, {MAX_LR:g}], got {self.lr!r}")
         for name in ("rd_temperature", "pd_temperature"):
             t = getattr(self, name)
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):

@@ -1,6 +1,8 @@
-"""The pre-training loop, ``pretrain(cfg)``: refuse or prepare the output folder, open the data,
-restore a checkpoint (``--resume``) or seed, run each stage epoch by epoch (checkpoints, metrics,
-overlays, the time budget), then stage 3 and ``model.pt``.
+"""The pre-training loop, ``pretrain(cfg)``: lock the output folder (a second run into it is
+refused while this one lives), refuse or prepare it, check the checkpoint of ``--resume`` (before
+anything expensive: the cache is built after it), open the data and log its summary, restore the
+checkpoint or seed, run each stage epoch by epoch (checkpoints, metrics, overlays, the time
+budget), then stage 3 and ``model.pt``.
 
 The state of one run lives in ``_Run`` and that of one stage in ``_Stage``; the functions below
 each do one of the steps, in the order ``_pretrain`` calls them.
@@ -8,6 +10,7 @@ each do one of the steps, in the order ``_pretrain`` calls them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +22,7 @@ from typing import Callable
 import torch
 
 from .. import distributed as dist_utils
+from ..atomic import DISK_ERRNOS, DiskWriteError, FolderInUseError, disk_write_error, lock_folder
 from ..augment import AugmentConfig, LDViewGenerator, item_generator
 from ..batching import Batches, default_loader_workers
 from ..checkpoint import LANDMARK_KEY, defer_signals, load_model, save_checkpoint
@@ -26,7 +30,15 @@ from ..data import CachedImageDataset, ImageFolderDataset, mark_output_folder, o
 from ..models import LDNet
 from ..objective import LDObjective
 from .config import TrainConfig
-from .outputs import clean_temp_files, existing_run_files, read_jsonl, save_loss_plot, save_overlays, write_jsonl
+from .outputs import (
+    clean_temp_files,
+    data_summary,
+    existing_run_files,
+    read_jsonl,
+    save_loss_plot,
+    save_overlays,
+    write_jsonl,
+)
 from .state import (
     load_for_all,
     load_optimizer,
@@ -42,8 +54,10 @@ __all__ = ["pretrain"]
 
 logger = logging.getLogger("ld_ext.train")
 
-# train_config entries a resumed run must share with the checkpoint
-_RESUME_MUST_MATCH = ("size", "channels", "emb_dim", "n_clusters", "batch_size", "seed", "grid")
+# train_config entries a resumed run must share with the checkpoint (the last three: the data)
+_RESUME_MUST_MATCH = tuple(
+    "size channels emb_dim n_clusters batch_size seed grid nifti_axes min_foreground fit".split()
+)
 
 
 def pretrain(
@@ -66,6 +80,11 @@ def pretrain(
 
     In a multi-process run a failed or timed-out collective (a frozen or dead process) is
     reported as a ``RuntimeError`` that says so, after at most ``cfg.dist_timeout`` seconds.
+
+    Process 0 holds a lock on ``cfg.out`` for the run: another run into the same folder is refused
+    with a ``ValueError`` naming the holder. A loss that becomes NaN or infinite stops the run with
+    a ``FloatingPointError`` naming the stage, epoch and step; a full disk (or quota, read-only
+    file system) is an ``OSError`` naming the file (``atomic.DiskWriteError``).
     """
     try:
         return _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end)
@@ -106,6 +125,7 @@ class _Run:
     last_save: float  # time of the last checkpoint write
     on_epoch_end: Callable[[dict], None] | None = None
     on_step_end: Callable[[dict], None] | None = None
+    data_paths: list[str] | None = None  # --data resolved, when the data set was read from it
     model: torch.nn.Module | None = None  # the model of the last stage that ran
     stopped_early: bool = False
 
@@ -135,58 +155,107 @@ class _Stage:
 
 def _pretrain(cfg, dataset, val_images, on_epoch_end, on_step_end) -> dict:
     cfg.validate()
-    run = _start_run(cfg, dataset, val_images)
-    run.on_epoch_end, run.on_step_end = on_epoch_end, on_step_end
-    stages = [(1, cfg.epochs1), (2, cfg.epochs2)]
-    if cfg.init_stage1 is not None:
-        stages = [(2, cfg.epochs2)]
-    for stage, n_epochs in stages:
-        if n_epochs == 0:
-            continue
-        _run_stage(run, stage, n_epochs, stages)
-    model = run.model
-    if model is None:  # everything was already done: rebuild the final model from disk
-        model = load_model(run.out / ("stage2.pt" if cfg.epochs2 else "stage1.pt"))
-    landmark_net, run.records = _stage3_and_final_model(
-        cfg, run.info, model, run.dataset, run.out, run.records, run.metrics_path
-    )
-    if run.info.is_main and run.records:
-        save_loss_plot(run.records, run.out / "losses.png")
-    return _summary(run, model, landmark_net)
+    out = Path(cfg.out)
+    _check_data_paths(cfg, dataset)  # a mistyped path is reported before anything is written
+    info = dist_utils.init_from_env(cfg.device, cfg.dist_timeout)
+    with _out_lock(out, info):
+        run = _start_run(cfg, out, info, dataset, val_images)
+        run.on_epoch_end, run.on_step_end = on_epoch_end, on_step_end
+        stages = [(1, cfg.epochs1), (2, cfg.epochs2)]
+        if cfg.init_stage1 is not None:
+            stages = [(2, cfg.epochs2)]
+        for stage, n_epochs in stages:
+            if n_epochs == 0:
+                continue
+            _run_stage(run, stage, n_epochs, stages)
+        model = run.model
+        if model is None:  # everything was already done: rebuild the final model from disk
+            model = load_model(run.out / ("stage2.pt" if cfg.epochs2 else "stage1.pt"))
+        landmark_net, run.records = _stage3_and_final_model(
+            cfg, run.info, model, run.dataset, run.out, run.records, run.metrics_path
+        )
+        if run.info.is_main and run.records:
+            save_loss_plot(run.records, run.out / "losses.png")
+        return _summary(run, model, landmark_net)
 
 
 # ----------------------------------------------------------------------------- starting a run
 
 
-def _start_run(cfg: TrainConfig, dataset, val_images) -> _Run:
-    """Everything before the first stage: refusals, data, processes, output folder, resume state."""
+@contextlib.contextmanager
+def _out_lock(out: Path, info: dist_utils.DistInfo):
+    """Process 0 holds the lock of ``out`` for the run (``atomic.lock_folder``); a folder that a
+    live run holds is refused on every process, before anything is written into it."""
+    lock, refused = None, None
+    if info.is_main:
+        if out.exists() and not out.is_dir():
+            refused = f"out: {out} exists and is not a folder"
+        else:
+            try:
+                lock = lock_folder(out, "--out")
+            except FolderInUseError as exc:
+                refused = str(exc)
+    refused = dist_utils.broadcast_object(refused)
+    if refused is not None:
+        raise FolderInUseError(refused)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_data_paths(cfg: TrainConfig, dataset) -> None:
+    if dataset is None:
+        if not cfg.data:
+            raise ValueError("data: give at least one folder or file (--data PATH ...)")
+        for d in cfg.data:
+            if not Path(d).exists():
+                raise ValueError(f"data path does not exist: {d}")
+
+
+def _start_run(cfg: TrainConfig, out: Path, info, dataset, val_images) -> _Run:
+    """Everything before the first stage: refusals, the checkpoint of --resume, data, output folder."""
     env_rank = int(os.environ.get("RANK", "0"))
-    # Refusals first: nothing (not even the cache in OUT/cache) is written before them.
-    out = Path(cfg.out)
+    # Refusals first: nothing (not even the cache in OUT/cache) is written before them, and the
+    # checkpoint of --resume is checked before the cache is built.
     previous = _refuse_existing_run(cfg, out)
-    dataset = _open_data(cfg, out, dataset, env_rank)
-    info = dist_utils.init_from_env(cfg.device, cfg.dist_timeout)
+    data_paths = _resolved(cfg.data) if dataset is None else None
+    resume_state = _load_resume_state(cfg, out / "checkpoint.pt", info.world_size, dataset) if cfg.resume else None
+    try:
+        dataset = _open_data(cfg, out, dataset, env_rank)
+    except DiskWriteError:
+        raise
+    except OSError as exc:  # a full disk while building the cache: name the folder
+        if exc.errno in DISK_ERRNOS:
+            where = exc.filename or (Path(cfg.cache) if cfg.cache else out / "cache")
+            raise disk_write_error(exc, where) from exc
+        raise
     n = len(dataset)
+    if info.is_main:
+        for line in data_summary(dataset, cfg.size, cfg.channels):
+            logger.info(line)
     dist_utils.check_same_dataset(n, dataset.fingerprint)
+    if resume_state is not None:
+        _check_resume_data(resume_state, out / "checkpoint.pt", n, dataset.fingerprint)
     if info.is_main:
         _prepare_out(cfg, out, previous)
     if val_images is None:
         vi = torch.randperm(n, generator=item_generator(cfg.seed, -3))[: min(cfg.val_images, n)]
         val_images = dataset.read(vi)
-    resume_state = _load_resume_state(cfg, out / "checkpoint.pt", info.world_size) if cfg.resume else None
     records = read_jsonl(out / "metrics.jsonl") if resume_state is not None else []
     if resume_state is not None:
         done = (resume_state["stage"], resume_state["epoch"])
         records = [r for r in records if (r.get("stage"), r.get("epoch")) <= done]
     else:
         seed_all(cfg.seed)
-    return _new_run(cfg, out, dataset, n, info, val_images, resume_state, records)
+    run = _new_run(cfg, out, dataset, n, info, val_images, resume_state, records)
+    run.data_paths = data_paths
+    return run
 
 
 def _refuse_existing_run(cfg: TrainConfig, out: Path) -> list[str]:
     """The files of a previous run in ``out``; refused unless --resume or --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} exists and is not a folder")
     previous = existing_run_files(out) if out.is_dir() else []
     if previous and not (cfg.resume or cfg.overwrite):
         shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
@@ -242,17 +311,27 @@ def _prepare_out(cfg: TrainConfig, out: Path, previous: list[str]) -> None:
     (out / "overlays").mkdir(exist_ok=True)
 
 
-def _load_resume_state(cfg: TrainConfig, ckpt_path: Path, ws: int) -> dict:
-    """checkpoint.pt of the run to continue, checked against this run's settings (on every process)."""
+def _load_resume_state(cfg: TrainConfig, ckpt_path: Path, ws: int, dataset=None) -> dict:
+    """checkpoint.pt of the run to continue, checked against this run's settings and --data (on
+    every process), before the data are opened."""
 
     def check(st):
         validate_resume_state(st, ckpt_path)
         prev = st.get("train_config", {})
+        now = cfg.to_dict()
         for key in _RESUME_MUST_MATCH:
-            if key in prev and prev[key] != getattr(cfg, key):
+            if key in prev and prev[key] != now.get(key):
                 raise ValueError(
                     f"checkpoint {ckpt_path} was trained with {key}={prev[key]!r}, this run asks for "
-                    f"{getattr(cfg, key)!r}; use the same value to resume"
+                    f"{now.get(key)!r}; use the same value to resume"
+                )
+        data = st.get("data")
+        if dataset is None and isinstance(data, dict) and isinstance(data.get("paths"), list):
+            if data["paths"] != _resolved(cfg.data):
+                raise ValueError(
+                    f"checkpoint {ckpt_path} was trained on --data {' '.join(map(str, data['paths']))}, this run "
+                    f"gives --data {' '.join(_resolved(cfg.data))}; give the same --data to resume (or --overwrite "
+                    "to start a new run)"
                 )
         if st.get("step", 0) and st.get("world_size") not in (None, ws):
             raise ValueError(
@@ -261,6 +340,28 @@ def _load_resume_state(cfg: TrainConfig, ckpt_path: Path, ws: int) -> dict:
             )
 
     return load_for_all(ckpt_path, check, missing=f"--resume: no checkpoint to resume from at {ckpt_path}")
+
+
+def _resolved(paths) -> list[str]:
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def _check_resume_data(state: dict, ckpt_path: Path, n: int, fingerprint: str) -> None:
+    """The data set opened for --resume against the one the checkpoint was trained on: another
+    image count is refused (the epochs would not continue); changed files are a warning."""
+    data = state.get("data")
+    if not isinstance(data, dict):
+        return  # a checkpoint of an older version: nothing to compare
+    if isinstance(data.get("n_images"), int) and data["n_images"] != n:
+        raise ValueError(
+            f"checkpoint {ckpt_path} was trained on {data['n_images']} images, --data now gives {n}; resume with "
+            "the same data (or --overwrite to start a new run)"
+        )
+    if data.get("fingerprint") not in (None, fingerprint):
+        logger.warning(
+            "the files under --data changed since checkpoint %s was written (same number of images); resuming on them",
+            ckpt_path,
+        )
 
 
 def _new_run(cfg: TrainConfig, out: Path, dataset, n: int, info, val_images, resume_state, records) -> _Run:
@@ -451,9 +552,7 @@ def _run_epoch(run: _Run, st: _Stage, epoch: int, first: int, sums: dict[str, fl
             bar.update(1)
             bar.set_postfix({k: f"{v / (step + 1):.3f}" for k, v in sums.items()})
         if not math.isfinite(float(losses["loss"].detach())):
-            raise FloatingPointError(
-                f"loss became {float(losses['loss'].detach())} at stage {st.stage} epoch {epoch + 1} step {step + 1}"
-            )
+            raise _non_finite_loss(run, st, epoch, step, float(losses["loss"].detach()))
         done = step + 1
         saved = _mid_epoch_checkpoint(run, st, epoch, done, sums)
         if run.on_step_end is not None:
@@ -474,6 +573,22 @@ def _run_epoch(run: _Run, st: _Stage, epoch: int, first: int, sums: dict[str, fl
     run.records.append(rec)
     _end_epoch(run, st, epoch, rec)
     return dt
+
+
+def _non_finite_loss(run: _Run, st: _Stage, epoch: int, step: int, value: float) -> FloatingPointError:
+    """The error of a loss that became NaN or infinite: where, what to try, what is left on disk."""
+    cfg = run.cfg
+    kept = (
+        f"the last complete checkpoint is {run.ckpt_path}"
+        if run.ckpt_path.exists()
+        else "no checkpoint was written before it"
+    )
+    amp = ", or --no-amp" if cfg.amp and run.info.device.type == "cuda" else ""
+    return FloatingPointError(
+        f"the loss became {value} at stage {st.stage} epoch {epoch + 1}/{st.n_epochs} step {step + 1}/{run.steps}; "
+        f"try a lower --lr (now {cfg.lr:g}), check the data for extreme values or constant images, "
+        f"or --dtype float64{amp}; {kept}"
+    )
 
 
 def _train_step(run: _Run, st: _Stage, epoch: int, step: int, img1: torch.Tensor, img2: torch.Tensor) -> dict:
@@ -572,6 +687,7 @@ def _train_state(run: _Run, st: _Stage, epoch: int, step: int, sums: dict | None
         "step": step,
         "world_size": run.info.world_size,
         "train_config": run.cfg.to_dict(),
+        "data": {"paths": run.data_paths, "n_images": run.n, "fingerprint": str(run.dataset.fingerprint)},
     }
     if step:
         state["sums"] = {k: float(v) for k, v in sums.items()}
