@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(kSmallThreads) rd_rows_kernel(const scalar_t* 
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) se += dev_exp(L[j] - mx);
   se = block_sum(se, buf);
   if (W == nullptr) {
-    if (threadIdx.x == 0) row_loss[row] = mx + dev_log(se) - L[k];
+    // (mx - l_k) + log(se), never mx + log(se): at a tiny temperature that sum rounds back to mx
+    if (threadIdx.x == 0) row_loss[row] = (mx - L[k]) + dev_log(se);
   } else {
     const acc_t scale = grad[0] / (static_cast<acc_t>(N) * static_cast<acc_t>(K));
     for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
