@@ -16,6 +16,8 @@ Constants and the normalisations follow docs/method.md exactly; they are defined
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -197,7 +199,9 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
 
     Rows i and (i + M/2) mod M are a positive pair; gradients flow only through the first
     argument of every inner product (stop-gradient on the other side, as published). Stability:
-    exponentials are taken after subtracting the row maximum (the 1e-10 is scaled with them);
+    exponentials are taken after subtracting the shift max(row maximum, log 1e-10) (the 1e-10 is
+    scaled with them, so it stays <= 1 where every logit is far below log 1e-10, e.g. anti-aligned
+    rows at a small temperature, instead of overflowing to an infinite loss);
     log(1 - p_ij) is computed as log(W_i - q_ij) - log(W_i) with W_i - q_ij the sum of the other
     terms, accumulated without the row's largest term where j is that term; and the positive's own
     log(1 - p) is left out of the negative sum instead of being added and subtracted. The value is
@@ -210,15 +214,16 @@ def patch_discrimination(x: torch.Tensor, temperature: float = 0.1) -> torch.Ten
     eye = torch.eye(m, dtype=torch.bool, device=x.device)
     sims = sims.masked_fill(eye, float("-inf"))
     row_max, argmax = sims.detach().max(dim=1, keepdim=True)
-    q = torch.exp(sims - row_max)  # q_ii = 0, q at the arg-max = 1
+    shift = row_max.clamp(min=math.log(PD_EPS))
+    q = torch.exp(sims - shift)  # q_ii = 0, q at the arg-max = 1 (unless shifted further)
     is_max = torch.zeros_like(eye).scatter_(1, argmax, True)
-    eps = PD_EPS * torch.exp(-row_max)
+    eps = PD_EPS * torch.exp(-shift)  # <= 1
     rest = q.masked_fill(is_max, 0.0).sum(dim=1, keepdim=True) + eps  # W - q_max, no cancellation
     w = rest + q.gather(1, argmax)
     others = torch.where(is_max, rest.expand_as(q), w - q)  # W - q_ij
     pos_idx = (rows + half) % m
     log_w = torch.log(w).squeeze(1)
-    log_pos = (sims - row_max).gather(1, pos_idx[:, None]).squeeze(1) - log_w
+    log_pos = (sims - shift).gather(1, pos_idx[:, None]).squeeze(1) - log_w
     neg_mask = ~eye
     neg_mask[rows, pos_idx] = False
     log_neg = (torch.log(others.masked_fill(~neg_mask, 1.0)) - log_w[:, None]).masked_fill(~neg_mask, 0.0).sum(dim=1)

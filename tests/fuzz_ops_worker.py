@@ -145,8 +145,10 @@ def mutate(rng, args):
     names = list(args)
     name = rng.choice(names)
     v = args[name]
-    if isinstance(v, Spec):
-        kind = rng.randrange(7)
+    if v is None:
+        args[name] = rand_spec(rng)
+    elif isinstance(v, Spec):
+        kind = rng.randrange(8)
         if kind == 0 and v.shape:  # one size changed (maybe to 0)
             i = rng.randrange(len(v.shape))
             v.shape[i] = rng.choice([0, v.shape[i] + 1, max(v.shape[i] - 1, 0), 7])
@@ -160,6 +162,8 @@ def mutate(rng, args):
             v.device = "meta" if v.device == "cpu" else "cpu"
         elif kind == 5:
             args[name] = rand_spec(rng)
+        elif kind == 6:  # None for a tensor (for the only tensor: a call with no tensor at all)
+            args[name] = None
         else:
             v.shape = [0] + v.shape[1:] if v.shape else [0]
     elif isinstance(v, bool):
@@ -188,6 +192,9 @@ def random_call(rng, op):
 
 
 def is_valid(op, a) -> bool:
+    if any(v is None for v in a.values()):  # None for a tensor argument
+        return False
+
     def flt(s):
         return s.dtype in FLOATS
 

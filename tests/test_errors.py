@@ -234,3 +234,43 @@ def test_temperature_so_small_that_its_inverse_overflows_is_refused(tau):
     tau = ld_ext.ops.MIN_TEMPERATURE * 1.0000001
     out = ld_ext.pixel_cluster_similarity(z.double(), p.double(), tau, normalize=True)
     torch.testing.assert_close(out, R.pixel_cluster_similarity(z.double(), p.double(), tau, normalize=True))
+
+
+@pytest.mark.parametrize("op", registry.OPERATORS)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_raw_op_none_for_a_tensor_names_it(op, device):
+    """Issue 25: a raw op given None for its only tensor (no tensor at all) raised torch's "There were
+    no tensor arguments to this function", naming nothing; with a meta tensor beside it, the fake
+    kernel's check binding refused it naming no argument either. Every tensor argument in turn is
+    None here, the others those of a valid call."""
+    schema = getattr(O, op).default._schema.arguments
+    names = [a.name for a in schema]
+    drawn = fuzz_ops_worker.valid_call(random.Random(0), op)
+    tensor_names = [n for n in names if isinstance(drawn[n], fuzz_ops_worker.Spec)]
+    for spec in (drawn[n] for n in tensor_names):
+        spec.device = device
+    for missing in tensor_names:
+        args = [None if n == missing else drawn[n] for n in names]
+        args = [a.build(random.Random(1)) if isinstance(a, fuzz_ops_worker.Spec) else a for a in args]
+        with pytest.raises(TypeError, match=f"{missing} must be a tensor"):
+            getattr(O, op)(*args)
+    if len(tensor_names) > 1:  # all of them None
+        with pytest.raises(TypeError, match=f"{tensor_names[0]} must be a tensor, got None"):
+            getattr(O, op)(*[None if n in tensor_names else drawn[n] for n in names])
+
+
+def test_public_functions_name_a_none_tensor():
+    z, p = torch.randn(1, 2, 5), torch.randn(3, 2)
+    calls = [
+        (lambda: ld_ext.region_features(None, S), "embeddings"),
+        (lambda: ld_ext.region_features(Z, None), "assignments"),
+        (lambda: ld_ext.region_features_and_entropy(Z, None), "assignments"),
+        (lambda: ld_ext.region_discrimination(None), "region_feats"),
+        (lambda: ld_ext.pixel_cluster_similarity(None, p), "embeddings"),
+        (lambda: ld_ext.pixel_cluster_similarity(z, None), "prototypes"),
+        (lambda: ld_ext.patch_discrimination(None), "x"),
+    ]
+    for call, name in calls:
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got NoneType"):
+            call()
+

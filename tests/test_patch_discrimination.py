@@ -1,6 +1,9 @@
 """ld_ext.patch_discrimination / PatchDiscriminationLoss against ld_ext.reference."""
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -241,3 +244,78 @@ def test_loss_beyond_float32_range_is_inf_not_an_error():
     assert torch.isfinite(ref) and ref.item() > 3.5e38
     assert ld_ext.region_discrimination(r, 1e-10).item() == float("inf")
     assert_close_rel(ld_ext.region_discrimination(r.double(), 1e-10), ref, rtol=1e-12)
+
+
+def _anti_aligned(d=6, seed=0):
+    u = F.normalize(torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return torch.cat([u, -u])
+
+
+def _simplex(m):
+    """m unit rows in m dims with pairwise inner products -1/(m-1): every logit of every row is
+    -1/((m-1) T), far below log 1e-10 at a small T."""
+    e = torch.eye(m, dtype=torch.float64)
+    return F.normalize(e - e.mean(0, keepdim=True), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", [1e-3, 1e-4, 1e-30, "min"])
+def test_every_logit_far_below_log_eps(dtype, tau):
+    """Issue 25: M=2 anti-aligned rows at T <= 1e-3 gave an infinite loss and NaN gradients, the
+    reference an infinite loss: 1e-10 exp(-max) overflowed. Exactly, each row's loss is
+    -log(e^s / (e^s + 1e-10)) = -s + log(1e-10 + e^s) with s = <x_0, x_1>/T ~ -1/T (finite), and the
+    gradient of row i is -(1 - p) x_i' / (M T) (M = 2)."""
+    tau = ld_ext.ops.MIN_TEMPERATURE if tau == "min" else tau
+    x = _anti_aligned().to(dtype).requires_grad_(True)
+    loss, g = _value_and_grad(ld_ext.patch_discrimination, x, tau)
+    x64 = x.detach().double()
+    ref, rg = _value_and_grad(R.patch_discrimination, x64, tau)
+    s = (x64[0] @ x64[1]).item() / tau  # -1/T up to the rounding of the rows
+    exact = -s + math.log(1e-10 + math.exp(s))
+    p = math.exp(s) / (math.exp(s) + 1e-10)
+    exact_g = -(1 - p) * x64.flip(0) / (2 * tau)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert_close_rel(ref, torch.tensor(exact, dtype=torch.float64), rtol=1e-12)
+    assert_close_rel(rg, exact_g, rtol=1e-12)
+    assert_close_rel(loss, ref, rtol=rtol)
+    assert_close_rel(g, rg, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m", [4, 6])
+def test_simplex_rows_at_small_temperature_match_reference(dtype, m):
+    x = _simplex(m)
+    for tau in (1e-3, 1e-6):
+        ref, rg = _value_and_grad(R.patch_discrimination, x, tau)
+        loss, g = _value_and_grad(ld_ext.patch_discrimination, x.to(dtype), tau)
+        assert torch.isfinite(ref) and torch.isfinite(loss) and torch.isfinite(g).all()
+        # float32: the logits -1/((m-1) T) carry a rounding of about eps32 / T
+        rtol = 1e-10 if dtype == torch.float64 else 1e-6
+        assert_close_rel(loss, ref, rtol=rtol)
+        assert_close_rel(g, rg, rtol=rtol, atol=0.0 if dtype == torch.float64 else 8 * torch.finfo(dtype).eps / tau)
+
+
+def test_gradcheck_every_logit_below_log_eps():
+    # As test_gradcheck (stop-gradient: gradcheck the two-argument form, whose plain exp is still
+    # finite here, then compare), at temperatures where every logit is below log 1e-10 (shifted).
+    g = torch.Generator().manual_seed(5)
+    for x0, tau in ((_anti_aligned(4, seed=1), 0.02), (_simplex(4), 0.01)):
+        x = F.normalize(x0 + 1e-2 * torch.randn(x0.shape, dtype=torch.float64, generator=g), dim=1)
+        assert (x @ x.t() / tau).fill_diagonal_(-math.inf).max() < math.log(1e-10)
+        c = x.clone()
+        first = x.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda a, c=c, tau=tau: _criterion_two_args(a, c, tau), (first,))
+        (expected,) = torch.autograd.grad(_criterion_two_args(first, c, tau), first)
+        for fn in (ld_ext.patch_discrimination, R.patch_discrimination):
+            loss, got = _value_and_grad(fn, x, tau)
+            assert_close_rel(loss, _criterion_two_args(x, c, tau), rtol=1e-12)
+            assert_close_rel(got, expected, rtol=1e-10)
+
+
+def test_opcheck_every_logit_below_log_eps():
+    x = _anti_aligned().requires_grad_(True)
+    torch.library.opcheck(torch.ops.ld_ext.patch_discrimination.default, (x, 1e-3))
+    torch.library.opcheck(torch.ops.ld_ext.patch_discrimination.default, (x.detach().float(), 1e-4))
+    grad = torch.tensor(0.7, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ld_ext.patch_discrimination_backward.default, (grad, x.detach(), 1e-3))

@@ -192,3 +192,48 @@ def test_normalize_does_not_overflow_for_large_embeddings():
         expected = torch.where(z.double() == 0, gr, gr * c)
         assert_close_rel(gz[..., 1:], expected[..., 1:], rtol=10 * tol)
         assert_close_rel(gz[..., 0], expected[..., 0], rtol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("tau", ["min", 3e-39, 1e-38, 1e-30])
+def test_tiny_temperature_matches_float64_reference(dtype, shared, normalize, tau):
+    """Issue 25: float32 at tau ~ 3e-39 gave NaN: the prototypes were scaled by 1/tau (about 3e38)
+    before the products, which overflowed to inf, and inf - inf is NaN. The temperature now scales
+    l - max l. The result is the one-hot argmax (no ties in these draws), gradients 0."""
+    tau = ld_ext.ops.MIN_TEMPERATURE if tau == "min" else tau
+    z, p = _inputs(2, 3, 4, (5, 6), shared)
+    z, p = z.to(dtype).requires_grad_(True), p.to(dtype).requires_grad_(True)
+    out = ld_ext.pixel_cluster_similarity(z, p, tau, normalize=normalize)
+    z64, p64 = z.detach().double().requires_grad_(True), p.detach().double().requires_grad_(True)
+    ref = R.pixel_cluster_similarity(z64, p64, tau, normalize=normalize)
+    assert torch.isfinite(out).all()
+    assert_close_rel(out, ref, rtol=0.0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    w = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.autograd.grad((out * w.to(dtype)).sum(), (z, p))
+    rg = torch.autograd.grad((ref * w).sum(), (z64, p64))
+    for a, b in zip(g, rg):
+        assert torch.isfinite(a).all()
+        assert_close_rel(a, b, rtol=0.0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_gradcheck_small_temperature():
+    z, p = _inputs(2, 3, 4, (3, 5), True)
+    z.requires_grad_(True)
+    p.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ld_ext.pixel_cluster_similarity(a, b, 0.01), (z, p))
+
+
+def test_opcheck_tiny_temperature():
+    z, p = _inputs(2, 3, 4, (3, 5), True)
+    z.requires_grad_(True)
+    p.requires_grad_(True)
+    tau = ld_ext.ops.MIN_TEMPERATURE
+    torch.library.opcheck(torch.ops.ld_ext.pixel_cluster_similarity.default, (z.float(), p.float(), tau, True))
+    torch.library.opcheck(torch.ops.ld_ext.pixel_cluster_similarity.default, (z, p, tau, False))
+    out = torch.ops.ld_ext.pixel_cluster_similarity(z.detach(), p.detach(), tau, False)
+    torch.library.opcheck(
+        torch.ops.ld_ext.pixel_cluster_similarity_backward.default,
+        (torch.randn_like(out), z.detach(), p.detach(), out, tau, False),
+    )

@@ -1,6 +1,8 @@
 """ld_ext.region_discrimination and RegionDiscriminationLoss against ld_ext.reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -130,3 +132,49 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.ld_ext.region_discrimination_backward.default, (torch.tensor(1.3, dtype=torch.float64), r.detach(), 0.2)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [3, 4])
+@pytest.mark.parametrize("tau", [1e-16, 1e-20, 1e-30, "min"])
+def test_identical_features_at_tiny_temperature_give_log_k(dtype, k, tau):
+    """Issue 25: every logit equal and about 1/tau; the row loss was formed as (max + log se) - l_k,
+    where max + log se rounds back to max for 1/tau beyond 1/ulp, so the loss came out 0 (or 2)
+    instead of log K and the softmax in the backward as 1 instead of 1/K."""
+    tau = ld_ext.ops.MIN_TEMPERATURE if tau == "min" else tau
+    r = _unit(1, 1, 5, seed=1).expand(3, k, 5).to(dtype).contiguous().requires_grad_(True)
+    loss = ld_ext.region_discrimination(r, tau)
+    r64 = r.detach().double().requires_grad_(True)
+    ref = R.region_discrimination(r64, tau)
+    rtol = 1e-13 if dtype == torch.float64 else 1e-6
+    assert_close_rel(loss, torch.tensor(math.log(k), dtype=torch.float64), rtol=rtol)
+    assert_close_rel(loss, ref, rtol=rtol)
+    (g,) = torch.autograd.grad(loss, r)
+    (rg,) = torch.autograd.grad(ref, r64)
+    # The exact gradient is 0 (all centres equal); any implementation returns rounding noise times
+    # 1/tau (the reference's too): bounded by a few eps of the dtype over tau.
+    assert torch.isfinite(g).all()
+    assert_close_rel(g, rg, rtol=0.0, atol=64 * torch.finfo(dtype).eps / tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_distinct_features_at_tiny_temperature_match_reference(dtype):
+    r = _unit(3, 4, 6, seed=5).to(dtype)
+    for tau in (1e-16, 1e-30):
+        loss = ld_ext.region_discrimination(r, tau)
+        ref = R.region_discrimination(r.double(), tau)
+        assert_close_rel(loss, ref, rtol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_gradcheck_small_temperature_near_identical_features():
+    base = _unit(1, 1, 5, seed=3)
+    r = (base + 1e-3 * torch.randn(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    r = torch.nn.functional.normalize(r, dim=-1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ld_ext.region_discrimination(x, 1e-3), (r,))
+
+
+def test_opcheck_tiny_temperature():
+    r = _unit(1, 1, 5, seed=1).expand(3, 4, 5).contiguous().requires_grad_(True)
+    torch.library.opcheck(torch.ops.ld_ext.region_discrimination.default, (r, 1e-20))
+    grad = torch.tensor(1.0, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ld_ext.region_discrimination_backward.default, (grad, r.detach(), 1e-20))

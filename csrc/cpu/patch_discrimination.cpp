@@ -9,9 +9,13 @@ namespace ld_ext {
 namespace cpu {
 namespace {
 
-// patch_discrimination. Row i pairs with i' = (i + M/2) mod M. With s_ij = <x_i, sg(x_j)>/T,
-// q_ij = exp(s_ij - max_j s_ij) (j != i), W_i = sum_j q_ij + 1e-10 exp(-max), p_ij = q_ij / W_i:
+// patch_discrimination. Row i pairs with i' = (i + M/2) mod M. With s_ij = <x_i, sg(x_j)>/T, the
+// shift m_i = max(max_j s_ij, log 1e-10), q_ij = exp(s_ij - m_i) (j != i),
+// W_i = sum_j q_ij + exp(log 1e-10 - m_i) and p_ij = q_ij / W_i:
 //   f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij),   loss = -(1/M) sum_i f_i.
+// The shift keeps the 1e-10 term finite: with every logit far below log 1e-10 (anti-aligned rows at
+// a small T) exp(-max) would overflow and give an infinite loss and NaN gradients, while the loss
+// (about -max + log 1e-10 per row) is finite. Where max >= log 1e-10 the shift is the maximum.
 // Stability: log(1 - p_ij) = log(W_i - q_ij) - log W_i, where W_i - q_ij is the sum of the OTHER
 // terms. For the row's largest term (q = 1) that sum is accumulated directly (no cancellation),
 // so a negative that takes almost all the mass gives a finite, accurate log(1 - p) instead of
@@ -34,7 +38,7 @@ namespace {
 
 struct PDRow {
   std::vector<double> s, q;  // logits and shifted exponentials of row i (entry i unused)
-  double mx = 0.0, W = 0.0, rest = 0.0;  // rest = W - q[am], summed without q[am]
+  double mx = 0.0, W = 0.0, rest = 0.0;  // mx: the shift; rest = W - q[am], summed without q[am]
   int64_t am = -1;
   // W_i - q_ij, computed without cancellation
   double others(int64_t j) const { return j == am ? rest : W - q[j]; }
@@ -61,7 +65,8 @@ void pd_row(const T* x, int64_t M, int64_t D, int64_t i, double inv_t, PDRow& ro
     }
   }
   if (nan || !std::isfinite(mx)) mx = nan ? std::numeric_limits<double>::quiet_NaN() : 0.0;
-  const double eps = kSoftmaxEps * std::exp(-mx);
+  const double eps = mx < kLogSoftmaxEps ? 1.0 : kSoftmaxEps * std::exp(-mx);
+  if (mx < kLogSoftmaxEps) mx = kLogSoftmaxEps;  // the shift (q of the arg-max below 1)
   double rest = 0.0;
   for (int64_t j = 0; j < M; ++j) {
     if (j == i) continue;
@@ -220,7 +225,8 @@ enum class PDState { kOk, kNaN, kScalar };
 
 struct PDStat {
   PDState state = PDState::kOk;
-  double mx = 0.0, W = 0.0, rest = 0.0;  // as in PDRow
+  double mx = 0.0, W = 0.0, rest = 0.0;  // as in PDRow (mx the shift)
+  double a = 1.0;                        // q of the arg-max: exp(max - shift), 1 unless max < log 1e-10
   double c = 1.0;                        // exp(s2 - mx): q_ij = c e_ij (see pd_row_stats)
   double s_ip = 0.0, e_ip = 0.0;         // logit and e of the positive (e_ip unused if i' = am)
   int64_t am = -1, ip = -1;
@@ -275,7 +281,7 @@ LD_INLINE PDStat pd_row_stats(T* __restrict s, int64_t M, int64_t ld, int64_t i)
   st.am = am;
   st.mx = static_cast<double>(mx);
   st.s_ip = static_cast<double>(s[st.ip]);
-  s[am] = ninf;  // q_am = 1 is kept out of the buffer and of the sum
+  s[am] = ninf;  // q_am (1, or a when shifted) is kept out of the buffer and of the sum
   V m2 = V{} + ninf;
   for (int64_t j = 0; j < ld; j += L) {
     const V v = vload<T>(s + j);
@@ -294,9 +300,16 @@ LD_INLINE PDStat pd_row_stats(T* __restrict s, int64_t M, int64_t ld, int64_t i)
     }
   double rest = 0.0;
   for (int l = 0; l < L; ++l) rest += acc[l];
+  double eps = 1.0;
+  if (st.mx < kLogSoftmaxEps) {  // shift to log 1e-10 (see the top of the file)
+    st.a = pd_exp<double>(st.mx - kLogSoftmaxEps);
+    st.mx = kLogSoftmaxEps;
+  } else {
+    eps = kSoftmaxEps * std::exp(-st.mx);
+  }
   st.c = pd_exp<double>(static_cast<double>(s2) - st.mx);
-  st.rest = st.c * rest + kSoftmaxEps * std::exp(-st.mx);
-  st.W = st.rest + 1.0;
+  st.rest = st.c * rest + eps;
+  st.W = st.rest + st.a;
   st.e_ip = st.ip == st.am ? 0.0 : static_cast<double>(s[st.ip]);
   s[st.ip] = T(0);
   return st;
@@ -359,11 +372,11 @@ LD_INLINE void pd_backward_task_impl(const T* x, const T* Xt, const T* Xp, int64
         state[r] = st.state;
         if (st.state == PDState::kOk) {
           // s -> d f_i / d s_ij * scale: the negatives other than the arg-max here, the rest below.
-          // With R = R' + A, R' the sum over those negatives (each odds <= 1), A = 1/rest for an
-          // arg-max among the negatives (0 if it is i'), every weight is written without
-          // cancellation: p_ij A = c e_ij / (W rest) <= 1/W; at the arg-max,
-          // p (R - 1) - 1/rest = (R' - 2)/W (as W - 1 = rest); if the arg-max is i',
-          // 1 + p (R' - 1) = (rest + R')/W.
+          // With a = q of the arg-max (1 unless shifted), R = R' + A, R' the sum over those
+          // negatives (each odds <= 1), A = a/rest for an arg-max among the negatives (0 if it is
+          // i'), every weight is written without cancellation: p_ij A = c e_ij a / (W rest) <= 1/W;
+          // at the arg-max, p (R - 1) - a/rest = a (R' - 2)/W (as W - a = rest); if the arg-max is
+          // i', 1 + p (R' - 1) = (rest + a R')/W.
           const T pc = static_cast<T>(st.c / st.W);
           double acc[L];
           for (int l = 0; l < L; ++l) acc[l] = 0.0;
@@ -375,7 +388,7 @@ LD_INLINE void pd_backward_task_impl(const T* x, const T* Xt, const T* Xp, int64
           double Rp = 0.0;
           for (int l = 0; l < L; ++l) Rp += acc[l];
           const bool am_neg = st.am != st.ip;
-          const double cw = st.c / st.W, ca = am_neg ? st.c / (st.W * st.rest) : 0.0;
+          const double cw = st.c / st.W, ca = am_neg ? st.c * st.a / (st.W * st.rest) : 0.0;
           const T alpha = static_cast<T>(scale * (cw * (Rp - 1.0) + ca)), sc = static_cast<T>(scale);
           for (int64_t j = 0; j < ld; ++j) {
             const T p = s[j] * pc;
@@ -383,9 +396,9 @@ LD_INLINE void pd_backward_task_impl(const T* x, const T* Xt, const T* Xp, int64
           }
           if (am_neg) {
             s[st.ip] = static_cast<T>(scale * (1.0 + st.e_ip * (cw * (Rp - 1.0) + ca)));
-            s[st.am] = static_cast<T>(scale * (Rp - 2.0) / st.W);
+            s[st.am] = static_cast<T>(scale * st.a * (Rp - 2.0) / st.W);
           } else {
-            s[st.ip] = static_cast<T>(scale * (st.rest + Rp) / st.W);
+            s[st.ip] = static_cast<T>(scale * (st.rest + st.a * Rp) / st.W);
           }
           continue;
         }

@@ -13,19 +13,32 @@ struct PCSShape {
   bool shared;
 };
 
+// exp(x) of a scaled, shifted logit x = (l - max l) / tau <= 0; 0 below e^-87 for float (fast_exp
+// alone flushes up to e^-87 ~ 1.6e-38 there, which the backward's S / tau would turn into O(1)
+// gradients at the smallest temperatures), the C library for double.
+template <typename T>
+LD_INLINE T pcs_exp(T x) {
+  return vexp<T>(x);
+}
+template <>
+LD_INLINE float pcs_exp<float>(float x) {
+  return fast_exp(x) * static_cast<float>(!(x < -87.0f));  // a product, not a branch (keeps a NaN)
+}
+
+// Logits are formed unscaled and the temperature applied to l - max l: 1/tau is finite (>= the
+// smallest accepted temperature) but <proto, e> / tau alone can overflow, and inf - inf is NaN.
 template <typename T>
 LD_INLINE void pcs_forward_task_impl(const T* z, const T* proto, T* out, const PCSShape& sh, int64_t n, int64_t c0,
                                      int64_t c1, T inv_tau, bool normalize) {
   const int64_t D = sh.D, K = sh.K, P = sh.P, ts = kTile;
-  std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts), prs(K * D);
+  std::vector<T> E(D * ts), L(K * ts), m(ts), inv(ts), mx(ts), sum(ts);
   const T* zn = z + n * D * P;
   const T* pr = proto + (sh.shared ? 0 : n * K * D);
-  for (int64_t i = 0; i < K * D; ++i) prs[i] = pr[i] * inv_tau;  // prototypes / tau
   T* on = out + n * K * P;
   for (int64_t p0 = c0; p0 < c1; p0 += ts) {
     const int64_t tn = std::min(ts, c1 - p0);
     load_embeddings<T>(zn, P, D, p0, tn, ts, normalize, E.data(), m.data(), inv.data());
-    tile_combine<T>(prs.data(), 1, D, E.data(), D, K, ts, round_up(tn, Lanes<T>::value), L.data());
+    tile_combine<T>(pr, 1, D, E.data(), D, K, ts, round_up(tn, Lanes<T>::value), L.data());
     for (int64_t t = 0; t < tn; ++t) mx[t] = L[t];
     for (int64_t k = 1; k < K; ++k) {
       const T* l = L.data() + k * ts;
@@ -35,7 +48,7 @@ LD_INLINE void pcs_forward_task_impl(const T* z, const T* proto, T* out, const P
     for (int64_t k = 0; k < K; ++k) {
       T* l = L.data() + k * ts;
       for (int64_t t = 0; t < tn; ++t) {
-        l[t] = vexp<T>(l[t] - mx[t]);
+        l[t] = pcs_exp<T>((l[t] - mx[t]) * inv_tau);
         sum[t] += l[t];
       }
     }

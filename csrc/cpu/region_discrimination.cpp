@@ -9,10 +9,13 @@ namespace {
 
 // region_discrimination: c~ = mean_n r, c = c~/(||c~||+eps), l = <r, c>/tau,
 // loss = mean_{n,k} (logsumexp_j l[n,k,:] - l[n,k,k]).
+// Per row, with mx = max_j l and se = sum_j exp(l_j - mx), the row loss is (mx - l_k) + log(se) and
+// softmax_j = exp(l_j - mx) / se: mx + log(se) is never formed, as at a tiny temperature (|l| ~ 1/tau
+// far above 1/ulp) it rounds back to mx and identical features would give 0 instead of log K.
 
 struct RDState {
   int64_t N, K, D;
-  std::vector<double> r, ct, c, cn, lse, logits;  // logits (N*K, K)
+  std::vector<double> r, ct, c, cn, mx, se, logits;  // logits (N*K, K); mx, se per row
 };
 
 RDState rd_prepare(const at::Tensor& feats, double tau) {
@@ -31,7 +34,8 @@ RDState rd_prepare(const at::Tensor& feats, double tau) {
     for (int64_t d = 0; d < D; ++d) st.c[k * D + d] = st.ct[k * D + d] / (st.cn[k] + kNormEps);
   }
   st.logits.assign(N * K * K, 0.0);
-  st.lse.assign(N * K, 0.0);
+  st.mx.assign(N * K, 0.0);
+  st.se.assign(N * K, 0.0);
   for (int64_t i = 0; i < N * K; ++i) {
     const double* ri = st.r.data() + i * D;
     double* li = st.logits.data() + i * K;
@@ -45,7 +49,8 @@ RDState rd_prepare(const at::Tensor& feats, double tau) {
     if (!std::isfinite(mx)) mx = 0.0;  // NaN or inf logits: let them propagate through the sum
     double se = 0.0;
     for (int64_t j = 0; j < K; ++j) se += std::exp(li[j] - mx);
-    st.lse[i] = mx + std::log(se);
+    st.mx[i] = mx;
+    st.se[i] = se;
   }
   return st;
 }
@@ -55,7 +60,7 @@ at::Tensor region_discrimination_cpu(const at::Tensor& feats, double temperature
   check_cpu_float(feats, "feats");
   const RDState st = rd_prepare(feats, temperature);
   double loss = 0.0;
-  for (int64_t i = 0; i < st.N * st.K; ++i) loss += st.lse[i] - st.logits[i * st.K + (i % st.K)];
+  for (int64_t i = 0; i < st.N * st.K; ++i) loss += (st.mx[i] - st.logits[i * st.K + (i % st.K)]) + std::log(st.se[i]);
   loss /= static_cast<double>(st.N * st.K);
   const auto out_t = (feats.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   return scalar_result(loss, feats.options(), out_t);
@@ -71,7 +76,8 @@ at::Tensor region_discrimination_backward_cpu(const at::Tensor& grad, const at::
   for (int64_t i = 0; i < N * K; ++i) {
     const int64_t k = i % K;
     const double* li = st.logits.data() + i * K;
-    for (int64_t j = 0; j < K; ++j) gl[j] = g * (std::exp(li[j] - st.lse[i]) - (j == k ? 1.0 : 0.0)) / temperature;
+    for (int64_t j = 0; j < K; ++j)
+      gl[j] = g * (std::exp(li[j] - st.mx[i]) / st.se[i] - (j == k ? 1.0 : 0.0)) / temperature;
     double* gri = gr.data() + i * D;
     const double* ri = st.r.data() + i * D;
     for (int64_t j = 0; j < K; ++j) {

@@ -2,9 +2,11 @@
 // stable form of ld_ext.reference.patch_discrimination.
 //
 // x (M, D), s_ij = <x_i, sg(x_j)> / T for j != i, i' = (i + M/2) mod M the positive. Per row:
-// mx = max_{j != i} s_ij (first arg-max a), q_ij = exp(s_ij - mx), W = sum_{j != i} q_ij + 1e-10 exp(-mx),
-// p_ij = q_ij / W, f_i = log p_ii' + sum_{j not in {i, i'}} log(1 - p_ij); loss = -(1/M) sum_i f_i.
-// Cancellation-free, as the CPU kernel and the reference: rest = W - q_ia = W - 1 is summed without
+// mx = max_{j != i} s_ij (first arg-max a), shift m = max(mx, log 1e-10), q_ij = exp(s_ij - m),
+// W = sum_{j != i} q_ij + exp(log 1e-10 - m), p_ij = q_ij / W, f_i = log p_ii' + sum_{j not in {i, i'}}
+// log(1 - p_ij); loss = -(1/M) sum_i f_i. The shift keeps the 1e-10 term finite when every logit is far
+// below log 1e-10 (anti-aligned rows at a small T); otherwise m = mx and q_ia = 1.
+// Cancellation-free, as the CPU kernel and the reference: rest = W - q_ia is summed without
 // the arg-max term, so log(1 - p_ia) = log(rest) - log(W) stays finite and accurate when one negative
 // takes almost all of the row's mass; every other negative has W - q_ij >= W/2 (p_ij <= 1/2), where
 // log1p(-p_ij) is exact enough; log p_ii' = s_ii' - mx - log W (no underflow to log 0).
@@ -16,8 +18,9 @@
 // R_i = sum_{l in N_i} p_il / (1 - p_il), with p/(1-p) = q / (W - q) (1 / rest at the arg-max);
 // dL/dx_i = -(g/M) sum_j df_i/ds_ij x_j / T. Written without cancellation, as the CPU kernel: with
 // R = R' + A (R' over the negatives other than the arg-max, A = 1/rest if the arg-max is a
-// negative), p_ij A = q_ij / (W rest) <= 1/W; at the arg-max p (R - 1) - 1/rest = (R' - 2)/W (as
-// W - 1 = rest); if the arg-max is i', 1 + p (R' - 1) = (rest + R')/W.
+// negative; a/rest with a = q_ia when shifted), p_ij A = q_ij / (W rest) <= 1/W; at the arg-max
+// p (R - 1) - a/rest = a (R' - 2)/W (as W - a = rest); if the arg-max is i', 1 + p (R' - 1) =
+// (rest + a R')/W.
 #include "common.cuh"
 
 namespace ld_ext {
@@ -32,14 +35,14 @@ __device__ __forceinline__ acc_t row_dot(const acc_t* xi, const scalar_t* __rest
   return s;
 }
 
-// Row statistics of row i over j != i; every thread gets them: mx, its first arg-max am,
-// rest = sum_{j != i, am} q_ij + 1e-10 exp(-mx) (without the arg-max term, so no cancellation)
-// and W = rest + 1. Each thread keeps its own maximum, first arg-max and the sum of its other
+// Row statistics of row i over j != i; every thread gets them: the shift m (mx_out), the first
+// arg-max am, its q_ia (a_out: 1 unless m > max), rest = sum_{j != i, am} q_ij + 1e-10 exp(-m)
+// (without the arg-max term, so no cancellation) and W = rest + a. Each thread keeps its own maximum, first arg-max and the sum of its other
 // terms; the block combines them in a fixed order. `buf` holds blockDim.x acc_t (>= ints).
 template <typename scalar_t, typename acc_t>
 __device__ void row_softmax_stats(const acc_t* xi, const scalar_t* __restrict__ x, int64_t i, int64_t M, int64_t D,
                                   acc_t tau, acc_t* buf, acc_t& mx_out, int64_t& am_out, acc_t& rest_out,
-                                  acc_t& w_out) {
+                                  acc_t& w_out, acc_t& a_out) {
   acc_t mx = neg_inf<acc_t>();
   acc_t rt = 0;  // sum of this thread's terms other than its maximum, relative to exp(mx)
   int am = static_cast<int>(M);
@@ -59,10 +62,20 @@ __device__ void row_softmax_stats(const acc_t* xi, const scalar_t* __restrict__ 
   acc_t part = rt * acc_t(0);  // 0, or NaN after a NaN logit
   if (am < M) part = (am == AM ? rt : rt + acc_t(1)) * dev_exp(mx - MX);
   const acc_t total = block_sum(part, buf);
-  mx_out = MX;
+  const acc_t log_eps = static_cast<acc_t>(kLogSoftmaxEps);
+  acc_t a = 1, shift = MX, eps;
+  if (MX < log_eps) {  // every logit far below log 1e-10: exp(-MX) could overflow
+    a = dev_exp(MX - log_eps);
+    shift = log_eps;
+    eps = 1;
+  } else {
+    eps = static_cast<acc_t>(kSoftmaxEps) * dev_exp(-MX);
+  }
+  mx_out = shift;
   am_out = AM;
-  rest_out = total + static_cast<acc_t>(kSoftmaxEps) * dev_exp(-MX);
-  w_out = rest_out + acc_t(1);
+  a_out = a;
+  rest_out = total * a + eps;
+  w_out = rest_out + a;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -75,9 +88,9 @@ __global__ void __launch_bounds__(kSmallThreads) pd_forward_rows_kernel(const sc
   const int64_t ip = (i + M / 2) % M;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
   __syncthreads();
-  acc_t mx, rest, W;
+  acc_t mx, rest, W, a;
   int64_t am;
-  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, W);
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, W, a);
   const acc_t logW = dev_log(W);
   acc_t pos = 0, neg = 0;
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
@@ -110,9 +123,9 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) xi[d] = static_cast<acc_t>(x[i * D + d]);
   for (int64_t q = threadIdx.x; q < groups * D; q += blockDim.x) GX[q] = 0;
   __syncthreads();
-  acc_t mx, rest, Z;
+  acc_t mx, rest, Z, a;
   int64_t am;
-  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, Z);
+  row_softmax_stats<scalar_t, acc_t>(xi, x, i, M, D, tau, buf, mx, am, rest, Z, a);
   acc_t R = 0;  // R'
   for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
     if (j == i || j == ip || j == am) continue;
@@ -120,7 +133,7 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
     R += q / (Z - q);
   }
   R = block_sum(R, buf);
-  const acc_t A = am != ip ? acc_t(1) / rest : acc_t(0);
+  const acc_t A = am != ip ? a / rest : acc_t(0);
   const acc_t scale = -grad[0] / static_cast<acc_t>(M);
   for (int64_t j0 = 0; j0 < M; j0 += blockDim.x) {
     const int64_t j = j0 + threadIdx.x;
@@ -128,7 +141,7 @@ __global__ void __launch_bounds__(kSmallThreads) pd_backward_rows_kernel(const s
     if (j < M && j != i) {
       acc_t df;
       if (j == am) {
-        df = j == ip ? (rest + R) / Z : (R - acc_t(2)) / Z;
+        df = j == ip ? (rest + a * R) / Z : a * (R - acc_t(2)) / Z;
       } else {
         const acc_t q = dev_exp(row_dot<scalar_t, acc_t>(xi, x, j, D) / tau - mx);
         const acc_t p = q / Z;

@@ -54,11 +54,12 @@ __device__ __forceinline__ void load_prototypes(const scalar_t* __restrict__ pro
   }
 }
 
-// L[j*ks + k] = <proto_k, e_j> / tau for every pixel j of the chunk (past-the-end pixels have
-// e = 0), then the softmax statistics MX[j] = max_k L and SU[j] = sum_k exp(L - MX). Ends with a
-// barrier.
+// L[j*ks + k] = <proto_k, e_j> (unscaled) for every pixel j of the chunk (past-the-end pixels have
+// e = 0), then the softmax statistics MX[j] = max_k L and SU[j] = sum_k exp((L - MX) itau), with
+// itau = 1/tau. The temperature is applied to L - MX, never to L alone: 1/tau is finite for every
+// accepted temperature, but <proto, e> / tau can overflow, and inf - inf is NaN. Ends with a barrier.
 template <typename acc_t>
-__device__ __forceinline__ void chunk_logits(const Tile& tl, acc_t tau, const acc_t* Ps, const acc_t* E, acc_t* L,
+__device__ __forceinline__ void chunk_logits(const Tile& tl, acc_t itau, const acc_t* Ps, const acc_t* E, acc_t* L,
                                              acc_t* MX, acc_t* SU) {
   const int cp = tl.cp;
   for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
@@ -66,10 +67,18 @@ __device__ __forceinline__ void chunk_logits(const Tile& tl, acc_t tau, const ac
     const int k = i - j * tl.K;
     acc_t s = 0;
     for (int d = 0; d < tl.D; ++d) s += Ps[k * tl.ds + d] * E[j * tl.ds + d];
-    L[j * tl.ks + k] = s / tau;
+    L[j * tl.ks + k] = s;
   }
   __syncthreads();
-  if (threadIdx.x < cp) softmax_stats<acc_t>(L + threadIdx.x * tl.ks, tl.K, MX + threadIdx.x, SU + threadIdx.x);
+  if (threadIdx.x < cp) {
+    const acc_t* x = L + threadIdx.x * tl.ks;
+    acc_t m = neg_inf<acc_t>();
+    for (int k = 0; k < tl.K; ++k) m = dev_max(m, x[k]);
+    acc_t su = 0;
+    for (int k = 0; k < tl.K; ++k) su += dev_exp((x[k] - m) * itau);
+    MX[threadIdx.x] = m;
+    SU[threadIdx.x] = su;
+  }
   __syncthreads();
 }
 
@@ -79,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
                                                               const scalar_t* __restrict__ proto,
                                                               scalar_t* __restrict__ out, int64_t D, int64_t K,
                                                               int64_t P, int64_t T, int64_t nchunks, Tile tl,
-                                                              bool per_image, bool normalize, acc_t tau) {
+                                                              bool per_image, bool normalize, acc_t itau) {
   LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cp = tl.cp;
   acc_t* Ps = sm;                 // K * ds
@@ -101,12 +110,12 @@ __global__ void __launch_bounds__(kThreads) pcs_forward_kernel(const scalar_t* _
     const int np = static_cast<int>(min(static_cast<int64_t>(cp), P - p0));
     __syncthreads();
     load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);
-    chunk_logits<acc_t>(tl, tau, Ps, E, L, MX, SU);
+    chunk_logits<acc_t>(tl, itau, Ps, E, L, MX, SU);
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
       if (j >= np) continue;
-      o_n[k * P + p0 + j] = static_cast<scalar_t>(dev_exp(L[j * tl.ks + k] - MX[j]) / SU[j]);
+      o_n[k * P + p0 + j] = static_cast<scalar_t>(dev_exp((L[j * tl.ks + k] - MX[j]) * itau) / SU[j]);
     }
   }
 }
@@ -118,7 +127,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t D,
-    int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t tau) {
+    int64_t K, int64_t P, int64_t T, int64_t nchunks, Tile tl, bool per_image, bool normalize, acc_t itau) {
   LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cp = tl.cp;
   const int KD = tl.K * tl.D;
@@ -155,11 +164,11 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     load_embeddings<scalar_t, acc_t>(e_n, P, p0, np, tl, normalize, E, M);  // ends with a barrier
     // Recompute S in the accumulation type from e and the prototypes (more accurate than the
     // saved output, which is rounded to the input dtype, and no extra pass over memory).
-    chunk_logits<acc_t>(tl, tau, Ps, E, SS, MX, SU);
+    chunk_logits<acc_t>(tl, itau, Ps, E, SS, MX, SU);
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
-      SS[j * tl.ks + k] = j < np ? dev_exp(SS[j * tl.ks + k] - MX[j]) / SU[j] : acc_t(0);
+      SS[j * tl.ks + k] = j < np ? dev_exp((SS[j * tl.ks + k] - MX[j]) * itau) / SU[j] : acc_t(0);
     }
     __syncthreads();
     if (threadIdx.x < cp) {
@@ -172,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) pcs_backward_kernel(
     for (int i = threadIdx.x; i < tl.K * cp; i += blockDim.x) {
       const int k = i / cp;
       const int j = i - k * cp;
-      GL[j * tl.ks + k] = SS[j * tl.ks + k] * (GL[j * tl.ks + k] - DT[j]) / tau;
+      GL[j * tl.ks + k] = SS[j * tl.ks + k] * (GL[j * tl.ks + k] - DT[j]) * itau;
     }
     __syncthreads();
     // g_e[j,d] = sum_k g_l[j,k] proto[k,d]; prototype partials acc[k,d] += sum_j g_l[j,k] e[j,d].
@@ -240,16 +249,17 @@ __device__ __forceinline__ void pcs_rb_logits(const RBTile& tl, const acc_t* Pd,
   }
 }
 
-// Per pixel j: im = 1/(||z_j|| + eps) (1 without normalize; M[j] = ||z_j||), logits
-// l_k = L[k, j] im / tau, and L[k, j] := S[k, j] = softmax_k(l). Returns im.
+// Per pixel j: im = 1/(||z_j|| + eps) (1 without normalize; M[j] = ||z_j||), unscaled logits
+// l_k = L[k, j] im, and L[k, j] := S[k, j] = softmax_k(l / tau), the temperature applied to l - max l
+// (itau = 1/tau; see chunk_logits). Returns im.
 template <typename acc_t>
-__device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool normalize, acc_t tau, const acc_t* Z,
+__device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool normalize, acc_t itau, const acc_t* Z,
                                                 acc_t* L, acc_t* M) {
   const int cs = tl.cs;
   acc_t m = 0;
   const acc_t im = normalize ? column_inv_norm(Z, j, tl, &m) : acc_t(1);
   if (M != nullptr) M[j] = m;
-  const acc_t scale = im / tau;
+  const acc_t scale = im;
   acc_t mx = neg_inf<acc_t>();
 #pragma unroll 4
   for (int k = 0; k < tl.K; ++k) {
@@ -260,7 +270,7 @@ __device__ __forceinline__ acc_t pcs_rb_softmax(int j, const RBTile& tl, bool no
   acc_t su = 0;
 #pragma unroll 4
   for (int k = 0; k < tl.K; ++k) {
-    const acc_t x = dev_exp(L[k * cs + j] - mx);
+    const acc_t x = dev_exp((L[k * cs + j] - mx) * itau);
     L[k * cs + j] = x;
     su += x;
   }
@@ -275,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_forward_rb_kernel(const scala
                                                                  const scalar_t* __restrict__ proto,
                                                                  scalar_t* __restrict__ out, int64_t P, int64_t T,
                                                                  int64_t nchunks, RBTile tl, bool per_image,
-                                                                 bool normalize, acc_t tau) {
+                                                                 bool normalize, acc_t itau) {
   LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   acc_t* Z = sm;                  // DP * cs
@@ -298,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_forward_rb_kernel(const scala
         __syncthreads();
         const int j = threadIdx.x;
         if (j < np) {
-          pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, nullptr);
+          pcs_rb_softmax<acc_t>(j, tl, normalize, itau, Z, L, nullptr);
 #pragma unroll 4
           for (int k = 0; k < tl.K; ++k) o_n[k * P + p0 + j] = static_cast<scalar_t>(L[k * cs + j]);
         }
@@ -313,7 +323,7 @@ template <typename scalar_t, typename acc_t, bool prefetch>
 __global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ emb, const scalar_t* __restrict__ proto,
     scalar_t* __restrict__ grad_emb, acc_t* __restrict__ part, int64_t P, int64_t T, int64_t nchunks, RBTile tl,
-    int region0, bool per_image, bool normalize, acc_t tau) {
+    int region0, bool per_image, bool normalize, acc_t itau) {
   LD_CUDA_DYNAMIC_SMEM(acc_t, sm);
   const int cs = tl.cs, cp = tl.cp;
   const int D = tl.D, K = tl.K, DQ = tl.DQ, KQ = tl.KQ;
@@ -356,11 +366,10 @@ __global__ void __launch_bounds__(kThreads, 2) pcs_backward_rb_kernel(
         __syncthreads();
         if (tid < cp) {
           const int j = tid;
-          const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, tau, Z, L, M);
+          const acc_t im = pcs_rb_softmax<acc_t>(j, tl, normalize, itau, Z, L, M);
           acc_t dt = 0;
 #pragma unroll 4
           for (int k = 0; k < K; ++k) dt += G[k * cs + j] * L[k * cs + j];
-          const acc_t itau = acc_t(1) / tau;
 #pragma unroll 4
           for (int k = 0; k < K; ++k) G[k * cs + j] = L[k * cs + j] * (G[k * cs + j] - dt) * itau;
           if (normalize) {
@@ -455,7 +464,7 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
   at::Tensor out = at::empty(shape, e.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const acc_t tau = static_cast<acc_t>(temperature);
+    const acc_t itau = static_cast<acc_t>(1.0 / temperature);  // finite: temperature >= 1/FLT_MAX
     const RBPlan rb = pcs_forward_plan(D, K, sizeof(acc_t), dev.device);
     if (rb.tile.cp > 0) {
       const int64_t nchunks = ceil_div(P, rb.tile.cp);
@@ -463,7 +472,7 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
                                    : pcs_forward_rb_kernel<scalar_t, acc_t, false>;
       const int64_t T = wave_tiles(kernel, rb.bytes, N, nchunks, dev.device);
       launch(kernel, N * T, kThreads, rb.bytes, dev.stream, e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(),
-             out.data_ptr<scalar_t>(), P, T, nchunks, rb.tile, per_image, normalize, tau);
+             out.data_ptr<scalar_t>(), P, T, nchunks, rb.tile, per_image, normalize, itau);
       return;
     }
     const TilePlan plan =
@@ -473,7 +482,7 @@ at::Tensor pixel_cluster_similarity_cuda(const at::Tensor& embeddings, const at:
     auto kernel = pcs_forward_kernel<scalar_t, acc_t>;
     const int64_t T = wave_tiles(kernel, plan.bytes, N, nchunks, dev.device);
     launch(kernel, N * T, kThreads, plan.bytes, dev.stream, e.data_ptr<scalar_t>(), pr.data_ptr<scalar_t>(),
-           out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, per_image, normalize, tau);
+           out.data_ptr<scalar_t>(), D, K, P, T, nchunks, tl, per_image, normalize, itau);
   });
   return out;
 }
@@ -498,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
   at::Tensor grad_p;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "ld_ext_pcs_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const acc_t tau = static_cast<acc_t>(temperature);
+    const acc_t itau = static_cast<acc_t>(1.0 / temperature);  // finite: temperature >= 1/FLT_MAX
     const TilePlan plan = plan_tile(K * (D + 1) + K * D, 2 * (D + 1) + 2 * (K + 1) + 5, sizeof(acc_t), dev.device,
                                     kOpB, "K * D (prototypes)");
     const Tile tl = make_tile(plan.pixels, D, K);
@@ -514,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
       part = at::empty({N * T * K * D}, acc_opts);
       launch(kernel, N * T, kThreads, rb.bytes, dev.stream, g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
              pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), P, T, nchunks, rb.tile,
-             rb.region0, per_image, normalize, tau);
+             rb.region0, per_image, normalize, itau);
     } else {
       const int64_t nchunks = ceil_div(P, tl.cp);
       auto kernel = pcs_backward_kernel<scalar_t, acc_t>;
@@ -522,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
       part = at::empty({N * T * K * D}, acc_opts);
       launch(kernel, N * T, kThreads, plan.bytes, dev.stream, g.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
              pr.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), part.data_ptr<acc_t>(), D, K, P, T, nchunks, tl,
-             per_image, normalize, tau);
+             per_image, normalize, itau);
     }
     at::Tensor gp = at::empty(pr.sizes(), acc_opts);
     if (per_image) {

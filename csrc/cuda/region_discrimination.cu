@@ -36,14 +36,17 @@ __global__ void __launch_bounds__(kSmallThreads) rd_centres_kernel(const scalar_
   if (threadIdx.x == 0) cn[k] = m;
 }
 
-// One block per row (n, k). Logits to shared memory (thread per j), then log-sum-exp. Forward
-// writes row_loss[n*K + k] = lse - l[k]; backward (W != nullptr) writes W[n,k,:] instead.
+// One block per row (n, k). Inner products <r, c_j> to shared memory (thread per j), then the
+// log-sum-exp of the logits l_j = <r, c_j> / tau with 1/tau (itau) applied to <r, c_j> - max: at
+// the smallest temperatures <r, c_j> / tau alone can overflow (inf - inf is NaN). Forward writes
+// row_loss[n*K + k] = (max - l_k) + log(sum) (never max + log(sum), which rounds back to max at a
+// tiny temperature); backward (W != nullptr) writes W[n,k,:] instead.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kSmallThreads) rd_rows_kernel(const scalar_t* __restrict__ r,
                                                                const acc_t* __restrict__ c,
                                                                acc_t* __restrict__ row_loss, acc_t* __restrict__ W,
                                                                const acc_t* __restrict__ grad, int64_t N, int64_t K,
-                                                               int64_t D, acc_t tau) {
+                                                               int64_t D, acc_t itau) {
   LD_CUDA_DYNAMIC_SMEM(acc_t, L);  // K
   acc_t* rs = L + K;               // D
   acc_t* buf = rs + D;             // blockDim
@@ -55,20 +58,19 @@ __global__ void __launch_bounds__(kSmallThreads) rd_rows_kernel(const scalar_t* 
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     acc_t s = 0;
     for (int64_t d = 0; d < D; ++d) s += rs[d] * c[j * D + d];
-    s = s / tau;
     L[j] = s;
     mx = dev_max(mx, s);
   }
   mx = block_max(mx, buf);
   acc_t se = 0;
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) se += dev_exp(L[j] - mx);
+  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) se += dev_exp((L[j] - mx) * itau);
   se = block_sum(se, buf);
   if (W == nullptr) {
-    if (threadIdx.x == 0) row_loss[row] = mx + dev_log(se) - L[k];
+    if (threadIdx.x == 0) row_loss[row] = (mx - L[k]) * itau + dev_log(se);
   } else {
     const acc_t scale = grad[0] / (static_cast<acc_t>(N) * static_cast<acc_t>(K));
     for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-      const acc_t p = dev_exp(L[j] - mx) / se;
+      const acc_t p = dev_exp((L[j] - mx) * itau) / se;
       W[row * K + j] = scale * (p - (j == k ? acc_t(1) : acc_t(0)));
     }
   }
@@ -131,7 +133,7 @@ void launch_centres_and_rows(const at::Tensor& f, at::Tensor& ct, at::Tensor& cn
   auto kernel = rd_rows_kernel<scalar_t, acc_t>;
   require_smem(kernel, smem, dev.device, op, "K + D");
   launch(kernel, N * K, kSmallThreads, smem, dev.stream, f.data_ptr<scalar_t>(), c.data_ptr<acc_t>(), row_loss, W,
-         grad, N, K, D, static_cast<acc_t>(temperature));
+         grad, N, K, D, static_cast<acc_t>(1.0 / temperature));  // finite: temperature >= 1/FLT_MAX
 }
 
 at::Tensor region_discrimination_cuda(const at::Tensor& feats, double temperature) {

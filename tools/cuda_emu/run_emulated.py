@@ -25,6 +25,7 @@ import contextlib
 import glob
 import importlib
 import importlib.util
+import math
 import os
 import random
 import re
@@ -67,6 +68,7 @@ REGISTRY = _registry()
 ASSIGNMENT_MODES = _ld_ext_module("normalization").ASSIGNMENT_MODES  # mode name -> the operators' number
 MODES = list(ASSIGNMENT_MODES)
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max  # the ops' smallest (csrc/checks.h)
 
 
 # CUDA constructs the emulator cannot replace when written directly: each must go through its
@@ -347,6 +349,19 @@ def run_region_discrimination(ops, R, chk):
     for dtype in DTYPES:
         for nkd in [(1, 1, 1), (2, 3, 5), (7, 16, 32), (3, 33, 130)]:
             check_region_discrimination(ops, R, chk, dtype, nkd)
+    # identical features at a tiny temperature: every logit ~1/tau, the loss exactly log K
+    # (issue 25: 0 when the row loss was formed as (max + log sum) - l_k); the exact gradient is 0,
+    # any implementation's is rounding noise of a few eps / tau
+    for dtype in (torch.float64, torch.float32):
+        for tau in (1e-16, 1e-30, MIN_TEMPERATURE):
+            r = torch.nn.functional.normalize(torch.randn(1, 1, 5, dtype=torch.float64), dim=2)
+            r = r.expand(3, 4, 5).to(dtype).contiguous()
+            loss = ops.region_discrimination(r, tau)
+            g = ops.region_discrimination_backward(torch.tensor(1.0, dtype=loss.dtype), r, tau)
+            tag = f"region_discrimination[{dtype} identical tau={tau:.1e}]"
+            chk(tag + " loss", abs(loss.item() - math.log(4)) <= 1e-6 * math.log(4), f"{loss.item()!r}")
+            bound = 64 * torch.finfo(dtype).eps / tau
+            chk(tag + " grad", bool(torch.isfinite(g).all()) and g.abs().max().item() <= bound, f"{g.abs().max()}")
 
 
 def run_pixel_cluster_similarity(ops, R, chk):
@@ -360,12 +375,57 @@ def run_pixel_cluster_similarity(ops, R, chk):
     with _env("LD_EXT_CUDA_RB_PREFETCH", "0"):
         check_pcs(ops, R, chk, torch.float32, (1, 8, 5, (70, 70)), True, True)
         check_pcs(ops, R, chk, torch.bfloat16, (2, 32, 16, (16, 17)), False, False)
+    # tiny temperatures (issue 25: float32 NaN at tau ~ 3e-39, where <p, e> / tau overflowed):
+    # one-hot outputs and zero gradients (no ties in these draws), in the register-blocked
+    # kernels (small K x D) and the general ones (K x D too large for them)
+    for dtype in (torch.float64, torch.float32):
+        for shape in [(2, 3, 4, (5, 6)), (1, 200, 60, (3, 4))]:
+            for per_image in (False, True):
+                for tau in (MIN_TEMPERATURE, 3e-39, 1e-30):
+                    check_pcs_tiny_temperature(ops, R, chk, dtype, shape, per_image, tau)
+
+
+def check_pcs_tiny_temperature(ops, R, chk, dtype, shape, per_image, tau):
+    n, d, k, sp = shape
+    e = torch.randn(n, d, *sp, dtype=torch.float64).to(dtype)
+    p = torch.randn(*((n, k, d) if per_image else (k, d)), dtype=torch.float64).to(dtype)
+    for normalize in (False, True):
+        out = ops.pixel_cluster_similarity(e, p, tau, normalize)
+        er, pr = e.double().clone().requires_grad_(), p.double().clone().requires_grad_()
+        outr = R.pixel_cluster_similarity(er, pr, tau, normalize=normalize)
+        go = torch.randn_like(outr)
+        (outr * go).sum().backward()
+        ge, gp = ops.pixel_cluster_similarity_backward(go.to(dtype), e, p, out, tau, normalize)
+        tag = f"pixel_cluster_similarity[{dtype} {shape} per_image={per_image} normalize={normalize} tau={tau:.1e}]"
+        err = max((out.double() - outr).abs().max().item(), (ge.double() - er.grad).abs().max().item(),
+                  (gp.double() - pr.grad).abs().max().item())
+        finite = all(bool(torch.isfinite(t).all()) for t in (out, ge, gp))
+        chk(tag, finite and err <= 1e-6, f"finite={finite} max abs error {err:.2e}")
 
 
 def run_patch_discrimination(ops, R, chk):
     for dtype in DTYPES:
         for md in [(6, 3), (130, 32), (258, 300)]:
             check_pd(ops, R, chk, dtype, md)
+    # every logit far below log 1e-10 (issue 25: 1e-10 exp(-max) overflowed: loss inf, NaN
+    # gradient): M=2 anti-aligned rows and M=4 simplex rows at small temperatures, against the
+    # float64 reference on the same inputs (float32: logits ~1/T carry eps32/T of rounding)
+    u = torch.nn.functional.normalize(torch.randn(1, 6, dtype=torch.float64), dim=1)
+    e = torch.eye(4, dtype=torch.float64)
+    rows = {"anti-aligned": torch.cat([u, -u]), "simplex": torch.nn.functional.normalize(e - e.mean(0), dim=1)}
+    for dtype in (torch.float64, torch.float32):
+        for name, x64 in rows.items():
+            for tau in (1e-3, 1e-4, 1e-30):
+                x = x64.to(dtype)
+                loss = ops.patch_discrimination(x, tau)
+                g = ops.patch_discrimination_backward(torch.tensor(0.7, dtype=loss.dtype), x, tau)
+                xr = x.double().clone().requires_grad_()
+                lr = R.patch_discrimination(xr, tau)
+                (lr * 0.7).backward()
+                tol = 1e-10 if dtype == torch.float64 else 1e-6
+                tag = f"patch_discrimination[{dtype} {name} tau={tau:.0e}]"
+                chk(tag + " loss", rel(loss, lr) <= tol, f"{loss.item()!r} vs {lr.item()!r}")
+                chk(tag + " grad", rel(g, xr.grad) <= tol, f"{rel(g, xr.grad):.2e}")
 
 
 # Op -> the function that runs its checks, for every op of the registry (ld_ext/ops/registry.py).
