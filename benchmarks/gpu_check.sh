@@ -130,7 +130,7 @@ fi
 bench_rc="skipped (no time left)"
 if [[ "$CPU_MODE" != "1" ]] && (( $(left) > 60 )); then
   echo "== benchmarks/run.py --device cuda --quick (at most $(cap 300 15)s) ..."
-  timeout "$(cap 300 15)" "$PY" benchmarks/run.py --device cuda --quick --out "$EXTRA/bench" >"$EXTRA/bench.log" 2>&1
+  timeout "$(cap 300 15)" "$PY" benchmarks/run.py --device cuda --quick --sections headline,ops,sweeps,e2e --full --out "$EXTRA/bench" >"$EXTRA/bench.log" 2>&1
   bench_rc=$?
   tail -n 12 "$EXTRA/bench.log"
 fi

@@ -180,7 +180,11 @@ def test_cli_tiny_run_writes_all_outputs(tmp_path, capsys):
     )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "## Headline" in text and "## End to end" in text  # the markdown report goes to stdout
+    # stdout: the short summary only (the full tables are in results.md, or printed with --full)
+    assert "## Headline" not in text and "## End to end" not in text
+    assert len(text.strip().splitlines()) <= 16, text
+    assert text.count("region_loss (headline)") == 1 and "LD training step (end to end)" in text
+    assert "full tables: " + str(out / "results.md") in text
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0].keys()) == bench.CSV_COLUMNS
@@ -198,6 +202,50 @@ def test_cli_tiny_run_writes_all_outputs(tmp_path, capsys):
         assert (out / "bench_sweep_dtype.png").stat().st_size > 0
     else:
         assert "plots skipped" in md
+
+
+def test_cli_quick_run_is_headline_ops_fwd_bwd_and_e2e_with_a_short_summary(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = bench.main(["--tiny", "--quick", "--no-compile", "--out", str(out), "--warmup", "0", "--seed", "1", "--full"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["section"] for r in rows} == {"headline", "ops", "e2e"}  # no sweeps
+    ops = [r for r in rows if r["section"] == "ops"]
+    assert {r["op"] for r in ops} == set(bench.OPS)
+    assert {r["mode"] for r in ops} == {"fwd+bwd"} and {r["impl"] for r in ops} == {"fused", "eager"}
+    head = [r for r in rows if r["section"] == "headline"]
+    assert [r["median_ms"] for r in ops if r["op"] == "region_loss"] == [r["median_ms"] for r in head]
+    assert "## Headline" in text  # --full: the whole report, then the summary
+    summary = text[text.index("ld-ext bench summary"):].splitlines()
+    assert summary[1].split() == ["fwd+bwd,", "time", "/", "fused", "time", "fused", "ms", "eager/fused"]
+    assert [line.split()[0] for line in summary[2:7]] == ["region_loss"] + [o for o in bench.OPS if o != "region_loss"]
+    assert summary[7].startswith("LD training step (end to end)") and summary[7].split()[-1].endswith("x")
+
+
+def test_summary_lines_put_the_ops_and_the_end_to_end_ratio_side_by_side():
+    from ld_ext.bench.report import summary_lines
+
+    def row(section, op, impl, ms, fused_ms, mode="fwd+bwd", status="ok"):
+        return dict(section=section, op=op, mode=mode, impl=impl, median_ms=ms, status=status,
+                    speedup_of_fused=ms / fused_ms)
+
+    rows = [row("headline", "region_loss", "fused", 2.0, 2.0), row("headline", "region_loss", "eager", 30.0, 2.0),
+            row("headline", "region_loss", "compile", 4.0, 2.0),
+            row("ops", "region_loss", "fused", 9.0, 9.0), row("ops", "region_loss", "eager", 9.0, 9.0),
+            row("ops", "patch_discrimination", "fused", 1.0, 1.0, mode="fwd"),
+            row("ops", "patch_discrimination", "fused", 3.0, 3.0), row("ops", "patch_discrimination", "eager", 6.0, 3.0),
+            row("ops", "patch_discrimination", "compile", 0.0, 3.0, status="skipped: too slow"),
+            row("e2e", "LD step", "fused", 100.0, 100.0, mode="step"),
+            row("e2e", "LD step", "reference", 150.0, 100.0, mode="step")]
+    lines = summary_lines(rows)
+    assert [ln.split() for ln in lines[1:4]] == [
+        ["region_loss", "(headline)", "2.00", "15.00x", "2.00x"],  # the ops' own region-loss row is not repeated
+        ["patch_discrimination", "3.00", "2.00x", "skip"],
+        ["LD", "training", "step", "(end", "to", "end)", "100", "1.50x", "-"],
+    ]
+    assert lines[-1] == "Targets: fused >= 6x eager: met (15.00x); fused faster than compile: met (2.00x)."
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the RSS probe needs Linux /proc")

@@ -87,3 +87,26 @@ def test_warp_moves_a_blob_where_the_points_say():
     m = out * (np.hypot(xx - p[0], yy - p[1]) < 5)
     c = np.array([(m * xx).sum(), (m * yy).sum()]) / m.sum()
     assert np.hypot(*(c - p)) < 0.35
+
+
+def test_task_size_uses_or_warns_about_the_training_size(caplog):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert common.task_size(None, None, "m.pt") is None
+        assert common.task_size(None, None, "m.pt", default=96) == 96
+        assert common.task_size(64, None, "m.pt") == 64
+        assert common.task_size(128, 128, "m.pt") == 128
+        with caplog.at_level("INFO", logger="ld_ext"):
+            assert common.task_size(None, 128, "m.pt", default=96) == 128
+    assert "resized to 128x128, the size m.pt was pre-trained at" in caplog.text
+    with pytest.warns(UserWarning, match=r"--size 64 differs from the size m.pt was pre-trained at \(128\)"):
+        assert common.task_size(64, 128, "m.pt") == 64
+
+
+def test_train_size_of_reads_only_a_plausible_recorded_size():
+    assert common.train_size_of({"train_config": {"size": 128}}) == 128
+    for bad in ({}, {"train_config": None}, {"train_config": [1]}, {"train_config": {"size": True}},
+                {"train_config": {"size": "128"}}, {"train_config": {"size": 8}}, {"train_config": {"size": 10**9}}):
+        assert common.train_size_of(bad) is None, bad

@@ -340,7 +340,8 @@ def test_cli_predict_and_evaluate(tmp_path):
     assert quad["search"]["subpixel"] == "quadratic" and set(quad["predictions"]["x.png"]) == {"blob", "corner"}
     (tmp_path / "bad.json").write_text(json.dumps({"far": [100, 3]}))
     args.points = str(tmp_path / "bad.json")
-    with pytest.raises(ValueError, match="inside the template"):
+    with pytest.raises(ValueError, match=r"1 landmark\(s\) outside the template .*t.png \(32x32 px, x in 0..31, y in "
+                       r"0..31\): #0 'far' at \(100, 3\)"):
         lm.run(args)
 
 
@@ -505,7 +506,11 @@ def test_cli_predictions_are_in_each_targets_own_pixels(tmp_path, monkeypatch):
     Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(tmp_path / "targets" / "small.png")
     (tmp_path / "p.json").write_text(json.dumps({"a": [10, 12]}))
     # the locator answers in the 64x64 frame it searched: the pixel-centre point (31.5, 15.5)
-    monkeypatch.setattr(lm.LandmarkLocator, "locate_image", lambda self, model, img: np.array([[31.5, 15.5]]))
+    monkeypatch.setattr(
+        lm.LandmarkLocator,
+        "locate_image",
+        lambda self, model, img, return_info=False: (np.array([[31.5, 15.5]]), {"scores": np.array([0.5])}),
+    )
     p = argparse.ArgumentParser()
     lm.add_arguments(p)
     out = tmp_path / "out.json"
@@ -518,6 +523,73 @@ def test_cli_predictions_are_in_each_targets_own_pixels(tmp_path, monkeypatch):
     assert res["predictions"]["small.png"]["a"] == pytest.approx([32 * 16 / 64 - 0.5, 16 * 16 / 64 - 0.5])
     assert res["target_sizes"] == {"wide.png": [48, 32], "small.png": [16, 16]}
     assert "own pixels" in res["frame"]
+
+
+def test_flag_predictions_outside_border_and_far():
+    from ld_ext.tasks.landmarks import report
+
+    tp = np.array([[10.0, 10.0], [20.0, 25.0], [0.0, 5.0], [10.0, 10.0], [15.0, 15.0]])
+    p = np.array([[11.0, 9.0], [20.0, 31.2], [0.0, 5.0], [-1.0, 10.0], [30.0, 30.0]])
+    f = report.flag_predictions(p, (32, 32), tp, (32, 32))
+    assert f[0] == [] and f[2] == []  # near its template place; on the border where the template's is too
+    assert f[1] == ["on the image border"]
+    assert f[3] == ["outside the image"]
+    assert f[4] == ["far from where the template puts it (47% of the image diagonal)"]
+    # the template position is carried to the target's size by its relative place
+    assert report.flag_predictions(np.array([[40.0, 20.0]]), (64, 128), np.array([[10.0, 10.0]]), (32, 32)) == [[]]
+
+
+def test_cli_targets_table_figure_of_every_target_and_warnings(tmp_path, monkeypatch, capsys, caplog):
+    """--targets: a table of every target and landmark, a figure with a panel per target, numbered
+    landmarks and a legend of their names, and a warning naming each implausible prediction."""
+    import argparse
+
+    from PIL import Image
+
+    from ld_ext.tasks.landmarks import report
+
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / "t.png")
+    (tmp_path / "targets").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / "targets" / name)
+    (tmp_path / "p.json").write_text(json.dumps({"apex": [10, 12], "base": [28, 22]}))
+    answers = iter([[[10.2, 12.1], [20.0, 22.3]], [[10.0, 12.0], [33.0, 22.0]], [[9.0, 12.0], [21.0, 21.0]]])
+    monkeypatch.setattr(
+        lm.LandmarkLocator,
+        "locate_image",
+        lambda self, model, img, return_info=False: (np.array(next(answers)), {"scores": np.array([0.9, 0.25])}),
+    )
+    figs = []
+    monkeypatch.setattr(report.common, "atomic_savefig", lambda fig, path: figs.append(fig))
+    p = argparse.ArgumentParser()
+    lm.add_arguments(p)
+    out = tmp_path / "out.json"
+    args = p.parse_args(["--checkpoint", str(ck), "--template", str(tmp_path / "t.png"), "--points",
+                         str(tmp_path / "p.json"), "--targets", str(tmp_path / "targets"), "--out", str(out)])
+    with caplog.at_level("WARNING", logger="ld_ext"):
+        assert lm.run(args) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[0].split() == ["target", "#", "landmark", "x", "y", "score", "flag"]
+    assert lines[1].split() == ["a.png", "0", "apex", "10.2", "12.1", "0.900"]
+    assert lines[2].split() == ["1", "base", "20.0", "22.3", "0.250"]
+    assert lines[4].split()[:6] == ["1", "base", "33.0", "22.0", "0.250", "outside"]
+    assert lines[5].split()[0] == "c.png" and f"wrote {out} and {out.with_suffix('.png')}" in printed
+    assert "target b.png, landmark #1 'base' at (33.0, 22.0) in its 32x32 px: outside the image" in caplog.text
+    assert "a.png" not in caplog.text and "c.png" not in caplog.text
+    res = json.loads(out.read_text())
+    assert res["flags"] == {"b.png": {"base": ["outside the image"]}}
+    assert res["scores"]["c.png"] == {"apex": 0.9, "base": 0.25}
+    (fig,) = figs
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["template t.png (annotated)", "a.png", "b.png (1 flagged)", "c.png"]
+    assert all(len(ax.texts) == 2 for ax in panels)  # every landmark numbered in every panel
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["0: apex", "1: base", "implausible (warned)"]
 
 
 # ----------------------------------------------------------------------------- stage 3 of ld-ext pretrain
@@ -543,6 +615,10 @@ def test_pretrain_stage3_runs_is_saved_and_resume_skips_it(tmp_path, monkeypatch
     out = tmp_path / "run"
     res = train.pretrain(_stage_cfg(out), dataset=ds)
     ck = load_checkpoint(out / "model.pt")
+    # model.pt records the run's settings: the tasks resize to its size by default
+    from ld_ext.tasks.common import checkpoint_train_size
+
+    assert ck["train_config"]["size"] == 32 and checkpoint_train_size(out / "model.pt") == 32
     rec = lm.centre_term_record(ck)
     assert rec["steps"] == 2 and rec["seed"] == 3 and rec["images"] == 6
     assert np.isfinite(rec["loss_first"]) and np.isfinite(rec["loss_last"])

@@ -256,3 +256,29 @@ def test_cli_writes_table_overlays_and_refuses_bad_input(tmp_path, capsys):
     args = build_parser().parse_args(base + ["--masks", str(tmp_path / "masks_disc"), "--test-fraction", "1"])
     with pytest.raises(ValueError, match="--test-fraction"):
         probe.run(args)
+
+
+def test_cli_uses_the_checkpoints_training_size_or_warns(tmp_path, caplog):
+    """Without --size the images are resized to the size the checkpoint was pre-trained at (recorded in
+    its train_config); a --size other than it is used, with a warning naming both sizes."""
+    from ld_ext.cli import build_parser
+
+    _write_pairs(tmp_path)
+    torch.manual_seed(0)
+    net = LDNet(**TINY)
+    ck = tmp_path / "ld.pt"
+    save_checkpoint(ck, {"config": net.config, "model": net.state_dict(), "train_config": {"size": 24}})
+    out = tmp_path / "out"
+    base = ["probe", "--checkpoint", str(ck), "--images", str(tmp_path / "images"), "--masks",
+            str(tmp_path / "masks_disc"), "--out", str(out), "--seeds", "1", "--shots", "1"]
+    with caplog.at_level("INFO", logger="ld_ext"):
+        assert probe.run(build_parser().parse_args(base)) == 0
+    assert json.loads((out / "results.json").read_text())["size"] == 24
+    assert "images resized to 24x24, the size" in caplog.text
+    with pytest.warns(UserWarning, match=r"--size 32 differs from the size .*ld.pt was pre-trained at \(24\)"):
+        assert probe.run(build_parser().parse_args(base + ["--size", "32"])) == 0
+    assert json.loads((out / "results.json").read_text())["size"] == 32
+    # a checkpoint that does not record its size: the images' own size, no warning
+    save_checkpoint(ck, net)
+    assert probe.run(build_parser().parse_args(base)) == 0
+    assert json.loads((out / "results.json").read_text())["size"] is None

@@ -160,10 +160,11 @@ def test_cli_missing_mask_and_size_mismatch(tmp_path):
 
     _write_pairs(tmp_path, n=4)
     (tmp_path / "masks" / "s3_mask.png").unlink()
+    save_checkpoint(tmp_path / "x.pt", LDNet(**TINY))
     p = argparse.ArgumentParser()
     seg.add_arguments(p)
     args = p.parse_args(
-        ["--checkpoint", "x.pt", "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
+        ["--checkpoint", str(tmp_path / "x.pt"), "--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"),
          "--out", str(tmp_path / "o")]
     )
     with pytest.raises(ValueError, match="no mask found for 1 image.*s3.png"):
@@ -214,3 +215,31 @@ def test_head_init_selects_the_start_per_init(tmp_path, monkeypatch):
     net = seg.build_segnet(None, config=TINY, seed=0)
     with pytest.raises(ValueError, match="head_init"):
         seg.train_segnet(net, images, masks, steps=1, head_init="lp")
+
+
+def test_cli_uses_the_checkpoints_training_size_or_warns(tmp_path, monkeypatch, caplog):
+    """finetune: without --size the images are resized to the size the checkpoint was pre-trained at;
+    a --size other than it is used with a warning naming both."""
+    _write_pairs(tmp_path, n=4)
+    torch.manual_seed(0)
+    net = LDNet(**TINY)
+    save_checkpoint(tmp_path / "ld.pt", {"config": net.config, "model": net.state_dict(), "train_config": {"size": 24}})
+    seen = []
+
+    def fake_experiment(images, masks, checkpoint, **kw):
+        seen.append(images.shape)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(seg, "transfer_experiment", fake_experiment)
+    p = argparse.ArgumentParser()
+    seg.add_arguments(p)
+    base = ["--checkpoint", str(tmp_path / "ld.pt"), "--images", str(tmp_path / "images"), "--masks",
+            str(tmp_path / "masks"), "--out", str(tmp_path / "o")]
+    with caplog.at_level("INFO", logger="ld_ext"), pytest.raises(RuntimeError, match="stop here"):
+        seg.run(p.parse_args(base))
+    assert seen[-1] == (4, 24, 24)
+    assert "images resized to 24x24, the size" in caplog.text
+    with pytest.warns(UserWarning, match=r"--size 32 differs from the size .*ld.pt was pre-trained at \(24\)"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            seg.run(p.parse_args(base + ["--size", "32"]))
+    assert seen[-1] == (4, 32, 32)

@@ -1,6 +1,15 @@
 """``ld-ext bench`` / ``python -m ld_ext.bench`` / ``python benchmarks/run.py``: arguments, the run
 over the sections (headline, ops, sweeps, e2e) and its outputs (results.csv, results.md,
 bench_sweep_*.png in ``--out``, written after every section).
+
+What it prints: one progress line per measured case on stderr (every implementation's time with
+``-v``), then a short summary on stdout (``report.summary_lines``: per op, fused time and the
+other implementations' time ratios, the end-to-end ratio beside them, the headline's targets).
+The full tables are in results.md (``--full`` prints them too).
+
+``--quick``: the headline, every op forward+backward against eager and compile (no published
+formulation, no per-op memory; the region loss's row is the headline's), and the end-to-end
+step; no sweeps unless ``--sections`` names them.
 """
 
 from __future__ import annotations
@@ -21,13 +30,15 @@ from ..ops import build_info
 from .cases import Settings, log, run_case, run_headline
 from .end_to_end import run_e2e
 from .memory import CPU_MEM_METHOD, CUDA_MEM_METHOD
-from .report import e2e_markdown, headline_markdown, markdown_table, plot_sweep, sweep_label, write_csv
+from .report import e2e_markdown, headline_markdown, markdown_table, plot_sweep, summary_lines, sweep_label, write_csv
 from .specs import BASE, IMPLS, OPS, Case
 from .timing import Machine
 
 __all__ = ["SECTIONS", "SWEEPS", "add_arguments", "run", "main"]
 
 SECTIONS = ("headline", "ops", "sweeps", "e2e")
+QUICK_SECTIONS = ("headline", "ops", "e2e")
+QUICK_IMPLS = ("fused", "eager", "compile")  # --quick: the ops against these, forward+backward only
 SWEEPS = ("P", "K", "D", "N", "dtype")
 
 FULL_SWEEPS = {
@@ -46,13 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smaller sweeps, compile timed only in the headline (< 3 min on a 2-core CPU)",
+        help="headline, every op (forward+backward: fused, eager, compile) and end to end; no sweeps unless "
+        "--sections names them (about 2 min on an idle 2-core CPU; longer under load)",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="print the full tables at the end (always written to OUT/results.md)"
     )
     parser.add_argument(
         "--out", default="bench_out", help="output folder for results.csv, results.md, bench_*.png (default: bench_out)"
     )
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+        "--sections",
+        default=None,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; with --quick {','.join(QUICK_SECTIONS)})",
     )
     parser.add_argument("--sweeps", default=None, help=f"comma-separated subset of {','.join(SWEEPS)} (default: all)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
@@ -121,7 +138,10 @@ def _validate(args: argparse.Namespace) -> dict:
             raise BenchError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-    sections = _parse_list(args.sections, SECTIONS, "sections")
+    if args.sections is None:
+        sections = list(QUICK_SECTIONS if args.quick else SECTIONS)
+    else:
+        sections = _parse_list(args.sections, SECTIONS, "sections")
     sweeps = _parse_list(args.sweeps, SWEEPS, "sweeps") if args.sweeps is not None else list(SWEEPS)
     impls = _parse_list(args.impls, IMPLS, "impls")
     if "fused" not in impls:
@@ -225,6 +245,7 @@ def _run(args: argparse.Namespace, v: dict) -> int:
         memory=not args.no_memory,
         compile_dynamic=False,
         target_sample_s=0.002 if tiny else (0.02 if device.type == "cpu" else 0.01),
+        verbose=bool(getattr(args, "verbose", False)),
     )
     base = Case(N=2, D=4, K=3, H=8, W=8, M=16) if tiny else Case(**BASE)
     machine = Machine(device, tiny=tiny)
@@ -234,19 +255,26 @@ def _run(args: argparse.Namespace, v: dict) -> int:
     report = _Report(args.out, _report_header(args, v, stamp, env, seed))
     measured: dict = {}  # region-loss case -> (impls, rows): a sweep point equal to one already measured is reused
     if "headline" in v["sections"]:
+        _progress(t_start, "headline: region loss fwd+bwd, fused vs eager vs compile")
         _headline_section(report, settings, machine, base, tiny)
     report.save_partial()
     if "ops" in v["sections"]:
-        _ops_section(report, args, settings, machine, base, measured)
+        _ops_section(report, args, settings, machine, base, measured, t_start)
     report.save_partial()
     if "sweeps" in v["sections"]:
-        _sweeps_section(report, args, v, settings, machine, base, measured)
+        _sweeps_section(report, args, v, settings, machine, base, measured, t_start)
     report.save_partial()
     if "e2e" in v["sections"]:
+        _progress(t_start, "end to end: LD training steps, fused vs plain-PyTorch losses")
         _e2e_section(report, settings, v, tiny)
     report.save_partial()
-    _finish_report(report, args, machine, t_start)
+    _finish_report(report, args, machine, t_start, base)
     return 0
+
+
+def _progress(t_start: float, what: str) -> None:
+    """One progress line on stderr: the time since the start and what is measured next."""
+    print(f"bench [{time.perf_counter() - t_start:4.0f} s] {what}", file=sys.stderr, flush=True)
 
 
 def _raise_dynamo_cache_limit() -> None:
@@ -292,7 +320,6 @@ def _report_header(args: argparse.Namespace, v: dict, stamp: str, env: str, seed
 
 
 def _headline_section(report: _Report, settings: Settings, machine: Machine, base: Case, tiny: bool) -> None:
-    print("== headline", file=sys.stderr, flush=True)
     rows, extra = run_headline(settings, machine, base, rss=not tiny)
     report.rows += rows
     text = headline_markdown(rows, extra, base)
@@ -307,21 +334,31 @@ def _headline_section(report: _Report, settings: Settings, machine: Machine, bas
         text,
         "",
     ]
-    print("\n" + text + "\n", flush=True)
 
 
-def _ops_section(report: _Report, args, settings: Settings, machine: Machine, base: Case, measured: dict) -> None:
-    print("== ops", file=sys.stderr, flush=True)
-    ops_settings = settings
-    if args.quick and "compile" in settings.impls:
-        ops_settings = replace(settings, impls=tuple(i for i in settings.impls if i != "compile"))
+def _ops_section(
+    report: _Report, args, settings: Settings, machine: Machine, base: Case, measured: dict, t_start: float
+) -> None:
+    """Every op at the base case: forward and forward+backward against every implementation, or
+    with --quick forward+backward against eager and compile, without the per-op memory, the region
+    loss taken from the headline when it ran."""
+    ops_settings, modes = settings, ("fwd", "fwd+bwd")
+    if args.quick:
+        ops_settings = replace(settings, impls=tuple(i for i in settings.impls if i in QUICK_IMPLS), memory=False)
+        modes = ("fwd+bwd",)
         report.notes.append(
-            "--quick: torch.compile is timed only in the headline (compile time dominates a quick run)."
+            "--quick: the ops forward+backward only, against eager and compile (no published formulation, no "
+            "per-op memory); the region loss's row is the headline's."
         )
+    headline = [r for r in report.rows if r["section"] == "headline"]
     rows = []
-    for spec in OPS.values():
+    for n, spec in enumerate(OPS.values(), 1):
+        if args.quick and spec.name == "region_loss" and headline:
+            rows += [dict(r, section="ops") for r in headline]
+            continue
+        _progress(t_start, f"ops {n}/{len(OPS)}: {spec.name} {', '.join(modes)}")
         torch._dynamo.reset()
-        op_rows = run_case(spec, base, ops_settings, machine, section="ops")
+        op_rows = run_case(spec, base, ops_settings, machine, modes=modes, section="ops")
         if spec.name == "region_loss" and "compile" not in ops_settings.impls:
             measured[base] = (ops_settings.impls, op_rows)  # the sweeps reuse it for their base point
         rows += op_rows
@@ -346,7 +383,7 @@ def _sweep_settings(report: _Report, args, settings: Settings) -> Settings:
 
 
 def _sweeps_section(
-    report: _Report, args, v: dict, settings: Settings, machine: Machine, base: Case, measured: dict
+    report: _Report, args, v: dict, settings: Settings, machine: Machine, base: Case, measured: dict, t_start: float
 ) -> None:
     sweep_sets = TINY_SWEEPS if args.tiny else (QUICK_SWEEPS if args.quick else FULL_SWEEPS)
     sw_settings = _sweep_settings(report, args, settings)
@@ -362,7 +399,7 @@ def _sweeps_section(
     ]
     torch._dynamo.reset()
     for sweep in v["sweeps"]:
-        print(f"== sweep {sweep}", file=sys.stderr, flush=True)
+        _progress(t_start, f"sweep {sweep}")
         points = _sweep_points(sweep, base, sweep_sets, settings.device)
         rows = _sweep_rows(sweep, points, args, settings, sw_settings, machine, measured)
         report.rows += rows
@@ -414,7 +451,6 @@ def _plot_sweep(report: _Report, rows: list[dict], sweep: str, out: str) -> None
 
 
 def _e2e_section(report: _Report, settings: Settings, v: dict, tiny: bool) -> None:
-    print("== e2e", file=sys.stderr, flush=True)
     bs, size = (1, 16) if tiny else (4, 128)
     rows, how = run_e2e(settings, batch_size=bs, size=size, steps=v["e2e_steps"], warmup=1 if tiny else 2)
     report.rows += rows
@@ -422,8 +458,9 @@ def _e2e_section(report: _Report, settings: Settings, v: dict, tiny: bool) -> No
     report.md += [e2e_markdown(rows, how) if rows else how, ""]
 
 
-def _finish_report(report: _Report, args, machine: Machine, t_start: float) -> None:
-    """The measured device rates, run time and notes; results.csv and results.md, also printed."""
+def _finish_report(report: _Report, args, machine: Machine, t_start: float, base: Case) -> None:
+    """The measured device rates, run time and notes; results.csv and results.md written; the summary
+    printed (and with --full the whole report)."""
     md = report.md
     if machine._bw is not None:
         md.append(
@@ -436,11 +473,29 @@ def _finish_report(report: _Report, args, machine: Machine, t_start: float) -> N
     elapsed = time.perf_counter() - t_start
     md += [f"Run time {elapsed:.0f} s (compile time included)."] + [f"Note: {n}" for n in report.notes]
     report.save()
-    print("\n".join(md), flush=True)
+    if args.full:
+        print("\n".join(md) + "\n", flush=True)
+    print(_summary_title(args, machine, elapsed, base), flush=True)
+    print("\n".join(summary_lines(report.rows)), flush=True)
+    plots = "" if args.no_plots or "sweeps" not in {r["section"] for r in report.rows} else ", bench_sweep_*.png"
     print(
-        f"\nwrote {report.csv_path}, {report.md_path}"
-        + ("" if args.no_plots else " and bench_sweep_*.png where plotted"),
+        f"full tables: {report.md_path} (also {report.csv_path}{plots})"
+        + ("" if args.full else "; --full prints them"),
         flush=True,
+    )
+
+
+def _summary_title(args, machine: Machine, elapsed: float, base: Case) -> str:
+    load = ""
+    if machine.device.type == "cpu":
+        try:
+            load = f", load average {os.getloadavg()[0]:.1f} at the end"
+        except OSError:
+            pass
+    return (
+        f"\nld-ext bench summary ({machine.device.type}{', quick' if args.quick else ''}; {elapsed:.0f} s{load}); "
+        f"base case N={base.N} D={base.D} K={base.K} {base.H}x{base.W} {base.dtype}, ratios = time / fused time "
+        "in this run:"
     )
 
 

@@ -15,6 +15,8 @@ __all__ = [
     "write_csv",
     "markdown_table",
     "headline_markdown",
+    "headline_targets",
+    "summary_lines",
     "e2e_markdown",
     "plot_sweep",
 ]
@@ -219,26 +221,78 @@ def headline_markdown(rows: list[dict], extra: dict, case: Case) -> str:
                 f"{100.0 * (res['peak_rss_increase'] - grads) / res['input_bytes']:.1f}% of the inputs beyond "
                 "the gradients."
             )
-    if f is not None and f["status"] == "ok":
-        checks = []
-        e, c = by.get("eager"), by.get("compile")
-        if e is not None and e["status"] == "ok":
-            checks.append(
-                f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} "
-                f"({e['speedup_of_fused']:.2f}x)"
-            )
-        if c is not None and c["status"] == "ok":
-            checks.append(
-                f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} "
-                f"({c['speedup_of_fused']:.2f}x)"
-            )
-        if f.get("extra_mem_pct", "") != "":
-            checks.append(
-                f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} "
-                f"({f['extra_mem_pct']:.1f}%)"
-            )
-        out.append("Targets: " + "; ".join(checks) + ".")
+    targets = headline_targets(rows)
+    if targets:
+        out.append(targets)
     return "\n".join(out)
+
+
+def headline_targets(rows: list[dict]) -> str:
+    """The headline's targets (fused >= 6x eager, faster than compile, extra memory < 10% of the
+    inputs), met or not, as one sentence; "" when the fused row did not run."""
+    by = {r["impl"]: r for r in rows}
+    f = by.get("fused")
+    if f is None or f["status"] != "ok":
+        return ""
+    checks = []
+    e, c = by.get("eager"), by.get("compile")
+    if e is not None and e["status"] == "ok":
+        checks.append(
+            f"fused >= 6x eager: {'met' if e['speedup_of_fused'] >= 6 else 'NOT met'} ({e['speedup_of_fused']:.2f}x)"
+        )
+    if c is not None and c["status"] == "ok":
+        checks.append(
+            f"fused faster than compile: {'met' if c['speedup_of_fused'] > 1 else 'NOT met'} "
+            f"({c['speedup_of_fused']:.2f}x)"
+        )
+    if f.get("extra_mem_pct", "") != "":
+        checks.append(
+            f"extra memory < 10% of inputs: {'met' if f['extra_mem_pct'] < 10 else 'NOT met'} "
+            f"({f['extra_mem_pct']:.1f}%)"
+        )
+    return "Targets: " + "; ".join(checks) + "."
+
+
+def _ratio_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r["status"] != "ok":
+        return "skip" if str(r["status"]).startswith("skipped") else "error"
+    return _fmt_x(r.get("speedup_of_fused", ""))
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """A short summary of a run, one line per op (forward+backward at the base case; the region loss
+    from the headline when it ran) and one for the end-to-end training step, side by side: the fused
+    time and every other implementation's time / fused time; then the headline's targets."""
+    impls = [i for i in IMPLS[1:] if any(r["impl"] == i and r["section"] in ("headline", "ops") for r in rows)]
+    groups: dict = {}
+    for r in rows:
+        if r["section"] == "headline" or (r["section"] == "ops" and r["mode"] == "fwd+bwd"):
+            key = r["op"] + (" (headline)" if r["section"] == "headline" else "")
+            if r["section"] == "ops" and r["op"] + " (headline)" in groups:
+                continue
+            groups.setdefault(key, {})[r["impl"]] = r
+    e2e = {r["impl"]: r for r in rows if r["section"] == "e2e"}
+    width = 31
+    lines = [
+        f"{'fwd+bwd, time / fused time':<{width}} {'fused ms':>9}" + "".join(f" {i + '/fused':>15}" for i in impls)
+    ]
+    for op, by in groups.items():
+        f = by.get("fused")
+        ms = _fmt_ms(f["median_ms"]) if f is not None and f["status"] == "ok" else "error"
+        lines.append(f"{op:<{width}} {ms:>9}" + "".join(f" {_ratio_cell(by.get(i)):>15}" for i in impls))
+    if "fused" in e2e and "reference" in e2e:
+        ratio = e2e["reference"]["median_ms"] / e2e["fused"]["median_ms"]
+        cells = [f"{ratio:.2f}x" if i == "eager" else "-" for i in impls]
+        lines.append(
+            f"{'LD training step (end to end)':<{width}} {_fmt_ms(e2e['fused']['median_ms']):>9}"
+            + "".join(f" {c:>15}" for c in cells)
+            + ("" if "eager" in impls else f"  plain/fused {ratio:.2f}x")
+        )
+        lines.append("  (end to end: eager = the plain-PyTorch losses in the same training step)")
+    targets = headline_targets([r for r in rows if r["section"] == "headline"])
+    return lines + ([targets] if targets else [])
 
 
 def e2e_markdown(rows: list[dict], how: str) -> str:

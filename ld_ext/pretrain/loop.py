@@ -715,7 +715,7 @@ def _stage3_and_final_model(cfg, info, model, dataset, out, records, metrics_pat
             write_jsonl(metrics_path, records)
     if info.is_main:
         with defer_signals():
-            final = {"config": _plain_model(model).config, "model": _unwrap_state(model)}
+            final = {"config": _plain_model(model).config, "model": _unwrap_state(model), "train_config": cfg.to_dict()}
             if centre:
                 final.update({"centre_term": centre, LANDMARK_KEY: _unwrap_state(landmark_net)})
             save_checkpoint(out / "model.pt", final)

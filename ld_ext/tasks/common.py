@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,6 +47,10 @@ __all__ = [
     "warp_image",
     "model_input",
     "load_ld_model",
+    "load_ld_model_and_size",
+    "checkpoint_train_size",
+    "train_size_of",
+    "task_size",
     "describe_part",
     "embed",
     "atomic_write_text",
@@ -409,10 +414,57 @@ def load_ld_model(path, part: str = "representation"):
     or ``"landmark"`` (``ld-ext landmark``: the network after the centre-sensitive term of stage 3,
     when the file has one). See ``ld_ext.checkpoint.load_model``.
     """
+    return load_ld_model_and_size(path, part)[0]
+
+
+def load_ld_model_and_size(path, part: str = "representation"):
+    """``load_ld_model`` and ``train_size_of`` of the same file, read once: (LDNet, size or None)."""
     ckpt = load_checkpoint(path, map_location="cpu")  # read once: the network and what the file holds
     model = model_from_checkpoint(ckpt, f"checkpoint {path}", part)
     logger.info("%s: %s", path, describe_part(checkpoint_parts(ckpt), part))
-    return model
+    return model, train_size_of(ckpt)
+
+
+def train_size_of(ckpt) -> int | None:
+    """The image side a checkpoint's network was pre-trained at: ``train_config["size"]`` (written by
+    ``ld-ext pretrain`` into model.pt and its stage files), or None when the file does not record it
+    (a plain state dict, a network saved by hand, a file of an older ld_ext)."""
+    tc = ckpt.get("train_config") if isinstance(ckpt, dict) else None
+    size = tc.get("size") if isinstance(tc, dict) else None
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1 << 16:
+        return None
+    return size
+
+
+def checkpoint_train_size(path) -> int | None:
+    """``train_size_of`` the checkpoint file ``path`` (read with the checks of ``load_checkpoint``)."""
+    return train_size_of(load_checkpoint(path, map_location="cpu"))
+
+
+def task_size(size: int | None, trained: int | None, checkpoint, default: int | None = None) -> int | None:
+    """The image side a task resizes its images to, given ``--size`` (``size``, None if not given)
+    and the side the network of ``checkpoint`` was pre-trained at (``trained``, None if unknown).
+
+    No --size: the training side when known (one log line says so), else ``default`` (None: the
+    images' own size). A --size other than the training side is used as given, with a warning that
+    names both: the network then sees every structure at another scale than it learnt."""
+    if size is None:
+        if trained is not None:
+            logger.info(
+                "--size: images resized to %dx%d, the size %s was pre-trained at (give --size to change it)",
+                trained,
+                trained,
+                checkpoint,
+            )
+            return trained
+        return default
+    if trained is not None and size != trained:
+        warnings.warn(
+            f"--size {size} differs from the size {checkpoint} was pre-trained at ({trained}): the network sees "
+            f"structures at {size / trained:.2g}x the scale it learnt; leave --size out to use {trained}",
+            stacklevel=2,
+        )
+    return size
 
 
 def describe_part(has: dict, part: str) -> str:

@@ -601,7 +601,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"L2 penalty of the linear probe (default {DEFAULT_WEIGHT_DECAY})",
     )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
-    parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize images and masks to SIZE x SIZE (default: the size the checkpoint was pre-trained at, when it "
+        "records it; else the images' own size)",
+    )
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
 
 
@@ -615,12 +621,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    model = common.load_ld_model(args.checkpoint)
+    model, trained = common.load_ld_model_and_size(args.checkpoint)
+    size = common.task_size(args.size, trained, args.checkpoint)
     results = []
     images = None
     for mdir in args.masks:
         pairs = common.pair_images_masks(args.images, mdir)
-        imgs, masks = common.load_pairs(pairs, args.size)
+        imgs, masks = common.load_pairs(pairs, size)
         if min(imgs.shape[1:]) < 16:
             raise ValueError(f"images must be at least 16x16 pixels, got {imgs.shape[2]}x{imgs.shape[1]}")
         feats = baseline_feature_sets(model, imgs, args.features)
@@ -644,7 +651,12 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out),
         results,
         images,
-        {"checkpoint": str(args.checkpoint), "features": args.features, "weight_decay": args.weight_decay},
+        {
+            "checkpoint": str(args.checkpoint),
+            "features": args.features,
+            "weight_decay": args.weight_decay,
+            "size": size,
+        },
     )
     print(md)
     print(f"wrote {args.out}")

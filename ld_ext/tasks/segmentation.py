@@ -484,7 +484,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw training pairs among all pairs, also those whose mask is empty (default: only non-empty)",
     )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
-    parser.add_argument("--size", type=int, default=None, help="resize images and masks to SIZE x SIZE")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize images and masks to SIZE x SIZE (default: the size the checkpoint was pre-trained at, when it "
+        "records it; else the images' own size)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
 
@@ -497,8 +503,9 @@ def run(args: argparse.Namespace) -> int:
         common.check_positive_int("--size", args.size, 16)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    size = common.task_size(args.size, common.checkpoint_train_size(args.checkpoint), args.checkpoint)
     pairs = common.pair_images_masks(args.images, args.masks)
-    images, masks = common.load_pairs(pairs, args.size)
+    images, masks = common.load_pairs(pairs, size)
     if min(images.shape[1:]) < 16:
         raise ValueError(f"images must be at least 16x16 pixels, got {images.shape[2]}x{images.shape[1]}")
     common.check_positive_int("--batch", args.batch)
@@ -528,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
     r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]
     for s, files in enumerate(r["train_files"]):
         print(f"seed {s}: trained on {', '.join(files)}")
-    md = write_results(Path(args.out), [r], images, masks, args.shots, args.seeds)
+    md = write_results(Path(args.out), [r], images, masks, args.shots, args.seeds, {"size": size})
     print(md)
     print(f"wrote {args.out}")
     return 0

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 PRIOR_THRESHOLD = 0.1
+DEFAULT_SIZE = 96  # image side without --size and without a checkpoint that records its training size
 DEFAULT_CLUSTERS = 8  # K of a fresh clustering branch when neither a checkpoint's nor --clusters is given
 
 
@@ -453,7 +454,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (checkpoints, results.json/md, PNG)")
     parser.add_argument("--checkpoint", default=None, help="initialise from this LD checkpoint (default: random)")
     parser.add_argument(
-        "--size", type=int, default=96, help="images and priors are resized to SIZE x SIZE (default 96)"
+        "--size",
+        type=int,
+        default=None,
+        help=f"images and priors are resized to SIZE x SIZE (default: the size --checkpoint was pre-trained at, "
+        f"when it records it; else {DEFAULT_SIZE})",
     )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument(
@@ -490,7 +495,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common.check_positive_int("--size", args.size, 16)
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
     common.check_positive_int("--steps", args.steps)
     if args.clusters is not None:
         common.check_positive_int("--clusters", args.clusters, 2)
@@ -500,16 +506,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not args.d_lr_factor > 0:
         raise ValueError(f"--d-lr-factor must be > 0, got {args.d_lr_factor}")
+    trained = common.checkpoint_train_size(args.checkpoint) if args.checkpoint is not None else None
+    size = common.task_size(args.size, trained, args.checkpoint, default=DEFAULT_SIZE)
     prior_files = common.list_images(args.priors, "priors")
-    priors = np.stack(
-        [common.resize_image(common.load_mask(p).astype(np.float32), args.size) > 0.5 for p in prior_files]
-    )
+    priors = np.stack([common.resize_image(common.load_mask(p).astype(np.float32), size) > 0.5 for p in prior_files])
     if masks_dir := args.masks:
         pairs = common.pair_images_masks(args.images, masks_dir)
-        images, masks = common.load_pairs(pairs, args.size)
+        images, masks = common.load_pairs(pairs, size)
     else:
         files = common.list_images(args.images, "images")
-        images = np.stack([common.resize_image(common.scale_intensity(common.load_image(f)), args.size) for f in files])
+        images = np.stack([common.resize_image(common.scale_intensity(common.load_image(f)), size) for f in files])
         masks = None
     res = shape_guided_experiment(
         images,

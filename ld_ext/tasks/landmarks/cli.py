@@ -11,9 +11,10 @@ import numpy as np
 from ...checkpoint import load_checkpoint
 from .. import common
 from .centre_term import train_centre_sensitive
-from .evaluation import evaluate_methods, make_eval_targets, plot_landmarks, table_markdown
+from .evaluation import evaluate_methods, make_eval_targets, table_markdown
 from .locator import LandmarkLocator
 from .points import load_points
+from .report import flag_predictions, plot_targets, predictions_table
 from .pretrain_stage import centre_term_record
 from .pooling import (
     DEFAULT_EDGE,
@@ -37,7 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", required=True, help="landmarks of the template, JSON (x = column, y = row)")
     parser.add_argument("--targets", default=None, help="folder of target images to annotate")
     parser.add_argument("--out", required=True, help="output JSON (a PNG is written beside it)")
-    parser.add_argument("--size", type=int, default=None, help="resize template and targets to SIZE x SIZE first")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize template and targets to SIZE x SIZE first (default: the size the checkpoint was pre-trained "
+        "at, when it records it; else their own size); predictions are given in each target's own pixels",
+    )
     parser.add_argument("--radii", type=int, nargs="+", default=list(DEFAULT_RADII), help="pooling radii (px)")
     parser.add_argument("--pooling", choices=POOLING_MODES, default="gaussian")
     parser.add_argument(
@@ -108,7 +115,8 @@ def _load_scaled(path, size):
 
 def run(args: argparse.Namespace) -> int:
     _check_task_args(args)
-    model = common.load_ld_model(args.checkpoint, part="landmark")
+    model, trained = common.load_ld_model_and_size(args.checkpoint, part="landmark")
+    args = argparse.Namespace(**{**vars(args), "size": common.task_size(args.size, trained, args.checkpoint)})
     in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None
     template, names, points = _template_and_points(args)
     out = Path(args.out)
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate:
         _evaluate(args, model, template, points, search, result)
     common.atomic_write_json(out, result)
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if args.targets is not None else ""))
     return 0
 
 
@@ -167,13 +175,27 @@ def _template_and_points(args: argparse.Namespace) -> tuple[np.ndarray, list[str
     raw = common.load_image(args.template)
     template = _load_scaled(args.template, args.size)
     names, points = load_points(args.points)
+    _check_inside(args, names, points, raw.shape)
     if args.size is not None:  # points are given on the template as stored
         sy, sx = template.shape[0] / raw.shape[0], template.shape[1] / raw.shape[1]
         points = np.stack([(points[:, 0] + 0.5) * sx - 0.5, (points[:, 1] + 0.5) * sy - 0.5], 1)
-    h, w = template.shape
-    if ((points[:, 0] < 0) | (points[:, 0] > w - 1) | (points[:, 1] < 0) | (points[:, 1] > h - 1)).any():
-        raise ValueError(f"points: every landmark must lie inside the template ({w}x{h} px)")
+    h, w = template.shape  # a point on the outermost pixel centre may fall just outside after a resize
+    points = np.stack([np.clip(points[:, 0], 0, w - 1), np.clip(points[:, 1], 0, h - 1)], 1)
     return template, names, points
+
+
+def _check_inside(args: argparse.Namespace, names: list[str], given: np.ndarray, shape: tuple[int, int]) -> None:
+    """Every landmark of --points within the template as stored (pixel centres 0..W-1, 0..H-1)."""
+    h, w = shape
+    x, y = given[:, 0], given[:, 1]
+    bad = np.flatnonzero((x < 0) | (x > w - 1) | (y < 0) | (y > h - 1))
+    if len(bad):
+        which = ", ".join(f"#{i} {names[i]!r} at ({x[i]:g}, {y[i]:g})" for i in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"--points {args.points}: {len(bad)} landmark(s) outside the template {args.template} ({w}x{h} px, "
+            f"x in 0..{w - 1}, y in 0..{h - 1}): {which}{more}"
+        )
 
 
 def _tune_centre_term(args: argparse.Namespace, model, template: np.ndarray, result: dict):
@@ -200,34 +222,66 @@ def _locate_targets(
     result: dict,
     out: Path,
 ) -> None:
-    """--targets: the landmarks of every target image in its own pixels, and a PNG of the first."""
+    """--targets: the landmarks of every target image in its own pixels, with a score and the
+    plausibility flags of each (``report``); a table printed, warnings for flagged ones, and a PNG
+    of every target."""
     t_emb, _ = common.embed(model, template[None])
     loc = LandmarkLocator(
         args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional, **search
     ).fit(t_emb.double(), points)
-    preds = {}
     files = common.list_images(args.targets, "targets")
     from tqdm import tqdm
 
-    first = None
-    sizes = {}
+    preds, scores, flags, sizes, rows, panels = {}, {}, {}, {}, [], []
     for f in tqdm(files, desc="landmarks"):
         img = _load_scaled(f, args.size)
-        p = loc.locate_image(model, img)
+        p, info = loc.locate_image(model, img, return_info=True)
         own = common.load_image(f).shape if args.size is not None else img.shape
         # back to the target's own pixels (pixel centres map onto pixel centres)
         sy, sx = own[0] / img.shape[0], own[1] / img.shape[1]
-        preds[f.name] = {n: [float((x + 0.5) * sx - 0.5), float((y + 0.5) * sy - 0.5)] for n, (x, y) in zip(names, p)}
+        xy = np.stack([(p[:, 0] + 0.5) * sx - 0.5, (p[:, 1] + 0.5) * sy - 0.5], 1)
+        why = flag_predictions(p, img.shape, points, template.shape)
+        preds[f.name] = {n: [float(x), float(y)] for n, (x, y) in zip(names, xy)}
+        scores[f.name] = {n: round(float(v), 4) for n, v in zip(names, info["scores"])}
+        if any(why):
+            flags[f.name] = {n: w for n, w in zip(names, why) if w}
         sizes[f.name] = [int(own[1]), int(own[0])]
-        if first is None:
-            first = (img, p)
-    result["predictions"] = preds
+        rows += [
+            dict(file=f.name, index=i, name=n, x=xy[i, 0], y=xy[i, 1], score=float(info["scores"][i]), flags=why[i])
+            for i, n in enumerate(names)
+        ]
+        panels.append((f.name, img, p, why))
+    result.update(predictions=preds, scores=scores, flags=flags)
     result["frame"] = (
         "predictions are [x, y] = [column, row] in each target's own pixels (the file as stored, "
-        "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]"
+        "before any --size resize; 0 = the first pixel's centre); target_sizes gives [width, height]; "
+        "scores: cosine similarity of the landmark's descriptor at the prediction (1 = identical); "
+        "flags: implausible predictions (outside the image, on its border, or far from the template's position)"
     )
     result["target_sizes"] = sizes
-    plot_landmarks(out.with_suffix(".png"), template, points, first[0], None, {"LD": first[1]}, files[0].name)
+    print(predictions_table(rows))
+    _warn_flags(rows, sizes)
+    plot_targets(out.with_suffix(".png"), template, points, names, panels, Path(args.template).name)
+
+
+def _warn_flags(rows: list[dict], sizes: dict) -> None:
+    """One warning per flagged prediction (the first 20; then one line with the count)."""
+    bad = [r for r in rows if r["flags"]]
+    for r in bad[:20]:
+        w, h = sizes[r["file"]]
+        logger.warning(
+            "target %s, landmark #%d %r at (%.1f, %.1f) in its %dx%d px: %s",
+            r["file"],
+            r["index"],
+            r["name"],
+            r["x"],
+            r["y"],
+            w,
+            h,
+            "; ".join(r["flags"]),
+        )
+    if len(bad) > 20:
+        logger.warning("%d more implausible predictions: see 'flags' in the output JSON", len(bad) - 20)
 
 
 def _evaluate(

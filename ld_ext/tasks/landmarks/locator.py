@@ -137,10 +137,15 @@ class LandmarkLocator:
         return (out, maps) if return_maps else out
 
     @torch.no_grad()
-    def locate_image(self, model, image: np.ndarray, target_emb: torch.Tensor | None = None) -> np.ndarray:
+    def locate_image(self, model, image: np.ndarray, target_emb: torch.Tensor | None = None, return_info: bool = False):
         """Landmark positions (M, 2) in a target image (H, W) in [0, 1], embedded with the LD
         network ``model`` (``target_emb``: its embeddings if already computed); with ``rectified``
-        the second pass embeds the target resampled into the template frame."""
+        the second pass embeds the target resampled into the template frame.
+
+        ``return_info``: (positions, info) with info = the search's (``"affine"``: the template ->
+        target affine or None, ``"inliers"``) and ``"scores"`` (M,): each landmark's cosine similarity
+        (``score_maps``) at the target pixel nearest its position (clamped into the image): 1 = the
+        target's pooled descriptor there equals the template's."""
         if self.protos is None:
             raise RuntimeError("call fit() first")
         dtype = self.protos.dtype
@@ -149,14 +154,22 @@ class LandmarkLocator:
         def fn(img):
             return self.match(common.embed(model, np.asarray(img, dtype=np.float32)[None])[0].to(dtype))
 
-        out, _ = locate_image(
+        first = self.match(emb.to(dtype))
+        out, info = locate_image(
             fn,
             image,
             self.points,
             self.template_shape,
             rectified=self.rectified,
-            maps=self.match(emb.to(dtype)),
+            maps=first,
             passes=self.passes,
             **self.search,
         )
-        return out
+        if not return_info:
+            return out
+        maps = split_matcher_output(first)[0]
+        h, w = maps.shape[-2:]
+        ix = np.clip(np.rint(out[:, 0]), 0, w - 1).astype(int)
+        iy = np.clip(np.rint(out[:, 1]), 0, h - 1).astype(int)
+        info["scores"] = maps[torch.arange(len(out)), torch.as_tensor(iy), torch.as_tensor(ix)].double().numpy()
+        return out, info
