@@ -23,10 +23,10 @@ from .pretrain import (
     kmeans_1d,
     nmi_sentence,
     normalized_mutual_info,
-    probe_scores,
     run_pretrain_demo,
     score_methods,
 )
+from .probe_table import probe_scores
 from .tasks import TASKS, add_task_arguments, run_task_demo
 
 __all__ = [
