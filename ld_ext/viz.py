@@ -39,7 +39,8 @@ def new_figure(**kwargs):
 
 
 def cluster_palette(k: int) -> np.ndarray:
-    """(k, 3) uint8 distinct colours (tab20 then evenly spaced hues)."""
+    """(k, 3) uint8 distinct colours (tab20 with its two grays replaced, then evenly spaced hues); no
+    colour is gray, so a label is never mistaken for the neutral gray of masked-out pixels."""
     base = np.array(
         [
             [31, 119, 180],
@@ -49,7 +50,7 @@ def cluster_palette(k: int) -> np.ndarray:
             [148, 103, 189],
             [140, 86, 75],
             [227, 119, 194],
-            [127, 127, 127],
+            [0, 60, 130],  # tab20's gray replaced: gray reads as "not coloured" (NEUTRAL_RGB)
             [188, 189, 34],
             [23, 190, 207],
             [174, 199, 232],
@@ -59,7 +60,7 @@ def cluster_palette(k: int) -> np.ndarray:
             [197, 176, 213],
             [196, 156, 148],
             [247, 182, 210],
-            [199, 199, 199],
+            [255, 215, 0],  # tab20's light gray replaced, as above
             [219, 219, 141],
             [158, 218, 229],
         ],

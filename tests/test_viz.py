@@ -68,3 +68,9 @@ def test_mask_grid_of_16_panels_stays_under_1600_px_and_crops_around_the_structu
     assert ys.stop - ys.start == 64 and xs.start == 0 and ys.start <= 90 and ys.stop >= 96
     with pytest.raises(ValueError, match="panels for 4 column titles"):
         viz.save_mask_grid(tmp_path / "q.png", [("a", [panel])], ["1", "2", "3", "4"])
+
+
+def test_no_cluster_colour_is_gray():
+    pal = viz.cluster_palette(40).astype(int)
+    assert (pal.max(1) - pal.min(1) > 30).all()  # every colour saturated: none reads as the neutral gray
+    assert len({tuple(c) for c in pal}) == 40

@@ -1,21 +1,25 @@
 """``ld-ext demo`` (the default, ``--task pretrain``): pre-train LD on the MNI152 template shipped in \
-nilearn and score its clusters.
+nilearn and score what it learned.
 
 Nothing is downloaded: the MNI152 2009a T1 template and its grey/white-matter probability maps
 are files inside the ``nilearn`` wheel; they are read with nibabel. Axial slices that contain
 brain are made 128x128 (padded to a square, resized); every 5th slice is held out. The network
-is pre-trained (both stages, a small budget) on the other slices on the CPU; checkpoint, metrics
-and overlays go to ``--out``. Then each method's cluster map on the held-out slices is scored
-against tissue labels made from the probability maps (background outside the brain; inside,
-the arg-max of CSF = 1 - GM - WM, GM and WM) by normalised mutual information (NMI, arithmetic
-normalisation), for: the trained network (arg-max of its K cluster logits), the same network
-untrained, and k-means (K clusters) on the raw intensities. On a T1 template the tissue classes
-are intensity classes, so NMI favours k-means by construction; the demo therefore ends with a
-second table that measures what a pixel representation is for: a linear probe
-(``ld_ext.tasks.probe``) of small structures (ventricles, striatum, thalamus, corpus callosum;
-``ld_ext.demos.mni.STRUCTURES``) on the held-out slices, LD's frozen embedding against the
-untrained network, intensity + local means and a position control (``probe_scores``). Each table
-is followed by one sentence saying what its numbers mean.
+is pre-trained on the other slices on the CPU: stages 1-2 by ``ld_ext.train.pretrain`` (a fixed
+number of steps), then stage 3, the centre-sensitive landmark term, as ``ld-ext pretrain`` runs it
+(``run_stage3``), so that ``OUT/model.pt`` serves every task command. Then two tables on the held-out
+slices, each followed by one sentence saying what its numbers mean, the probe table first:
+
+* a linear probe (``ld_ext.tasks.probe``; ``ld_ext.demos.probe_table``) of small structures
+  (ventricles, striatum, thalamus, corpus callosum; ``ld_ext.demos.mni.STRUCTURES``): LD's frozen
+  embedding against the untrained network, intensity + local means and a position control;
+* the normalised mutual information (NMI, arithmetic normalisation) of each method's cluster map
+  against tissue labels made from the probability maps (background outside the brain; inside, the
+  arg-max of CSF = 1 - GM - WM, GM and WM), for the trained network (arg-max of its K cluster
+  logits), the same network untrained and k-means (K clusters) on the raw intensities. On a T1
+  template the tissue classes are intensity classes, so NMI favours k-means by construction.
+
+One progress line covers every phase (``ld_ext.demos.progress``); at the end the outputs are listed
+(``OUTPUTS``) and the probe folder is named.
 """
 
 from __future__ import annotations
@@ -143,16 +147,18 @@ def score_methods(
 EPOCHS1, EPOCHS2, STEPS_PER_EPOCH = 4, 12, 5
 CENTRE_STEPS = 25
 
-# Prior seconds per step of each phase of the demo on an idle 2-core CPU at the defaults (the
+# Prior seconds per step of each phase of the demo at the defaults on an idle 2-core CPU (the
 # progress line scales them by the speed measured on the steps done; they only shape its estimate
-# of the time left).
+# of the time left). Their ratios are those measured on 2026-12-06 (docs/history.md: late training
+# steps 5 s, stage-3 steps 1.9 s, probe steps 5.9 s, cluster-score steps 1.6 s on one thread of the
+# loaded machine), scaled to about 1.1 s per training step.
 PHASE_SECONDS = {
-    "reading the data": 10.0,
+    "reading the data": 5.0,
     "pre-training": 1.1,
-    "stage 3": 1.3,
-    "cluster scores": 2.0,
-    "probe": 3.0,
-    "figures": 2.0,
+    "stage 3": 0.4,
+    "cluster scores": 0.4,
+    "probe": 1.3,
+    "figures": 0.5,
 }
 
 
