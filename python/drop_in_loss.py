@@ -101,7 +101,7 @@ def two_views(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.T
 
 
 def published_clustering_loss(z: torch.Tensor, logits: torch.Tensor, tau: float = 0.2):
-    """The published formulation in plain PyTorch (README "Drop-in use"), for comparison only."""
+    """The published formulation in plain PyTorch (docs/reference.md, "Drop-in use"), for comparison only."""
     emb = z / (z.norm(dim=1, keepdim=True) + 1e-10)
     att = torch.sigmoid(logits) + 1e-9
     att = att / att.sum(dim=1, keepdim=True)

@@ -12,7 +12,7 @@ from ld_ext.models import LDNet
 from ld_ext.demos import landmark, mni, tasks
 
 # the demo data ship inside nilearn and are read with nibabel (the `demo` and `medical` extras);
-# README: "Tests of DICOM, NIfTI and the demos skip when pydicom, nibabel or nilearn is not installed"
+# README: "tests of DICOM, NIfTI and the demos skip when `pydicom`, `nibabel` or `nilearn` is missing"
 pytest.importorskip("nilearn", reason="the demo data ship inside nilearn")
 pytest.importorskip("nibabel", reason="the demo data are NIfTI files")
 

@@ -4,8 +4,9 @@
 * ``ld_ext.demos.mni``: the MNI152 data (template, tissue maps, small structures, landmarks);
   the one MNI152 loader of ld_ext.
 * ``ld_ext.demos.pretrain``: ``ld-ext demo`` (``--task pretrain``, the default): LD pre-training
-  on the template for a fixed number of steps, then the NMI table of its clusters and the
-  linear-probe table of small structures on held-out slices.
+  on the template for a fixed number of steps (stages 1-3), then the linear-probe table of small
+  structures on held-out slices (``ld_ext.demos.probe_table``) and the NMI table of its clusters,
+  under one progress line (``ld_ext.demos.progress``).
 * ``ld_ext.demos.tasks``: ``ld-ext demo --task finetune|probe|shape-guided``, and the shared
   short pre-training of the task demos; ``ld_ext.demos.landmark``: ``--task landmark``.
 
@@ -23,10 +24,10 @@ from .pretrain import (
     kmeans_1d,
     nmi_sentence,
     normalized_mutual_info,
-    probe_scores,
     run_pretrain_demo,
     score_methods,
 )
+from .probe_table import probe_scores
 from .tasks import TASKS, add_task_arguments, run_task_demo
 
 __all__ = [

@@ -94,7 +94,8 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (1 is fastest on an oversubscribed machine)",
+        help="torch CPU threads (1 is fastest on an oversubscribed machine); the pre-training demo picks "
+        "them by the machine's load when not given",
     )
 
 
