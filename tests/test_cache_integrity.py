@@ -265,7 +265,19 @@ def test_open_or_build_cache_and_a_multi_process_start_do_not_wait_forever(tmp_p
     with cachelock.CacheLock(tmp_path / "c" / f".{name}.lock"):  # a builder that froze
         with pytest.raises(data.CacheLockTimeout, match=r"\.lock: held by pid"):
             _build(tmp_path, lock_timeout=0.5)
-        # a torchrun process waits for rank 0's build no longer than --dist-timeout
+        # a torchrun process waits for rank 0's build no longer than --dist-timeout: the process group
+        # is joined first (here: a stand-in for one process of two), then the cache is opened
+        from ld_ext.pretrain import loop
+
+        real_init = loop.dist_utils.init_from_env
+
+        def init_one_of_two(device=None, timeout=None):
+            monkeypatch.delenv("WORLD_SIZE")
+            info = real_init(device, timeout)
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            return info
+
+        monkeypatch.setattr(loop.dist_utils, "init_from_env", init_one_of_two)
         monkeypatch.setenv("WORLD_SIZE", "2")
         cfg = train.TrainConfig(
             out=str(tmp_path / "o"), data=[str(tmp_path / "d")], cache=str(tmp_path / "c"), size=S, progress=False,
