@@ -296,7 +296,13 @@ def _out_lock(args: argparse.Namespace):
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return contextlib.nullcontext()  # the subcommand says what it expects
-    return lock_folder(args.out, "--out")
+    lock = lock_folder(args.out, "--out")
+    # outputs are never inputs: a later scan of a data folder that holds this --out skips it
+    # (e.g. `ld-ext probe --images D --out D/probe`, then a run on D)
+    from .data.readers import mark_output_folder  # lazy: ld_ext.data loads torch
+
+    mark_output_folder(args.out)
+    return lock
 
 
 def _user_error_message(exc: BaseException) -> str:

@@ -313,3 +313,24 @@ def test_data_summary_of_an_in_memory_data_set_and_of_dicom_frames():
         "data: skipped 1 file (not a regular file (not opened) 1); first: /d/fifo",
         "data: training set: 5 images of 1x64x64; 2 smaller than 64x64, upsampled",
     ]
+
+
+def test_a_task_out_inside_a_data_folder_is_never_read_as_images(tmp_path):
+    """probe/finetune/shape-guided/demo/bench mark their --out: PNGs a task writes into a folder
+    inside a data folder are not discovered by a later scan of that data folder."""
+    import argparse
+
+    from ld_ext import cli, data
+
+    d = _pngs(tmp_path / "d", n=3)
+    before = data.scan_image_files(d).files
+    for command in cli.LOCKED_OUT:
+        out = d / f"{command}_out"
+        with cli._out_lock(argparse.Namespace(command=command, out=str(out))):
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(out / "overlay.png")
+        assert (out / "overlay.png").exists()
+    assert data.scan_image_files(d).files == before
+    # an unmarked folder with the same content is scanned (the check above can fail)
+    (d / "other").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "other" / "overlay.png")
+    assert len(data.scan_image_files(d).files) == len(before) + 1

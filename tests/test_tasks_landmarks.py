@@ -770,3 +770,37 @@ def test_stage3_file_of_another_network_is_trained_again_not_a_traceback(tmp_pat
         res = train.pretrain(_stage_cfg(out, resume=True), dataset=ds)
     assert any("does not fit this network" in r.getMessage() for r in caplog.records), caplog.text
     assert res["landmark_model"] is not None and res["landmark_model"].emb_dim == 8
+
+
+def test_cli_figure_of_an_earlier_run_in_the_targets_folder_is_not_a_target(tmp_path, monkeypatch):
+    """--out inside --targets: the run's own figure (OUT.png, left by an earlier run) is never
+    located as a target."""
+    import argparse
+
+    from PIL import Image
+
+    torch.manual_seed(0)
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, LDNet(in_channels=1, emb_dim=8, n_clusters=4, widths=(4, 4, 8, 8, 8)))
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(tmp_path / "t.png")
+    targets = tmp_path / "targets"
+    targets.mkdir()
+    for name in ("a.png", "b.png", "out.png"):  # out.png: the figure of an earlier run
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(targets / name)
+    (tmp_path / "p.json").write_text(json.dumps({"apex": [10, 12]}))
+    seen = []
+
+    def locate(self, model, img, return_info=False):
+        seen.append(img)
+        return np.array([[10.0, 12.0]]), {"scores": np.array([0.9])}
+
+    monkeypatch.setattr(lm.LandmarkLocator, "locate_image", locate)
+    p = argparse.ArgumentParser()
+    lm.add_arguments(p)
+    out = targets / "out.json"
+    args = p.parse_args(["--checkpoint", str(ck), "--template", str(tmp_path / "t.png"), "--points",
+                         str(tmp_path / "p.json"), "--targets", str(targets), "--out", str(out)])
+    assert lm.run(args) == 0
+    assert len(seen) == 2
+    assert sorted(json.loads(out.read_text())["scores"]) == ["a.png", "b.png"]

@@ -130,13 +130,14 @@ def check_dir(name: str, path) -> Path:
 # ----------------------------------------------------------------------------- image I/O
 
 
-def list_images(folder, name: str = "images") -> list[Path]:
+def list_images(folder, name: str = "images", exclude=()) -> list[Path]:
     """Sorted image files under ``folder``, searched recursively with the pre-training scan
     (``ld_ext.data.scan_image_files``: extensions in ``IMAGE_EXTENSIONS``, dot-names ignored,
-    entries that are not regular files skipped unopened with a warning); none -> ValueError."""
+    entries that are not regular files skipped unopened with a warning, folders marked as ld_ext
+    outputs and the paths in ``exclude`` skipped); none -> ValueError."""
     d = check_dir(name, folder)
     try:
-        scan = _data.scan_image_files(d, name=name)
+        scan = _data.scan_image_files(d, name=name, exclude=list(exclude))
     except ValueError as exc:
         if "no supported image files" in str(exc):
             raise ValueError(

@@ -204,7 +204,10 @@ def _tune_centre_term(args: argparse.Namespace, model, template: np.ndarray, res
     if args.targets is not None:
         pool += [
             img
-            for img in (_load_scaled(f, args.size) for f in common.list_images(args.targets, "targets"))
+            for img in (
+                _load_scaled(f, args.size)
+                for f in common.list_images(args.targets, "targets", exclude=[Path(args.out).with_suffix(".png")])
+            )
             if img.shape == template.shape
         ]
     model, hist = train_centre_sensitive(model, np.stack(pool), steps=args.centre_term_steps, seed=args.seed)
@@ -229,7 +232,7 @@ def _locate_targets(
     loc = LandmarkLocator(
         args.radii, args.pooling, args.sigma_frac, edge=args.edge, fractional=args.fractional, **search
     ).fit(t_emb.double(), points)
-    files = common.list_images(args.targets, "targets")
+    files = common.list_images(args.targets, "targets", exclude=[out.with_suffix(".png")])  # its own figure
     from tqdm import tqdm
 
     preds, scores, flags, sizes, rows, panels = {}, {}, {}, {}, [], []
