@@ -679,6 +679,12 @@ def test_centre_term_record_validates():
     for bad in ({"steps": "5"}, {"steps": True}, [5], {"loss": 1.0}):
         with pytest.raises(ValueError, match="centre_term"):
             lm.centre_term_record({"centre_term": bad})
+    good = {"steps": 2, "seed": 3, "images": 6, "loss_first": 1.0, "loss_last": 1, "seconds": 0.1}
+    assert lm.centre_term_record({"centre_term": good}) == good
+    for key, value in [("loss_first", torch.tensor(1.0)), ("loss_last", "low"), ("seconds", float("nan")),
+                       ("images", 6.0), ("seed", None), ("loss_first", True)]:
+        with pytest.raises(ValueError, match=f"'centre_term' entry '{key}' must be a finite"):
+            lm.centre_term_record({"centre_term": dict(good, **{key: value})})
 
 
 def test_cli_landmark_reports_whether_the_checkpoint_carries_the_term(tmp_path, caplog):
@@ -804,3 +810,27 @@ def test_cli_figure_of_an_earlier_run_in_the_targets_folder_is_not_a_target(tmp_
     assert lm.run(args) == 0
     assert len(seen) == 2
     assert sorted(json.loads(out.read_text())["scores"]) == ["a.png", "b.png"]
+
+
+def test_stage3_file_with_a_damaged_record_is_trained_again_on_resume(tmp_path, caplog):
+    """A stage3.pt whose centre-term record holds a tensor loss (valid otherwise) was a traceback
+    (JSON) on --resume: now a warning and stage 3 again."""
+    import logging
+
+    from ld_ext import train
+    from ld_ext.bench import synthetic_images
+    from ld_ext.data import ImageFolderDataset
+    from ld_ext.tasks.landmarks import pretrain_stage
+
+    ds = ImageFolderDataset.from_tensor(synthetic_images(6, 32, seed=4))
+    out = tmp_path / "run"
+    train.pretrain(_stage_cfg(out), dataset=ds)
+    st = torch.load(out / pretrain_stage.STAGE3_FILE, weights_only=True)
+    st["centre_term"]["loss_first"] = torch.tensor(1.0)
+    save_checkpoint(out / pretrain_stage.STAGE3_FILE, st)
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        res = train.pretrain(_stage_cfg(out, resume=True), dataset=ds)
+    assert any("'loss_first' must be a finite number" in r.getMessage() and "trained again" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert isinstance(res["landmark_model"], LDNet)
+    assert isinstance(lm.centre_term_record(torch.load(out / "model.pt", weights_only=True))["loss_first"], float)

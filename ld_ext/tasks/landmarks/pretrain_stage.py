@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -51,7 +52,27 @@ def centre_term_record(state: dict) -> dict | None:
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("steps"), int) or isinstance(rec.get("steps"), bool):
         raise ValueError("checkpoint: 'centre_term' must be a dict with an int 'steps'")
+    for key, value in rec.items():
+        kind = RECORD_FIELDS.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is None or not number or (kind == "int" and not isinstance(value, int)) or not math.isfinite(value):
+            expected = f"one of {', '.join(RECORD_FIELDS)}" if kind is None else f"a finite {kind}"
+            shown = f" {value!r}" if number or isinstance(value, str) else ""
+            raise ValueError(
+                f"checkpoint: 'centre_term' entry {key!r} must be {expected}, got {type(value).__name__}{shown}"
+            )
     return rec
+
+
+# the fields of a "centre_term" record: "int", or "number" (int or float)
+RECORD_FIELDS = {
+    "steps": "int",
+    "seed": "int",
+    "images": "int",
+    "loss_first": "number",
+    "loss_last": "number",
+    "seconds": "number",
+}
 
 
 def _stage_images(dataset, seed: int) -> np.ndarray:
@@ -73,7 +94,11 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
     path = Path(out) / STAGE3_FILE
     if path.exists():
         st = load_checkpoint(path, map_location="cpu")
-        rec = centre_term_record(st)
+        try:
+            rec = centre_term_record(st)
+        except ValueError as exc:  # a damaged record: trained again, as for another network's file
+            logger.warning("centre-sensitive term (stage 3): %s: %s; trained again", path, exc)
+            rec = None
         if rec is not None and rec.get("steps") == steps and rec.get("seed") == seed:
             tuned = copy.deepcopy(model)  # the stage-2 network stays as it is: it is the representation
             try:
