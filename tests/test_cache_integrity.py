@@ -285,3 +285,13 @@ def test_open_or_build_cache_and_a_multi_process_start_do_not_wait_forever(tmp_p
         )
         with pytest.raises(data.CacheLockTimeout, match="no progress for 0.5 s"):
             train.pretrain(cfg)
+        # one process: --cache-lock-timeout (the default waits DEFAULT_LOCK_TIMEOUT_S)
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.setattr(loop.dist_utils, "init_from_env", real_init)
+        cfg = train.TrainConfig(
+            out=str(tmp_path / "o1"), data=[str(tmp_path / "d")], cache=str(tmp_path / "c"), size=S,
+            progress=False, workers=0, cache_lock_timeout=0.7, device="cpu",
+        )
+        with pytest.raises(data.CacheLockTimeout, match="no progress for 0.7 s"):
+            train.pretrain(cfg)
+    assert train.TrainConfig().cache_lock_timeout == data.DEFAULT_LOCK_TIMEOUT_S

@@ -15,7 +15,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Mapping
 
 from .. import distributed as dist_utils
-from ..data import Preprocessing
+from ..data import DEFAULT_LOCK_TIMEOUT_S, Preprocessing
 from ..models import DEFAULT_WIDTHS
 from ..objective import LOSS_IMPLS, PD_TEMPERATURE, RD_TEMPERATURE
 
@@ -169,6 +169,16 @@ class TrainConfig:
             metavar="SECONDS",
         ),
     )
+    cache_lock_timeout: float = field(
+        default=DEFAULT_LOCK_TIMEOUT_S,
+        metadata=_flag(
+            "--cache-lock-timeout",
+            "how long to wait for another process building the same --cache while it makes no "
+            "progress, before stopping with an error naming it (multi-process runs: --dist-timeout)",
+            type=float,
+            metavar="SECONDS",
+        ),
+    )
     dtype: str = field(
         default="float32",
         metadata=_flag(
@@ -247,6 +257,9 @@ class TrainConfig:
             or not self.dist_timeout > 0
         ):
             raise ValueError(f"{n('dist_timeout')} must be a positive number of seconds, got {self.dist_timeout!r}")
+        t = self.cache_lock_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t):
+            raise ValueError(f"{n('cache_lock_timeout')} must be a positive number of seconds, got {t!r}")
         return self
 
     def preprocessing(self) -> Preprocessing:
@@ -294,6 +307,7 @@ FLAG_ORDER = (
     "checkpoint_every",
     "checkpoint_minutes",
     "dist_timeout",
+    "cache_lock_timeout",
     "init_stage1",
     "progress",
     "dtype",

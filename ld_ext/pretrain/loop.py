@@ -288,7 +288,7 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
             progress=cfg.progress and env_rank == 0,
             log=logger.info if env_rank == 0 else None,
             exclude=[out, out / "overlays", out / "losses.png"],
-            lock_timeout=cfg.dist_timeout if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            lock_timeout=cfg.dist_timeout if int(os.environ.get("WORLD_SIZE", "1")) > 1 else cfg.cache_lock_timeout,
         )
     if not isinstance(dataset, (ImageFolderDataset, CachedImageDataset)):
         raise TypeError(f"dataset must be an ImageFolderDataset or a CachedImageDataset, got {type(dataset).__name__}")
