@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .. import viz
@@ -41,7 +40,7 @@ from ..data import ImageFolderDataset
 from ..models import LDNet
 from ..pretrain.outputs import read_jsonl, write_jsonl
 from ..tasks import probe
-from ..tasks.landmarks import STAGE3_FILE, train_centre_sensitive
+from ..tasks.landmarks import STAGE3_FILE, centre_term_result, train_centre_sensitive
 from ..train import TrainConfig, predict, pretrain
 from .mni import STRUCTURES, load_mni_slices, tissue_labels
 from .common import demo_threads
@@ -271,15 +270,7 @@ def run_stage3(model, images: torch.Tensor, out: Path, steps: int, seed: int = 0
     tuned, hist = train_centre_sensitive(
         model, gray, steps=steps, seed=seed, progress=False, on_step=(lambda k, net: on_step()) if on_step else None
     )
-    k = max(1, min(10, len(hist) // 4))
-    rec = {
-        "steps": int(steps),
-        "seed": int(seed),
-        "images": int(len(gray)),
-        "loss_first": float(np.mean(hist[:k])),
-        "loss_last": float(np.mean(hist[-k:])),
-        "seconds": round(time.time() - t0, 3),
-    }
+    rec = centre_term_result(steps, seed, len(gray), hist, time.time() - t0)
     state = {name: v.detach().cpu().clone() for name, v in tuned.state_dict().items()}
     final = load_checkpoint(out / "model.pt")  # the pipeline's model.pt: the stage-2 representation
     final.update({"centre_term": rec, LANDMARK_KEY: state})

@@ -60,7 +60,7 @@ from .evaluation import (
 from .locator import LandmarkLocator
 from .ncc import ncc_locate, ncc_map, ncc_maps, ncc_patch_field, ncc_score_maps
 from .points import load_points
-from .pretrain_stage import DEFAULT_CENTRE_STEPS, STAGE3_FILE, centre_term_record, run_centre_stage
+from .pretrain_stage import DEFAULT_CENTRE_STEPS, STAGE3_FILE, centre_term_record, centre_term_result, run_centre_stage
 from .pooling import (
     DEFAULT_EDGE,
     DEFAULT_FRACTIONAL,
@@ -136,5 +136,6 @@ __all__ = [
     "DEFAULT_CENTRE_STEPS",
     "STAGE3_FILE",
     "centre_term_record",
+    "centre_term_result",
     "run_centre_stage",
 ]

@@ -64,6 +64,20 @@ def centre_term_record(state: dict) -> dict | None:
     return rec
 
 
+def centre_term_result(steps: int, seed: int, n_images: int, hist, seconds: float) -> dict:
+    """The ``"centre_term"`` record of a stage-3 run: its settings, the mean loss of the first and
+    last (up to 10, a quarter of the steps) steps of ``hist``, and its duration."""
+    k = max(1, min(10, len(hist) // 4))
+    return {
+        "steps": int(steps),
+        "seed": int(seed),
+        "images": int(n_images),
+        "loss_first": float(np.mean(hist[:k])),
+        "loss_last": float(np.mean(hist[-k:])),
+        "seconds": round(float(seconds), 3),
+    }
+
+
 # the fields of a "centre_term" record: "int", or "number" (int or float)
 RECORD_FIELDS = {
     "steps": "int",
@@ -118,15 +132,7 @@ def run_centre_stage(model, dataset, out: Path, steps: int, seed: int = 0, progr
     t0 = time.time()
     logger.info("centre-sensitive term (stage 3): %d steps on %d images", steps, len(images))
     tuned, hist = train_centre_sensitive(model, images, steps=steps, seed=seed, progress=progress)
-    k = max(1, min(10, len(hist) // 4))
-    rec = {
-        "steps": int(steps),
-        "seed": int(seed),
-        "images": int(len(images)),
-        "loss_first": float(np.mean(hist[:k])),
-        "loss_last": float(np.mean(hist[-k:])),
-        "seconds": round(time.time() - t0, 3),
-    }
+    rec = centre_term_result(steps, seed, len(images), hist, time.time() - t0)
     state = {k2: v.detach().cpu().clone() for k2, v in tuned.state_dict().items()}
     with defer_signals():
         save_checkpoint(path, {"config": tuned.config, "model": state, "stage": 3, "centre_term": rec})
