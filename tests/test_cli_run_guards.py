@@ -225,7 +225,9 @@ def _interrupt(child: subprocess.Popen, when) -> None:
     os.killpg(child.pid, signal.SIGINT)
     _, err = child.communicate(timeout=120)
     err = "".join(seen) + err
-    assert child.returncode == 130, err
+    # 130, or the end by SIGINT itself after the line was written (seen on a CI run: -2), which a
+    # shell reports as 130 too
+    assert child.returncode in (130, -signal.SIGINT), (child.returncode, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.splitlines()[-1].startswith("ld-ext: interrupted"), err
     if when == "training":
