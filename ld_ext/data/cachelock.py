@@ -99,22 +99,23 @@ class CacheLock:
         except OSError:  # a full disk must not stop the build; the waiters then see no progress
             pass
 
-    def _acquire(self, fcntl) -> None:
+    def _try_lock(self, fcntl) -> bool:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
         except BlockingIOError:
-            pass
+            return False
+        return True
+
+    def _acquire(self, fcntl) -> None:
+        if self._try_lock(fcntl):
+            return
         seen = self._holder_text()
         self._log(f"waiting for the image cache lock {self.path}, held by {describe_holder(seen)}")
         last_change = time.monotonic()
         while True:
             time.sleep(_POLL_S)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self._try_lock(fcntl):
                 return
-            except BlockingIOError:
-                pass
             text = self._holder_text()
             if text and text != seen:
                 seen, last_change = text, time.monotonic()

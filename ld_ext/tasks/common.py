@@ -33,6 +33,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_SUFFIXES",
     "file_stem",
+    "add_size_argument",
     "list_images",
     "load_image",
     "load_mask",
@@ -128,6 +129,18 @@ def check_dir(name: str, path) -> Path:
 
 
 # ----------------------------------------------------------------------------- image I/O
+
+
+def add_size_argument(parser) -> None:
+    """``--size`` of the commands that read images + masks (probe, finetune): the checkpoint's
+    training size by default (``task_size``)."""
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize images and masks to SIZE x SIZE (default: the size the checkpoint was pre-trained at, when it "
+        "records it; else the images' own size)",
+    )
 
 
 def list_images(folder, name: str = "images", exclude=()) -> list[Path]:

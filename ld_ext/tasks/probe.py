@@ -601,13 +601,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"L2 penalty of the linear probe (default {DEFAULT_WEIGHT_DECAY})",
     )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="resize images and masks to SIZE x SIZE (default: the size the checkpoint was pre-trained at, when it "
-        "records it; else the images' own size)",
-    )
+    common.add_size_argument(parser)
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
 
 
