@@ -12,6 +12,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <tuple>
 
 namespace ld_ext {
@@ -42,22 +44,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> region_features_autocast(const at
 }
 
 template <c10::DispatchKey key>
-at::Tensor region_discrimination_autocast(const at::Tensor& feats, double temperature) {
+at::Tensor region_discrimination_autocast(const at::Tensor& feats, const c10::Scalar& temperature) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ld_ext::region_discrimination", "")
-                       .typed<at::Tensor(const at::Tensor&, double)>();
+                       .typed<at::Tensor(const at::Tensor&, const c10::Scalar&)>();
   const at::ScalarType st = compute_type<key>(feats.scalar_type(), feats.scalar_type());
   return op.call(cast_to(feats, st), temperature);
 }
 
 template <c10::DispatchKey key>
 at::Tensor pixel_cluster_similarity_autocast(const at::Tensor& embeddings, const at::Tensor& prototypes,
-                                             double temperature, bool normalize) {
+                                             const c10::Scalar& temperature, bool normalize) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ld_ext::pixel_cluster_similarity", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, bool)>();
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::Scalar&, bool)>();
   const at::ScalarType st = compute_type<key>(embeddings.scalar_type(), prototypes.scalar_type());
   at::Tensor out = op.call(cast_to(embeddings, st), cast_to(prototypes, st), temperature, normalize);
   // The op's output dtype is the embeddings' dtype; on CPU it was computed in float32.
@@ -68,11 +70,11 @@ at::Tensor pixel_cluster_similarity_autocast(const at::Tensor& embeddings, const
 }
 
 template <c10::DispatchKey key>
-at::Tensor patch_discrimination_autocast(const at::Tensor& x, double temperature) {
+at::Tensor patch_discrimination_autocast(const at::Tensor& x, const c10::Scalar& temperature) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ld_ext::patch_discrimination", "")
-                       .typed<at::Tensor(const at::Tensor&, double)>();
+                       .typed<at::Tensor(const at::Tensor&, const c10::Scalar&)>();
   const at::ScalarType st = compute_type<key>(x.scalar_type(), x.scalar_type());
   return op.call(cast_to(x, st), temperature);
 }

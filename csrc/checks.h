@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Scalar.h>
 #include <c10/util/Exception.h>
 
 #include <cfloat>
@@ -64,6 +65,14 @@ inline void shape_is(const char* op, const at::Tensor& t, const char* name, c10:
 inline void scalar_grad(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.sym_numel() == 1, op, ": ", name, " must hold one element (the gradient of a scalar), got shape ",
                     t.sym_sizes());
+}
+
+// The temperature of an operator call (schema `Scalar temperature`) as a double: bool and complex
+// values are refused with TypeError instead of being read as numbers.
+inline double temperature_arg(const char* op, const c10::Scalar& t) {
+  TORCH_CHECK_TYPE(!t.isBoolean() && !t.isComplex(), op, ": temperature must be a real number, got ",
+                   t.isBoolean() ? "bool" : "complex");
+  return t.toDouble();
 }
 
 inline void temperature(const char* op, double t) {

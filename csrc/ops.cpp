@@ -24,22 +24,25 @@ TORCH_LIBRARY(ld_ext, m) {
       "region_features_backward(Tensor grad_feats, Tensor grad_entropy, Tensor embeddings, "
       "Tensor assignments, Tensor feats, Tensor rnorm, bool normalize, int mode, bool entropy) "
       "-> (Tensor, Tensor)");
+  // `temperature` is a Scalar rather than a float: torch converts a bool given for a float argument
+  // to 1.0 silently, while a Scalar keeps its type, so every kernel refuses bool and complex
+  // temperatures (checks::temperature_arg) before anything else.
   // Region discrimination loss on (N,K,D) features, cluster centres not detached. Returns a
   // 0-dim tensor (float32 for low-precision inputs).
-  m.def("region_discrimination(Tensor feats, float temperature) -> Tensor");
-  m.def("region_discrimination_backward(Tensor grad, Tensor feats, float temperature) -> Tensor");
+  m.def("region_discrimination(Tensor feats, Scalar temperature) -> Tensor");
+  m.def("region_discrimination_backward(Tensor grad, Tensor feats, Scalar temperature) -> Tensor");
   // softmax_k(<proto_k, e_p>/tau): prototypes (K,D) shared or (N,K,D) per image; output
   // (N, K, *spatial) in the embeddings' dtype.
   m.def(
-      "pixel_cluster_similarity(Tensor embeddings, Tensor prototypes, float temperature, "
+      "pixel_cluster_similarity(Tensor embeddings, Tensor prototypes, Scalar temperature, "
       "bool normalize) -> Tensor");
   m.def(
       "pixel_cluster_similarity_backward(Tensor grad_out, Tensor embeddings, Tensor prototypes, "
-      "Tensor out, float temperature, bool normalize) -> (Tensor, Tensor)");
+      "Tensor out, Scalar temperature, bool normalize) -> (Tensor, Tensor)");
   // Invariant-and-spreading instance criterion on (M,D) rows, M even, rows i and (i+M/2)%M a
   // positive pair, with the stop-gradients of the published code. 0-dim result.
-  m.def("patch_discrimination(Tensor x, float temperature) -> Tensor");
-  m.def("patch_discrimination_backward(Tensor grad, Tensor x, float temperature) -> Tensor");
+  m.def("patch_discrimination(Tensor x, Scalar temperature) -> Tensor");
+  m.def("patch_discrimination_backward(Tensor grad, Tensor x, Scalar temperature) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, mod) {

@@ -3,9 +3,9 @@
 Chen et al., "Unsupervised Local Discrimination for Medical Images" (arXiv 2108.09440).
 """
 
-import logging as _logging
+from . import _startup  # noqa: F401, I001  (first of all: the ld-ext command's Ctrl-C guard, ld_ext/_startup.py)
 
-from . import cli as _cli  # noqa: F401, I001  (first: the ld-ext command's Ctrl-C while torch is imported)
+import logging as _logging
 from . import reference
 from ._version import __version__
 from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss

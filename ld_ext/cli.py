@@ -13,9 +13,9 @@ by the library as ``ValueError``/``OSError``; here they become one line
 meets (a loss that became NaN or infinite, a full disk, a frozen peer process) are one such line
 with exit status 1. ``--debug`` (or the environment variable ``LD_EXT_TRACEBACK=1``) shows the
 traceback instead. Ctrl-C at any time ends with the line ``ld-ext: interrupted`` and exit status
-130, also while Python is still importing torch: ``ld_ext/__init__.py`` first imports this module,
-which, when the process is the ``ld-ext`` command (the console script or ``python -m ld_ext``),
-installs a SIGINT handler that exits that way until ``main`` takes over. Library code reports
+130, also while Python is still importing torch: the first line of ``ld_ext/__init__.py`` imports
+``ld_ext/_startup.py``, which, when the process is the ``ld-ext`` command (the console script or
+``python -m ld_ext``), installs a SIGINT handler that exits that way until ``main`` takes over. Library code reports
 progress through :mod:`logging` (logger ``ld_ext``); the command sends it to stderr, one plain
 line per message (``-q`` shows warnings only, ``-v`` debug).
 """
@@ -35,6 +35,7 @@ import signal
 import sys
 import warnings
 
+from ._startup import interrupted_while_starting
 from ._version import __version__
 
 # name -> (module, one-line help); the module is imported only when its subcommand is used
@@ -56,36 +57,6 @@ SUBCOMMANDS = {
 _EXTRAS = {"nibabel": "medical", "pydicom": "medical", "nilearn": "demo", "scipy": None}
 
 USER_ERRORS = (ValueError, OSError)
-
-
-def started_as_command() -> bool:
-    """Whether this process is the ``ld-ext`` command: the console script, or ``python -m ld_ext``."""
-    if os.path.basename(sys.argv[0] if sys.argv else "") in ("ld-ext", "ld-ext.exe"):
-        return True
-    argv = list(getattr(sys, "orig_argv", []))
-    return any(a == "-m" and argv[i + 1 : i + 2] == ["ld_ext"] or a == "-mld_ext" for i, a in enumerate(argv))
-
-
-def _interrupted_while_starting(signum, frame) -> None:
-    """SIGINT before ``main`` runs (the imports of torch take seconds): one line, exit 130."""
-    try:
-        os.write(2, b"ld-ext: interrupted\n")
-    finally:
-        os._exit(130)
-
-
-def guard_start_up() -> None:
-    """In the ``ld-ext`` command only (a program that imports ld_ext keeps its own Ctrl-C
-    handling): a Ctrl-C before ``main`` starts ends the process with one line, without the
-    traceback of an interrupted import."""
-    if started_as_command() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        try:
-            signal.signal(signal.SIGINT, _interrupted_while_starting)
-        except ValueError:  # not the main thread
-            pass
-
-
-guard_start_up()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # for "info"
@@ -240,7 +211,7 @@ def error(message: str, code: int = 2) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on: KeyboardInterrupt
     try:
         return _main(argv)

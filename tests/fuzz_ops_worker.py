@@ -35,7 +35,7 @@ MIN_T = 1.0 / 3.4028234663852886e38
 # Operator -> names of its arguments, as in its schema (csrc/ops.cpp), for every operator of the
 # registry (ld_ext/ops/registry.py): each op and its backward.
 SCHEMA = {op: [a.name for a in getattr(O, op).default._schema.arguments] for op in registry.OPERATORS}
-TEMPERATURES = [0.2, 0.07, 1.0, 5e-324, 1e-40, 2.9e-39, 3e-39, 1e-30, 0.0, -0.5, math.inf, -math.inf, math.nan]
+TEMPERATURES = [0.2, 0.07, 1.0, True, False, 5e-324, 1e-40, 2.9e-39, 3e-39, 1e-30, 0.0, -0.5, math.inf, -math.inf, math.nan]
 
 
 def out_dtype(dt):
@@ -199,7 +199,7 @@ def is_valid(op, a) -> bool:
         return s.dtype in FLOATS
 
     def temp_ok(t):
-        return math.isfinite(t) and t > 0 and t >= MIN_T
+        return not isinstance(t, bool) and math.isfinite(t) and t > 0 and t >= MIN_T
 
     def numel(s):
         return math.prod(s.shape)

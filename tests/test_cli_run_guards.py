@@ -246,6 +246,24 @@ def test_the_start_up_guard_is_the_commands_only():
     assert handler in (signal.default_int_handler, signal.SIG_IGN, signal.SIG_DFL), handler
 
 
+def test_the_start_up_guard_is_installed_before_any_other_import_of_the_package():
+    """Issue 25: Ctrl-C in the first ~50 ms of `ld-ext` gave a traceback, since ld_ext/__init__.py
+    imported logging (and cli imported argparse, json, ...) before the guard was in place. Now the
+    guard module is the first module of the package imported, before logging and argparse, and it
+    imports nothing new itself."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "ld_ext", "--version"], env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [line[len("import time:"):].split("|") for line in res.stderr.splitlines() if line.startswith("import time:")]
+    rows = [(r[2].strip(), r[0].strip(), r[1].strip()) for r in rows[1:]]  # (module, self us, cumulative us)
+    names = [r[0] for r in rows]
+    first = names.index("ld_ext._startup")
+    assert not [n for n in names[:first] if n.startswith("ld_ext")]
+    assert "logging" not in names[:first] and "argparse" not in names[:first]
+    # nothing imported under it: its cumulative time is its own
+    assert rows[first][1] == rows[first][2], rows[first]
+
+
 # ----------------------------------------------------------------------------- the data summary
 
 

@@ -259,6 +259,29 @@ def test_raw_op_none_for_a_tensor_names_it(op, device):
             getattr(O, op)(*[None if n in tensor_names else drawn[n] for n in names])
 
 
+def registry_args(op):
+    return [a.name for a in getattr(O, op).default._schema.arguments]
+
+
+@pytest.mark.parametrize("op", [o for o in registry.OPERATORS if "temperature" in registry_args(o)])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("tau", [True, False, 1j])
+def test_raw_op_bool_or_complex_temperature_is_refused(op, device, tau):
+    """Issue 25: with the schema's `float temperature`, torch turned True into 1.0 before any kernel
+    saw it, so a raw op computed a loss at temperature 1; the schema's temperature is a Scalar now and
+    every kernel (and fake kernel) refuses bool and complex values. The same call with a real number
+    runs (so the refusal is the temperature's, not the other arguments')."""
+    names = registry_args(op)
+    drawn = fuzz_ops_worker.valid_call(random.Random(0), op)
+    for spec in (v for v in drawn.values() if isinstance(v, fuzz_ops_worker.Spec)):
+        spec.device = device
+    built = {n: (v.build(random.Random(1)) if isinstance(v, fuzz_ops_worker.Spec) else v) for n, v in drawn.items()}
+    kind = "bool" if isinstance(tau, bool) else "complex"
+    with pytest.raises(TypeError, match=f"ld_ext::{op}: temperature must be a real number, got {kind}"):
+        getattr(O, op)(*[tau if n == "temperature" else built[n] for n in names])
+    getattr(O, op)(*[0.5 if n == "temperature" else built[n] for n in names])
+
+
 def test_public_functions_name_a_none_tensor():
     z, p = torch.randn(1, 2, 5), torch.randn(3, 2)
     calls = [

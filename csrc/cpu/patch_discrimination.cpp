@@ -512,6 +512,10 @@ at::Tensor patch_discrimination_backward_cpu(const at::Tensor& grad, const at::T
 }  // namespace ld_ext
 
 TORCH_LIBRARY_IMPL(ld_ext, CPU, m) {
-  m.impl("patch_discrimination", &ld_ext::cpu::patch_discrimination_cpu);
-  m.impl("patch_discrimination_backward", &ld_ext::cpu::patch_discrimination_backward_cpu);
+  m.impl("patch_discrimination", [](const at::Tensor& x, const c10::Scalar& t) {
+    return ld_ext::cpu::patch_discrimination_cpu(x, ld_ext::checks::temperature_arg("ld_ext::patch_discrimination", t));
+  });
+  m.impl("patch_discrimination_backward", [](const at::Tensor& g, const at::Tensor& x, const c10::Scalar& t) {
+    return ld_ext::cpu::patch_discrimination_backward_cpu(g, x, ld_ext::checks::temperature_arg("ld_ext::patch_discrimination_backward", t));
+  });
 }

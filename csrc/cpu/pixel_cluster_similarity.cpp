@@ -213,6 +213,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cpu(const a
 }  // namespace ld_ext
 
 TORCH_LIBRARY_IMPL(ld_ext, CPU, m) {
-  m.impl("pixel_cluster_similarity", &ld_ext::cpu::pixel_cluster_similarity_cpu);
-  m.impl("pixel_cluster_similarity_backward", &ld_ext::cpu::pixel_cluster_similarity_backward_cpu);
+  m.impl("pixel_cluster_similarity", [](const at::Tensor& e, const at::Tensor& p, const c10::Scalar& t, bool normalize) {
+    return ld_ext::cpu::pixel_cluster_similarity_cpu(e, p, ld_ext::checks::temperature_arg("ld_ext::pixel_cluster_similarity", t), normalize);
+  });
+  m.impl("pixel_cluster_similarity_backward", [](const at::Tensor& g, const at::Tensor& e, const at::Tensor& p, const at::Tensor& out, const c10::Scalar& t, bool normalize) {
+    return ld_ext::cpu::pixel_cluster_similarity_backward_cpu(g, e, p, out, ld_ext::checks::temperature_arg("ld_ext::pixel_cluster_similarity_backward", t), normalize);
+  });
 }

@@ -113,6 +113,10 @@ at::Tensor region_discrimination_backward_cpu(const at::Tensor& grad, const at::
 }  // namespace ld_ext
 
 TORCH_LIBRARY_IMPL(ld_ext, CPU, m) {
-  m.impl("region_discrimination", &ld_ext::cpu::region_discrimination_cpu);
-  m.impl("region_discrimination_backward", &ld_ext::cpu::region_discrimination_backward_cpu);
+  m.impl("region_discrimination", [](const at::Tensor& a, const c10::Scalar& t) {
+    return ld_ext::cpu::region_discrimination_cpu(a, ld_ext::checks::temperature_arg("ld_ext::region_discrimination", t));
+  });
+  m.impl("region_discrimination_backward", [](const at::Tensor& g, const at::Tensor& a, const c10::Scalar& t) {
+    return ld_ext::cpu::region_discrimination_backward_cpu(g, a, ld_ext::checks::temperature_arg("ld_ext::region_discrimination_backward", t));
+  });
 }

@@ -220,8 +220,12 @@ at::Tensor patch_discrimination_backward_cuda(const at::Tensor& grad, const at::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
-  m.impl("patch_discrimination", &patch_discrimination_cuda);
-  m.impl("patch_discrimination_backward", &patch_discrimination_backward_cuda);
+  m.impl("patch_discrimination", [](const at::Tensor& x, const c10::Scalar& t) {
+    return patch_discrimination_cuda(x, ld_ext::checks::temperature_arg("ld_ext::patch_discrimination", t));
+  });
+  m.impl("patch_discrimination_backward", [](const at::Tensor& g, const at::Tensor& x, const c10::Scalar& t) {
+    return patch_discrimination_backward_cuda(g, x, ld_ext::checks::temperature_arg("ld_ext::patch_discrimination_backward", t));
+  });
 }
 
 }  // namespace cuda

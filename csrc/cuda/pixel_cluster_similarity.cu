@@ -547,8 +547,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_cluster_similarity_backward_cuda(const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
-  m.impl("pixel_cluster_similarity", &pixel_cluster_similarity_cuda);
-  m.impl("pixel_cluster_similarity_backward", &pixel_cluster_similarity_backward_cuda);
+  m.impl("pixel_cluster_similarity", [](const at::Tensor& e, const at::Tensor& p, const c10::Scalar& t, bool normalize) {
+    return pixel_cluster_similarity_cuda(e, p, ld_ext::checks::temperature_arg("ld_ext::pixel_cluster_similarity", t), normalize);
+  });
+  m.impl("pixel_cluster_similarity_backward", [](const at::Tensor& g, const at::Tensor& e, const at::Tensor& p, const at::Tensor& out, const c10::Scalar& t, bool normalize) {
+    return pixel_cluster_similarity_backward_cuda(g, e, p, out, ld_ext::checks::temperature_arg("ld_ext::pixel_cluster_similarity_backward", t), normalize);
+  });
 }
 
 }  // namespace cuda

@@ -189,8 +189,12 @@ at::Tensor region_discrimination_backward_cuda(const at::Tensor& grad, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ld_ext, LD_CUDA_DISPATCH_KEY, m) {
-  m.impl("region_discrimination", &region_discrimination_cuda);
-  m.impl("region_discrimination_backward", &region_discrimination_backward_cuda);
+  m.impl("region_discrimination", [](const at::Tensor& a, const c10::Scalar& t) {
+    return region_discrimination_cuda(a, ld_ext::checks::temperature_arg("ld_ext::region_discrimination", t));
+  });
+  m.impl("region_discrimination_backward", [](const at::Tensor& g, const at::Tensor& a, const c10::Scalar& t) {
+    return region_discrimination_backward_cuda(g, a, ld_ext::checks::temperature_arg("ld_ext::region_discrimination_backward", t));
+  });
 }
 
 }  // namespace cuda

@@ -32,6 +32,11 @@ def _check(name: str, *args) -> None:
     """Operator ``name``'s argument checks (csrc/checks.h through ld_ext._C), None refused first (the
     bindings take tensors only, and would raise a TypeError naming no argument)."""
     _refuse_none(name, args)
+    for arg, value in zip(getattr(ops, name).default._schema.arguments, args):
+        # the kernels' checks::temperature_arg: a Scalar keeps bool and complex, which are refused
+        if arg.name == "temperature" and isinstance(value, (bool, complex)):
+            kind = "bool" if isinstance(value, bool) else "complex"
+            raise TypeError(f"ld_ext::{name}: temperature must be a real number, got {kind}")
     getattr(_C, f"check_{name}")(*args)
 
 
