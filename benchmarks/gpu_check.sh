@@ -110,15 +110,15 @@ echo "== end-to-end steps rc=$train_rc ($(elapsed)s)"
 
 # ---------------------------------------------------------------- the LD head in 3-D (issue 23)
 # fused vs broadcast (published) vs eager bmm vs compile at 64^3 and 96^3, N = 2, 4, 8: time and peak
-# memory, every case in its own process under a guard (3/4 of the GPU); head3d.md is rewritten after
+# memory under a guard (3/4 of the GPU; the cases in one process on CUDA); head3d.md is rewritten after
 # every case, so a timeout keeps what was measured.
 if [[ "$CPU_MODE" == "1" ]]; then
   HEAD3D_ARGS=(--device cpu --tiny --no-compile --repeats 1 --warmup 0)
 else
-  HEAD3D_ARGS=(--device cuda --repeats 5 --warmup 1)
+  HEAD3D_ARGS=(--device cuda --repeats 3 --warmup 1)
 fi
-echo "== ld-ext bench --head3d ${HEAD3D_ARGS[*]} (at most $(cap 150 250)s) ..."
-timeout "$(cap 150 250)" "$PY" -m ld_ext.bench --head3d "${HEAD3D_ARGS[@]}" --seed 23 --out "$EXTRA/head3d" \
+echo "== ld-ext bench --head3d ${HEAD3D_ARGS[*]} (at most $(cap 120 200)s) ..."
+timeout "$(cap 120 200)" "$PY" -m ld_ext.bench --head3d "${HEAD3D_ARGS[@]}" --seed 23 --out "$EXTRA/head3d" \
   >"$EXTRA/head3d.log" 2>&1
 head3d_rc=$?
 grep -E "^bench \[" "$EXTRA/head3d.log" | tail -n 3

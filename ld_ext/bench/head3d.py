@@ -12,15 +12,17 @@ S = 64 and 96, N = 2, 4, 8, K = 16, D = 32. Implementations (those of ``specs.OP
 * ``eager``: the batched-matmul formulation of ``ld_ext.reference``;
 * ``compile``: ``torch.compile`` of ``eager`` (dynamic shapes unless --compile-static).
 
-Every (op, size, N, implementation) runs in its own fresh interpreter, so that one case's peak is
-not another's, under a memory guard: on the CPU its address space may grow by at most the guard
-(``RLIMIT_AS``, default 12 GiB), on CUDA its allocations are capped by
-``torch.cuda.set_per_process_memory_fraction``; a case that hits the guard is reported as failed,
-it cannot take the machine down. A case whose declared size (for the broadcast: the (N, K, D, P)
-tensor and its gradient, from the shapes) exceeds the guard is not run and its declared size is
-reported. Peak memory: CPU, the peak RSS of one forward+backward call after the warm-up above the
-RSS before it (VmHWM after a clear_refs reset, glibc told to mmap every block >= 64 KiB so that
-freed memory leaves the RSS; the gradients of the inputs are included); CUDA,
+On the CPU every (op, size, N, implementation) runs in its own fresh interpreter, so that one
+case's peak is not another's (an RSS high-water mark is per process), and its address space may
+grow by at most the guard (``RLIMIT_AS``, default 12 GiB); on CUDA the cases run in this process
+(``max_memory_allocated`` is per call, an out-of-memory error is caught), their allocations capped
+by ``torch.cuda.set_per_process_memory_fraction`` (default guard 3/4 of the GPU). A case that hits
+the guard is reported as failed, it cannot take the machine down. A case whose declared size
+(for the broadcast: the (N, K, D, P) tensor and its gradient, from the shapes) exceeds the guard
+is not run and its declared size is reported. Peak memory: CPU, the peak RSS of one
+forward+backward call after the warm-up above the RSS before it (VmHWM after a clear_refs reset,
+glibc told to mmap every block >= 64 KiB so that freed memory leaves the RSS; the gradients of
+the inputs are included); CUDA,
 ``torch.cuda.max_memory_allocated`` above what was held before the call. Time: the median of
 ``--repeats`` synchronised wall-clock calls after ``--warmup`` untimed ones, one implementation at
 a time (not interleaved: a load change during a run hits the implementations unequally).
@@ -185,9 +187,8 @@ def _measure(run, device: torch.device, warmup: int, repeats: int) -> dict:
     return dict(median_ms=statistics.median(times), times_ms=times, peak_bytes=peak)
 
 
-def child_main(argv: list[str]) -> int:
-    """Subprocess body: one case, one implementation; prints one JSON line (see ``run_case3d``)."""
-    cfg = json.loads(argv[0])
+def measure_case(cfg: dict) -> dict:
+    """One case, one implementation, in this process: status, times, peak bytes (see ``run_case3d``)."""
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -206,8 +207,24 @@ def child_main(argv: list[str]) -> int:
         gib = cfg["guard_bytes"] / 2**30
         res["status"] = f"failed: out of memory under the {gib:.1f} GiB guard" if oom else f"failed: {msg}"
         res["error"] = f"{type(exc).__name__}: {msg}"
-    print(json.dumps(res), flush=True)
+    return res
+
+
+def child_main(argv: list[str]) -> int:
+    """Subprocess body: ``measure_case`` of the JSON settings in ``argv[0]``, printed as one JSON line."""
+    print(json.dumps(measure_case(json.loads(argv[0]))), flush=True)
     return 0
+
+
+def _in_process(cfg: dict) -> dict:
+    """CUDA: the case in this process (max_memory_allocated is per call, an out-of-memory is caught);
+    what it allocated is released before the next case."""
+    try:
+        return measure_case(cfg)
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.device(cfg["device"]))
 
 
 def _child_env() -> dict:
@@ -231,6 +248,9 @@ def run_case3d(case: Case3D, impl: str, settings: dict) -> dict:
     keys = ("guard_bytes", "warmup", "repeats", "seed", "threads", "compile_dynamic", "backend")
     cfg = {k: settings[k] for k in keys}
     cfg.update(device=str(settings["device"]), case=asdict(case), impl=impl)
+    if settings["device"].type == "cuda":
+        row.update(_in_process(cfg))
+        return row
     code = "import sys; from ld_ext.bench.head3d import child_main; sys.exit(child_main(sys.argv[1:]))"
     try:
         res = subprocess.run(
@@ -322,7 +342,8 @@ def head3d_markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"{meta['stamp']}; {meta['env']}; seed {meta['seed']}. Forward+backward, K={meta['K']}, D={meta['D']}, "
         f"float32, cubic patches. Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up "
-        f"(compile: +1, the compiling call), ms. Peak memory: {meta['mem_method']} (the inputs' gradients "
+        f"(compile: +1, the compiling call; {meta.get('compile', 'dynamic')} shapes), ms. "
+        f"Peak memory: {meta['mem_method']} (the inputs' gradients "
         f"included). Guard: {meta['guard_gb']:.1f} GiB per case; broadcast cases declaring more (the "
         "(N, K, D, P) tensor and its gradient) are not run.",
         "",
@@ -438,6 +459,7 @@ def run_head3d(args: argparse.Namespace) -> int:
         stamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         mem_method=MEM_METHOD_CUDA if s["device"].type == "cuda" else MEM_METHOD_CPU,
         load_start=_load(),
+        compile="dynamic" if s["compile_dynamic"] else "static",
         **{k: s[k] for k in ("seed", "K", "D", "repeats", "warmup", "guard_gb", "impls")},
     )
     print(f"ld-ext bench --head3d on {s['device']}: seed {s['seed']}, guard {s['guard_gb']:.1f} GiB", flush=True)
