@@ -237,9 +237,9 @@ def _child_env() -> dict:
 
 
 def run_case3d(case: Case3D, impl: str, settings: dict) -> dict:
-    """One row: ``impl`` at ``case`` in a fresh interpreter under the guard, or not run when its
-    declared size exceeds the guard. ``settings``: device, guard_bytes, warmup, repeats, seed,
-    threads, compile_dynamic, backend, timeout_s."""
+    """One row: ``impl`` at ``case`` under the guard (CPU: in a fresh interpreter; CUDA: in this
+    process), or not run when its declared size exceeds the guard. ``settings``: device,
+    guard_bytes, warmup, repeats, seed, threads, compile_dynamic, backend, timeout_s."""
     row = dict(asdict(case), P=case.P, impl=impl, device=str(settings["device"]), guard_bytes=settings["guard_bytes"])
     row.update(status="", median_ms=None, times_ms=[], peak_bytes=None, declared_bytes=declared_bytes(case, impl))
     if row["declared_bytes"] is not None and row["declared_bytes"] > settings["guard_bytes"]:
