@@ -399,6 +399,17 @@ def test_dims_flags_and_their_defaults():
     assert cfg.to_dict()["spacing"] == [1.0, 1.0, 2.5]
 
 
+def test_help_shows_the_3d_defaults(capsys):
+    from ld_ext.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128); with --dims 3 the cubic patch edge (default: 64)" in out
+    assert "(default: 8; with --dims 3: 4, i.e. 64 cells)" in out
+    assert "(default: None)" not in out
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--spacing", "1", "1", "1"], "--spacing applies to volumes only: add --dims 3"),
     (["--dims", "3", "--spacing", "1", "0", "1"], "--spacing must be 3 voxel sizes in mm > 0, got [1.0, 0.0, 1.0]"),
