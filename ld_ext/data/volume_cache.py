@@ -119,7 +119,8 @@ class VolumePatchDataset:
         self._pid: int | None = None
         index, crc_bytes = self._read_index_and_checksums(seal)
         self._crc = np.frombuffer(crc_bytes, "<u4")
-        self._sources = [list(f) for f in index["files"]]
+        files = index.get("files")
+        self._sources = [list(f) for f in files] if isinstance(files, list) else []
         self._parse_volumes(index)
         actual = self._path.stat().st_size if self._path.exists() else -1
         if actual != self._end:
