@@ -51,7 +51,7 @@ from .atomic import (
     atomic_write_bytes,
     remove_stale_temp_files,
 )  # re-exported: the writers live in ld_ext.atomic
-from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, LDNet
+from .models import DEFAULT_DEPTHS, DEFAULT_WIDTHS, SPATIAL_DIMS, LDNet
 
 __all__ = [
     "save_checkpoint",
@@ -341,7 +341,7 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
     """
     if not isinstance(cfg, Mapping):
         raise ValueError(f"{where}: 'config' must be a dict of LDNet arguments, got {type(cfg).__name__}")
-    known = {"in_channels", "emb_dim", "n_clusters", "widths", "depths"}
+    known = {"in_channels", "emb_dim", "n_clusters", "widths", "depths", "spatial_dims"}
     unknown = [k for k in cfg if k not in known]
     if unknown:
         raise ValueError(f"{where}: 'config' has unknown entries {unknown[:5]!r} (LDNet takes {sorted(known)})"[:400])
@@ -360,6 +360,8 @@ def validate_config(cfg: Any, where: str = "config") -> dict:
         if not isinstance(v, (list, tuple)) or len(v) != 5:
             raise ValueError(f"{where}: {name} must be a list of 5 ints, got {v!r}"[:300])
         out[name] = [_int_in(f"{name}[{i}]", x, 1, hi, where) for i, x in enumerate(v)]
+    if "spatial_dims" in cfg:  # absent in checkpoints written before 3-D networks: 2-D
+        out["spatial_dims"] = _int_in("spatial_dims", cfg["spatial_dims"], min(SPATIAL_DIMS), max(SPATIAL_DIMS), where)
     return out
 
 
@@ -375,13 +377,21 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
                 raise KeyError(f"encoder.groups.{g}.0.0.weight")
             depths.append(d)
             widths.append(int(state_dict[f"encoder.groups.{g}.0.0.weight"].shape[0]))
-        in_channels = int(state_dict["encoder.groups.0.0.0.weight"].shape[1])
+        first = state_dict["encoder.groups.0.0.0.weight"]
+        in_channels = int(first.shape[1])
+        spatial_dims = first.dim() - 2  # a Conv2d weight has 4 dims, a Conv3d one 5
         emb_dim = int(state_dict["decoder.emb_head.1.weight"].shape[0])
         ck = "decoder.cluster_head.1.weight"
         n_clusters = int(state_dict[ck].shape[0]) if ck in state_dict else None
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
         raise ValueError(f"state dict is not an LDNet state dict (missing or malformed {exc})") from None
-    cfg = {"in_channels": in_channels, "emb_dim": emb_dim, "n_clusters": n_clusters, "widths": widths}
+    cfg = {
+        "in_channels": in_channels,
+        "emb_dim": emb_dim,
+        "n_clusters": n_clusters,
+        "widths": widths,
+        "spatial_dims": spatial_dims,
+    }
     if tuple(depths) != DEFAULT_DEPTHS:
         cfg["depths"] = depths
     return cfg
@@ -418,7 +428,8 @@ def check_state_dict(sd: Any, where: str, key: str = "model") -> Mapping[str, to
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu", part: str = "representation") -> LDNet:
-    """Rebuild the ``LDNet`` saved in ``path`` (in eval mode).
+    """Rebuild the ``LDNet`` saved in ``path`` (in eval mode), 2-D or 3-D as the file says
+    (``config["spatial_dims"]``; a file without it is 2-D, and its weights must agree).
 
     ``part``: ``"representation"`` (default) reads ``"model"``; ``"landmark"`` reads
     ``"landmark_model"`` when the file has one (stage 3 of ``ld-ext pretrain``) and ``"model"``
@@ -474,6 +485,7 @@ def _config_of(ckpt: Mapping, sd: Mapping[str, torch.Tensor], where: str) -> dic
         "n_clusters": 16,
         "widths": list(DEFAULT_WIDTHS),
         "depths": list(DEFAULT_DEPTHS),
+        "spatial_dims": 2,
         **cfg,
     }
     have = {"depths": list(DEFAULT_DEPTHS), **inferred}

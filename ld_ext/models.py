@@ -3,6 +3,8 @@
 docs/method.md section 1. ``LDNet(in_channels, emb_dim, n_clusters)`` returns the raw pixel
 embeddings ``z`` (not normalised) and the raw clustering logits ``s`` (pre-sigmoid); with
 ``n_clusters=None`` (stage 1) the clustering branch is absent and ``s`` is ``None``.
+``spatial_dims=3`` builds the same network on volumes (Conv3d, BatchNorm3d, 2x2x2 max-pools,
+nearest upsampling; same widths and heads).
 
 Stage 2 is built with the clustering branch and takes every other weight from a stage-1
 model *by parameter name* (``LDNet.load_stage1``), never by position.
@@ -16,16 +18,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VGGEncoder", "LDDecoder", "LDNet", "DEFAULT_WIDTHS", "DEFAULT_DEPTHS", "CLUSTER_PREFIX"]
+__all__ = [
+    "VGGEncoder",
+    "LDDecoder",
+    "LDNet",
+    "DEFAULT_WIDTHS",
+    "DEFAULT_DEPTHS",
+    "CLUSTER_PREFIX",
+    "SPATIAL_DIMS",
+    "check_spatial_dims",
+]
 
 DEFAULT_WIDTHS = (16, 32, 64, 128, 128)
 DEFAULT_DEPTHS = (2, 2, 3, 3, 3)
 CLUSTER_PREFIX = "decoder.cluster_head."
+SPATIAL_DIMS = (2, 3)  # images (H, W) and volumes (X, Y, Z)
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+def check_spatial_dims(value) -> int:
+    """``value`` is 2 or 3 (an int); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"spatial_dims must be an int (2 or 3), got {type(value).__name__}")
+    if value not in SPATIAL_DIMS:
+        raise ValueError(f"spatial_dims must be 2 or 3, got {value}")
+    return value
+
+
+def conv_bn_relu(cin: int, cout: int, spatial_dims: int = 2) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        _CONV[spatial_dims](cin, cout, kernel_size=3, padding=1, bias=False),
+        _BN[spatial_dims](cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -38,17 +65,23 @@ def _check_positive_int(name: str, value) -> int:
 
 
 class VGGEncoder(nn.Module):
-    """VGG16-BN-tiny: five groups of conv3x3-BN-ReLU with a 2x2 max-pool between groups.
+    """VGG16-BN-tiny: five groups of conv3x3-BN-ReLU with a 2x2 max-pool between groups
+    (3x3x3 convolutions and 2x2x2 pools with ``spatial_dims=3``).
 
     ``forward`` returns the five feature maps taken just before each pool
     (widths[0] @1, widths[1] @1/2, ..., widths[4] @1/16 for the defaults).
     """
 
     def __init__(
-        self, in_channels: int = 1, widths: Sequence[int] = DEFAULT_WIDTHS, depths: Sequence[int] = DEFAULT_DEPTHS
+        self,
+        in_channels: int = 1,
+        widths: Sequence[int] = DEFAULT_WIDTHS,
+        depths: Sequence[int] = DEFAULT_DEPTHS,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         _check_positive_int("in_channels", in_channels)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         widths, depths = tuple(widths), tuple(depths)
         if len(widths) != 5 or len(depths) != 5:
             raise ValueError(f"widths and depths must have 5 entries, got {widths} and {depths}")
@@ -61,7 +94,7 @@ class VGGEncoder(nn.Module):
         for w, d in zip(widths, depths):
             layers = []
             for _ in range(d):
-                layers.append(conv_bn_relu(cin, w))
+                layers.append(conv_bn_relu(cin, w, spatial_dims))
                 cin = w
             groups.append(nn.Sequential(*layers))
         self.groups = nn.ModuleList(groups)
@@ -70,7 +103,7 @@ class VGGEncoder(nn.Module):
         feats = []
         for i, g in enumerate(self.groups):
             if i > 0:
-                x = F.max_pool2d(x, kernel_size=2, stride=2)
+                x = _POOL[self.spatial_dims](x, kernel_size=2, stride=2)
             x = g(x)
             feats.append(x)
         return feats
@@ -79,21 +112,23 @@ class VGGEncoder(nn.Module):
 class _UpBlock(nn.Module):
     """Nearest x2 upsampling (to the skip's exact size), concatenation, two conv3x3-BN-ReLU."""
 
-    def __init__(self, cin: int, cskip: int, cmid: int, cout: int) -> None:
+    def __init__(self, cin: int, cskip: int, cmid: int, cout: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = conv_bn_relu(cin + cskip, cmid)
-        self.conv2 = conv_bn_relu(cmid, cout)
+        self.conv1 = conv_bn_relu(cin + cskip, cmid, spatial_dims)
+        self.conv2 = conv_bn_relu(cmid, cout, spatial_dims)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+        x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
         return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
 
 
 class _Head(nn.Sequential):
     """conv3x3-BN-ReLU to C, then conv3x3 to C (raw output)."""
 
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(conv_bn_relu(cin, cout), nn.Conv2d(cout, cout, kernel_size=3, padding=1))
+    def __init__(self, cin: int, cout: int, spatial_dims: int = 2) -> None:
+        super().__init__(
+            conv_bn_relu(cin, cout, spatial_dims), _CONV[spatial_dims](cout, cout, kernel_size=3, padding=1)
+        )
 
 
 class LDDecoder(nn.Module):
@@ -103,15 +138,22 @@ class LDDecoder(nn.Module):
     at full resolution the concatenation (16+16 = 32 ch) feeds the two heads.
     """
 
-    def __init__(self, widths: Sequence[int] = DEFAULT_WIDTHS, emb_dim: int = 32, n_clusters: int | None = 16):
+    def __init__(
+        self,
+        widths: Sequence[int] = DEFAULT_WIDTHS,
+        emb_dim: int = 32,
+        n_clusters: int | None = 16,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
         w = tuple(widths)
-        self.up4 = _UpBlock(w[4], w[3], w[3], w[2])
-        self.up3 = _UpBlock(w[2], w[2], w[2], w[1])
-        self.up2 = _UpBlock(w[1], w[1], w[1], w[0])
+        sd = check_spatial_dims(spatial_dims)
+        self.up4 = _UpBlock(w[4], w[3], w[3], w[2], sd)
+        self.up3 = _UpBlock(w[2], w[2], w[2], w[1], sd)
+        self.up2 = _UpBlock(w[1], w[1], w[1], w[0], sd)
         self.out_channels = 2 * w[0]
-        self.emb_head = _Head(self.out_channels, emb_dim)
-        self.cluster_head = _Head(self.out_channels, n_clusters) if n_clusters is not None else None
+        self.emb_head = _Head(self.out_channels, emb_dim, sd)
+        self.cluster_head = _Head(self.out_channels, n_clusters, sd) if n_clusters is not None else None
 
     def features(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         """The full-resolution concatenation that feeds both heads."""
@@ -119,7 +161,7 @@ class LDDecoder(nn.Module):
         x = self.up4(f5, f4)
         x = self.up3(x, f3)
         x = self.up2(x, f2)
-        x = F.interpolate(x, size=f1.shape[-2:], mode="nearest")
+        x = F.interpolate(x, size=f1.shape[2:], mode="nearest")
         return torch.cat([x, f1], dim=1)
 
     def forward(self, feats: Sequence[torch.Tensor]):
@@ -139,9 +181,11 @@ class LDNet(nn.Module):
             without the clustering branch.
         widths: the five encoder group widths (the decoder widths follow from them).
         depths: conv layers per encoder group.
+        spatial_dims: 2 (images, the default) or 3 (volumes: Conv3d, BatchNorm3d, 2x2x2 pools).
 
     ``forward(x (B, C, H, W)) -> (z (B, D, H, W), s (B, K, H, W) or None)``: z raw (not
-    normalised), s raw logits (pre-sigmoid). H and W must be at least 16.
+    normalised), s raw logits (pre-sigmoid). H and W must be at least 16. With ``spatial_dims=3``
+    the same with one more spatial dim: ``x (B, C, X, Y, Z) -> (z (B, D, X, Y, Z), s (B, K, X, Y, Z))``.
 
     ``assignment`` says how ``s`` becomes the soft assignment a (docs/method.md section 2): the
     ``assignment=`` argument of the ops and loss modules (``"sigmoid"``: sigmoid, then L1 over K).
@@ -156,17 +200,19 @@ class LDNet(nn.Module):
         n_clusters: int | None = 16,
         widths: Sequence[int] = DEFAULT_WIDTHS,
         depths: Sequence[int] = DEFAULT_DEPTHS,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("emb_dim", emb_dim)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
         if n_clusters is not None:
             _check_positive_int("n_clusters", n_clusters)
         self.in_channels = in_channels
         self.emb_dim = emb_dim
         self.n_clusters = n_clusters
-        self.encoder = VGGEncoder(in_channels, widths, depths)
-        self.decoder = LDDecoder(self.encoder.widths, emb_dim, n_clusters)
+        self.encoder = VGGEncoder(in_channels, widths, depths, spatial_dims)
+        self.decoder = LDDecoder(self.encoder.widths, emb_dim, n_clusters, spatial_dims)
 
     @property
     def config(self) -> dict:
@@ -177,15 +223,19 @@ class LDNet(nn.Module):
             "n_clusters": self.n_clusters,
             "widths": list(self.encoder.widths),
             "depths": list(self.encoder.depths),
+            "spatial_dims": self.spatial_dims,
         }
 
     def forward(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] < 16 or x.shape[-2] < 16:
-            raise ValueError(f"x must be at least 16x16 pixels (four 2x2 poolings), got {tuple(x.shape[-2:])}")
+        nd = self.spatial_dims
+        if x.dim() != 2 + nd or x.shape[1] != self.in_channels:
+            dims = "H, W" if nd == 2 else "X, Y, Z"
+            raise ValueError(f"x must have shape (B, {self.in_channels}, {dims}), got {tuple(x.shape)}")
+        if min(x.shape[2:]) < 16:
+            what = "16x16 pixels (four 2x2 poolings)" if nd == 2 else "16x16x16 voxels (four 2x2x2 poolings)"
+            raise ValueError(f"x must be at least {what}, got {tuple(x.shape[2:])}")
         return self.decoder(self.encoder(x))
 
     # ------------------------------------------------------------------ stage 1 -> stage 2
