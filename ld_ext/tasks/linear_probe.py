@@ -1,5 +1,6 @@
 """The linear probe's classifier: a class-balanced per-pixel (per-voxel) logistic regression on
-standardised features, and the choice of its decision threshold on its own training images.
+standardised features, and the choice of its decision threshold on its own training images; and the
+names of the probe's feature sets (2-D and 3-D alike).
 
 Used by ``ld-ext probe`` (``ld_ext.tasks.probe``, 2-D and 3-D) and by the "probe" head start of
 ``ld-ext finetune`` (``ld_ext.tasks.segmentation.fit_head``); ``ld_ext.tasks.probe`` re-exports it.
@@ -16,7 +17,11 @@ import torch.nn.functional as F
 
 from . import common
 
-__all__ = ["DEFAULT_WEIGHT_DECAY", "THRESHOLDS", "LinearProbe", "choose_threshold"]
+__all__ = ["FEATURE_SETS", "NETWORK_FEATURES", "DEFAULT_WEIGHT_DECAY", "THRESHOLDS", "LinearProbe", "choose_threshold"]
+
+# The probe's feature sets (docs/tasks.md, "Linear probe"), and the network's features it can read.
+FEATURE_SETS = ("LD", "random-init", "intensity", "position")
+NETWORK_FEATURES = ("z", "decoder", "z+decoder")
 
 # Selected on the development slices of the MNI152 protocol (docs/tasks.md, "Linear probe").
 DEFAULT_WEIGHT_DECAY = 1e-3

@@ -33,6 +33,9 @@ pixels each carry half of the total weight) plus ``weight_decay * ||w||^2`` with
 Split (``probe_splits``): the pairs are shuffled once (seed 0) and ``test_fraction`` of them are
 held out for every seed and shot count; each seed draws its ``N`` training pairs among the other
 pairs whose mask is not empty (a probe on an empty mask cannot learn the structure).
+
+With a 3-D checkpoint the command takes volumes and label volumes instead (``ld_ext.tasks.probe_volumes``:
+the same experiment and baselines, features by sliding windows, Dice per volume and pooled).
 """
 
 from __future__ import annotations
@@ -50,9 +53,17 @@ import torch.nn.functional as F
 from ..models import LDNet
 from ..normalization import normalize_embeddings
 from ..viz import new_figure
-from . import common
+from . import common, volumes
 from .common import split_indices
-from .linear_probe import DEFAULT_WEIGHT_DECAY, THRESHOLDS, LinearProbe, choose_threshold  # re-exported
+from .linear_probe import (  # re-exported: one definition each, in tasks.linear_probe
+    DEFAULT_WEIGHT_DECAY,
+    FEATURE_SETS,
+    NETWORK_FEATURES,
+    THRESHOLDS,
+    LinearProbe,
+    choose_threshold,
+)
+from .probe_volumes import probe_volume_structures
 
 __all__ = [
     "FEATURE_SETS",
@@ -77,8 +88,6 @@ __all__ = [
     "run",
 ]
 
-FEATURE_SETS = ("LD", "random-init", "intensity", "position")
-NETWORK_FEATURES = ("z", "decoder", "z+decoder")
 METHOD_LABELS = {
     "LD": "LD (frozen)",
     "random-init": "random-init network",
@@ -378,10 +387,11 @@ def results_markdown(results: Sequence[dict]) -> str:
         raise ValueError("results must not be empty")
     methods = results[0]["methods"]
     seeds = results[0]["seeds"]
+    unit = results[0].get("unit", "image")
     head = "| structure | shots | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |"
     lines = [
-        "Linear probe of frozen features: held-out Dice per image (mean over the held-out images that contain the "
-        f"structure), at the threshold chosen on the training images; mean +- std over {seeds} seeds",
+        f"Linear probe of frozen features: held-out Dice per {unit} (mean over the held-out {unit}s that contain the "
+        f"structure), at the threshold chosen on the training {unit}s; mean +- std over {seeds} seeds",
         "",
         head,
         "|---|---|" + "---|" * len(methods),
@@ -398,9 +408,10 @@ def results_markdown(results: Sequence[dict]) -> str:
     lines.append("| **mean** | all | " + " | ".join(cells) + " |")
     if all("dice_pooled" in r for r in results):
         cells = [f"{_overall(results, m, 'dice_pooled'):.3f}" for m in methods]
-        lines.append("| pooled Dice (all held-out pixels) | all | " + " | ".join(cells) + " |")
+        px = "voxels" if unit == "volume" else "pixels"
+        lines.append(f"| pooled Dice (all held-out {px}) | all | " + " | ".join(cells) + " |")
         cells = [f"{_overall(results, m, 'threshold'):.2f}" for m in methods]
-        lines.append("| threshold (chosen on the training images) | all | " + " | ".join(cells) + " |")
+        lines.append(f"| threshold (chosen on the training {unit}s) | all | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -423,8 +434,9 @@ def summary_sentence(results: Sequence[dict]) -> str:
         if all(_overall(results, m) < ld for m in methods if m != "LD")
         else "LD's frozen features do NOT beat every baseline here"
     )
+    unit = results[0].get("unit", "image")
     return (
-        f"{verdict}: mean held-out Dice per image {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
+        f"{verdict}: mean held-out Dice per {unit} {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
         f"{results[0]['seeds']} seed(s), " + ", ".join(parts) + "."
     )
 
@@ -487,13 +499,14 @@ def write_results(out, results: Sequence[dict], images=None, extra: dict | None 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
-    parser.add_argument("--images", required=True, help="folder of 2-D images")
+    parser.add_argument("--images", required=True, help="folder of 2-D images (of volumes, with a 3-D checkpoint)")
     parser.add_argument(
         "--masks",
         required=True,
         nargs="+",
         metavar="DIR",
-        help="one folder of binary masks per structure (named like the images, optional _mask suffix)",
+        help="one folder of binary masks per structure (named like the images, optional _mask suffix; with a 3-D "
+        "checkpoint: label volumes, see --labels)",
     )
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="labelled training images (default 1 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
@@ -512,20 +525,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
     common.add_size_argument(parser)
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
+    volumes.add_volume_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    common.check_positive_int("--seeds", args.seeds)
-    for s in args.shots:
-        common.check_positive_int("--shots", s)
-    if args.size is not None:
-        common.check_positive_int("--size", args.size, 16)
-    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
-        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
-    if not 0.0 < args.test_fraction < 1.0:
-        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    model, trained = common.load_ld_model_and_size(args.checkpoint)
-    size = common.task_size(args.size, trained, args.checkpoint)
+def _probe_image_structures(args, model, size):
+    """``ld-ext probe`` on 2-D images: one result per --masks folder, and the images of the last one."""
     results = []
     images = None
     for mdir in args.masks:
@@ -550,17 +554,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['label']}: {s} shot(s): training images used: {', '.join(pairs[i][0].name for i in used)}")
         results.append(r)
         images = imgs
-    md = write_results(
-        Path(args.out),
-        results,
-        images,
-        {
-            "checkpoint": str(args.checkpoint),
-            "features": args.features,
-            "weight_decay": args.weight_decay,
-            "size": size,
-        },
-    )
+    return results, images
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_positive_int("--seeds", args.seeds)
+    for s in args.shots:
+        common.check_positive_int("--shots", s)
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    model, trained = common.load_ld_model_and_size(args.checkpoint)
+    dims = volumes.check_task_inputs(args, model)
+    extra = {"checkpoint": str(args.checkpoint), "features": args.features, "weight_decay": args.weight_decay}
+    if dims == 3:
+        window = volumes.volume_window(args.size, trained, args.checkpoint)
+        reading = volumes.reading_options(args)
+        results, images = probe_volume_structures(args, model, window, reading), None
+        extra.update(volumes.reading_record(window, reading))
+    else:
+        size = common.task_size(args.size, trained, args.checkpoint)
+        results, images = _probe_image_structures(args, model, size)
+        extra["size"] = size
+    md = write_results(Path(args.out), results, images, extra)
     print(md)
     print(f"wrote {args.out}")
     return 0
