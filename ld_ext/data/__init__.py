@@ -12,6 +12,13 @@
   preprocessing done once into a flat float32 array file plus an index, read by offset during
   training, so nothing of the size of the data set is held in memory; every image has a checksum,
   checked at open and on first read (``CacheIntegrityError``), and a damaged cache is rebuilt.
+* ``ld_ext.data.volumes``: 3-D volumes (NIfTI, DICOM series, 3-D ``.npy``): ``read_volume`` (RAS+
+  orientation, ``spacing`` resampling, CT window or percentile intensity, label maps) and
+  ``list_volume_files`` (one entry per volume; a folder of DICOM slices is one); docs/volumes.md.
+* ``ld_ext.data.volume_cache``: ``open_or_build_volume_cache`` / ``VolumePatchDataset``, the volumes
+  read once into one float32 file with the image cache's design (checksums, seal, source identity,
+  build lock, atomic build), patches read by offset (``read_patch``) so that a step never holds a
+  whole volume.
 * ``ld_ext.data.cachelock``: the build lock (``CacheLockTimeout`` when a builder shows no
   progress for ``DEFAULT_LOCK_TIMEOUT_S``).
 
@@ -29,6 +36,18 @@ from .cache import (
     open_or_build_cache,
 )
 from .datasets import ImageFolderDataset
+from .volume_cache import VOLUME_CACHE_VERSION, VolumePatchDataset, open_or_build_volume_cache
+from .volumes import (
+    VOLUME_KINDS,
+    Volume,
+    VolumeScan,
+    check_volume_settings,
+    list_volume_files,
+    normalise_intensity,
+    read_volume,
+    resample_volume,
+    scan_volume_files,
+)
 from .preprocess import Preprocessing, default_workers, prepare_image, resize_square, scale_intensity, to_channels
 from .readers import (
     DICOM_EXTENSIONS,
@@ -83,4 +102,16 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S",
     "MissingReaderError",
     "NonFiniteImageError",
+    "Volume",
+    "VolumeScan",
+    "VOLUME_KINDS",
+    "read_volume",
+    "list_volume_files",
+    "scan_volume_files",
+    "check_volume_settings",
+    "resample_volume",
+    "normalise_intensity",
+    "VolumePatchDataset",
+    "open_or_build_volume_cache",
+    "VOLUME_CACHE_VERSION",
 ]

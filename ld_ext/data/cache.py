@@ -87,7 +87,8 @@ def _folder_name(key: str, scan: FileScan) -> str:
     return f"ld_ext-cache-{h.hexdigest()[:24]}"
 
 
-def _seal(meta: dict, index_bytes: bytes, crc_bytes: bytes) -> str:
+def cache_seal(meta: dict, index_bytes: bytes, crc_bytes: bytes) -> str:
+    """SHA-256 over ``meta`` (without its seal), the index and the checksums: what ``meta["seal"]`` holds."""
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "seal"}, sort_keys=True).encode())
     h.update(b"\0" + hashlib.sha256(index_bytes).digest() + hashlib.sha256(crc_bytes).digest())
     return h.hexdigest()
@@ -162,7 +163,7 @@ class CachedImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"image cache {self.root}: {_CRC_FILE} cannot be read ({exc})") from None
         if len(crc_bytes) != 4 * self.n:
             raise ValueError(f"image cache {self.root}: {_CRC_FILE} has {len(crc_bytes)} bytes, expected {4 * self.n}")
-        if _seal(self.meta, index_bytes, crc_bytes) != seal:
+        if cache_seal(self.meta, index_bytes, crc_bytes) != seal:
             raise ValueError(
                 f"image cache {self.root}: {_META_FILE}, {_INDEX_FILE} and {_CRC_FILE} do not match the seal "
                 "written when it was built (edited or damaged since)"
@@ -448,5 +449,5 @@ def _write_index_and_meta(tmp: Path, scan: FileScan, prep, key, paths, workers, 
         "build_seconds": round(time.time() - t0, 3),
         "workers": workers,
     }
-    meta["seal"] = _seal(meta, index_bytes, crc_bytes)
+    meta["seal"] = cache_seal(meta, index_bytes, crc_bytes)
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))

@@ -292,7 +292,8 @@ def file_stem(path) -> str:
 # ----------------------------------------------------------------------------- readers
 
 
-def _check_regular(path) -> None:
+def check_regular(path) -> None:
+    """ValueError naming ``path`` unless it is a regular file (FIFOs and devices are never opened)."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -305,7 +306,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """A 2D image file as float32 (H, W) (gray) or (H, W, 3) (RGB); alpha dropped, palette expanded."""
     from PIL import Image
 
-    _check_regular(path)
+    check_regular(path)
     with Image.open(path) as im:
         im.load()
         mode = im.mode
@@ -328,7 +329,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def _require(module: str, fmt: str, path) -> object:
+def require_reader(module: str, fmt: str, path) -> object:
+    """The optional reader package ``module``; ``MissingReaderError`` naming ``path`` when it is missing."""
     try:
         return __import__(module)
     except ImportError as exc:
@@ -338,7 +340,8 @@ def _require(module: str, fmt: str, path) -> object:
         ) from exc
 
 
-def _modality_lut(arr: np.ndarray, ds) -> np.ndarray:
+def modality_lut(arr: np.ndarray, ds) -> np.ndarray:
+    """``arr`` of DICOM dataset ``ds`` in modality units (rescale slope/intercept or Modality LUT)."""
     try:
         from pydicom.pixels import apply_modality_lut  # pydicom >= 3
     except ImportError:  # pragma: no cover - pydicom 2.x
@@ -352,13 +355,13 @@ def read_dicom(path: str | os.PathLike) -> list[np.ndarray]:
     pydicom's ``apply_modality_lut`` maps stored values to modality units (rescale slope and
     intercept, or a Modality LUT Sequence); MONOCHROME1 images are inverted.
     """
-    pydicom = _require("pydicom", "DICOM", path)
-    _check_regular(path)
+    pydicom = require_reader("pydicom", "DICOM", path)
+    check_regular(path)
     ds = pydicom.dcmread(str(path))
     raw = ds.pixel_array
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     samples = int(getattr(ds, "SamplesPerPixel", 1))
-    arr = np.asarray(_modality_lut(raw, ds) if samples == 1 else raw, dtype=np.float32)
+    arr = np.asarray(modality_lut(raw, ds) if samples == 1 else raw, dtype=np.float32)
     if photometric == "MONOCHROME1":
         arr = arr.max() + arr.min() - arr
     if samples == 3:
@@ -374,11 +377,11 @@ def read_nifti_slices(
     Near-empty slices (foreground below ``min_foreground``) are dropped; slices holding NaN or
     infinite values are returned as they are, so that the caller counts them.
     """
-    nib = _require("nibabel", "NIfTI", path)
+    nib = require_reader("nibabel", "NIfTI", path)
     for ax in axes:
         if ax not in (0, 1, 2):
             raise ValueError(f"NIfTI slice axes must be 0, 1 or 2, got {ax}")
-    _check_regular(path)
+    check_regular(path)
     img = nib.load(str(path))
     if len(img.shape) >= 3:
         img = nib.as_closest_canonical(img)
@@ -416,7 +419,7 @@ def read_nifti_slices(
 
 def read_npy(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` image: (H, W), (H, W, 1) or (H, W, 3) of a real number type -> float32."""
-    _check_regular(path)
+    check_regular(path)
     arr = np.load(str(path), allow_pickle=False)
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.issubdtype(
         arr.dtype, np.complexfloating
