@@ -19,10 +19,11 @@ TINY3 = dict(in_channels=1, emb_dim=4, n_clusters=4, widths=(4, 4, 4, 4, 4), dep
 TINY2 = dict(in_channels=1, emb_dim=4, n_clusters=4, widths=(4, 4, 4, 4, 4), depths=(1, 1, 1, 1, 1))
 
 
-def _save_net(path, config, size=16):
+def _save_net(path, config, size=16, **train_config):
     torch.manual_seed(0)
     net = LDNet(**config)
-    save_checkpoint(path, {"config": net.config, "model": net.state_dict(), "train_config": {"size": size}})
+    tc = {"size": size, **train_config}
+    save_checkpoint(path, {"config": net.config, "model": net.state_dict(), "train_config": tc})
     return net
 
 
@@ -172,7 +173,7 @@ def test_probe_cli_on_volumes_with_integer_labels(tmp_path, capsys):
 
 def test_finetune_cli_on_volumes(tmp_path, capsys):
     vols, labels = _write_volumes(tmp_path)
-    _save_net(tmp_path / "ld3.pt", TINY3, size=16)
+    _save_net(tmp_path / "ld3.pt", TINY3, size=16, spacing=[1.0, 1.0, 2.0], window=[50.0, 600.0])
     out = tmp_path / "out"
     argv = ["finetune", "--checkpoint", str(tmp_path / "ld3.pt"), "--images", str(vols), "--masks", str(labels),
             "--labels", "1", "--shots", "1", "--seeds", "1", "--steps", "2", "--batch", "2", "--no-progress",
@@ -182,6 +183,8 @@ def test_finetune_cli_on_volumes(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     r = res["results"][0]
     assert res["dims"] == 3 and r["settings"]["sliding_window"] == [16, 16, 16]
+    # the volumes are read as pre-training read them (recorded in the checkpoint)
+    assert res["spacing"] == [1.0, 1.0, 2.0] and res["intensity_window"] == [50.0, 600.0]
     for key in ("dice", "dice_per_volume"):
         assert set(r[key]) == {"LD", "random"} and all(0.0 <= d <= 1.0 for v in r[key].values() for d in v)
     md = (out / "results.md").read_text()
@@ -264,6 +267,20 @@ def test_volume_window_comes_from_the_checkpoint_or_size(tmp_path):
     args.spacing = None
     with pytest.raises(ValueError, match="--window must be LOW HIGH"):
         volumes.reading_options(args)
+
+
+def test_reading_follows_the_checkpoint_unless_given(tmp_path):
+    _save_net(tmp_path / "a.pt", TINY3, spacing=[2, 2, 2], window=None, percentiles=[1, 99])
+    rec = volumes.recorded_reading(tmp_path / "a.pt")
+    assert rec == {"spacing": (2.0, 2.0, 2.0), "percentiles": (1.0, 99.0)}
+    base = ["probe", "--checkpoint", "c", "--images", "i", "--masks", "m", "--out", "o"]
+    args = build_parser().parse_args(base + ["--window", "0", "300"])
+    assert volumes.reading_options(args, rec) == {"percentiles": (1.0, 99.0), "spacing": (2.0, 2.0, 2.0),
+                                                  "window": (0.0, 300.0)}
+    args = build_parser().parse_args(base + ["--spacing", "1", "1", "3"])
+    assert volumes.reading_options(args, rec)["spacing"] == (1.0, 1.0, 3.0)
+    _save_net(tmp_path / "b.pt", TINY3)
+    assert volumes.recorded_reading(tmp_path / "b.pt") == {}
 
 
 def test_linear_probe_fits_volume_features():

@@ -572,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"checkpoint": str(args.checkpoint), "features": args.features, "weight_decay": args.weight_decay}
     if dims == 3:
         window = volumes.volume_window(args.size, trained, args.checkpoint)
-        reading = volumes.reading_options(args)
+        reading = volumes.reading_options(args, volumes.recorded_reading(args.checkpoint))
         results, images = probe_volume_structures(args, model, window, reading), None
         extra.update(volumes.reading_record(window, reading))
     else:

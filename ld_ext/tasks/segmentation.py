@@ -626,7 +626,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_volumes(args, trained: int | None, schedule: dict) -> int:
     """``ld-ext finetune`` with a 3-D checkpoint: one fine-tuning experiment per structure (--labels)."""
     window = volumes.volume_window(args.size, trained, args.checkpoint)
-    reading = volumes.reading_options(args)
+    reading = volumes.reading_options(args, volumes.recorded_reading(args.checkpoint))
     pairs = volumes.pair_volumes(args.images, args.masks)
     vols, labels = volumes.load_volume_pairs(pairs, checkpoint=args.checkpoint, images=args.images, **reading)
     results = []

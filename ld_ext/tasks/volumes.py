@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_checkpoint
 from ..data import volumes as _volumes
 from ..data.readers import NIFTI_EXTENSIONS, NUMPY_EXTENSIONS
 from . import common
@@ -47,6 +48,7 @@ __all__ = [
     "check_task_inputs",
     "add_volume_arguments",
     "volume_window",
+    "recorded_reading",
     "reading_options",
     "reading_record",
     "pair_volumes",
@@ -213,11 +215,26 @@ def volume_window(size: int | None, trained: int | None, checkpoint) -> tuple[in
     return window_size(trained if size is None else size)
 
 
-def reading_options(args, recorded: dict | None = None) -> dict:
-    """``spacing`` and ``window`` for ``read_volume``: the command line's, else those the checkpoint's
-    pre-training recorded (``recorded``: its train config), else None (keep the spacing, percentiles)."""
-    recorded = recorded or {}
+def recorded_reading(checkpoint) -> dict:
+    """How ``ld-ext pretrain --dims 3`` read the volumes of ``checkpoint``: the ``spacing``, ``window`` and
+    ``percentiles`` of its train config that are set (a file that does not record them: none)."""
+    tc = load_checkpoint(checkpoint).get("train_config")
+    if not isinstance(tc, dict):
+        return {}
     out = {}
+    for key, n in (("spacing", 3), ("window", 2), ("percentiles", 2)):
+        v = tc.get(key)
+        if isinstance(v, (list, tuple)) and len(v) == n and all(isinstance(x, (int, float)) for x in v):
+            out[key] = tuple(float(x) for x in v)
+    return out
+
+
+def reading_options(args, recorded: dict | None = None) -> dict:
+    """``spacing``, ``window`` (and ``percentiles``, when recorded) for ``read_volume``: the command line's,
+    else those the checkpoint's pre-training recorded (``recorded``: ``recorded_reading``), else None (keep
+    the spacing; percentile normalisation)."""
+    recorded = recorded or {}
+    out = {"percentiles": recorded["percentiles"]} if "percentiles" in recorded else {}
     for key in ("spacing", "window"):
         v = getattr(args, key, None)
         v = recorded.get(key) if v is None else v
@@ -227,6 +244,8 @@ def reading_options(args, recorded: dict | None = None) -> dict:
                 raise ValueError(f"--{key} must be finite numbers{' > 0' if key == 'spacing' else ''}, got {list(v)}")
             if key == "window" and not v[0] < v[1]:
                 raise ValueError(f"--window must be LOW HIGH with LOW < HIGH, got {list(v)}")
+        if v is not None and getattr(args, key, None) is None:
+            logger.info("--%s: %s, as pre-training read the volumes", key, " ".join(f"{x:g}" for x in v))
         out[key] = v
     return out
 
@@ -238,6 +257,7 @@ def reading_record(window, reading: dict) -> dict:
         "sliding_window": list(window),
         "spacing": None if reading["spacing"] is None else list(reading["spacing"]),
         "intensity_window": None if reading["window"] is None else list(reading["window"]),
+        "percentiles": list(reading["percentiles"]) if "percentiles" in reading else None,
     }
 
 
