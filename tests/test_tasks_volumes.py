@@ -269,6 +269,27 @@ def test_volume_window_comes_from_the_checkpoint_or_size(tmp_path):
         volumes.reading_options(args)
 
 
+def test_volume_probe_computes_each_feature_set_once_for_every_structure():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((6, 5, 4)) < 0.3 for _ in range(4)]
+    other = [~m for m in masks]
+    feats = [torch.from_numpy(np.stack([m, rng.random(m.shape)]).astype(np.float32)) for m in masks]
+    calls = []
+    fixed = probe_volumes.LazyFeatures(lambda seed: calls.append(("fixed", seed)) or feats)
+    drawn = probe_volumes.LazyFeatures(lambda seed: calls.append(("drawn", seed)) or feats, per_seed=True)
+    rs = probe_volumes.volume_probe_experiments({"a": fixed, "b": drawn}, [("s", masks), ("t", other)], shots=[1, 2],
+                                                seeds=2)
+    assert calls == [("fixed", 0), ("drawn", 0), ("drawn", 1)]
+    assert [r["label"] for r in rs] == ["s", "t"]
+    for r in rs:  # channel 0 is the mask itself: a perfect probe on every held-out volume
+        assert r["unit"] == "volume" and r["summary"]["a"]["2"]["mean"] == 1.0 and r["summary_pooled"]["b"]["1"]["mean"] == 1.0
+        assert len(r["dice"]["b"]["1"]) == 2
+    # one of two volumes holds the structure: it cannot be both held out and trained on
+    with pytest.raises(ValueError, match="contains? the structure"):
+        probe_volumes.volume_probe_experiment({"a": feats[:2]}, [np.zeros((6, 5, 4), bool), masks[0]], shots=[1],
+                                              seeds=1, label="s")
+
+
 def test_reading_follows_the_checkpoint_unless_given(tmp_path):
     _save_net(tmp_path / "a.pt", TINY3, spacing=[2, 2, 2], window=None, percentiles=[1, 99])
     rec = volumes.recorded_reading(tmp_path / "a.pt")

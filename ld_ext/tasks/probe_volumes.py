@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ __all__ = [
     "volume_network_features",
     "volume_intensity_features",
     "volume_position_features",
+    "LazyFeatures",
     "volume_feature_sets",
+    "volume_probe_experiments",
     "volume_probe_experiment",
     "probe_volume_structures",
 ]
@@ -107,30 +109,36 @@ def volume_position_features(volume: np.ndarray) -> torch.Tensor:
     return torch.stack([v, x, y, z, x * x, y * y, z * z, x * y, x * z, y * z])
 
 
+class LazyFeatures:
+    """A feature set computed when the probe reaches it: ``compute(seed)`` -> [(C, X, Y, Z) per volume];
+    ``per_seed``: drawn anew for every seed (the random-init network), else computed once. The probe
+    holds one feature set at a time."""
+
+    def __init__(self, compute: Callable[[int], list], per_seed: bool = False) -> None:
+        self.compute = compute
+        self.per_seed = bool(per_seed)
+
+
 def volume_feature_sets(model, vols: Sequence[np.ndarray], kind: str, window, methods=FEATURE_SETS) -> dict:
-    """name -> [features per volume] (or seed -> that list, for the random-init network, seeded per probe
-    seed as in 2-D), for the probe."""
+    """name -> ``LazyFeatures`` for the probe: the network's features, the same network at random
+    initialisation (seeded per probe seed as in 2-D), intensity and position."""
     unknown = [m for m in methods if m not in FEATURE_SETS]
     if unknown:
         raise ValueError(f"methods must be among {FEATURE_SETS}, got {unknown}")
     cfg = dict(model.config)
-    out: dict = {}
-    for m in methods:
-        if m == "LD":
-            out[m] = [volume_network_features(model, v, kind, window) for v in vols]
-        elif m == "random-init":
 
-            def rand_feats(seed, cfg=cfg):
-                torch.manual_seed(10_000 + seed)
-                net = LDNet(**cfg)
-                return [volume_network_features(net, v, kind, window) for v in vols]
+    def random_init(seed: int) -> list:
+        torch.manual_seed(10_000 + seed)
+        net = LDNet(**cfg)
+        return [volume_network_features(net, v, kind, window) for v in vols]
 
-            out[m] = rand_feats
-        elif m == "intensity":
-            out[m] = [volume_intensity_features(v) for v in vols]
-        else:
-            out[m] = [volume_position_features(v) for v in vols]
-    return out
+    sources = {
+        "LD": LazyFeatures(lambda seed: [volume_network_features(model, v, kind, window) for v in vols]),
+        "random-init": LazyFeatures(random_init, per_seed=True),
+        "intensity": LazyFeatures(lambda seed: [volume_intensity_features(v) for v in vols]),
+        "position": LazyFeatures(lambda seed: [volume_position_features(v) for v in vols]),
+    }
+    return {m: sources[m] for m in methods}
 
 
 def _training_voxels(feats, masks, train, seed: int, max_voxels: int):
@@ -185,57 +193,78 @@ def _checked_split(masks, shots, seeds: int, test_fraction: float, label: str):
     return splits
 
 
-def volume_probe_experiment(
-    features: dict,
-    masks: Sequence[np.ndarray],
-    *,
-    shots: Sequence[int] = (1,),
-    seeds: int = 3,
-    test_fraction: float = 0.5,
-    weight_decay: float = DEFAULT_WEIGHT_DECAY,
-    label: str = "structure",
-    max_voxels: int = MAX_TRAIN_VOXELS,
-) -> dict:
-    """The probe of every feature set, shot count and seed on volumes (module docstring). ``features``:
-    name -> [(C, X, Y, Z) per volume] or seed -> that list; ``masks``: a bool volume per volume."""
-    if len(masks) < 2:
-        raise ValueError(f"need at least 2 labelled volumes (one to train, one to test), got {len(masks)}")
-    shots = [common.check_positive_int("shots", s) for s in shots]
-    seeds = common.check_positive_int("seeds", seeds)
-    splits = _checked_split(masks, shots, seeds, test_fraction, label)
+def _empty_result(label: str, masks, splits, shots, seeds: int, methods) -> dict:
     voxels = sum(int(np.asarray(m).size) for m in masks)
-    res: dict = {
+    return {
         "label": label,
         "unit": "volume",
         "shots": shots,
         "seeds": seeds,
-        "methods": list(features),
+        "methods": list(methods),
         "foreground_fraction": sum(int(np.asarray(m).sum()) for m in masks) / voxels,
         "splits": {
             str(s): {"test": np.asarray(t).tolist(), "train": [np.asarray(x).tolist() for x in tr]}
             for s, (t, tr) in splits.items()
         },
-        "dice": {},
-        "dice_pooled": {},
-        "threshold": {},
+        **{key: {name: {} for name in methods} for key in ("dice", "dice_pooled", "threshold")},
         "summary": {},
         "summary_pooled": {},
     }
+
+
+def _features_of(src, seed: int, held):
+    """The features of ``src`` for ``seed``: a list as it is, ``LazyFeatures`` computed (once unless
+    ``per_seed``; ``held``: what it gave before), a plain function called per seed."""
+    if isinstance(src, LazyFeatures):
+        return src.compute(seed) if held is None or src.per_seed else held
+    return src(seed) if callable(src) else src
+
+
+def volume_probe_experiments(
+    features: dict,
+    structures: Sequence[tuple[str, Sequence[np.ndarray]]],
+    *,
+    shots: Sequence[int] = (1,),
+    seeds: int = 3,
+    test_fraction: float = 0.5,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    max_voxels: int = MAX_TRAIN_VOXELS,
+) -> list[dict]:
+    """The probe of every feature set, shot count and seed on volumes (module docstring), for each
+    structure of ``structures`` ((label, a bool volume per volume)); one result per structure. Each
+    feature set (name -> ``LazyFeatures``, [(C, X, Y, Z) per volume], or seed -> that list) is computed
+    once for all structures (per seed when drawn per seed), and let go before the next one."""
+    shots = [common.check_positive_int("shots", s) for s in shots]
+    seeds = common.check_positive_int("seeds", seeds)
+    jobs = []
+    for label, masks in structures:
+        if len(masks) < 2:
+            raise ValueError(f"need at least 2 labelled volumes (one to train, one to test), got {len(masks)}")
+        splits = _checked_split(masks, shots, seeds, test_fraction, label)
+        jobs.append((_empty_result(label, masks, splits, shots, seeds, features), masks, splits))
     t0 = time.perf_counter()
     for name, src in features.items():
-        for key in ("dice", "dice_pooled", "threshold"):
-            res[key][name] = {}
+        feats = None
         for seed in range(seeds):
-            feats = src(seed) if callable(src) else src
-            for s in shots:
-                test, trains = splits[s]
-                scores = _probe_volumes_once(feats, masks, trains[seed], test, seed, weight_decay, max_voxels)
-                for key, v in zip(("threshold", "dice", "dice_pooled"), scores):
-                    res[key][name].setdefault(str(s), []).append(v)
-        for key, skey in (("dice", "summary"), ("dice_pooled", "summary_pooled")):
-            res[skey][name] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res[key][name].items()}
-    res["seconds"] = time.perf_counter() - t0
-    return res
+            feats = _features_of(src, seed, feats)
+            for res, masks, splits in jobs:
+                for s in shots:
+                    test, trains = splits[s]
+                    scores = _probe_volumes_once(feats, masks, trains[seed], test, seed, weight_decay, max_voxels)
+                    for key, v in zip(("threshold", "dice", "dice_pooled"), scores):
+                        res[key][name].setdefault(str(s), []).append(v)
+        feats = None  # one feature set in memory at a time
+        for res, _, _ in jobs:
+            for key, skey in (("dice", "summary"), ("dice_pooled", "summary_pooled")):
+                res[skey][name] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res[key][name].items()}
+    for res, _, _ in jobs:
+        res["seconds"] = time.perf_counter() - t0
+    return [res for res, _, _ in jobs]
+
+
+def volume_probe_experiment(features: dict, masks: Sequence[np.ndarray], *, label: str = "structure", **kw) -> dict:
+    """``volume_probe_experiments`` of one structure (``masks``: a bool volume per volume)."""
+    return volume_probe_experiments(features, [(label, masks)], **kw)[0]
 
 
 def probe_volume_structures(args, model, window, reading: dict) -> list[dict]:
@@ -245,20 +274,19 @@ def probe_volume_structures(args, model, window, reading: dict) -> list[dict]:
         pairs = volumes.pair_volumes(args.images, mdir)
         vols, labels = volumes.load_volume_pairs(pairs, checkpoint=args.checkpoint, images=args.images, **reading)
         logger.info("%s: %d volume(s), features by sliding windows of %s", Path(mdir).name, len(vols), window)
-        feats = volume_feature_sets(model, vols, args.features, window)
-        for label, masks in volumes.structure_masks(labels, args.labels, Path(mdir).name):
-            r = volume_probe_experiment(
-                feats,
-                masks,
-                shots=args.shots,
-                seeds=args.seeds,
-                test_fraction=args.test_fraction,
-                weight_decay=args.weight_decay,
-                label=label,
-            )
+        structures = volumes.structure_masks(labels, args.labels, Path(mdir).name)
+        rs = volume_probe_experiments(
+            volume_feature_sets(model, vols, args.features, window),
+            structures,
+            shots=args.shots,
+            seeds=args.seeds,
+            test_fraction=args.test_fraction,
+            weight_decay=args.weight_decay,
+        )
+        for r in rs:
             r["files"] = [p[0].name for p in pairs]
             for s in r["shots"]:
                 used = sorted({i for t in r["splits"][str(s)]["train"] for i in t})
-                print(f"{label}: {s} shot(s): training volumes used: {', '.join(pairs[i][0].name for i in used)}")
-            results.append(r)
+                print(f"{r['label']}: {s} shot(s): training volumes used: {', '.join(pairs[i][0].name for i in used)}")
+        results.extend(rs)
     return results
