@@ -310,3 +310,43 @@ def test_linear_probe_fits_volume_features():
     m = f[:, 0] > 0.5
     p = probe.LinearProbe().fit(f, m.numpy()).predict_proba(f)
     assert p.shape == (2, 4, 4, 4) and (p[m.numpy()] > 0.9).all() and (p[~m.numpy()] < 0.1).all()
+
+
+def _axial_series(folder, pixels):
+    """A DICOM series of axial slices (pixels (n, rows, cols), 1 mm, positions along z), one file per slice."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    for k, sl in enumerate(pixels):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+        ds.SeriesInstanceUID, ds.InstanceNumber = "1.2.3", k + 1
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k)]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.Rows, ds.Columns = sl.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = sl.astype(np.uint16).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
+        ds.save_as(str(folder / f"s{k:02d}.dcm"), enforce_file_format=True)
+
+
+def test_a_dicom_series_folder_pairs_with_the_label_volume_named_like_it(tmp_path):
+    pytest.importorskip("pydicom")
+    rng = np.random.default_rng(0)
+    for name in ("pt.1", "pt.2"):  # a series is named by its whole folder name, dots included
+        _axial_series(tmp_path / "images" / name, rng.integers(0, 1000, (5, 6, 7)))
+    (tmp_path / "labels").mkdir()
+    shape = volumes.load_volume_pairs([(tmp_path / "images" / "pt.1", tmp_path / "images" / "pt.1")])[0][0].shape
+    np.save(tmp_path / "labels" / "pt.1.npy", np.ones(shape, np.int16))
+    np.save(tmp_path / "labels" / "pt.2_label.npy", np.zeros(shape, np.int16))
+    pairs = volumes.pair_volumes(tmp_path / "images", tmp_path / "labels")
+    assert [(a.name, b.name) for a, b in pairs] == [("pt.1", "pt.1.npy"), ("pt.2", "pt.2_label.npy")]
+    vols, labs = volumes.load_volume_pairs(pairs)
+    assert vols[0].shape == labs[0].shape == shape and labs[0].min() == 1 and labs[1].max() == 0
