@@ -169,6 +169,7 @@ def test_probe_cli_on_volumes_with_integer_labels(tmp_path, capsys):
     # the bright ball is linearly readable from the intensity
     assert np.mean(res["results"][0]["dice"]["intensity"]["1"]) > 0.5
     assert "| labels=1 | 1 |" in (out / "results.md").read_text()
+    assert (out / "overlays.png").stat().st_size > 0
 
 
 def test_finetune_cli_on_volumes(tmp_path, capsys):
@@ -189,6 +190,7 @@ def test_finetune_cli_on_volumes(tmp_path, capsys):
         assert set(r[key]) == {"LD", "random"} and all(0.0 <= d <= 1.0 for v in r[key].values() for d in v)
     md = (out / "results.md").read_text()
     assert "| labels=1 |" in md and "| labels=1 (Dice per volume) |" in md
+    assert (out / "overlays.png").stat().st_size > 0
 
 
 def test_finetune_on_volumes_learns_a_bright_ball(tmp_path):
@@ -288,6 +290,15 @@ def test_volume_probe_computes_each_feature_set_once_for_every_structure():
     with pytest.raises(ValueError, match="contains? the structure"):
         probe_volumes.volume_probe_experiment({"a": feats[:2]}, [np.zeros((6, 5, 4), bool), masks[0]], shots=[1],
                                               seeds=1, label="s")
+
+
+def test_overlays_show_the_held_out_volume_and_slice_with_the_most_foreground():
+    masks = [np.zeros((4, 4, 6), bool) for _ in range(3)]
+    masks[0][:2, :2, 1] = True
+    masks[2][:, :, 4] = True
+    masks[2][0, 0, 0] = True
+    assert volumes.shown_slice(masks, [0, 2]) == (2, 4)
+    assert volumes.shown_slice(masks, [0, 1]) == (0, 1)
 
 
 def test_reading_follows_the_checkpoint_unless_given(tmp_path):
