@@ -20,6 +20,15 @@ Our choices where the published code (torchvision) differs or is silent: the col
 operations run in a fixed order (brightness, contrast, saturation, hue) instead of a random
 one; hue is a rotation of the chroma plane in YIQ space; the v2 flips are drawn independently
 per axis (p = 0.5 each); images are normalised with fixed ``NORM_MEAN``/``NORM_STD``.
+
+Volumes (``VolumeViewGenerator``, our concretisation for 3-D, docs/method.md section 10): the
+sources are cubic patches read with a margin (``read_size``); each source is flipped along each
+axis (p = 0.5) and rotated by k*90 degrees in the axial (X, Y) plane; each view adds a small
+rotation about each axis ([-2, 2] degrees) and brightness/contrast changes (0.2); v2 is
+additionally flipped along each axis and rotated by k*90 degrees in the axial plane, recorded and
+undone on the patch grid (``align_to_v1_3d``). One trilinear ``grid_sample`` per view; without the
+small rotations a view is the source's voxels exactly (the margin keeps the rotated corners inside
+the data).
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ __all__ = [
     "LDViewGenerator",
     "item_generator",
     "align_to_v1",
+    "VolumeAugmentConfig",
+    "VolumeViewBatch",
+    "VolumeViewGenerator",
+    "align_to_v1_3d",
     "normalize_intensity",
     "NORM_MEAN",
     "NORM_STD",
@@ -91,6 +104,10 @@ class ViewBatch:
     rot_k: torch.Tensor
     mix_w: torch.Tensor
     batch_size: int = field(default=0)
+
+    def align_v2(self, x: torch.Tensor) -> torch.Tensor:
+        """``align_to_v1`` with this batch's recorded transforms: maps of [img1_v2, img2_v2] onto v1."""
+        return align_to_v1(x, self.flip_h, self.flip_v, self.rot_k)
 
 
 def _u(g: torch.Generator, lo: float, hi: float) -> float:
@@ -251,3 +268,178 @@ class LDViewGenerator:
         mix = w.view(-1, 1, 1, 1) * views[:b] + (1 - w.view(-1, 1, 1, 1)) * views[b : 2 * b]
         images = normalize_intensity(torch.cat([views[: 2 * b], v2, mix]))
         return ViewBatch(images=images, flip_h=fh, flip_v=fv, rot_k=rk, mix_w=w, batch_size=b)
+
+
+# ----------------------------------------------------------------------------------------- volumes
+
+# the axes of a volume tensor (N, C, X, Y, Z) and its axial plane (X, Y)
+_VOL_AXES = (-3, -2, -1)
+_AXIAL = (-3, -2)
+
+
+@dataclass
+class VolumeAugmentConfig:
+    """Augmentation ranges of 3-D views (our choices, docs/method.md section 10)."""
+
+    src_flip: bool = True  # flip each axis of the source, p = 0.5 each
+    src_rot90: bool = True  # k*90 degrees in the axial plane, k uniform in 0..3
+    view_rotation: float = 2.0  # degrees, about each axis, per view
+    brightness: float = 0.2
+    contrast: float = 0.2
+    v2_flip_p: float = 0.5
+    v2_rot90: bool = True
+    mix_range: tuple[float, float] = (0.2, 0.8)
+
+
+@dataclass
+class VolumeViewBatch:
+    """One 3-D step's network input and what is needed to undo v2's flips/rotations.
+
+    ``images`` (5B, C, S, S, S), normalised: [img1_v1, img2_v1, img1_v2, img2_v2, img3] (B each).
+    ``flips`` (2B, 3) bool: v2 flipped along X, Y, Z; ``rot_k`` (2B,): k*90 degrees in the axial
+    plane, both of [img1_v2, img2_v2]. ``mix_w`` (B,) the mixup weights.
+    """
+
+    images: torch.Tensor
+    flips: torch.Tensor
+    rot_k: torch.Tensor
+    mix_w: torch.Tensor
+    batch_size: int = field(default=0)
+
+    def align_v2(self, x: torch.Tensor) -> torch.Tensor:
+        """``align_to_v1_3d`` with this batch's recorded transforms."""
+        return align_to_v1_3d(x, self.flips, self.rot_k)
+
+
+def _apply_v2_3d(x: torch.Tensor, flips: Sequence[bool], k: int) -> torch.Tensor:
+    dims = [d for d, f in zip(_VOL_AXES, flips) if f]
+    if dims:
+        x = torch.flip(x, dims)
+    return torch.rot90(x, k, dims=_AXIAL) if k else x
+
+
+def align_to_v1_3d(x: torch.Tensor, flips: torch.Tensor, rot_k: torch.Tensor) -> torch.Tensor:
+    """Undo v2's extra transform on a spatial map (N, C, G, G, G) of v2 views (e.g. the patch grid)."""
+    if x.dim() != 5 or x.shape[0] != rot_k.shape[0] or tuple(flips.shape) != (rot_k.shape[0], 3):
+        raise ValueError(
+            f"x must be (N, C, G, G, G) with N = {rot_k.shape[0]} and flips (N, 3), got {tuple(x.shape)} "
+            f"and {tuple(flips.shape)}"
+        )
+    out = []
+    for i in range(x.shape[0]):
+        y = x[i]
+        k = int(rot_k[i])
+        if k:
+            y = torch.rot90(y, -k, dims=_AXIAL)
+        dims = [d for d, f in zip(_VOL_AXES, flips[i].tolist()) if f]
+        out.append(torch.flip(y, dims) if dims else y)
+    return torch.stack(out)
+
+
+def _axis_rotation(axis: int, angle: float) -> torch.Tensor:
+    """3x3 rotation about tensor axis ``axis`` (0 = X, 1 = Y, 2 = Z) by ``angle`` radians."""
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = [a for a in range(3) if a != axis]
+    m = torch.eye(3, dtype=torch.float64)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+def _sample_source_3d(g: torch.Generator, cfg: VolumeAugmentConfig) -> torch.Tensor:
+    """3x3 matrix (tensor axis order X, Y, Z) of a source's flips and axial 90-degree rotation,
+    with exact integer entries."""
+    flips = [-1.0 if (cfg.src_flip and float(torch.rand((), generator=g)) < 0.5) else 1.0 for _ in range(3)]
+    k = int(torch.randint(0, 4, (), generator=g)) if cfg.src_rot90 else 0
+    rot = torch.eye(3, dtype=torch.float64)
+    for _ in range(k):  # exact quarter turns in the (X, Y) plane
+        rot = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64) @ rot
+    return torch.diag(torch.tensor(flips, dtype=torch.float64)) @ rot
+
+
+def _sample_view_3d(g: torch.Generator, cfg: VolumeAugmentConfig) -> tuple[torch.Tensor, list[float]]:
+    m = torch.eye(3, dtype=torch.float64)
+    for axis in range(3):
+        m = _axis_rotation(axis, math.radians(_u(g, -cfg.view_rotation, cfg.view_rotation))) @ m
+    b = _u(g, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+    c = _u(g, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+    return m, [b, c]
+
+
+def _intensity_3d(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Per-volume brightness and contrast (about the volume's mean) on [0, 1] volumes (N, C, X, Y, Z)."""
+    p = params.to(device=x.device, dtype=x.dtype).view(-1, 2, 1, 1, 1, 1)
+    x = (x * p[:, 0]).clamp(0, 1)
+    m = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+    return ((x - m) * p[:, 1] + m).clamp(0, 1)
+
+
+class VolumeViewGenerator:
+    """Makes the 5B network inputs of one 3-D LD step from B pairs of source patches.
+
+    ``__call__(img1, img2, generators)``: img1, img2 (B, C, R, R, R) in [0, 1] (R = ``read_size``,
+    the patch edge ``size`` plus a margin on each side that keeps the small view rotations inside
+    the data; other edges are resampled to the same central field), and one ``torch.Generator``
+    per item. Returns a ``VolumeViewBatch`` of (5B, C, size, size, size) views.
+    """
+
+    def __init__(self, size: int, config: VolumeAugmentConfig | None = None) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+            raise ValueError(f"size must be an int >= 16, got {size!r}")
+        self.size = size
+        self.cfg = config or VolumeAugmentConfig()
+        # a corner of the cube moves by at most |r| * 3 * angle under the three small rotations
+        reach = math.sqrt(3) * size / 2 * 3 * math.radians(self.cfg.view_rotation)
+        self.margin = math.ceil(reach) + 1 if self.cfg.view_rotation > 0 else 0
+        self.read_size = size + 2 * self.margin
+
+    def _draw(self, generators: Sequence[torch.Generator]):
+        """Per item: the four views' 3x3 maps and intensities, v2's flips and rotations, the mixup weight."""
+        cfg, b = self.cfg, len(generators)
+        mats = [[None] * b for _ in range(4)]  # order: img1_v1, img2_v1, img1_v2, img2_v2
+        inten = [[None] * b for _ in range(4)]
+        flips, rk, mw = [], [], []
+        for i, g in enumerate(generators):
+            src = [_sample_source_3d(g, cfg), _sample_source_3d(g, cfg)]
+            for view in range(2):
+                for j in range(2):
+                    vm, it = _sample_view_3d(g, cfg)
+                    mats[2 * view + j][i] = src[j] @ vm
+                    inten[2 * view + j][i] = it
+            for _ in range(2):  # v2 extras of img1_v2 and img2_v2
+                flips.append(
+                    [cfg.v2_flip_p > 0 and float(torch.rand((), generator=g)) < cfg.v2_flip_p for _ in range(3)]
+                )
+                rk.append(int(torch.randint(0, 4, (), generator=g)) if cfg.v2_rot90 else 0)
+            mw.append(_u(g, *cfg.mix_range))
+        flips = torch.tensor(flips[0::2] + flips[1::2], dtype=torch.bool)
+        rk = torch.tensor(rk[0::2] + rk[1::2])
+        return [m for grp in mats for m in grp], [p for grp in inten for p in grp], flips, rk, mw
+
+    def __call__(
+        self, img1: torch.Tensor, img2: torch.Tensor, generators: Sequence[torch.Generator]
+    ) -> VolumeViewBatch:
+        if img1.shape != img2.shape or img1.dim() != 5:
+            raise ValueError(
+                f"img1 and img2 must both be (B, C, X, Y, Z), got {tuple(img1.shape)} and {tuple(img2.shape)}"
+            )
+        b, c = img1.shape[:2]
+        if len(generators) != b:
+            raise ValueError(f"need one generator per item: {b} items, {len(generators)} generators")
+        mats, inten, flips, rk, mw = self._draw(generators)
+        dev, dt = img1.device, img1.dtype
+        # the central size^3 of the source, in its [-1, 1] coordinates (per axis X, Y, Z)
+        scale = torch.diag(torch.tensor([self.size / n for n in img1.shape[2:]], dtype=torch.float64))
+        rev = torch.eye(3, dtype=torch.float64).flip(0)  # affine_grid orders coordinates (Z, Y, X)
+        theta = torch.stack([rev @ scale @ m @ rev for m in mats])
+        theta = torch.cat([theta, torch.zeros(4 * b, 3, 1, dtype=torch.float64)], dim=2).to(device=dev, dtype=dt)
+        src = torch.cat([img1, img2, img1, img2]).to(dt)
+        grid = F.affine_grid(theta, [4 * b, c, self.size, self.size, self.size], align_corners=False)
+        views = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        views = _intensity_3d(views, torch.tensor(inten, dtype=torch.float64))
+        v2 = views[2 * b :]
+        v2 = torch.stack([_apply_v2_3d(v2[i], flips[i].tolist(), int(rk[i])) for i in range(2 * b)])
+        w = torch.tensor(mw, dtype=dt, device=dev)
+        wv = w.view(-1, 1, 1, 1, 1)
+        mix = wv * views[:b] + (1 - wv) * views[b : 2 * b]
+        images = normalize_intensity(torch.cat([views[: 2 * b], v2, mix]))
+        return VolumeViewBatch(images=images, flips=flips, rot_k=rk, mix_w=w, batch_size=b)

@@ -5,6 +5,10 @@ set per epoch, ``batch_indices`` gives a step's global items and their partner i
 ``--resume`` continues exactly and 2 processes x B equal 1 process x 2B. ``Batches`` yields one
 process's share of each step from memory (an ``ImageFolderDataset`` moved to the device once) or
 streamed from the cache by a DataLoader.
+
+Volumes (``--dims 3``): a step's items are volumes, chosen the same way; each item and each
+partner gets a random cubic patch, its corner drawn from (seed, stage, epoch, step, item number),
+and only the patches are read from the volume cache (``read_patch``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from .augment import item_generator
 from .data import ImageFolderDataset
 
-__all__ = ["epoch_order", "batch_indices", "default_loader_workers", "Batches"]
+__all__ = ["epoch_order", "batch_indices", "patch_corner", "default_loader_workers", "Batches"]
 
 
 def epoch_order(n: int, stage: int, epoch: int, seed: int) -> torch.Tensor:
@@ -71,6 +75,37 @@ class _StepImages(torch.utils.data.Dataset):
         return 0
 
 
+def patch_corner(shape, edge: int, generator: torch.Generator) -> tuple[int, ...]:
+    """A random corner of a cubic patch of ``edge`` voxels in a volume of ``shape`` (X, Y, Z): uniform
+    over the corners that keep the patch inside; along an axis shorter than ``edge``, uniform over
+    the placements that hold the whole axis (the rest of the patch is zeros)."""
+    out = []
+    for n in shape:
+        lo, hi = min(0, n - edge), max(0, n - edge)
+        out.append(lo + int(torch.randint(0, hi - lo + 1, (), generator=generator)))
+    return tuple(out)
+
+
+class _StepPatches(_StepImages):
+    """Item ``(stage, epoch, step)`` of a volume data set: the B item patches then the B partner
+    patches, (2B, 1, E, E, E) with E = ``edge``, each read alone from the volume cache."""
+
+    def __init__(self, dataset, n: int, global_batch: int, batch: int, rank: int, seed: int, edge: int) -> None:
+        super().__init__(dataset, n, global_batch, batch, rank, seed)
+        self.edge = edge
+
+    def __getitem__(self, key) -> torch.Tensor:
+        stage, epoch, step = key
+        vols = self.indices(stage, epoch, step).tolist()
+        item_no = (step * self.gb + torch.arange(self.rank * self.b, (self.rank + 1) * self.b)).tolist()
+        patches = []
+        for j, v in enumerate(vols):  # items, then their partners
+            g = item_generator(self.seed, stage, epoch, -7, step, item_no[j % self.b], j // self.b)
+            corner = patch_corner(self.dataset.shapes[v], self.edge, g)
+            patches.append(self.dataset.read_patch(v, corner, (self.edge,) * 3))
+        return torch.stack(patches)
+
+
 class _StepKeys(torch.utils.data.Sampler):
     """The keys of the steps still to run in the current epoch (set before each pass)."""
 
@@ -105,14 +140,28 @@ class Batches:
     A ``CachedImageDataset`` is read by a DataLoader (``workers`` processes, pinned memory on CUDA,
     prefetching) one step at a time; nothing of the size of the data set is held.
     ``wait_s`` accumulates the time the training loop spent waiting for the next batch.
+    With ``patch`` (an edge in voxels) the data set is a volume cache and each step's patches are
+    read from it (streamed).
     """
 
     def __init__(
-        self, dataset, n: int, gb: int, b: int, rank: int, seed: int, device: torch.device, workers: int
+        self,
+        dataset,
+        n: int,
+        gb: int,
+        b: int,
+        rank: int,
+        seed: int,
+        device: torch.device,
+        workers: int,
+        patch: int | None = None,
     ) -> None:
         self.device, self.b = device, b
-        self.source = _StepImages(dataset, n, gb, b, rank, seed)
-        self.streaming = not isinstance(dataset, ImageFolderDataset)
+        if patch is None:
+            self.source = _StepImages(dataset, n, gb, b, rank, seed)
+        else:
+            self.source = _StepPatches(dataset, n, gb, b, rank, seed, patch)
+        self.streaming = patch is not None or not isinstance(dataset, ImageFolderDataset)
         self.wait_s = 0.0
         if not self.streaming:
             self.images_dev = dataset.images.to(device)

@@ -11,6 +11,10 @@
   network's assignment kind (``LDNet.assignment``);
 * ``loss`` = pd + mix (+ ``W_RD`` rd + ``W_ENT`` ent).
 
+Volumes (a ``VolumeViewBatch``, outputs (5B, D, X, Y, Z)): the same terms on a G x G x G grid of
+sub-cubes, view 2 realigned in 3-D; region discrimination runs through the same fused ops, which
+take one to three spatial dims.
+
 These are the modules of ``ld_ext.losses`` a user would put in their own training loop; with
 ``gather_distributed=True`` a torch.distributed job computes every term over the global batch.
 ``loss_impl="reference"`` swaps in their plain-PyTorch twins (``ld_ext.plain_losses``, also the
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import ViewBatch, align_to_v1
+from .augment import ViewBatch, VolumeViewBatch
 from .losses import PatchDiscriminationLoss, RegionDiscriminationLoss
 from .normalization import compute_dtype, normalize_embeddings, unit
 from .plain_losses import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLoss
@@ -45,12 +49,13 @@ def _loss_modules(loss_impl: str):
 
 class LDObjective(nn.Module):
     """The LD losses of one step, from the raw network outputs ``z`` (5B, D, H, W), ``s``
-    (5B, K, H, W) or None (stage 1) and the ``ViewBatch`` they came from.
+    (5B, K, H, W) or None (stage 1) and the ``ViewBatch`` they came from (or (5B, D, X, Y, Z),
+    (5B, K, X, Y, Z) and a ``VolumeViewBatch``).
 
     Args:
         loss_impl: "fused" (the ld_ext ops, through ``ld_ext.losses``) or "reference" (the same
             modules in plain PyTorch, for comparisons).
-        grid: G, the patch grid of the PD and mixup terms.
+        grid: G, the patch grid of the PD and mixup terms (G x G cells, G x G x G for volumes).
         rd_temperature: tau of region discrimination (0.2).
         pd_temperature: T of the PD / mixup criterion (0.1).
         assignment: how ``s`` becomes the assignment (``LDNet.assignment``: "sigmoid").
@@ -87,17 +92,23 @@ class LDObjective(nn.Module):
     def extra_repr(self) -> str:
         return f"loss_impl={self.loss_impl!r}, grid={self.grid}, w_rd={self.w_rd}, w_ent={self.w_ent}"
 
-    def forward(self, z: torch.Tensor, s: torch.Tensor | None, views: ViewBatch) -> dict[str, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, s: torch.Tensor | None, views: ViewBatch | VolumeViewBatch
+    ) -> dict[str, torch.Tensor]:
         b = views.batch_size
         if z.shape[0] != 5 * b:
             raise ValueError(f"z must hold 5B = {5 * b} images, got {z.shape[0]}")
-        f = unit(F.adaptive_avg_pool2d(normalize_embeddings(compute_dtype(z)), self.grid), dim=1)  # (5B, D, G, G)
+        want = 5 if isinstance(views, VolumeViewBatch) else 4
+        if z.dim() != want:
+            raise ValueError(f"z must have {want} dims for a {type(views).__name__}, got shape {tuple(z.shape)}")
+        pool = F.adaptive_avg_pool3d if want == 5 else F.adaptive_avg_pool2d
+        f = unit(pool(normalize_embeddings(compute_dtype(z)), self.grid), dim=1)  # (5B, D, G, G[, G])
         d = f.shape[1]
-        f_v2 = align_to_v1(f[2 * b : 4 * b], views.flip_h, views.flip_v, views.rot_k)
-        w = views.mix_w.to(f.dtype).view(-1, 1, 1, 1)
+        f_v2 = views.align_v2(f[2 * b : 4 * b])
+        w = views.mix_w.to(f.dtype).view(-1, *([1] * (f.dim() - 1)))
         target = unit(w * f[:b] + (1 - w) * f[b : 2 * b], dim=1).detach()
 
-        def rows(x):  # (n, D, G, G) -> (n * G * G, D)
+        def rows(x):  # (n, D, G, G[, G]) -> (n * G^dims, D)
             return x.flatten(2).transpose(1, 2).reshape(-1, d)
 
         # row i of view 1 pairs with row i of view 2: [img1_v1; img2_v1] with [img1_v2; img2_v2]

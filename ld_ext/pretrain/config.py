@@ -47,7 +47,14 @@ class TrainConfig:
         default="ld_run",
         metadata=_flag("--out", "output folder (checkpoints, metrics, overlays)", required=True, metavar="DIR"),
     )
-    size: int = field(default=128, metadata=_flag("--size", "image size (square) fed to the network", type=int))
+    size: int | None = field(
+        default=None,
+        metadata=_flag(
+            "--size",
+            "image size (square; with --dims 3 the cubic patch edge) fed to the network (default 128, 3-D 64)",
+            type=int,
+        ),
+    )
     channels: int = field(default=1, metadata=_flag("--channels", "1 = gray, 3 = RGB", type=int, choices=(1, 3)))
     emb_dim: int = field(default=32, metadata=_flag("--emb-dim", "D, embedding channels", type=int))
     n_clusters: int = field(default=16, metadata=_flag("--clusters", "K, clusters of stage 2", type=int))
@@ -63,7 +70,12 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata=_flag("--lr", "Adam learning rate", type=float))
     lr_step: int = field(default=10, metadata=_flag("--lr-step", "halve the learning rate every N epochs", type=int))
     lr_gamma: float = 0.5
-    grid: int = field(default=8, metadata=_flag("--grid", "G, patch grid for PD/mixup", type=int))
+    grid: int | None = field(
+        default=None,
+        metadata=_flag(
+            "--grid", "G, patch grid per axis for PD/mixup (default 8; 4 with --dims 3: 64 cells)", type=int
+        ),
+    )
     rd_temperature: float = field(
         default=RD_TEMPERATURE,
         metadata=_flag("--rd-temperature", "tau of region discrimination (docs/method.md section 3)", type=float),
@@ -185,6 +197,46 @@ class TrainConfig:
             "--dtype", "training precision (float64: slow, for verification)", choices=("float32", "float64")
         ),
     )
+    dims: int = field(
+        default=2,
+        metadata=_flag(
+            "--dims",
+            "2: images (slices of volumes); 3: volumes (NIfTI, DICOM series, 3-D .npy), a 3-D network on "
+            "cubic patches of edge --size",
+            type=int,
+            choices=(2, 3),
+        ),
+    )
+    spacing: tuple[float, ...] | None = field(
+        default=None,
+        metadata=_flag(
+            "--spacing",
+            "--dims 3: resample every volume to this voxel size in mm (default: keep each volume's)",
+            type=float,
+            nargs=3,
+            metavar=("X", "Y", "Z"),
+        ),
+    )
+    window: tuple[float, ...] | None = field(
+        default=None,
+        metadata=_flag(
+            "--window",
+            "--dims 3: intensity window mapped to [0, 1], e.g. -1000 400 for CT in HU (default: --percentiles)",
+            type=float,
+            nargs=2,
+            metavar=("LOW", "HIGH"),
+        ),
+    )
+    percentiles: tuple[float, ...] = field(
+        default=(0.5, 99.5),
+        metadata=_flag(
+            "--percentiles",
+            "--dims 3 without --window: each volume's intensity percentiles mapped to [0, 1] (MR)",
+            type=float,
+            nargs=2,
+            metavar=("LOW", "HIGH"),
+        ),
+    )
     # stage 3; the CLI's default is pretrain_stage.DEFAULT_CENTRE_STEPS (add_config_flags' cli_defaults)
     centre_steps: int = field(
         default=0,
@@ -196,6 +248,13 @@ class TrainConfig:
             metavar="N",
         ),
     )
+
+    def __post_init__(self) -> None:
+        # the defaults that depend on --dims (a 3-D grid of 4^3 cells has as many cells as 8^2)
+        if self.size is None:
+            self.size = 64 if self.dims == 3 else 128
+        if self.grid is None:
+            self.grid = 4 if self.dims == 3 else 8
 
     def validate(self, names: Mapping[str, str] | None = None) -> "TrainConfig":
         """Check every field; returns self. ``names`` maps a field to the name an error message
@@ -244,6 +303,7 @@ class TrainConfig:
             )
         pos_int("checkpoint_every", 0)
         pos_int("centre_steps", 0)
+        self._validate_volume_options(n)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"{n('dtype')} must be 'float32' or 'float64', got {self.dtype!r}")
         for name in ("workers", "loader_workers"):
@@ -262,6 +322,39 @@ class TrainConfig:
             raise ValueError(f"{n('cache_lock_timeout')} must be a positive number of seconds, got {t!r}")
         return self
 
+    def _validate_volume_options(self, n) -> None:
+        """--dims and the options of volumes (--spacing, --window, --percentiles), normalised to tuples of floats."""
+        if isinstance(self.dims, bool) or self.dims not in (2, 3):
+            raise ValueError(f"{n('dims')} must be 2 or 3, got {self.dims!r}")
+
+        def numbers(name, count):
+            v = getattr(self, name)
+            ok = isinstance(v, (list, tuple)) and len(v) == count
+            ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            if not ok:
+                raise ValueError(f"{n(name)} must be {count} finite numbers, got {v!r}"[:300])
+            setattr(self, name, tuple(float(x) for x in v))
+            return getattr(self, name)
+
+        if self.spacing is not None and min(numbers("spacing", 3)) <= 0:
+            raise ValueError(f"{n('spacing')} must be 3 voxel sizes in mm > 0, got {list(self.spacing)}")
+        if self.window is not None:
+            lo, hi = numbers("window", 2)
+            if not lo < hi:
+                raise ValueError(f"{n('window')} must be LOW HIGH with LOW < HIGH, got {lo:g} {hi:g}")
+        lo, hi = numbers("percentiles", 2)
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"{n('percentiles')} must be LOW HIGH with 0 <= LOW < HIGH <= 100, got {lo:g} {hi:g}")
+        if self.dims == 3 and self.channels != 1:
+            raise ValueError(f"{n('channels')} must be 1 with {n('dims')} 3 (volumes have one channel)")
+        if self.dims == 2:
+            given = [n(k) for k in ("spacing", "window") if getattr(self, k) is not None]
+            if self.percentiles != (0.5, 99.5):
+                given.append(n("percentiles"))
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(f"{', '.join(given)} {verb} to volumes only: add {n('dims')} 3")
+
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.size, self.channels, tuple(self.nifti_axes), self.min_foreground, fit=self.fit)
 
@@ -270,6 +363,8 @@ class TrainConfig:
         d = asdict(self)
         d["widths"] = list(self.widths)
         d["nifti_axes"] = list(self.nifti_axes)
+        for k in ("spacing", "window", "percentiles"):
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
 
@@ -312,6 +407,10 @@ FLAG_ORDER = (
     "progress",
     "dtype",
     "centre_steps",
+    "dims",
+    "spacing",
+    "window",
+    "percentiles",
 )
 
 
@@ -342,7 +441,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cli_defaults: Mapping[str,
         kwargs = {k: v for k, v in f.metadata.items() if k not in ("flag", "negate")}
         if kwargs.get("action") is None and not kwargs.get("required"):
             default = cli_defaults.get(f.name, _default(f))
-            kwargs["default"] = list(default) if "nargs" in kwargs else default
+            kwargs["default"] = list(default) if "nargs" in kwargs and default is not None else default
         parser.add_argument(f.metadata["flag"], **kwargs)
 
 
@@ -356,7 +455,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         else:
             names[f.name] = f.metadata["flag"]
         default = _default(f)
-        if isinstance(default, (list, tuple)):
-            value = type(default)(value)
+        if isinstance(default, (list, tuple)) or (f.metadata.get("nargs") and value is not None):
+            value = (type(default) if isinstance(default, (list, tuple)) else tuple)(value)
         values[f.name] = value
     return TrainConfig(**values).validate(names)

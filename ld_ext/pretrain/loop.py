@@ -23,22 +23,15 @@ import torch
 
 from .. import distributed as dist_utils
 from ..atomic import DISK_ERRNOS, DiskWriteError, FolderInUseError, disk_write_error, lock_folder
-from ..augment import AugmentConfig, LDViewGenerator, item_generator
+from ..augment import LDViewGenerator, VolumeViewGenerator, item_generator
 from ..batching import Batches, default_loader_workers
 from ..checkpoint import LANDMARK_KEY, defer_signals, load_model, save_checkpoint
 from ..data import CachedImageDataset, ImageFolderDataset, mark_output_folder, open_or_build_cache
 from ..models import LDNet
 from ..objective import LDObjective
 from .config import TrainConfig
-from .outputs import (
-    clean_temp_files,
-    data_summary,
-    existing_run_files,
-    read_jsonl,
-    save_loss_plot,
-    save_overlays,
-    write_jsonl,
-)
+from .outputs import clean_temp_files, existing_run_files, read_jsonl, save_loss_plot, save_overlays, write_jsonl
+from . import volumes
 from .state import (
     load_for_all,
     load_optimizer,
@@ -54,9 +47,11 @@ __all__ = ["pretrain"]
 
 logger = logging.getLogger("ld_ext.train")
 
-# train_config entries a resumed run must share with the checkpoint (the last three: the data)
+# train_config entries a resumed run must share with the checkpoint (from nifti_axes on: the data;
+# dims is checked first, by volumes.check_resume_dims)
 _RESUME_MUST_MATCH = tuple(
-    "size channels emb_dim n_clusters batch_size seed grid nifti_axes min_foreground fit".split()
+    "size channels emb_dim n_clusters batch_size seed grid nifti_axes min_foreground fit spacing window "
+    "percentiles".split()
 )
 
 
@@ -114,7 +109,7 @@ class _Run:
     val_images: torch.Tensor | None
     resume_state: dict | None  # the checkpoint of --resume until its stage has consumed it
     records: list[dict]  # metrics.jsonl
-    viewgen: LDViewGenerator
+    viewgen: LDViewGenerator | VolumeViewGenerator
     objective: LDObjective
     tdtype: torch.dtype
     gb: int  # global batch (pairs per step over all processes)
@@ -231,18 +226,17 @@ def _start_run(cfg: TrainConfig, out: Path, info, dataset, val_images) -> _Run:
             where = exc.filename or (Path(cfg.cache) if cfg.cache else out / "cache")
             raise disk_write_error(exc, where) from exc
         raise
-    n = len(dataset)
+    n, fingerprint = len(dataset), volumes.dataset_fingerprint(dataset)
     if info.is_main:
-        for line in data_summary(dataset, cfg.size, cfg.channels):
+        for line in volumes.summary_lines(cfg, dataset):
             logger.info(line)
-    dist_utils.check_same_dataset(n, dataset.fingerprint)
+    dist_utils.check_same_dataset(n, fingerprint)
     if resume_state is not None:
-        _check_resume_data(resume_state, out / "checkpoint.pt", n, dataset.fingerprint)
+        _check_resume_data(resume_state, out / "checkpoint.pt", n, fingerprint)
     if info.is_main:
         _prepare_out(cfg, out, previous)
     if val_images is None:
-        vi = torch.randperm(n, generator=item_generator(cfg.seed, -3))[: min(cfg.val_images, n)]
-        val_images = dataset.read(vi)
+        val_images = volumes.validation_inputs(cfg, dataset, n)
     records = read_jsonl(out / "metrics.jsonl") if resume_state is not None else []
     if resume_state is not None:
         done = (resume_state["stage"], resume_state["epoch"])
@@ -267,13 +261,15 @@ def _refuse_existing_run(cfg: TrainConfig, out: Path) -> list[str]:
 
 
 def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
-    """The given data set, or ``cfg.data`` preprocessed into the cache (built once) and opened."""
+    """The given data set, or ``cfg.data`` preprocessed into the cache (built once) and opened
+    (volumes: ``volumes.open_volumes``)."""
+    if dataset is None and cfg.dims == 3:
+        dataset = volumes.open_volumes(cfg, out, env_rank, volumes.lock_timeout_of(cfg))
+    if cfg.dims == 3:
+        volumes.check_volume_dataset(cfg, dataset)
+        return dataset
     if dataset is None:
-        if not cfg.data:
-            raise ValueError("data: give at least one folder or file (--data PATH ...)")
-        for d in cfg.data:  # a mistyped path is reported before anything is written
-            if not Path(d).exists():
-                raise ValueError(f"data path does not exist: {d}")
+        _check_data_paths(cfg, dataset)
         cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
         # outputs are never inputs: --out is marked and skipped by every later scan (its overlays and
         # figure when --out is a data folder itself), and so is the cache; processes waiting for
@@ -288,7 +284,7 @@ def _open_data(cfg: TrainConfig, out: Path, dataset, env_rank: int):
             progress=cfg.progress and env_rank == 0,
             log=logger.info if env_rank == 0 else None,
             exclude=[out, out / "overlays", out / "losses.png"],
-            lock_timeout=cfg.dist_timeout if int(os.environ.get("WORLD_SIZE", "1")) > 1 else cfg.cache_lock_timeout,
+            lock_timeout=volumes.lock_timeout_of(cfg),
         )
     if not isinstance(dataset, (ImageFolderDataset, CachedImageDataset)):
         raise TypeError(f"dataset must be an ImageFolderDataset or a CachedImageDataset, got {type(dataset).__name__}")
@@ -318,6 +314,7 @@ def _load_resume_state(cfg: TrainConfig, ckpt_path: Path, ws: int, dataset=None)
     def check(st):
         validate_resume_state(st, ckpt_path)
         prev = st.get("train_config", {})
+        volumes.check_resume_dims(prev, cfg, ckpt_path)
         now = cfg.to_dict()
         for key in _RESUME_MUST_MATCH:
             if key in prev and prev[key] != now.get(key):
@@ -366,7 +363,7 @@ def _check_resume_data(state: dict, ckpt_path: Path, n: int, fingerprint: str) -
 
 def _new_run(cfg: TrainConfig, out: Path, dataset, n: int, info, val_images, resume_state, records) -> _Run:
     """The views, the objective and the batches of the run (after the global RNGs were seeded or restored)."""
-    viewgen = LDViewGenerator(cfg.size, AugmentConfig())
+    viewgen = volumes.view_generator(cfg)
     tdtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     objective = LDObjective(
         cfg.loss_impl,
@@ -382,7 +379,8 @@ def _new_run(cfg: TrainConfig, out: Path, dataset, n: int, info, val_images, res
     if cfg.init_stage1 is not None:
         stage1_state = load_for_all(Path(cfg.init_stage1))["model"]
     workers = cfg.loader_workers if cfg.loader_workers is not None else default_loader_workers(info.device)
-    batches = Batches(dataset, n, gb, cfg.batch_size, info.rank, cfg.seed, info.device, workers)
+    patch = viewgen.read_size if cfg.dims == 3 else None
+    batches = Batches(dataset, n, gb, cfg.batch_size, info.rank, cfg.seed, info.device, workers, patch)
     return _Run(
         cfg=cfg,
         out=out,
@@ -471,7 +469,8 @@ def _initial_model(run: _Run, stage: int) -> LDNet:
     """The stage's network, deterministically initialised; stage 2 takes stage 1's weights by name."""
     cfg = run.cfg
     torch.manual_seed(int(item_generator(cfg.seed, stage, -4).initial_seed()) & ((1 << 62) - 1))
-    model = LDNet(cfg.channels, cfg.emb_dim, cfg.n_clusters if stage == 2 else None, cfg.widths)
+    k = cfg.n_clusters if stage == 2 else None
+    model = LDNet(cfg.channels, cfg.emb_dim, k, cfg.widths, spatial_dims=cfg.dims)
     if stage == 2 and run.stage1_state is not None:
         try:
             model.load_stage1(run.stage1_state)
@@ -687,7 +686,7 @@ def _train_state(run: _Run, st: _Stage, epoch: int, step: int, sums: dict | None
         "step": step,
         "world_size": run.info.world_size,
         "train_config": run.cfg.to_dict(),
-        "data": {"paths": run.data_paths, "n_images": run.n, "fingerprint": str(run.dataset.fingerprint)},
+        "data": {"paths": run.data_paths, "n_images": run.n, "fingerprint": volumes.dataset_fingerprint(run.dataset)},
     }
     if step:
         state["sums"] = {k: float(v) for k, v in sums.items()}
@@ -705,7 +704,9 @@ def _stage3_and_final_model(cfg, info, model, dataset, out, records, metrics_pat
     and shape-guided read) stays the stage-2 network, and model.pt carries the landmark network
     beside it (``LANDMARK_KEY``, what ``ld-ext landmark`` reads)."""
     centre = landmark_net = None
-    if info.is_main and cfg.centre_steps:  # stage 3, process 0 only (see its module)
+    if info.is_main and cfg.centre_steps and cfg.dims == 3:
+        logger.info("stage 3 (the centre-sensitive landmark term) is 2-D only: skipped with --dims 3")
+    elif info.is_main and cfg.centre_steps:  # stage 3, process 0 only (see its module)
         from ..tasks.landmarks.pretrain_stage import run_centre_stage
 
         tuned, centre = run_centre_stage(_plain_model(model), dataset, out, cfg.centre_steps, cfg.seed, cfg.progress)

@@ -88,8 +88,12 @@ def predict(model: LDNet, images: torch.Tensor, batch_size: int = 8) -> tuple[to
 
 
 def save_overlays(model: LDNet, images: torch.Tensor, path: Path) -> Path:
-    """Validation overlays: image | cluster arg-max overlay (stage 2) or embedding PCA (stage 1)."""
+    """Validation overlays: image | cluster arg-max overlay (stage 2) or embedding PCA (stage 1).
+    Volumes (V, C, X, Y, Z): the middle axial slice of each input and of the network's outputs."""
     z, s = predict(model, images)
+    if images.dim() == 5:
+        mid = images.shape[-1] // 2
+        images, z, s = images[..., mid], z[..., mid], (s[..., mid] if s is not None else None)
     titles = ["image", "embedding (PCA)"] + (["clusters"] if s is not None else [])
     rows = []
     for i in range(images.shape[0]):
