@@ -174,7 +174,8 @@ def test_probe_cli_on_volumes_with_integer_labels(tmp_path, capsys):
 
 def test_finetune_cli_on_volumes(tmp_path, capsys):
     vols, labels = _write_volumes(tmp_path)
-    _save_net(tmp_path / "ld3.pt", TINY3, size=16, spacing=[1.0, 1.0, 2.0], window=[50.0, 600.0])
+    _save_net(tmp_path / "ld3.pt", TINY3, size=16, spacing=[1.0, 1.0, 2.0], window=[50.0, 600.0],
+              percentiles=[0.5, 99.5])
     out = tmp_path / "out"
     argv = ["finetune", "--checkpoint", str(tmp_path / "ld3.pt"), "--images", str(vols), "--masks", str(labels),
             "--labels", "1", "--shots", "1", "--seeds", "1", "--steps", "2", "--batch", "2", "--no-progress",
@@ -186,6 +187,7 @@ def test_finetune_cli_on_volumes(tmp_path, capsys):
     assert res["dims"] == 3 and r["settings"]["sliding_window"] == [16, 16, 16]
     # the volumes are read as pre-training read them (recorded in the checkpoint)
     assert res["spacing"] == [1.0, 1.0, 2.0] and res["intensity_window"] == [50.0, 600.0]
+    assert res["percentiles"] == [0.5, 99.5]
     for key in ("dice", "dice_per_volume"):
         assert set(r[key]) == {"LD", "random"} and all(0.0 <= d <= 1.0 for v in r[key].values() for d in v)
     md = (out / "results.md").read_text()
@@ -361,3 +363,23 @@ def test_a_dicom_series_folder_pairs_with_the_label_volume_named_like_it(tmp_pat
     assert [(a.name, b.name) for a, b in pairs] == [("pt.1", "pt.1.npy"), ("pt.2", "pt.2_label.npy")]
     vols, labs = volumes.load_volume_pairs(pairs)
     assert vols[0].shape == labs[0].shape == shape and labs[0].min() == 1 and labs[1].max() == 0
+
+
+def test_probe_and_finetune_read_a_checkpoint_of_pretrain_dims_3(tmp_path, capsys):
+    """The chain of issue 23: pre-training on a folder of NIfTI volumes (--dims 3), then both commands on
+    volumes + label volumes with its model.pt (window, spacing and intensity as pre-training recorded)."""
+    from ld_ext import train
+
+    vols, labels = _write_volumes(tmp_path)
+    cfg = train.TrainConfig(data=[str(vols)], out=str(tmp_path / "run"), dims=3, size=16, emb_dim=4, n_clusters=4,
+                            widths=(4, 4, 4, 4, 4), batch_size=2, epochs1=1, epochs2=1, steps_per_epoch=1,
+                            val_images=0, progress=False, device="cpu", spacing=(1.0, 1.0, 1.0))
+    train.pretrain(cfg)
+    ck = tmp_path / "run" / "model.pt"
+    base = ["--checkpoint", str(ck), "--images", str(vols), "--masks", str(labels), "--shots", "1", "--seeds", "1"]
+    assert main(["probe", *base, "--out", str(tmp_path / "p")]) == 0
+    assert main(["finetune", *base, "--steps", "1", "--batch", "2", "--no-progress", "--out", str(tmp_path / "f")]) == 0
+    for out in ("p", "f"):
+        res = json.loads((tmp_path / out / "results.json").read_text())
+        assert res["dims"] == 3 and res["sliding_window"] == [16, 16, 16] and res["spacing"] == [1.0, 1.0, 1.0]
+        assert res["percentiles"] == [0.5, 99.5] and res["results"][0]["label"] == "labels"

@@ -301,14 +301,15 @@ def pair_volumes(images_dir, labels_dir, flag: str = "--masks") -> list[tuple[Pa
     return pairs
 
 
-def load_volume_pairs(pairs, *, spacing=None, window=None, checkpoint=None, images=None):
-    """(volumes, label volumes): float32 volumes as ``read_volume`` gives them (intensity normalised) and
+def load_volume_pairs(pairs, *, spacing=None, window=None, percentiles=(0.5, 99.5), checkpoint=None, images=None):
+    """(volumes, label volumes): float32 volumes as ``read_volume`` gives them (intensity normalised by
+    ``window`` or ``percentiles``, resampled to ``spacing``) and
     their label volumes (integer values kept) on the same grid; a label volume whose shape differs from its
     volume's is an error naming both, a volume with an axis of one voxel (a 2-D image) one naming the
     checkpoint (``checkpoint``, ``images``: for that message)."""
     vols, labs = [], []
     for ip, lp in pairs:
-        v = _volumes.read_volume(ip, spacing=spacing, window=window)
+        v = _volumes.read_volume(ip, spacing=spacing, window=window, percentiles=percentiles)
         if min(v.array.shape) < 2:
             raise _mismatch(checkpoint, 3, images, f"{ip.name}: {'x'.join(map(str, v.array.shape))}")
         lab = _volumes.read_volume(lp, spacing=spacing, label=True)
