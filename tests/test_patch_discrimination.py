@@ -223,9 +223,14 @@ def test_one_negative_takes_the_row():
         # Any float32 formulation rounds the logits x.x/T by about eps32/T (relative), and the two
         # formulations round differently: beside the usual slack, allow that much (at T = 0.004 the
         # fused gradient error was up to 1.6x the plain one, about 2e-5 apart, in 1 draw in 10).
+        # The plain float32 reference itself gives a NaN gradient in about 1 draw in 75 at T = 0.004
+        # (4 of 300 seeds); its error is then no yardstick, and the fused result must be within the
+        # slack alone (it was 5e-5 at most, the slack 2.3e-4, in those draws).
         tol = TOL[torch.float32] + torch.finfo(torch.float32).eps / tau
-        assert max_err(got32, ref) <= max_err(ref32, ref) + tol * abs(ref.item())
-        assert max_err(g32, rg) <= max_err(rg32, rg) + tol * rg.abs().max().item()
+        base_loss = max_err(ref32, ref) if torch.isfinite(ref32) else 0.0
+        base_grad = max_err(rg32, rg) if torch.isfinite(rg32).all() else 0.0
+        assert max_err(got32, ref) <= base_loss + tol * abs(ref.item())
+        assert max_err(g32, rg) <= base_grad + tol * rg.abs().max().item()
 
 
 def test_loss_beyond_float32_range_is_inf_not_an_error():
