@@ -33,6 +33,9 @@ pixels each carry half of the total weight) plus ``weight_decay * ||w||^2`` with
 Split (``probe_splits``): the pairs are shuffled once (seed 0) and ``test_fraction`` of them are
 held out for every seed and shot count; each seed draws its ``N`` training pairs among the other
 pairs whose mask is not empty (a probe on an empty mask cannot learn the structure).
+
+With a 3-D checkpoint the command takes volumes and label volumes instead (``ld_ext.tasks.probe_volumes``:
+the same experiment and baselines, features by sliding windows, Dice per volume and pooled).
 """
 
 from __future__ import annotations
@@ -50,8 +53,17 @@ import torch.nn.functional as F
 from ..models import LDNet
 from ..normalization import normalize_embeddings
 from ..viz import new_figure
-from . import common
+from . import common, volumes
 from .common import split_indices
+from .linear_probe import (  # re-exported: one definition each, in tasks.linear_probe
+    DEFAULT_WEIGHT_DECAY,
+    FEATURE_SETS,
+    NETWORK_FEATURES,
+    THRESHOLDS,
+    LinearProbe,
+    choose_threshold,
+)
+from .probe_volumes import probe_volume_structures
 
 __all__ = [
     "FEATURE_SETS",
@@ -76,8 +88,6 @@ __all__ = [
     "run",
 ]
 
-FEATURE_SETS = ("LD", "random-init", "intensity", "position")
-NETWORK_FEATURES = ("z", "decoder", "z+decoder")
 METHOD_LABELS = {
     "LD": "LD (frozen)",
     "random-init": "random-init network",
@@ -87,11 +97,8 @@ METHOD_LABELS = {
 INTENSITY_WINDOWS = (3, 5, 9, 17)
 # Selected on the development slices of the MNI152 protocol (docs/tasks.md, "Linear probe"):
 # z + decoder features gave the highest LD Dice there (z alone and decoder alone were lower; a
-# weight decay of 1e-2 was lower than 1e-3).
+# weight decay of 1e-2 was lower than 1e-3: DEFAULT_WEIGHT_DECAY, in tasks.linear_probe).
 DEFAULT_FEATURES = "z+decoder"
-DEFAULT_WEIGHT_DECAY = 1e-3
-# Candidate decision thresholds, chosen per probe on its training images (ties: nearest 0.5).
-THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
 # ----------------------------------------------------------------------------- features
@@ -166,82 +173,6 @@ def position_features(images) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the probe
 
 
-class LinearProbe:
-    """Class-balanced per-pixel logistic regression on standardised features (L-BFGS).
-
-    ``fit(features (N, C, H, W), masks (N, H, W) bool)``; ``predict_proba(features) -> (N, H, W)``.
-    """
-
-    def __init__(self, weight_decay: float = DEFAULT_WEIGHT_DECAY, max_iter: int = 100, balanced: bool = True) -> None:
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-        self.weight_decay = float(weight_decay)
-        self.max_iter = common.check_positive_int("max_iter", max_iter)
-        self.balanced = bool(balanced)
-        self.mean = self.std = self.weight = self.bias = None
-
-    @staticmethod
-    def _pixels(features: torch.Tensor) -> torch.Tensor:
-        if not isinstance(features, torch.Tensor) or features.dim() != 4:
-            raise ValueError(
-                f"features must be a (N, C, H, W) tensor, got {getattr(features, 'shape', type(features))}"
-            )
-        return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).double()
-
-    def fit(self, features: torch.Tensor, masks) -> "LinearProbe":
-        x = self._pixels(features)
-        y = torch.as_tensor(np.asarray(masks, dtype=bool)).reshape(-1)
-        if y.numel() != x.shape[0]:
-            raise ValueError(
-                f"masks must have shape (N, H, W) = {(features.shape[0],) + tuple(features.shape[2:])}, "
-                f"got {tuple(np.shape(masks))}"
-            )
-        npos = int(y.sum())
-        if npos == 0 or npos == y.numel():
-            raise ValueError("the training masks must contain both foreground and background pixels")
-        self.mean = x.mean(0)
-        self.std = x.std(0).clamp_min(1e-6)
-        xs = (x - self.mean) / self.std
-        yf = y.double()
-        if self.balanced:
-            wt = torch.where(y, 0.5 / npos, 0.5 / (y.numel() - npos)).double()
-        else:
-            wt = torch.full_like(yf, 1.0 / y.numel())
-        w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS(
-            [w, b],
-            lr=1.0,
-            max_iter=self.max_iter,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-9,
-            tolerance_change=1e-12,
-        )
-        sign = 2 * yf - 1
-
-        def closure():
-            opt.zero_grad()
-            logit = xs @ w + b
-            loss = (wt * F.softplus(-sign * logit)).sum() + self.weight_decay * (w * w).sum()
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        self.weight, self.bias = w.detach(), b.detach()
-        return self
-
-    def predict_proba(self, features: torch.Tensor) -> np.ndarray:
-        if self.weight is None:
-            raise RuntimeError("fit the probe first")
-        x = self._pixels(features)
-        if x.shape[1] != self.weight.numel():
-            raise ValueError(f"features have {x.shape[1]} channels, the probe was fitted on {self.weight.numel()}")
-        p = torch.sigmoid((x - self.mean) / self.std @ self.weight + self.bias)
-        n, _, h, w = features.shape
-        return p.reshape(n, h, w).float().numpy()
-
-
 def probe_splits(masks, shots: int, seeds: int, test_fraction: float = 0.5, min_pixels: int = 1):
     """(held-out indices, [training indices per seed]) as in the module docstring.
 
@@ -263,19 +194,6 @@ def probe_splits(masks, shots: int, seeds: int, test_fraction: float = 0.5, min_
         has_foreground=fg,
         pool_words=f"of the {{rest}} non-held-out images contain the structure (>= {min_pixels} foreground pixels)",
     )
-
-
-def choose_threshold(proba, masks, thresholds: Sequence[float] = THRESHOLDS) -> float:
-    """The threshold of ``thresholds`` with the highest pooled Dice of ``proba > t`` against
-    ``masks`` (the probe's own training images); ties go to the one nearest 0.5."""
-    p = np.asarray(proba)
-    m = np.asarray(masks, dtype=bool)
-    if p.shape != m.shape:
-        raise ValueError(f"proba and masks must have the same shape, got {p.shape} and {m.shape}")
-    if not len(thresholds):
-        raise ValueError("thresholds must not be empty")
-    scores = [(common.dice(p > t, m), -abs(t - 0.5), t) for t in thresholds]
-    return float(max(scores)[2])
 
 
 def dice_per_image(pred, masks) -> float:
@@ -469,10 +387,11 @@ def results_markdown(results: Sequence[dict]) -> str:
         raise ValueError("results must not be empty")
     methods = results[0]["methods"]
     seeds = results[0]["seeds"]
+    unit = results[0].get("unit", "image")
     head = "| structure | shots | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |"
     lines = [
-        "Linear probe of frozen features: held-out Dice per image (mean over the held-out images that contain the "
-        f"structure), at the threshold chosen on the training images; mean +- std over {seeds} seeds",
+        f"Linear probe of frozen features: held-out Dice per {unit} (mean over the held-out {unit}s that contain the "
+        f"structure), at the threshold chosen on the training {unit}s; mean +- std over {seeds} seeds",
         "",
         head,
         "|---|---|" + "---|" * len(methods),
@@ -489,9 +408,10 @@ def results_markdown(results: Sequence[dict]) -> str:
     lines.append("| **mean** | all | " + " | ".join(cells) + " |")
     if all("dice_pooled" in r for r in results):
         cells = [f"{_overall(results, m, 'dice_pooled'):.3f}" for m in methods]
-        lines.append("| pooled Dice (all held-out pixels) | all | " + " | ".join(cells) + " |")
+        px = "voxels" if unit == "volume" else "pixels"
+        lines.append(f"| pooled Dice (all held-out {px}) | all | " + " | ".join(cells) + " |")
         cells = [f"{_overall(results, m, 'threshold'):.2f}" for m in methods]
-        lines.append("| threshold (chosen on the training images) | all | " + " | ".join(cells) + " |")
+        lines.append(f"| threshold (chosen on the training {unit}s) | all | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -514,8 +434,9 @@ def summary_sentence(results: Sequence[dict]) -> str:
         if all(_overall(results, m) < ld for m in methods if m != "LD")
         else "LD's frozen features do NOT beat every baseline here"
     )
+    unit = results[0].get("unit", "image")
     return (
-        f"{verdict}: mean held-out Dice per image {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
+        f"{verdict}: mean held-out Dice per {unit} {ld:.3f} over {n_struct} structure(s), {shots} shot(s) and "
         f"{results[0]['seeds']} seed(s), " + ", ".join(parts) + "."
     )
 
@@ -578,13 +499,14 @@ def write_results(out, results: Sequence[dict], images=None, extra: dict | None 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
-    parser.add_argument("--images", required=True, help="folder of 2-D images")
+    parser.add_argument("--images", required=True, help="folder of 2-D images (of volumes, with a 3-D checkpoint)")
     parser.add_argument(
         "--masks",
         required=True,
         nargs="+",
         metavar="DIR",
-        help="one folder of binary masks per structure (named like the images, optional _mask suffix)",
+        help="one folder of binary masks per structure (named like the images, optional _mask suffix; with a 3-D "
+        "checkpoint: label volumes, see --labels)",
     )
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="labelled training images (default 1 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
@@ -603,20 +525,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the pairs (default 0.5)")
     common.add_size_argument(parser)
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
+    volumes.add_volume_arguments(parser)
 
 
-def run(args: argparse.Namespace) -> int:
-    common.check_positive_int("--seeds", args.seeds)
-    for s in args.shots:
-        common.check_positive_int("--shots", s)
-    if args.size is not None:
-        common.check_positive_int("--size", args.size, 16)
-    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
-        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
-    if not 0.0 < args.test_fraction < 1.0:
-        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    model, trained = common.load_ld_model_and_size(args.checkpoint)
-    size = common.task_size(args.size, trained, args.checkpoint)
+def _probe_image_structures(args, model, size):
+    """``ld-ext probe`` on 2-D images: one result per --masks folder, and the images of the last one."""
     results = []
     images = None
     for mdir in args.masks:
@@ -641,17 +554,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['label']}: {s} shot(s): training images used: {', '.join(pairs[i][0].name for i in used)}")
         results.append(r)
         images = imgs
-    md = write_results(
-        Path(args.out),
-        results,
-        images,
-        {
-            "checkpoint": str(args.checkpoint),
-            "features": args.features,
-            "weight_decay": args.weight_decay,
-            "size": size,
-        },
-    )
+    return results, images
+
+
+def run(args: argparse.Namespace) -> int:
+    common.check_positive_int("--seeds", args.seeds)
+    for s in args.shots:
+        common.check_positive_int("--shots", s)
+    if args.size is not None:
+        common.check_positive_int("--size", args.size, 16)
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    model, trained = common.load_ld_model_and_size(args.checkpoint)
+    dims = volumes.check_task_inputs(args, model)
+    extra = {"checkpoint": str(args.checkpoint), "features": args.features, "weight_decay": args.weight_decay}
+    if dims == 3:
+        window = volumes.volume_window(args.size, trained, args.checkpoint)
+        reading = volumes.reading_options(args, volumes.recorded_reading(args.checkpoint))
+        results, images = probe_volume_structures(args, model, window, reading), None
+        extra.update(volumes.reading_record(window, reading))
+    else:
+        size = common.task_size(args.size, trained, args.checkpoint)
+        results, images = _probe_image_structures(args, model, size)
+        extra["size"] = size
+    md = write_results(Path(args.out), results, images, extra)
     print(md)
     print(f"wrote {args.out}")
     return 0

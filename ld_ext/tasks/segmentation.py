@@ -31,6 +31,15 @@ reported with a warning, since the soft Dice loss of an image without the struct
 the prediction). The training files of each seed are printed and saved.
 Dice is pooled over all held-out pixels (global Dice), so slices where the structure is absent
 count through their false positives.
+
+Volumes (a 3-D checkpoint; ``transfer_experiment_volumes``): the same two inits, schedule, head starts
+and split, on volumes and label volumes (``ld_ext.tasks.volumes``: pairing, ``--labels``). Each step
+trains on ``--batch`` random patches of the sliding window's size (``--size``, by default the
+pre-training patch size) from the training volumes, half of them placed to hold foreground, flipped
+along each axis at random; the probe start is fitted on two foreground patches per training volume.
+Held-out volumes are predicted whole by sliding windows (50 % overlap, Gaussian weights, logits
+averaged, then the sigmoid) and scored by the pooled Dice over every held-out voxel and the Dice per
+volume (the mean over the held-out volumes that contain the structure).
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from ..checkpoint import infer_config, load_checkpoint
 from ..models import CLUSTER_PREFIX, LDNet
 from ..normalization import normalize_embeddings
 from ..viz import new_figure
-from . import common
+from . import common, volumes
 from .common import split_indices  # the split that the probe shares; importable from here as before
 from .probe import LinearProbe
 
@@ -64,7 +73,17 @@ DEFAULT_FREEZE_STEPS = 0
 DEFAULT_HEAD_INIT = "probe"
 DEFAULT_RANDOM_HEAD_INIT = "zero"
 
-__all__ = ["SegNet", "HEADS", "build_segnet", "train_segnet", "predict", "transfer_experiment", "add_arguments", "run"]
+__all__ = [
+    "SegNet",
+    "HEADS",
+    "build_segnet",
+    "train_segnet",
+    "predict",
+    "transfer_experiment",
+    "transfer_experiment_volumes",
+    "add_arguments",
+    "run",
+]
 
 
 HEADS = ("z", "e", "decoder")
@@ -72,7 +91,7 @@ HEAD_INITS = ("zero", "probe", "probe-balanced")
 
 
 class SegNet(nn.Module):
-    """LD network body + a 1x1 conv head -> 1-channel logits.
+    """LD network body + a 1x1 conv head -> 1-channel logits (1x1x1 on a 3-D body).
 
     ``head="z"``: the head reads the raw embedding z (D channels); ``head="e"``: the unit embedding
     e = z / (||z|| + 1e-10) that the LD objective and the linear probe see, times sqrt(D) (unit rms
@@ -88,7 +107,7 @@ class SegNet(nn.Module):
         self.body = body
         self.head_on = head
         cin = body.decoder.out_channels if head == "decoder" else body.emb_dim
-        self.head = nn.Conv2d(cin, 1, kernel_size=1)
+        self.head = (nn.Conv3d if getattr(body, "spatial_dims", 2) == 3 else nn.Conv2d)(cin, 1, kernel_size=1)
 
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the 1x1 head reads (N, C, H, W)."""
@@ -174,6 +193,7 @@ def train_segnet(
     head_init: str = "zero",
     progress: bool = False,
     desc: str = "finetune",
+    batches=None,
 ) -> list[float]:
     """Adam on the soft Dice loss with flip/rotation/scale augmentation; returns the loss curve.
 
@@ -181,6 +201,9 @@ def train_segnet(
     ``freeze_steps``: the body is frozen (head only, BN statistics fixed) for the first steps.
     ``head_init``: ``"zero"`` keeps the head as built (near zero); ``"probe"`` first fits it as a
     linear probe of the frozen features of the training images (``fit_head``).
+    ``batches``: a function ``generator -> (x, y)`` that draws each step's batch (network input and
+    masks, e.g. ``volumes.PatchSampler``) instead of the augmented images; ``images`` and ``masks``
+    then serve the probe start only.
     """
     from tqdm import tqdm
 
@@ -192,8 +215,10 @@ def train_segnet(
         raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
     if head_init != "zero":
         fit_head(net, images, masks, balanced=head_init == "probe-balanced")
-    x_all = common.model_input(images)
-    y_all = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
+    if batches is None:
+        x_all = common.model_input(images)
+        y_all = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
+        n = x_all.shape[0]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(
         [
@@ -201,7 +226,6 @@ def train_segnet(
             {"params": list(net.body.parameters()), "lr": lr * body_lr_factor},
         ]
     )
-    n = x_all.shape[0]
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
@@ -210,8 +234,11 @@ def train_segnet(
         if frozen:
             net.body.eval()  # BN statistics stay those of the initialisation
         opt.param_groups[1]["lr"] = 0.0 if frozen else lr * body_lr_factor
-        idx = torch.randint(0, n, (batch,), generator=g) if n < batch else torch.randperm(n, generator=g)[:batch]
-        x, y = _augment(x_all[idx], y_all[idx], g)
+        if batches is not None:
+            x, y = batches(g)
+        else:
+            idx = torch.randint(0, n, (batch,), generator=g) if n < batch else torch.randperm(n, generator=g)[:batch]
+            x, y = _augment(x_all[idx], y_all[idx], g)
         loss = common.soft_dice_loss(torch.sigmoid(net(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,7 +262,7 @@ def predict(net: SegNet, images: np.ndarray, batch: int = 8) -> np.ndarray:
 def _transfer_split(images, masks: np.ndarray, shots: int, seeds: int, test_fraction: float, include_empty, label):
     """(held-out indices, training indices per seed) as in ``transfer_experiment``; warns (at the caller of
     ``transfer_experiment``) about every seed whose training masks include empty ones."""
-    has_fg = masks.reshape(len(masks), -1).any(1)
+    has_fg = np.array([np.asarray(m).any() for m in masks])
     test, trains = split_indices(len(images), shots, seeds, test_fraction, None if include_empty else has_fg)
     for s, tr in enumerate(trains):
         empty = [int(i) for i in tr if not has_fg[i]]
@@ -365,14 +392,108 @@ def transfer_experiment(
     return res
 
 
+def _finetune_volumes_once(vols, masks, train, test, checkpoint, cfg: dict, init: str, seed: int, settings, label):
+    """``_finetune_and_predict`` on volumes: (held-out probabilities per volume, training seconds)."""
+    net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=seed, head=settings["head"])
+    sampler = volumes.PatchSampler(
+        [vols[i] for i in train], [masks[i] for i in train], settings["sliding_window"], settings["batch"]
+    )
+    fit_x, fit_y = sampler.fixed(torch.Generator().manual_seed(3000 + seed), 2 * len(train))
+    t0 = time.perf_counter()
+    train_segnet(
+        net,
+        fit_x,
+        fit_y,
+        steps=settings["steps"],
+        lr=settings["lr"],
+        seed=seed,
+        batch=settings["batch"],
+        body_lr_factor=settings["body_lr_factor"],
+        freeze_steps=settings["freeze_steps"],
+        head_init=settings["head_init"] if init == "LD" else settings["random_head_init"],
+        progress=settings["progress"],
+        desc=f"{label} seed {seed} {init} init",
+        batches=sampler,
+    )
+    seconds = time.perf_counter() - t0
+    return [volumes.predict_volume(net, vols[i], settings["sliding_window"]) for i in test], seconds
+
+
+def transfer_experiment_volumes(
+    vols,
+    masks,
+    checkpoint,
+    *,
+    window,
+    shots: int = 5,
+    seeds: int = 3,
+    test_fraction: float = 0.5,
+    include_empty: bool = False,
+    progress: bool = True,
+    label: str = "target",
+    **schedule,
+) -> dict:
+    """``transfer_experiment`` on volumes (module docstring): ``vols`` float32 volumes in [0, 1], ``masks``
+    a bool volume each, ``window`` the patch / sliding-window edge; ``schedule``: steps, lr, head,
+    body_lr_factor, freeze_steps, head_init, random_head_init, batch (``transfer_experiment``'s defaults).
+    Returns the 2-D result's keys (``dice``: pooled) and ``dice_per_volume`` with its ``summary_per_volume``."""
+    common.check_positive_int("shots", shots)
+    common.check_positive_int("seeds", seeds)
+    masks = [np.asarray(m, dtype=bool) for m in masks]
+    test, trains = _transfer_split(vols, masks, shots, seeds, test_fraction, include_empty, label)
+    settings = {
+        "steps": DEFAULT_STEPS,
+        "lr": 1e-3,
+        "head": DEFAULT_HEAD,
+        "body_lr_factor": DEFAULT_BODY_LR_FACTOR,
+        "freeze_steps": DEFAULT_FREEZE_STEPS,
+        "head_init": DEFAULT_HEAD_INIT,
+        "random_head_init": DEFAULT_RANDOM_HEAD_INIT,
+        "batch": 5,
+        **schedule,
+    }
+    settings.update(include_empty=include_empty, sliding_window=list(volumes.window_size(window)))
+    cfg = _checkpoint_config(checkpoint)
+    res: dict = {
+        "label": label,
+        "unit": "volume",
+        "test_indices": test.tolist(),
+        "train_indices": [t.tolist() for t in trains],
+        "settings": settings,
+    }
+    dices, per_volume, seconds = {"LD": [], "random": []}, {"LD": [], "random": []}, {"LD": 0.0, "random": 0.0}
+    truth = [masks[i] for i in test]
+    for s, tr in enumerate(trains):
+        for init in ("LD", "random"):
+            probs, sec = _finetune_volumes_once(
+                vols, masks, tr, test, checkpoint, cfg, init, s, {**settings, "progress": progress}, label
+            )
+            preds = [p > 0.5 for p in probs]
+            seconds[init] += sec
+            dices[init].append(volumes.pooled_dice(preds, truth))
+            per_volume[init].append(volumes.dice_per_volume(preds, truth))
+    res["dice"], res["dice_per_volume"] = dices, per_volume
+    res["train_seconds_per_run"] = {k: v / seeds for k, v in seconds.items()}
+    for key, skey in (("dice", "summary"), ("dice_per_volume", "summary_per_volume")):
+        res[skey] = {k: dict(zip(("mean", "std"), common.mean_std(v))) for k, v in res[key].items()}
+    return res
+
+
 def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
     st = results[0].get("settings", {}) if results else {}
     heads = ""
     if "head_init" in st:
         heads = f"; head start: LD init {st['head_init']}, random init {st.get('random_head_init', st['head_init'])}"
+    unit = results[0].get("unit", "image") if results else "image"
+    px = "voxels" if unit == "volume" else "pixels"
     lines = [
-        f"Held-out Dice at 0.5 (pooled over held-out pixels), {shots} labelled images, mean +- std over {seeds} seeds"
-        + heads,
+        f"Held-out Dice at 0.5 (pooled over held-out {px}), {shots} labelled {unit}s, mean +- std over {seeds} seeds"
+        + heads
+        + (
+            "; rows '(Dice per volume)': the mean over the held-out volumes that contain the target"
+            if unit == "volume"
+            else ""
+        ),
         "",
         "| target | LD init | random init | difference |",
         "|---|---|---|---|",
@@ -383,6 +504,12 @@ def results_markdown(results: Sequence[dict], shots: int, seeds: int) -> str:
             f"| {r['label']} | {ld['mean']:.3f} +- {ld['std']:.3f} | {rnd['mean']:.3f} +- {rnd['std']:.3f} | "
             f"{ld['mean'] - rnd['mean']:+.3f} |"
         )
+        if "summary_per_volume" in r:
+            ld, rnd = r["summary_per_volume"]["LD"], r["summary_per_volume"]["random"]
+            lines.append(
+                f"| {r['label']} (Dice per volume) | {ld['mean']:.3f} +- {ld['std']:.3f} | {rnd['mean']:.3f} +- "
+                f"{rnd['std']:.3f} | {ld['mean'] - rnd['mean']:+.3f} |"
+            )
     if len(results) > 1:
         ld = np.mean([r["summary"]["LD"]["mean"] for r in results])
         rnd = np.mean([r["summary"]["random"]["mean"] for r in results])
@@ -427,7 +554,8 @@ def write_results(
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
     common.atomic_write_json(out / "results.json", {"shots": shots, "seeds": seeds, "results": clean, **(extra or {})})
     common.atomic_write_text(out / "results.md", md)
-    plot_overlays(out / "overlays.png", images, masks, results)
+    if images is not None:  # 2-D images (volumes: no overlays)
+        plot_overlays(out / "overlays.png", images, masks, results)
     return md
 
 
@@ -436,8 +564,13 @@ def write_results(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="LD checkpoint (ld-ext pretrain)")
-    parser.add_argument("--images", required=True, help="folder of 2-D images")
-    parser.add_argument("--masks", required=True, help="folder of binary masks (same names, optional _mask suffix)")
+    parser.add_argument("--images", required=True, help="folder of 2-D images (of volumes, with a 3-D checkpoint)")
+    parser.add_argument(
+        "--masks",
+        required=True,
+        help="folder of binary masks (same names, optional _mask suffix; with a 3-D checkpoint: label volumes, "
+        "see --labels)",
+    )
     parser.add_argument("--shots", type=int, default=5, help="labelled training images per seed (default 5)")
     parser.add_argument("--seeds", type=int, default=3, help="repetitions with different training draws (default 3)")
     parser.add_argument(
@@ -487,6 +620,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_size_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
     parser.add_argument("--out", required=True, help="output folder (results.json, results.md, overlays.png)")
+    volumes.add_volume_arguments(parser)
+
+
+def _run_volumes(args, trained: int | None, schedule: dict) -> int:
+    """``ld-ext finetune`` with a 3-D checkpoint: one fine-tuning experiment per structure (--labels)."""
+    window = volumes.volume_window(args.size, trained, args.checkpoint)
+    reading = volumes.reading_options(args, volumes.recorded_reading(args.checkpoint))
+    pairs = volumes.pair_volumes(args.images, args.masks)
+    vols, labels = volumes.load_volume_pairs(pairs, checkpoint=args.checkpoint, images=args.images, **reading)
+    results = []
+    for label, masks in volumes.structure_masks(labels, args.labels, Path(args.masks).name):
+        r = transfer_experiment_volumes(
+            vols,
+            masks,
+            args.checkpoint,
+            window=window,
+            shots=args.shots,
+            seeds=args.seeds,
+            test_fraction=args.test_fraction,
+            include_empty=args.include_empty,
+            progress=not args.no_progress,
+            label=label,
+            **schedule,
+        )
+        r["test_files"] = [pairs[i][0].name for i in r["test_indices"]]
+        r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]
+        for s, files in enumerate(r["train_files"]):
+            print(f"{label}: seed {s}: trained on {', '.join(files)}")
+        results.append(r)
+    extra = volumes.reading_record(window, reading)
+    md = write_results(Path(args.out), results, None, None, args.shots, args.seeds, extra)
+    print(md)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -497,33 +664,39 @@ def run(args: argparse.Namespace) -> int:
         common.check_positive_int("--size", args.size, 16)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    size = common.task_size(args.size, common.checkpoint_train_size(args.checkpoint), args.checkpoint)
-    pairs = common.pair_images_masks(args.images, args.masks)
-    images, masks = common.load_pairs(pairs, size)
-    if min(images.shape[1:]) < 16:
-        raise ValueError(f"images must be at least 16x16 pixels, got {images.shape[2]}x{images.shape[1]}")
     common.check_positive_int("--batch", args.batch)
     common.check_positive_int("--freeze-steps", args.freeze_steps, 0)
     if not args.body_lr_factor >= 0:
         raise ValueError(f"--body-lr-factor must be >= 0, got {args.body_lr_factor}")
+    model, trained = common.load_ld_model_and_size(args.checkpoint)
+    schedule = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "head": args.head,
+        "body_lr_factor": args.body_lr_factor,
+        "freeze_steps": args.freeze_steps,
+        "head_init": args.head_init,
+        "random_head_init": args.random_head_init,
+        "batch": args.batch,
+    }
+    if volumes.check_task_inputs(args, model) == 3:
+        return _run_volumes(args, trained, schedule)
+    size = common.task_size(args.size, trained, args.checkpoint)
+    pairs = common.pair_images_masks(args.images, args.masks)
+    images, masks = common.load_pairs(pairs, size)
+    if min(images.shape[1:]) < 16:
+        raise ValueError(f"images must be at least 16x16 pixels, got {images.shape[2]}x{images.shape[1]}")
     r = transfer_experiment(
         images,
         masks,
         args.checkpoint,
         shots=args.shots,
         seeds=args.seeds,
-        steps=args.steps,
-        lr=args.lr,
         test_fraction=args.test_fraction,
         include_empty=args.include_empty,
-        head=args.head,
-        body_lr_factor=args.body_lr_factor,
-        freeze_steps=args.freeze_steps,
-        head_init=args.head_init,
-        random_head_init=args.random_head_init,
-        batch=args.batch,
         progress=not args.no_progress,
         label=Path(args.masks).name,
+        **schedule,
     )
     r["test_files"] = [pairs[i][0].name for i in r["test_indices"]]
     r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]
