@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
+from .. import viz
+from ..atomic import atomic_savefig, atomic_write_bytes
 from ..data.volumes import read_volume
 from ..tasks import common as task_common
 from ..tasks import probe
@@ -284,18 +285,16 @@ def _slice_rgb(labels: dict, shape2d, colors) -> np.ndarray:
 def save_slices_figure(path: Path, volume: np.ndarray, truth: dict, preds: dict, title: str) -> Path:
     """An axial and a coronal slice (through the centre of the structures) of ``volume`` (X, Y, Z), with the
     ground truth and each method's prediction of every structure in its own colour."""
-    import matplotlib  # lazy: optional package
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps  # lazy: optional package
     from matplotlib.patches import Patch
 
     union = np.any(np.stack(list(truth.values())), 0)
     cx, cy, cz = (int(round(c)) for c in np.argwhere(union).mean(0)) if union.any() else np.array(volume.shape) // 2
-    colors = [plt.get_cmap("tab10")(k) for k in range(len(truth))]
+    colors = [colormaps["tab10"](k) for k in range(len(truth))]
     columns = [("ground truth", truth)] + [(f"{m} probe", p) for m, p in preds.items()]
     cuts = [("axial", lambda v: v[:, :, cz].T[::-1]), ("coronal", lambda v: v[:, cy, :].T[::-1])]
-    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), squeeze=False)
+    fig = viz.new_figure(figsize=(3.2 * len(columns), 6.4))
+    axes = fig.subplots(2, len(columns), squeeze=False)
     for r, (cut_name, cut) in enumerate(cuts):
         img = cut(volume)
         for c, (col_name, masks) in enumerate(columns):
@@ -310,9 +309,7 @@ def save_slices_figure(path: Path, volume: np.ndarray, truth: dict, preds: dict,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path, dpi=90)
 
 
 def _phases(args) -> list[Phase]:
@@ -371,7 +368,7 @@ def run_volume_demo(args: argparse.Namespace) -> dict:
     ok, line = verdict(results)
     res = _results(args, t0, threads, seconds, summary, results, ok, line, fig_path, dirs)
     atomic_write_bytes(out / "demo_results.json", json.dumps(res, indent=2).encode())
-    print("Linear probe on held-out warped volumes: 3-D Dice per volume (mean +- std over seeds)\n", flush=True)
+    print(f"The probe on {len(names)} held-out warped copies (never seen in pre-training), 3-D:\n", flush=True)
     print(md, flush=True)
     print(line + "\n", flush=True)
     print(f"figure: {fig_path}\nvolumes: {out / 'volumes'}\nnetwork: {out / 'model.pt'}", flush=True)
