@@ -3,8 +3,9 @@
 # the CUDA kernels, run the CUDA tests, measure the must-hold kernel figures
 # (benchmarks/gpu_figures.py), time end-to-end LD training steps at 448x448 with the fused vs the
 # plain-PyTorch losses, with and without bf16 AMP (benchmarks/gpu_train.py), pre-train for about 3
-# minutes on the shipped MNI152 slices at 128x128 (the checkpoint comes back), run the general GPU
-# benchmark while time is left, and print a short table last.
+# minutes on the shipped MNI152 slices at 128x128 (the checkpoint comes back), benchmark the LD head in
+# 3-D at 64^3 and 96^3 (ld-ext bench --head3d), run the general GPU benchmark while time is left, and
+# print a short table last.
 # Meant to finish in under 8 minutes (LD_EXT_GPU_CHECK_BUDGET_S, default 470 s, caps the stages).
 #
 #   python benchmarks/gpu_data.py           # HERE, before the device call: MNI152 slices as PNGs in
@@ -18,7 +19,8 @@
 #        LD_EXT_GPU_DATA (default .gpu_data/mni152), LD_EXT_GPU_PRETRAIN_MIN (default 3).
 # What it leaves in the output folder (8 files at most, for a device lease that returns 8):
 #   gpu_check.log build.log test_cuda.log gpu_figures.md gpu_train.md pretrain.log model.pt
-#   extra.tgz (gpu_figures.{json,log}, gpu_train.{json,log}, pretrain metrics/losses.png, bench/)
+#   extra.tgz (gpu_figures.{json,log}, gpu_train.{json,log}, head3d.log, head3d/{head3d.md,head3d.json},
+#              pretrain metrics/losses.png, bench/); head3d.md is also printed in gpu_check.log
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -106,6 +108,22 @@ train_rc=$?
 cp "$EXTRA/gpu_train.md" "$DEST/" 2>/dev/null || tail -n 20 "$EXTRA/gpu_train.log"
 echo "== end-to-end steps rc=$train_rc ($(elapsed)s)"
 
+# ---------------------------------------------------------------- the LD head in 3-D (issue 23)
+# fused vs broadcast (published) vs eager bmm vs compile at 64^3 and 96^3, N = 2, 4, 8: time and peak
+# memory under a guard (3/4 of the GPU; the cases in one process on CUDA); head3d.md is rewritten after
+# every case, so a timeout keeps what was measured.
+if [[ "$CPU_MODE" == "1" ]]; then
+  HEAD3D_ARGS=(--device cpu --tiny --no-compile --repeats 1 --warmup 0)
+else
+  HEAD3D_ARGS=(--device cuda --repeats 3 --warmup 1)
+fi
+echo "== ld-ext bench --head3d ${HEAD3D_ARGS[*]} (at most $(cap 120 200)s) ..."
+timeout "$(cap 120 200)" "$PY" -m ld_ext.bench --head3d "${HEAD3D_ARGS[@]}" --seed 23 --out "$EXTRA/head3d" \
+  >"$EXTRA/head3d.log" 2>&1
+head3d_rc=$?
+grep -E "^bench \[" "$EXTRA/head3d.log" | tail -n 3
+echo "== 3-D head rc=$head3d_rc ($(elapsed)s)"
+
 # ---------------------------------------------------------------- short pre-training on MNI152 slices
 DATA="${LD_EXT_GPU_DATA:-$ROOT/.gpu_data/mni152}"
 pre_rc="skipped (no $DATA: run benchmarks/gpu_data.py before the device call and carry .gpu_data)"
@@ -137,8 +155,9 @@ fi
 
 # ---------------------------------------------------------------- summary, printed last
 echo
-echo "== summary: build ok | tests rc=$test_rc ($test_summary) | figures rc=$fig_rc | e2e rc=$train_rc | pretrain rc=$pre_rc | bench rc=$bench_rc | total $(elapsed)s"
+echo "== summary: build ok | tests rc=$test_rc ($test_summary) | figures rc=$fig_rc | e2e rc=$train_rc | 3-D head rc=$head3d_rc | pretrain rc=$pre_rc | bench rc=$bench_rc | total $(elapsed)s"
 [[ -f "$DEST/gpu_figures.md" ]] && cat "$DEST/gpu_figures.md"
 [[ "$fig_rc" != "0" && "$fig_rc" != "skipped" ]] && tail -n 25 "$EXTRA/gpu_figures.log"
 [[ -f "$DEST/gpu_train.md" ]] && cat "$DEST/gpu_train.md"
+[[ -f "$EXTRA/head3d/head3d.md" ]] && cat "$EXTRA/head3d/head3d.md"
 [[ ( "$test_rc" == "0" || "$test_rc" == "skipped" ) && ( "$fig_rc" == "0" || "$fig_rc" == "skipped" ) && $train_rc -eq 0 ]]

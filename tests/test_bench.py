@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -358,3 +359,99 @@ def test_module_entry_point_is_the_cli(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ld_ext.bench", "--repeats", "2", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "--repeats must be >= 5" in res.stderr
+
+
+# ---------------------------------------------------------------- the LD head in 3-D (ld-ext bench --head3d)
+
+
+def _head3d_loss_and_grads(case, impl, backend="eager"):
+    from ld_ext.bench import head3d
+
+    run, inputs = head3d.make_runner(case, impl, CPU, seed=5, backend=backend)
+    spec = bench.OPS[case.op]
+    fn = torch.compile(spec.impls[impl](), backend=backend) if impl == "compile" else spec.impls[impl]()
+    out = fn(*inputs)
+    return (out if isinstance(out, tuple) else (out,)), run()
+
+
+@pytest.mark.parametrize("op", ["region_loss", "pixel_cluster_similarity"])
+def test_head3d_implementations_agree_on_a_16_cubed_volume(op):
+    """At 16^3 the fused ops, the published broadcast, the eager bmm and its compile compute the same
+    loss (similarity map) and the same gradients on (N, D, X, Y, Z) embeddings."""
+    from ld_ext.bench import head3d
+
+    case = head3d.Case3D(op, size=16, N=2, K=4, D=8)
+    want_out, want_grads = _head3d_loss_and_grads(case, "fused")
+    assert want_out[0].shape == (() if op == "region_loss" else (2, 4, 16, 16, 16))
+    assert want_grads[0].shape == (2, 8, 16, 16, 16)
+    impls = [i for i in head3d.HEAD3D_IMPLS if i in bench.OPS[op].impls and i != "fused"]
+    assert ("published" in impls) == (op == "region_loss") and {"eager", "compile"} <= set(impls)
+    for impl in impls:
+        out, grads = _head3d_loss_and_grads(case, impl)
+        for a, b in zip(out, want_out):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{op} {impl} value")
+        for a, b in zip(grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{op} {impl} gradient")
+
+
+def test_head3d_broadcast_declared_size_and_not_run_above_the_guard():
+    from ld_ext.bench import head3d
+
+    big = head3d.Case3D("region_loss", size=96, N=8)
+    assert head3d.declared_bytes(big, "published") == 2 * 4 * 8 * 16 * 32 * 96**3  # 27 GiB: 13.5 + its gradient
+    assert head3d.declared_bytes(big, "fused") is None
+    settings = dict(device=CPU, guard_bytes=12 << 30)
+    row = head3d.run_case3d(big, "published", settings)  # returns at once: nothing is allocated
+    assert row["status"] == "not run (needs 27.0 GiB)" and row["median_ms"] is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU guard is RLIMIT_AS of a Linux process")
+def test_head3d_guard_turns_an_oversized_case_into_a_failed_row():
+    """A case that needs more than the guard fails in its own process and is reported, not fatal."""
+    from ld_ext.bench import head3d
+
+    settings = dict(device=CPU, guard_bytes=1 << 20, warmup=0, repeats=1, seed=0, threads=1, compile_dynamic=True,
+                    backend="eager")
+    row = head3d.run_case3d(head3d.Case3D("region_loss", size=32, N=2, K=4, D=8), "eager", settings)
+    assert row["status"].startswith("failed: out of memory under the"), row
+    ok = head3d.run_case3d(head3d.Case3D("region_loss", size=32, N=2, K=4, D=8), "fused",
+                           dict(settings, guard_bytes=1 << 30))
+    assert ok["status"] == "ok" and ok["median_ms"] > 0, ok
+    if os.path.exists("/proc/self/clear_refs"):
+        assert ok["peak_bytes"] >= 0
+
+
+def test_cli_head3d_tiny_run_writes_the_tables(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "h3"
+    rc = bench.main(["--head3d", "--tiny", "--no-compile", "--repeats", "1", "--warmup", "0", "--seed", "1",
+                     "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = json.loads((out / "head3d.json").read_text())["rows"]
+    assert {(r["op"], r["impl"]) for r in rows} == {
+        ("region_loss", "fused"), ("region_loss", "published"), ("region_loss", "eager"),
+        ("pixel_cluster_similarity", "fused"), ("pixel_cluster_similarity", "eager")}
+    assert all(r["status"] == "ok" and r["size"] == 16 and r["N"] == 2 for r in rows), rows
+    md = (out / "head3d.md").read_text()
+    assert "| patch | N | fused ms | broadcast (published) ms | eager bmm ms |" in md
+    assert "fused / broadcast peak" in md and "| 16^3 | 2 |" in md and "Load average" in md
+    assert md in text and "tables: " + str(out / "head3d.md") in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quick"], "--head3d runs on its own"),
+        (["--head3d-sizes", "64,x"], "--head3d-sizes must be"),
+        (["--head3d-batches", "0"], "--head3d-batches must be"),
+        (["--impls", "eager"], "--impls must be"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--max-mem-gb", "0"], "--max-mem-gb must be"),
+    ],
+)
+def test_cli_head3d_rejects_bad_input(argv, message, capsys, tmp_path):
+    assert bench.main(["--head3d"] + argv + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -45,3 +45,37 @@ def test_gpu_train_without_gpu_says_so(capsys):
         pytest.skip("a CUDA device is present: the refusal path does not apply")
     assert _load("gpu_train").main(["--size", "32"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_check_script_is_valid_bash():
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    res = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_gpu_check_cpu_mode_runs_the_3d_head(tmp_path):
+    """The GPU check's logic on the CPU (LD_EXT_GPU_CHECK_CPU=1, tiny sizes): its 3-D head stage runs
+    `ld-ext bench --head3d`, whose tables come back in extra.tgz and are printed in the log."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("needs bash and tar")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, LD_EXT_GPU_CHECK_CPU="1",
+               LD_EXT_GPU_DATA=str(tmp_path / "no_data"), OMP_NUM_THREADS="1")
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert res.returncode == 0, log[-3000:]
+    assert "3-D head rc=0" in log and "== ld-ext bench --head3d --device cpu --tiny" in log
+    assert "| 16^3 | 2 |" in log  # the 3-D head's table, printed in the summary
+    with tarfile.open(tmp_path / "out" / "extra.tgz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {"head3d/head3d.md", "head3d/head3d.json", "head3d.log"} <= names

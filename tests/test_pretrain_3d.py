@@ -199,6 +199,19 @@ def test_steps_read_only_patches_and_are_keyed_by_the_step():
     assert a[0][0].shape == (2, 1, 20, 20, 20)
 
 
+def test_patches_from_the_volume_cache_equal_with_a_loader_worker(tmp_path):
+    """The volume cache read by a DataLoader worker process gives the same patches as the training
+    process reading it itself (the CUDA default)."""
+    from ld_ext.data import open_or_build_volume_cache
+
+    ds = open_or_build_volume_cache([str(_nifti_folder(tmp_path / "scans"))], cache=tmp_path / "cache")
+    kw = dict(n=len(ds), gb=2, b=2, rank=0, seed=1, device=torch.device("cpu"), patch=20)
+    own = [x[1] for x in Batches(ds, workers=0, **kw).epoch(2, 1, 0, 2)]
+    worker = [x[1] for x in Batches(ds, workers=1, **kw).epoch(2, 1, 0, 2)]
+    assert len(own) == 2 and all(torch.equal(a, b) for a, b in zip(own, worker))
+    assert own[0].shape == (2, 1, 20, 20, 20) and float(own[0].abs().sum()) > 0
+
+
 # ------------------------------------------------------------------------------------ pretrain
 
 
@@ -258,28 +271,41 @@ def test_3d_resume_from_the_middle_of_an_epoch_is_exact(tmp_path):
         assert torch.equal(v, ref[k]), k
 
 
+def _nifti_folder(root, n=3, seed=0):
+    """Tiny NIfTI volumes (1.5 x 1 x 2 mm voxels, intensities like an MR scan's) in ``root``."""
+    import nibabel as nib
+
+    root.mkdir(parents=True)
+    for i, v in enumerate(_volumes(n, seed=seed)):
+        affine = np.diag([1.5, 1.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image((v * 800 + 50).astype(np.float32), affine), str(root / f"scan{i}.nii.gz"))
+    return root
+
+
 _CHILD = textwrap.dedent("""
     import os, signal, sys
-    import numpy as np, torch
+    import torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
-    from test_pretrain_3d import MemVolumes, _cfg
+    from test_pretrain_3d import _cfg
     from ld_ext import train
-    arrays = [np.load(p) for p in sorted(os.listdir(".")) if p.endswith(".npy")]
     out, kill = sys.argv[2], sys.argv[3] == "kill"
     def hook(info):
         if kill and (info["stage"], info["epoch"], info["step"]) == (2, 1, 2):
             assert info["checkpointed"]
             os.kill(os.getpid(), signal.SIGKILL)
-    cfg = _cfg(out, epochs2=2, steps_per_epoch=3, checkpoint_every=1, resume=sys.argv[3] == "resume")
-    res = train.pretrain(cfg, dataset=MemVolumes(arrays, fingerprint="f"), on_step_end=hook)
+    cfg = _cfg(out, data=["nifti"], cache="cache", epochs2=2, steps_per_epoch=3, checkpoint_every=1,
+               resume=sys.argv[3] == "resume")
+    res = train.pretrain(cfg, on_step_end=hook)
     torch.save(res["final_model"].state_dict(), os.path.join(out, "final_state.pt"))
 """)
 
 
 def test_3d_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
-    for i, v in enumerate(_volumes(3)):
-        np.save(tmp_path / f"v{i}.npy", v)
+    """A real SIGKILL right after a step checkpoint in the middle of stage 2 of a run on NIfTI volumes
+    (through the volume cache), then --resume in a new process: the same weights and metrics as an
+    uninterrupted run."""
+    _nifti_folder(tmp_path / "nifti")
     (tmp_path / "child.py").write_text(_CHILD)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     root = str(Path(__file__).resolve().parents[1])
@@ -320,6 +346,33 @@ def test_resume_across_dims_is_one_clear_error(tmp_path):
         train.pretrain(_cfg(tmp_path / "r2", epochs2=0, resume=True), dataset=MemVolumes(_volumes(2)))
 
 
+def test_cli_pretrain_dims_3_on_nifti_volumes(tmp_path, capsys):
+    """``ld-ext pretrain --dims 3 --size 16`` on a folder of NIfTI volumes trains a 3-D network
+    that ``load_model`` rebuilds; a second run reuses the volume cache."""
+    from ld_ext.cli import main
+
+    data = _nifti_folder(tmp_path / "scans", n=2)
+    out = tmp_path / "run"
+    argv = ["pretrain", "--dims", "3", "--size", "16", "--data", str(data), "--out", str(out), "--emb-dim", "8",
+            "--clusters", "4", "--batch-size", "1", "--epochs1", "1", "--epochs2", "1", "--steps-per-epoch", "2",
+            "--val-images", "1", "--no-progress", "--device", "cpu", "--spacing", "2", "2", "2", "--centre-steps", "0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "done in" in printed.out
+    # resampled to 2 mm: 26 x 1.5 mm -> 20, 24 x 1 mm -> 12, 22 x 2 mm -> 22
+    assert "data: 2 volume(s), from 20x12x22 to 20x12x22 voxels" in printed.err, printed.err
+    model = load_model(out / "model.pt")
+    assert model.spatial_dims == 3 and model.n_clusters == 4 and model.emb_dim == 8
+    ck = load_checkpoint(out / "model.pt")
+    assert ck["train_config"]["dims"] == 3 and ck["train_config"]["spacing"] == [2.0, 2.0, 2.0]
+    z, s = model(torch.rand(1, 1, 16, 16, 16))
+    assert z.shape == (1, 8, 16, 16, 16) and s.shape == (1, 4, 16, 16, 16)
+    assert (out / "overlays" / "stage2_epoch001.png").exists()
+    before = {p.name for p in (out / "cache").iterdir()}
+    assert main([*argv, "--overwrite"]) == 0
+    assert {p.name for p in (out / "cache").iterdir()} == before  # the same cache, not a second one
+
+
 def test_dims_3_needs_a_volume_data_set(tmp_path):
     with pytest.raises(TypeError, match="--dims 3 trains on volumes"):
         train.pretrain(_cfg(tmp_path / "x"), dataset=ImageFolderDataset.from_tensor(synthetic_images(4, 32)))
@@ -344,6 +397,17 @@ def test_dims_flags_and_their_defaults():
     cfg = _parse("--dims", "3", "--size", "32", "--spacing", "1", "1", "2.5", "--window", "-1000", "400")
     assert (cfg.size, cfg.spacing, cfg.window, cfg.percentiles) == (32, (1.0, 1.0, 2.5), (-1000.0, 400.0), (0.5, 99.5))
     assert cfg.to_dict()["spacing"] == [1.0, 1.0, 2.5]
+
+
+def test_help_shows_the_3d_defaults(capsys):
+    from ld_ext.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128); with --dims 3 the cubic patch edge (default: 64)" in out
+    assert "(default: 8; with --dims 3: 4, i.e. 64 cells)" in out
+    assert "(default: None)" not in out
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -169,11 +169,13 @@ def test_probe_cli_on_volumes_with_integer_labels(tmp_path, capsys):
     # the bright ball is linearly readable from the intensity
     assert np.mean(res["results"][0]["dice"]["intensity"]["1"]) > 0.5
     assert "| labels=1 | 1 |" in (out / "results.md").read_text()
+    assert (out / "overlays.png").stat().st_size > 0
 
 
 def test_finetune_cli_on_volumes(tmp_path, capsys):
     vols, labels = _write_volumes(tmp_path)
-    _save_net(tmp_path / "ld3.pt", TINY3, size=16, spacing=[1.0, 1.0, 2.0], window=[50.0, 600.0])
+    _save_net(tmp_path / "ld3.pt", TINY3, size=16, spacing=[1.0, 1.0, 2.0], window=[50.0, 600.0],
+              percentiles=[0.5, 99.5])
     out = tmp_path / "out"
     argv = ["finetune", "--checkpoint", str(tmp_path / "ld3.pt"), "--images", str(vols), "--masks", str(labels),
             "--labels", "1", "--shots", "1", "--seeds", "1", "--steps", "2", "--batch", "2", "--no-progress",
@@ -185,10 +187,12 @@ def test_finetune_cli_on_volumes(tmp_path, capsys):
     assert res["dims"] == 3 and r["settings"]["sliding_window"] == [16, 16, 16]
     # the volumes are read as pre-training read them (recorded in the checkpoint)
     assert res["spacing"] == [1.0, 1.0, 2.0] and res["intensity_window"] == [50.0, 600.0]
+    assert res["percentiles"] == [0.5, 99.5]
     for key in ("dice", "dice_per_volume"):
         assert set(r[key]) == {"LD", "random"} and all(0.0 <= d <= 1.0 for v in r[key].values() for d in v)
     md = (out / "results.md").read_text()
     assert "| labels=1 |" in md and "| labels=1 (Dice per volume) |" in md
+    assert (out / "overlays.png").stat().st_size > 0
 
 
 def test_finetune_on_volumes_learns_a_bright_ball(tmp_path):
@@ -290,6 +294,15 @@ def test_volume_probe_computes_each_feature_set_once_for_every_structure():
                                               seeds=1, label="s")
 
 
+def test_overlays_show_the_held_out_volume_and_slice_with_the_most_foreground():
+    masks = [np.zeros((4, 4, 6), bool) for _ in range(3)]
+    masks[0][:2, :2, 1] = True
+    masks[2][:, :, 4] = True
+    masks[2][0, 0, 0] = True
+    assert volumes.shown_slice(masks, [0, 2]) == (2, 4)
+    assert volumes.shown_slice(masks, [0, 1]) == (0, 1)
+
+
 def test_reading_follows_the_checkpoint_unless_given(tmp_path):
     _save_net(tmp_path / "a.pt", TINY3, spacing=[2, 2, 2], window=None, percentiles=[1, 99])
     rec = volumes.recorded_reading(tmp_path / "a.pt")
@@ -350,3 +363,23 @@ def test_a_dicom_series_folder_pairs_with_the_label_volume_named_like_it(tmp_pat
     assert [(a.name, b.name) for a, b in pairs] == [("pt.1", "pt.1.npy"), ("pt.2", "pt.2_label.npy")]
     vols, labs = volumes.load_volume_pairs(pairs)
     assert vols[0].shape == labs[0].shape == shape and labs[0].min() == 1 and labs[1].max() == 0
+
+
+def test_probe_and_finetune_read_a_checkpoint_of_pretrain_dims_3(tmp_path, capsys):
+    """The chain of issue 23: pre-training on a folder of NIfTI volumes (--dims 3), then both commands on
+    volumes + label volumes with its model.pt (window, spacing and intensity as pre-training recorded)."""
+    from ld_ext import train
+
+    vols, labels = _write_volumes(tmp_path)
+    cfg = train.TrainConfig(data=[str(vols)], out=str(tmp_path / "run"), dims=3, size=16, emb_dim=4, n_clusters=4,
+                            widths=(4, 4, 4, 4, 4), batch_size=2, epochs1=1, epochs2=1, steps_per_epoch=1,
+                            val_images=0, progress=False, device="cpu", spacing=(1.0, 1.0, 1.0))
+    train.pretrain(cfg)
+    ck = tmp_path / "run" / "model.pt"
+    base = ["--checkpoint", str(ck), "--images", str(vols), "--masks", str(labels), "--shots", "1", "--seeds", "1"]
+    assert main(["probe", *base, "--out", str(tmp_path / "p")]) == 0
+    assert main(["finetune", *base, "--steps", "1", "--batch", "2", "--no-progress", "--out", str(tmp_path / "f")]) == 0
+    for out in ("p", "f"):
+        res = json.loads((tmp_path / out / "results.json").read_text())
+        assert res["dims"] == 3 and res["sliding_window"] == [16, 16, 16] and res["spacing"] == [1.0, 1.0, 1.0]
+        assert res["percentiles"] == [0.5, 99.5] and res["results"][0]["label"] == "labels"

@@ -5,7 +5,8 @@ arguments). Modules, one concern each: ``specs`` (what is measured: one ``OpSpec
 ``Case`` sizes), ``timing`` (the timer and the device's floor rates), ``memory`` (the peak-memory
 probes), ``cases`` (one spec at one case -> CSV rows; the headline), ``end_to_end`` (LD training
 steps, fused vs plain losses), ``baselines`` (the plain-PyTorch loss modules of
-``ld_ext.plain_losses``), ``report`` (CSV, markdown, plots), ``cli`` (arguments and the run).
+``ld_ext.plain_losses``), ``report`` (CSV, markdown, plots), ``cli`` (arguments and the run),
+``head3d`` (``--head3d``: the LD head on 3-D embeddings, every case in its own guarded process).
 ``benchmarks/gpu_figures.py`` and ``benchmarks/gpu_train.py`` use the same timing and memory code. Sections:
 
 * ``headline``: fused forward+backward of
@@ -21,6 +22,9 @@ steps, fused vs plain losses), ``baselines`` (the plain-PyTorch loss modules of
 * ``sweeps``: the region loss over P (pixels), K, D, N and dtype.
 * ``e2e``: training steps per second of the LD network with the fused vs the plain-PyTorch losses
   (``end_to_end.make_training_step``).
+* ``--head3d`` (instead of the sections): the region loss and the pixel-cluster similarity on
+  (N, D, S, S, S) embeddings at S = 64 and 96, N = 2, 4, 8, K = 16, D = 32, fused vs the published
+  broadcast vs eager bmm vs compile, forward+backward time and peak memory (``head3d``).
 
 Method: every implementation gets warm-up calls, then samples are taken round-robin over the
 implementations (so load changes on a shared machine hit all of them alike); each sample times
@@ -40,6 +44,7 @@ from .baselines import PlainPatchDiscriminationLoss, PlainRegionDiscriminationLo
 from .cases import RSS_METHOD, Settings, rss_probe, run_case, run_headline
 from .cli import SECTIONS, SWEEPS, add_arguments, main, run
 from .end_to_end import make_training_step, run_e2e, synthetic_images
+from .head3d import Case3D, head3d_markdown, run_case3d, run_head3d
 from .memory import CPU_MEM_METHOD, CUDA_MEM_METHOD, cuda_peak_memory, measure_peak_memory
 from .report import CSV_COLUMNS, MD_COLUMNS, e2e_markdown, headline_markdown, markdown_table, write_csv
 from .specs import BASE, IMPLS, MODES, OPS, Case, OpSpec, make_generator
@@ -76,6 +81,10 @@ __all__ = [
     "make_training_step",
     "synthetic_images",
     "run_e2e",
+    "Case3D",
+    "run_case3d",
+    "run_head3d",
+    "head3d_markdown",
     "PlainRegionDiscriminationLoss",
     "PlainPatchDiscriminationLoss",
     "write_csv",

@@ -29,6 +29,7 @@ import torch
 from ..ops import build_info
 from .cases import Settings, log, run_case, run_headline
 from .end_to_end import run_e2e
+from .head3d import run_head3d
 from .memory import CPU_MEM_METHOD, CUDA_MEM_METHOD
 from .report import e2e_markdown, headline_markdown, markdown_table, plot_sweep, summary_lines, sweep_label, write_csv
 from .specs import BASE, IMPLS, OPS, Case
@@ -74,16 +75,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweeps", default=None, help=f"comma-separated subset of {','.join(SWEEPS)} (default: all)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed samples per implementation (>= 5; default 7, 5 with --quick)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed samples per implementation (>= 5; default 7, 5 with --quick; with --head3d >= 1, default 3)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per implementation (default 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed warm-up calls per implementation (default 2; 1 with --head3d)"
+    )
     parser.add_argument("--sets", type=int, default=3, help="input sets rotated through (fresh random data; default 3)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
     parser.add_argument(
         "--max-mem-gb",
         type=float,
         default=None,
-        help="skip implementations whose estimated peak exceeds this (default 8 on CPU, 2 with --quick; half the GPU)",
+        help="skip implementations whose estimated peak exceeds this (default 8 on CPU, 2 with --quick; half the GPU); "
+        "with --head3d the memory guard of every case (default 12 on CPU, 3/4 of the GPU)",
     )
     parser.add_argument(
         "--max-call-s",
@@ -95,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-static",
         action="store_true",
-        help="compile every sweep point with static shapes (default: dynamic=True in sweeps, static in headline/ops)",
+        help="compile every sweep point (and every --head3d case) with static shapes (default: dynamic=True in "
+        "sweeps and --head3d, static in headline/ops)",
     )
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out everywhere")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -110,6 +118,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="smoke-test sizes, 1 thread (for tests of the harness, not for figures)"
     )
+    parser.add_argument(
+        "--head3d",
+        action="store_true",
+        help="instead of the sections: the LD head on 3-D embeddings (region loss, pixel-cluster similarity) at "
+        "64^3 and 96^3, N=2,4,8, K=16, D=32, fused vs broadcast (published) vs eager bmm vs compile, "
+        "forward+backward time and peak memory, every case in its own process under the --max-mem-gb guard "
+        "(OUT/head3d.md, OUT/head3d.json)",
+    )
+    parser.add_argument("--head3d-sizes", default=None, help="with --head3d: cubic patch edges (default 64,96)")
+    parser.add_argument("--head3d-batches", default=None, help="with --head3d: batch sizes N (default 2,4,8)")
 
 
 class BenchError(ValueError):
@@ -211,6 +229,10 @@ def _env_line(device: torch.device) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "head3d", False):
+        return run_head3d(args)
+    if args.warmup is None:
+        args.warmup = 2
     try:
         v = _validate(args)
     except BenchError as exc:

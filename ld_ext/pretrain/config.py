@@ -51,7 +51,7 @@ class TrainConfig:
         default=None,
         metadata=_flag(
             "--size",
-            "image size (square; with --dims 3 the cubic patch edge) fed to the network (default 128, 3-D 64)",
+            "image size (square) fed to the network (default: 128); with --dims 3 the cubic patch edge (default: 64)",
             type=int,
         ),
     )
@@ -73,7 +73,7 @@ class TrainConfig:
     grid: int | None = field(
         default=None,
         metadata=_flag(
-            "--grid", "G, patch grid per axis for PD/mixup (default 8; 4 with --dims 3: 64 cells)", type=int
+            "--grid", "G, patch grid per axis for PD/mixup (default: 8; with --dims 3: 4, i.e. 64 cells)", type=int
         ),
     )
     rd_temperature: float = field(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..augment import AugmentConfig, LDViewGenerator, VolumeViewGenerator, item_generator
-from ..data import mark_output_folder
+from ..data import mark_output_folder, open_or_build_volume_cache
 from .config import TrainConfig
 from .outputs import data_summary
 
@@ -44,9 +44,6 @@ def is_volume_dataset(dataset) -> bool:
 def open_volumes(cfg: TrainConfig, out: Path, env_rank: int, lock_timeout: float):
     """``cfg.data`` read into the volume cache (``cfg.cache``, default ``OUT/cache``; built once,
     reused by later runs with the same files and settings) and opened."""
-    # imported here until ld_ext.data.volume_cache (built beside this module) is merged
-    from ..data.volume_cache import open_or_build_volume_cache
-
     cache_dir = Path(cfg.cache) if cfg.cache else out / "cache"
     if env_rank == 0:  # outputs are never inputs (as in 2-D)
         mark_output_folder(out, ("overlays", "losses.png", "cache"))

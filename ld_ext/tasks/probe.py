@@ -63,7 +63,7 @@ from .linear_probe import (  # re-exported: one definition each, in tasks.linear
     LinearProbe,
     choose_threshold,
 )
-from .probe_volumes import probe_volume_structures
+from .probe_volumes import plot_probe_overlays, probe_volume_structures
 
 __all__ = [
     "FEATURE_SETS",
@@ -580,6 +580,8 @@ def run(args: argparse.Namespace) -> int:
         results, images = _probe_image_structures(args, model, size)
         extra["size"] = size
     md = write_results(Path(args.out), results, images, extra)
+    if dims == 3:
+        plot_probe_overlays(Path(args.out) / "overlays.png", results)
     print(md)
     print(f"wrote {args.out}")
     return 0

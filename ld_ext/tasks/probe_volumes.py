@@ -50,6 +50,7 @@ __all__ = [
     "volume_probe_experiments",
     "volume_probe_experiment",
     "probe_volume_structures",
+    "plot_probe_overlays",
 ]
 
 MAX_TRAIN_VOXELS = 200_000
@@ -161,7 +162,7 @@ def _training_voxels(feats, masks, train, seed: int, max_voxels: int):
 
 def _probe_volumes_once(feats, masks, train, test, seed: int, weight_decay: float, max_voxels: int):
     """Fit one probe on the training volumes, choose its threshold there and score the held-out volumes:
-    (threshold, Dice per volume, pooled Dice)."""
+    (threshold, Dice per volume, pooled Dice, held-out predictions)."""
     x, y = _training_voxels(feats, masks, train, seed, max_voxels)
     probe = LinearProbe(weight_decay=weight_decay).fit(x, y)
     p_train = np.concatenate([probe.predict_proba(feats[i][None])[0].reshape(-1) for i in train])
@@ -169,7 +170,7 @@ def _probe_volumes_once(feats, masks, train, test, seed: int, weight_decay: floa
     thr = choose_threshold(p_train, m_train)
     preds = [probe.predict_proba(feats[i][None])[0] > thr for i in test]
     truth = [masks[i] for i in test]
-    return thr, volumes.dice_per_volume(preds, truth), volumes.pooled_dice(preds, truth)
+    return thr, volumes.dice_per_volume(preds, truth), volumes.pooled_dice(preds, truth), preds
 
 
 def _checked_split(masks, shots, seeds: int, test_fraction: float, label: str):
@@ -241,7 +242,9 @@ def volume_probe_experiments(
         if len(masks) < 2:
             raise ValueError(f"need at least 2 labelled volumes (one to train, one to test), got {len(masks)}")
         splits = _checked_split(masks, shots, seeds, test_fraction, label)
-        jobs.append((_empty_result(label, masks, splits, shots, seeds, features), masks, splits))
+        res = _empty_result(label, masks, splits, shots, seeds, features)
+        res["_shown"], res["_preds"] = volumes.shown_slice(masks, splits[max(shots)][0]), {}
+        jobs.append((res, masks, splits))
     t0 = time.perf_counter()
     for name, src in features.items():
         feats = None
@@ -250,9 +253,14 @@ def volume_probe_experiments(
             for res, masks, splits in jobs:
                 for s in shots:
                     test, trains = splits[s]
-                    scores = _probe_volumes_once(feats, masks, trains[seed], test, seed, weight_decay, max_voxels)
+                    *scores, preds = _probe_volumes_once(
+                        feats, masks, trains[seed], test, seed, weight_decay, max_voxels
+                    )
                     for key, v in zip(("threshold", "dice", "dice_pooled"), scores):
                         res[key][name].setdefault(str(s), []).append(v)
+                    if seed == 0 and s == max(shots):  # the overlays: one slice of one held-out volume
+                        j, z = res["_shown"]
+                        res["_preds"][name] = preds[list(test).index(j)][..., z]
         feats = None  # one feature set in memory at a time
         for res, _, _ in jobs:
             for key, skey in (("dice", "summary"), ("dice_pooled", "summary_pooled")):
@@ -283,10 +291,33 @@ def probe_volume_structures(args, model, window, reading: dict) -> list[dict]:
             test_fraction=args.test_fraction,
             weight_decay=args.weight_decay,
         )
-        for r in rs:
+        for r, (_, masks) in zip(rs, structures):
+            j, z = r["_shown"]
+            r["_slice"] = {"image": vols[j][..., z], "mask": masks[j][..., z], "name": f"{pairs[j][0].name} z={z}"}
             r["files"] = [p[0].name for p in pairs]
             for s in r["shots"]:
                 used = sorted({i for t in r["splits"][str(s)]["train"] for i in t})
                 print(f"{r['label']}: {s} shot(s): training volumes used: {', '.join(pairs[i][0].name for i in used)}")
         results.extend(rs)
     return results
+
+
+def plot_probe_overlays(path, results: Sequence[dict]) -> None:
+    """overlays.png of the probe on volumes: per structure, one axial slice of the held-out volume with the
+    most of it, ground truth and each method's prediction (seed 0, the largest shot count)."""
+    rows = [
+        [
+            {
+                "title": f"{r['label']}: {m}",
+                "where": r["_slice"]["name"],
+                "image": r["_slice"]["image"],
+                "mask": r["_slice"]["mask"],
+                "pred": r["_preds"][m],
+            }
+            for m in r["methods"]
+        ]
+        for r in results
+    ]
+    volumes.plot_volume_overlays(
+        path, rows, "held-out volumes, axial slice: ground truth (green contour), probe prediction (red)"
+    )

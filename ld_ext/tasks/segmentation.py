@@ -463,6 +463,7 @@ def transfer_experiment_volumes(
     }
     dices, per_volume, seconds = {"LD": [], "random": []}, {"LD": [], "random": []}, {"LD": 0.0, "random": 0.0}
     truth = [masks[i] for i in test]
+    res["_shown"], res["_preds"] = volumes.shown_slice(masks, test), {}
     for s, tr in enumerate(trains):
         for init in ("LD", "random"):
             probs, sec = _finetune_volumes_once(
@@ -472,6 +473,9 @@ def transfer_experiment_volumes(
             seconds[init] += sec
             dices[init].append(volumes.pooled_dice(preds, truth))
             per_volume[init].append(volumes.dice_per_volume(preds, truth))
+            if s == 0:  # the overlays: one slice of one held-out volume
+                j, z = res["_shown"]
+                res["_preds"][init] = preds[list(test).index(j)][..., z]
     res["dice"], res["dice_per_volume"] = dices, per_volume
     res["train_seconds_per_run"] = {k: v / seeds for k, v in seconds.items()}
     for key, skey in (("dice", "summary"), ("dice_per_volume", "summary_per_volume")):
@@ -629,7 +633,7 @@ def _run_volumes(args, trained: int | None, schedule: dict) -> int:
     reading = volumes.reading_options(args, volumes.recorded_reading(args.checkpoint))
     pairs = volumes.pair_volumes(args.images, args.masks)
     vols, labels = volumes.load_volume_pairs(pairs, checkpoint=args.checkpoint, images=args.images, **reading)
-    results = []
+    results, panels = [], []
     for label, masks in volumes.structure_masks(labels, args.labels, Path(args.masks).name):
         r = transfer_experiment_volumes(
             vols,
@@ -648,9 +652,25 @@ def _run_volumes(args, trained: int | None, schedule: dict) -> int:
         r["train_files"] = [[pairs[i][0].name for i in t] for t in r["train_indices"]]
         for s, files in enumerate(r["train_files"]):
             print(f"{label}: seed {s}: trained on {', '.join(files)}")
+        j, z = r["_shown"]
+        panels.append(
+            [
+                {
+                    "title": f"{label}: {init} init",
+                    "where": f"{pairs[j][0].name} z={z}",
+                    "image": vols[j][..., z],
+                    "mask": masks[j][..., z],
+                    "pred": r["_preds"][init],
+                }
+                for init in ("LD", "random")
+            ]
+        )
         results.append(r)
     extra = volumes.reading_record(window, reading)
     md = write_results(Path(args.out), results, None, None, args.shots, args.seeds, extra)
+    volumes.plot_volume_overlays(
+        Path(args.out) / "overlays.png", panels, "held-out volumes, axial slice: ground truth (green), prediction (red)"
+    )
     print(md)
     print(f"wrote {args.out}")
     return 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint
 from ..data import volumes as _volumes
 from ..data.readers import NIFTI_EXTENSIONS, NUMPY_EXTENSIONS
+from ..viz import new_figure
 from . import common
 
 logger = logging.getLogger("ld_ext.tasks")
@@ -62,6 +63,8 @@ __all__ = [
     "dice_per_volume",
     "pooled_dice",
     "PatchSampler",
+    "shown_slice",
+    "plot_volume_overlays",
 ]
 
 DEFAULT_OVERLAP = 0.5
@@ -298,14 +301,15 @@ def pair_volumes(images_dir, labels_dir, flag: str = "--masks") -> list[tuple[Pa
     return pairs
 
 
-def load_volume_pairs(pairs, *, spacing=None, window=None, checkpoint=None, images=None):
-    """(volumes, label volumes): float32 volumes as ``read_volume`` gives them (intensity normalised) and
+def load_volume_pairs(pairs, *, spacing=None, window=None, percentiles=(0.5, 99.5), checkpoint=None, images=None):
+    """(volumes, label volumes): float32 volumes as ``read_volume`` gives them (intensity normalised by
+    ``window`` or ``percentiles``, resampled to ``spacing``) and
     their label volumes (integer values kept) on the same grid; a label volume whose shape differs from its
     volume's is an error naming both, a volume with an axis of one voxel (a 2-D image) one naming the
     checkpoint (``checkpoint``, ``images``: for that message)."""
     vols, labs = [], []
     for ip, lp in pairs:
-        v = _volumes.read_volume(ip, spacing=spacing, window=window)
+        v = _volumes.read_volume(ip, spacing=spacing, window=window, percentiles=percentiles)
         if min(v.array.shape) < 2:
             raise _mismatch(checkpoint, 3, images, f"{ip.name}: {'x'.join(map(str, v.array.shape))}")
         lab = _volumes.read_volume(lp, spacing=spacing, label=True)
@@ -520,3 +524,42 @@ class PatchSampler:
             torch.stack([p[0] for p in pairs])[:, None].numpy(),
             torch.stack([p[1] for p in pairs])[:, None].numpy(),
         )
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+def shown_slice(masks: Sequence[np.ndarray], test) -> tuple[int, int]:
+    """(volume, z) of the overlays: the held-out volume (an index of ``test``'s) with the most foreground,
+    and its axial slice (last axis) with the most foreground."""
+    test = [int(i) for i in test]
+    j = max(test, key=lambda i: int(np.asarray(masks[i]).sum()))
+    z = int(np.argmax(np.asarray(masks[j]).reshape(-1, np.asarray(masks[j]).shape[-1]).sum(0)))
+    return j, z
+
+
+def plot_volume_overlays(path, rows: Sequence[Sequence[dict]], title: str) -> None:
+    """One panel per dict ``{"title", "where", "image", "mask", "pred"}`` (2-D axial slices, x across, y up), in
+    ``rows``: the image in grey, the ground truth as a green contour, the prediction in red; each panel
+    titled with its own Dice."""
+    n_cols = max(len(r) for r in rows)
+    fig = new_figure(figsize=(2.3 * n_cols, 2.5 * len(rows)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for ri, row in enumerate(rows):
+        for ci in range(n_cols):
+            ax = axes[ri, ci]
+            ax.axis("off")
+            if ci >= len(row):
+                continue
+            p = row[ci]
+            ax.imshow(np.asarray(p["image"]).T, cmap="gray", vmin=0, vmax=1, origin="lower")
+            if np.asarray(p["mask"]).any():
+                ax.contour(np.asarray(p["mask"], dtype=float).T, levels=[0.5], colors="lime", linewidths=0.7)
+            pred = np.asarray(p["pred"], dtype=bool).T
+            ov = np.zeros(pred.shape + (4,))
+            ov[pred] = (1.0, 0.1, 0.1, 0.45)
+            ax.imshow(ov, origin="lower")
+            where = f"{p['where']}, " if "where" in p else ""
+            ax.set_title(f"{p['title']}\n{where}Dice {common.dice(p['pred'], p['mask']):.2f} on it", fontsize=6.5)
+    fig.suptitle(title, fontsize=8)
+    common.atomic_savefig(fig, path)
