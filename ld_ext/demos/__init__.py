@@ -7,6 +7,9 @@
   on the template for a fixed number of steps (stages 1-3), then the linear-probe table of small
   structures on held-out slices (``ld_ext.demos.probe_table``) and the NMI table of its clusters,
   under one progress line (``ld_ext.demos.progress``).
+* ``ld_ext.demos.volumes3d``: ``ld-ext demo --dims 3``: LD pre-training on volumes (random warped
+  copies of the template, ``ld_ext.demos.warps3d``) and the probe of the small structures on held-out
+  copies.
 * ``ld_ext.demos.tasks``: ``ld-ext demo --task finetune|probe|shape-guided``, and the shared
   short pre-training of the task demos; ``ld_ext.demos.landmark``: ``--task landmark``.
 
@@ -29,6 +32,7 @@ from .pretrain import (
 )
 from .probe_table import probe_scores
 from .tasks import TASKS, add_task_arguments, run_task_demo
+from .volumes3d import add_volume_demo_arguments, run_volume_demo
 
 __all__ = [
     "STRUCTURES",
@@ -46,6 +50,8 @@ __all__ = [
     "add_task_arguments",
     "run_pretrain_demo",
     "run_task_demo",
+    "add_volume_demo_arguments",
+    "run_volume_demo",
     "add_arguments",
     "run",
 ]
@@ -60,10 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(give --checkpoint OUT/model.pt of a pretrain demo to skip its own pre-training)",
     )
     add_pretrain_demo_arguments(parser)
+    add_volume_demo_arguments(parser)
     add_task_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "dims", 2) == 3:
+        run_volume_demo(args)
+        return 0
     if getattr(args, "task", "pretrain") != "pretrain":
         return int(tasks.run_task_demo(args.task, args) or 0)  # looked up at call time (tests replace it)
     run_pretrain_demo(args)

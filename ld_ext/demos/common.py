@@ -1,4 +1,5 @@
-"""What the task demos share: the template slices they pre-train on and the progress-bar switch.
+"""What the demos share: the template slices the task demos pre-train on, the progress-bar switch, the
+CPU threads and the marker of a flag left out (``DemoDefault``).
 
 ``ld_ext.demos.tasks`` (finetune, probe, shape-guided, the shared pre-training) and
 ``ld_ext.demos.landmark`` both use these, so they live here rather than in either of them.
@@ -10,9 +11,23 @@ import os
 
 import torch
 
-__all__ = ["PRETRAIN_Z", "show_progress", "demo_threads"]
+__all__ = ["PRETRAIN_Z", "DemoDefault", "plain_defaults", "show_progress", "demo_threads"]
 
 PRETRAIN_Z = tuple(range(-40, 72, 2))  # mm
+
+
+class DemoDefault(int):
+    """The default of a flag that the 2-D and the 3-D demo share with different values: it equals the
+    2-D value, and its type says that the flag was left out (argparse keeps a default object as it is,
+    a value given on the command line is a plain int), so ``--dims 3`` puts its own value there."""
+
+
+def plain_defaults(args) -> None:
+    """Every ``DemoDefault`` left in ``args`` made a plain int (nothing of this type reaches a checkpoint,
+    which is read weights-only)."""
+    for name, value in vars(args).items():
+        if isinstance(value, DemoDefault):
+            setattr(args, name, int(value))
 
 
 def show_progress(args) -> bool:

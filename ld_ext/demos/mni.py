@@ -217,7 +217,9 @@ def mni_to_pixel(xyz_mm, size: int) -> np.ndarray:
 
 
 def _mm_grid(shape, aff):
-    ii, jj, kk = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    """The mm coordinates x, y, z of an axis-aligned grid, as arrays that broadcast against it ((X, 1, 1),
+    (1, Y, 1), (1, 1, Z)): the same values as full grids, without their memory and time."""
+    ii, jj, kk = np.ix_(*[np.arange(n) for n in shape])
     return aff[0, 0] * ii + aff[0, 3], aff[1, 1] * jj + aff[1, 3], aff[2, 2] * kk + aff[2, 3]
 
 

@@ -43,7 +43,7 @@ from ..tasks import probe
 from ..tasks.landmarks import STAGE3_FILE, centre_term_result, train_centre_sensitive
 from ..train import TrainConfig, predict, pretrain
 from .mni import STRUCTURES, load_mni_slices, tissue_labels
-from .common import demo_threads
+from .common import DemoDefault, demo_threads, plain_defaults
 from .probe_table import PROBE_SEEDS, probe_plan, probe_scores, save_probe_figure
 from .progress import DemoProgress, Phase, format_seconds
 
@@ -183,27 +183,31 @@ def _table(scores: dict) -> str:
 def add_pretrain_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The pre-training demo's flags (kept separate so other demos can add theirs beside them)."""
     parser.add_argument("--out", default="ld_demo", metavar="DIR", help="output folder (default: ld_demo)")
-    parser.add_argument("--size", type=int, default=128, help="slice size (default 128)")
-    parser.add_argument("--epochs1", type=int, default=EPOCHS1, help="stage-1 epochs")
-    parser.add_argument("--epochs2", type=int, default=EPOCHS2, help="stage-2 epochs")
+    parser.add_argument(
+        "--size", type=int, default=DemoDefault(128), help="slice size (default 128; --dims 3: the patch edge, 32)"
+    )
+    parser.add_argument("--epochs1", type=int, default=DemoDefault(EPOCHS1), help="stage-1 epochs")
+    parser.add_argument("--epochs2", type=int, default=DemoDefault(EPOCHS2), help="stage-2 epochs")
     parser.add_argument(
         "--steps-per-epoch",
         type=int,
-        default=STEPS_PER_EPOCH,
+        default=DemoDefault(STEPS_PER_EPOCH),
         help=f"steps per epoch (default {STEPS_PER_EPOCH}: {(EPOCHS1 + EPOCHS2) * STEPS_PER_EPOCH} training steps "
         "in all, every one of them run)",
     )
     parser.add_argument(
         "--centre-steps",
         type=int,
-        default=CENTRE_STEPS,
+        default=DemoDefault(CENTRE_STEPS),
         metavar="N",
         help=f"stage 3: N steps of the centre-sensitive landmark term (default {CENTRE_STEPS}; `ld-ext pretrain` "
         "runs 100), so that OUT/model.pt serves `ld-ext landmark`; 0: off",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="B pairs per step (5B images)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DemoDefault(4), help="B pairs per step (5B images; --dims 3: default 2)"
+    )
     parser.add_argument("--clusters", type=int, default=16, help="K clusters")
-    parser.add_argument("--lr-step", type=int, default=6, help="halve the learning rate every N epochs")
+    parser.add_argument("--lr-step", type=int, default=DemoDefault(6), help="halve the learning rate every N epochs")
     parser.add_argument(
         "--max-minutes",
         type=float,
@@ -365,6 +369,7 @@ def _phases(args: argparse.Namespace, n_probe: int) -> list[Phase]:
 
 
 def _check_demo_args(args: argparse.Namespace) -> None:
+    plain_defaults(args)
     for name in ("size", "epochs2", "steps_per_epoch", "batch_size", "clusters", "probe_seeds"):
         v = getattr(args, name)
         if v < 1:
