@@ -383,3 +383,31 @@ def test_probe_and_finetune_read_a_checkpoint_of_pretrain_dims_3(tmp_path, capsy
         res = json.loads((tmp_path / out / "results.json").read_text())
         assert res["dims"] == 3 and res["sliding_window"] == [16, 16, 16] and res["spacing"] == [1.0, 1.0, 1.0]
         assert res["percentiles"] == [0.5, 99.5] and res["results"][0]["label"] == "labels"
+
+
+@pytest.mark.parametrize("command", ["landmark", "shape-guided"])
+def test_2d_only_tasks_refuse_a_3d_checkpoint_in_one_line(tmp_path, capsys, command):
+    """ld-ext landmark and ld-ext shape-guided work on images only: a 3-D checkpoint was refused only
+    by the network's first forward ("x must have shape (B, 1, X, Y, Z)"), naming neither the file nor
+    the cause; now one line names the checkpoint and says it is a 3-D network."""
+    from PIL import Image
+
+    ckpt = tmp_path / "ld3.pt"
+    _save_net(ckpt, TINY3)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(imgs / f"i{i}.png")
+    if command == "landmark":
+        (tmp_path / "pts.json").write_text("[[10, 10]]")
+        argv = ["landmark", "--checkpoint", str(ckpt), "--template", str(imgs / "i0.png"), "--points",
+                str(tmp_path / "pts.json"), "--targets", str(imgs / "i1.png"), "--out", str(tmp_path / "o.json")]
+    else:
+        argv = ["shape-guided", "--checkpoint", str(ckpt), "--images", str(imgs), "--priors", str(imgs),
+                "--out", str(tmp_path / "sg"), "--steps", "1"]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err[-1].startswith(f"ld-ext: error: checkpoint {ckpt} is a 3-D network"), err
+    assert "2-D images only" in err[-1]

@@ -439,6 +439,17 @@ def load_ld_model_and_size(path, part: str = "representation"):
     return model, train_size_of(ckpt)
 
 
+def require_2d_network(model, checkpoint, command: str) -> None:
+    """One clear error for a 3-D network (``ld-ext pretrain --dims 3``) given to a task that works on
+    2-D images only (``ld-ext landmark``, ``ld-ext shape-guided``); without it the first forward
+    failed on the input's shape, naming neither the checkpoint nor the cause."""
+    if int(model.config.get("spatial_dims", 2)) != 2:
+        raise ValueError(
+            f"checkpoint {checkpoint} is a 3-D network (pre-trained on volumes, --dims 3); {command} works on "
+            "2-D images only: give it the checkpoint of a 2-D run"
+        )
+
+
 def train_size_of(ckpt) -> int | None:
     """The image side a checkpoint's network was pre-trained at: ``train_config["size"]`` (written by
     ``ld-ext pretrain`` into model.pt and its stage files), or None when the file does not record it

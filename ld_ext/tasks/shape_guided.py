@@ -136,6 +136,7 @@ def _init_model(checkpoint, n_clusters: int | None, seed: int):
     if checkpoint is None:
         return LDNet(in_channels=1, n_clusters=n_clusters or DEFAULT_CLUSTERS)
     ld = common.load_ld_model(checkpoint)
+    common.require_2d_network(ld, checkpoint, "the shape-guided task")
     cfg = dict(ld.config)
     if cfg.get("in_channels", 1) != 1:
         raise ValueError(

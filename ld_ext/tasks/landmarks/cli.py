@@ -116,6 +116,7 @@ def _load_scaled(path, size):
 def run(args: argparse.Namespace) -> int:
     _check_task_args(args)
     model, trained = common.load_ld_model_and_size(args.checkpoint, part="landmark")
+    common.require_2d_network(model, args.checkpoint, "ld-ext landmark")
     args = argparse.Namespace(**{**vars(args), "size": common.task_size(args.size, trained, args.checkpoint)})
     in_ckpt = centre_term_record(load_checkpoint(args.checkpoint))  # stage 3 of ld-ext pretrain, or None
     template, names, points = _template_and_points(args)
