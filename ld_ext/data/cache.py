@@ -207,11 +207,7 @@ class CachedImageDataset(torch.utils.data.Dataset):
         self._verified[i] = True
 
     def _mark_damaged(self, reason: str) -> bool:
-        try:
-            (self.root / _DAMAGED_FILE).write_text(f"{reason} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n")
-            return True
-        except OSError:
-            return False
+        return mark_damaged(self.root, reason)
 
     # the descriptor is per process (DataLoader workers are forked or spawned)
     def _descriptor(self) -> int:
@@ -287,15 +283,31 @@ class CachedImageDataset(torch.utils.data.Dataset):
         return list(self._index_dict()["nonfinite"])
 
 
-def _read_meta(root: Path) -> dict:
-    """meta.json of the cache in ``root``: a dict of this cache version, not marked damaged."""
-    damaged = root / _DAMAGED_FILE
+def mark_damaged(root: Path, reason: str) -> bool:
+    """Write the DAMAGED marker into the cache folder ``root`` (a file that failed its checksum during
+    a run), so that the next run rebuilds the cache; False when it cannot be written. Shared by the
+    image cache and the volume cache (``data/volume_cache.py``)."""
+    try:
+        (Path(root) / _DAMAGED_FILE).write_text(f"{reason} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n")
+        return True
+    except OSError:
+        return False
+
+
+def refuse_if_marked_damaged(root: Path, what: str) -> None:
+    """ValueError (the caller rebuilds) when ``root`` carries the DAMAGED marker of ``mark_damaged``."""
+    damaged = Path(root) / _DAMAGED_FILE
     if damaged.exists():
         try:
             why = damaged.read_text().strip()
         except OSError as exc:
             why = str(exc)
-        raise ValueError(f"image cache {root} was marked damaged during a run: {why}")
+        raise ValueError(f"{what} {root} was marked damaged during a run: {why}")
+
+
+def _read_meta(root: Path) -> dict:
+    """meta.json of the cache in ``root``: a dict of this cache version, not marked damaged."""
+    refuse_if_marked_damaged(root, "image cache")
     try:
         meta = json.loads((root / _META_FILE).read_text())
     except (OSError, ValueError) as exc:

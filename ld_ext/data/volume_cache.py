@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory
-from .cache import CacheIntegrityError, cache_seal
+from .cache import CacheIntegrityError, cache_seal, mark_damaged, refuse_if_marked_damaged
 from .cachelock import DEFAULT_LOCK_TIMEOUT_S, CacheLock, check_timeout
 from .preprocess import file_progress_bar
 from .readers import MissingReaderError, as_path_list, warn_not_regular
@@ -52,7 +52,6 @@ _VOLUMES_FILE = "volumes.f32"
 _META_FILE = "meta.json"
 _INDEX_FILE = "index.json"
 _CRC_FILE = "volumes.crc32"  # one little-endian uint32 per volume
-_DAMAGED_FILE = "DAMAGED"
 _VERIFY_AT_OPEN_BYTES = 256 * 2**20  # volumes checked at open: up to this many bytes (at least one volume)
 _CHUNK_BYTES = 4 * 2**20  # a volume is checked in pieces of this size, never held whole
 
@@ -208,7 +207,7 @@ class VolumePatchDataset:
             )
             if at_open:  # open_or_build_volume_cache rebuilds it now
                 raise CacheIntegrityError(msg)
-            marked = _mark_damaged(self.root, f"volume {i} does not match its checksum")
+            marked = mark_damaged(self.root, f"volume {i} does not match its checksum")
             then = "the cache is marked damaged and the next run rebuilds it" if marked else f"delete {self.root}"
             raise CacheIntegrityError(f"{msg}; {then}")
         self._verified[i] = True
@@ -296,23 +295,9 @@ def _triple(v, name: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in t)
 
 
-def _mark_damaged(root: Path, reason: str) -> bool:
-    try:
-        (root / _DAMAGED_FILE).write_text(f"{reason} ({time.strftime('%Y-%m-%d %H:%M:%S %z')})\n")
-        return True
-    except OSError:
-        return False
-
-
 def _read_meta(root: Path) -> dict:
     """meta.json of the volume cache in ``root``: a dict of this cache version, not marked damaged."""
-    damaged = root / _DAMAGED_FILE
-    if damaged.exists():
-        try:
-            why = damaged.read_text().strip()
-        except OSError as exc:
-            why = str(exc)
-        raise ValueError(f"volume cache {root} was marked damaged during a run: {why}")
+    refuse_if_marked_damaged(root, "volume cache")
     try:
         meta = json.loads((root / _META_FILE).read_text())
     except (OSError, ValueError) as exc:
