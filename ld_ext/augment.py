@@ -23,12 +23,15 @@ per axis (p = 0.5 each); images are normalised with fixed ``NORM_MEAN``/``NORM_S
 
 Volumes (``VolumeViewGenerator``, our concretisation for 3-D, docs/method.md section 10): the
 sources are cubic patches read with a margin (``read_size``); each source is flipped along each
-axis (p = 0.5) and rotated by k*90 degrees in the axial (X, Y) plane; each view adds a small
-rotation about each axis ([-2, 2] degrees) and brightness/contrast changes (0.2); v2 is
-additionally flipped along each axis and rotated by k*90 degrees in the axial plane, recorded and
-undone on the patch grid (``align_to_v1_3d``). One trilinear ``grid_sample`` per view; without the
-small rotations a view is the source's voxels exactly (the margin keeps the rotated corners inside
-the data).
+axis (p = 0.5) and rotated by k*90 degrees in the axial (X, Y) plane; each view's map adds a small
+affine part (rotation about each axis in [-2, 2] degrees, a scale per axis in [0.95, 1.05], shears
+in [-0.03, 0.03]) and a smooth elastic warp with a closed-form inverse (``elastic_warp``), then
+brightness/contrast changes (0.2); v2 is additionally flipped along each axis and rotated by k*90
+degrees in the axial plane. ``VolumeViewBatch.align_v2`` maps v2's patch grid onto v1's through
+v1's map and the exact inverse of v2's. One trilinear ``grid_sample`` per view; the margin
+(``view_margin``) keeps every warped view inside the data. ``VolumeAugmentConfig()`` has the warps
+off (the generator before warps existed: only v2's flips and turns are undone);
+``VolumeAugmentConfig.recipe()`` is the default.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ __all__ = [
     "VolumeViewBatch",
     "VolumeViewGenerator",
     "align_to_v1_3d",
+    "elastic_warp",
+    "view_margin",
     "normalize_intensity",
     "NORM_MEAN",
     "NORM_STD",
@@ -275,11 +280,19 @@ class LDViewGenerator:
 # the axes of a volume tensor (N, C, X, Y, Z) and its axial plane (X, Y)
 _VOL_AXES = (-3, -2, -1)
 _AXIAL = (-3, -2)
+ELASTIC_TERMS = 3  # cosines in each of the elastic warp's three displacement functions
+ELASTIC_FREQ = 1.0  # their largest frequency per axis: at most one period across the patch
 
 
 @dataclass
 class VolumeAugmentConfig:
-    """Augmentation ranges of 3-D views (our choices, docs/method.md section 10)."""
+    """Augmentation ranges of 3-D views (our choices, docs/method.md section 10).
+
+    The warp fields (``view_scale``, ``view_shear``, ``elastic``, ``exact_align``) default to off,
+    which is the view generator as it was before warps existed; ``VolumeAugmentConfig.recipe()``
+    is the default recipe with them on (what ``VolumeViewGenerator(size)`` and ``ld-ext pretrain
+    --dims 3`` use).
+    """
 
     src_flip: bool = True  # flip each axis of the source, p = 0.5 each
     src_rot90: bool = True  # k*90 degrees in the axial plane, k uniform in 0..3
@@ -289,15 +302,79 @@ class VolumeAugmentConfig:
     v2_flip_p: float = 0.5
     v2_rot90: bool = True
     mix_range: tuple[float, float] = (0.2, 0.8)
+    view_scale: float = 0.0  # per view and axis, a scale factor in [1 - s, 1 + s]
+    view_shear: float = 0.0  # per view, each of the six off-diagonal entries in [-h, h]
+    elastic: float = 0.0  # per view, the largest displacement of each elastic shear step (fraction of S/2)
+    exact_align: bool = False  # align v2 onto v1 through both views' whole maps (else: v2's flips and turns)
+
+    @classmethod
+    def recipe(cls, **changes) -> "VolumeAugmentConfig":
+        """The default 3-D recipe: the fields' defaults plus small warps and exact alignment
+        (scale +-5 %, shear +-0.03, elastic 0.03 of S/2), with ``changes`` applied."""
+        base = dict(view_scale=0.05, view_shear=0.03, elastic=0.03, exact_align=True)
+        base.update(changes)
+        return cls(**base)
+
+    def check(self) -> None:
+        """One-line errors for ranges that would not give small, invertible warps."""
+        limits = (("view_rotation", 45.0), ("view_scale", 0.5), ("view_shear", 0.25))
+        for name, hi in limits:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
+                raise ValueError(f"VolumeAugmentConfig.{name} must be a number in [0, {hi}], got {v!r}")
+        lip = math.pi * math.sqrt(2) * ELASTIC_FREQ  # Lipschitz constant of a displacement per unit amplitude
+        e = self.elastic
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e < 1 / lip:
+            raise ValueError(
+                f"VolumeAugmentConfig.elastic must be a number in [0, {1 / lip:.3f}) (each elastic step "
+                f"Lipschitz < 1), got {e!r}"
+            )
+
+
+def elastic_warp(p: torch.Tensor, coef: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The elastic part of a view's map, on points ``p`` (..., 3) in (X, Y, Z) order, [-1, 1] units.
+
+    Three axis-wise shears, ``x' = x + a(y, z)``, ``y' = y + b(x', z)``, ``z' = z + c(x', y')``;
+    ``coef`` (3, n, 4) holds (amplitude, frequency 1, frequency 2, phase) of the n cosines of each
+    of a, b, c: ``a(u, v) = sum_k amp_k cos(pi (f1_k u + f2_k v) + phase_k)``. Each step moves one
+    coordinate by a function of the other two, so it has unit Jacobian determinant and is undone
+    exactly by subtracting the same function: ``inverse=True`` undoes c, then b, then a.
+    """
+
+    def shift(k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = coef[k].to(p.dtype)
+        arg = math.pi * (u[..., None] * c[:, 1] + v[..., None] * c[:, 2]) + c[:, 3]
+        return (c[:, 0] * torch.cos(arg)).sum(-1)
+
+    x, y, z = p.unbind(-1)
+    if not inverse:
+        x = x + shift(0, y, z)
+        y = y + shift(1, x, z)
+        z = z + shift(2, x, y)
+    else:
+        z = z - shift(2, x, y)
+        y = y - shift(1, x, z)
+        x = x - shift(0, y, z)
+    return torch.stack([x, y, z], dim=-1)
+
+
+def _cell_centres(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The centres of a grid of cells/voxels ``shape`` (X, Y, Z) in [-1, 1] units, (X, Y, Z, 3) in
+    (X, Y, Z) order (``grid_sample``'s ``align_corners=False`` convention)."""
+    axes = [(torch.arange(n, dtype=dtype) * 2 + 1) / n - 1 for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
 
 
 @dataclass
 class VolumeViewBatch:
-    """One 3-D step's network input and what is needed to undo v2's flips/rotations.
+    """One 3-D step's network input and what is needed to align v2 onto v1.
 
     ``images`` (5B, C, S, S, S), normalised: [img1_v1, img2_v1, img1_v2, img2_v2, img3] (B each).
     ``flips`` (2B, 3) bool: v2 flipped along X, Y, Z; ``rot_k`` (2B,): k*90 degrees in the axial
-    plane, both of [img1_v2, img2_v2]. ``mix_w`` (B,) the mixup weights.
+    plane, both of [img1_v2, img2_v2]. ``mix_w`` (B,) the mixup weights. With exact alignment
+    (``VolumeAugmentConfig.exact_align``): ``lin`` (4B, 3, 3) the small affine part of the four
+    views' maps and ``elastic`` (4B, 3, n, 4) their elastic coefficients (None without elastic
+    warps), both float64, in the order of ``images``.
     """
 
     images: torch.Tensor
@@ -305,10 +382,45 @@ class VolumeViewBatch:
     rot_k: torch.Tensor
     mix_w: torch.Tensor
     batch_size: int = field(default=0)
+    lin: torch.Tensor | None = None
+    elastic: torch.Tensor | None = None
+
+    @property
+    def exact_align(self) -> bool:
+        """Whether ``align_v2`` resamples through the views' whole maps (else it only permutes)."""
+        return self.lin is not None
+
+    def v2_coordinates(self, shape: Sequence[int]) -> torch.Tensor:
+        """Where the centres of a grid ``shape`` (X, Y, Z) of v1's cells lie in v2 (before v2's flips
+        and turns), in [-1, 1] units: (2B, X, Y, Z, 3) float64, (X, Y, Z) order.
+
+        ``q = E2^-1(L2^-1 L1 E1(p))``: v1's map (elastic E1, then affine L1, then the source's flips
+        and turn and the crop, which both views of an item share) followed by the exact inverse of
+        v2's. A point with some ``|q| > 1`` lies outside v2's field of view."""
+        if self.lin is None:
+            raise ValueError("this batch records no warps (exact_align was off)")
+        n = self.rot_k.shape[0]
+        p = _cell_centres(shape, torch.float64).reshape(-1, 3)
+        out = []
+        for i in range(n):
+            e1 = self.elastic[i] if self.elastic is not None else None
+            e2 = self.elastic[n + i] if self.elastic is not None else None
+            q = elastic_warp(p, e1) if e1 is not None else p
+            q = q @ torch.linalg.solve(self.lin[n + i], self.lin[i]).T
+            out.append(elastic_warp(q, e2, inverse=True) if e2 is not None else q)
+        return torch.stack(out).reshape(n, *shape, 3)
 
     def align_v2(self, x: torch.Tensor) -> torch.Tensor:
-        """``align_to_v1_3d`` with this batch's recorded transforms."""
-        return align_to_v1_3d(x, self.flips, self.rot_k)
+        """A spatial map (2B, C, X, Y, Z) of [img1_v2, img2_v2] (e.g. the grid of sub-cubes) in v1's
+        frame: v2's flips and turns undone exactly (``align_to_v1_3d``), then, with exact alignment,
+        trilinear resampling at ``v2_coordinates`` (border padding: a v1 point outside v2 takes the
+        value of v2's nearest cell)."""
+        y = align_to_v1_3d(x, self.flips, self.rot_k)
+        if self.lin is None:
+            return y
+        q = self.v2_coordinates(tuple(y.shape[-3:]))
+        grid = q.flip(-1).to(device=y.device, dtype=y.dtype)  # grid_sample orders coordinates (Z, Y, X)
+        return F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _apply_v2_3d(x: torch.Tensor, flips: Sequence[bool], k: int) -> torch.Tensor:
@@ -356,13 +468,41 @@ def _sample_source_3d(g: torch.Generator, cfg: VolumeAugmentConfig) -> torch.Ten
     return torch.diag(torch.tensor(flips, dtype=torch.float64)) @ rot
 
 
-def _sample_view_3d(g: torch.Generator, cfg: VolumeAugmentConfig) -> tuple[torch.Tensor, list[float]]:
+def _sample_warp_3d(g: torch.Generator, cfg: VolumeAugmentConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A view's scale and shear (3x3 K @ H) and elastic coefficients (3, n, 4) or None; nothing is
+    drawn for a part that is off (so that no warps leaves the generator where it was)."""
+    m = torch.eye(3, dtype=torch.float64)
+    if cfg.view_shear > 0:
+        u = torch.rand(6, generator=g, dtype=torch.float64)
+        off = [(i, j) for i in range(3) for j in range(3) if i != j]
+        for (i, j), v in zip(off, u.tolist()):
+            m[i, j] = cfg.view_shear * (2 * v - 1)
+    if cfg.view_scale > 0:
+        u = torch.rand(3, generator=g, dtype=torch.float64)
+        m = torch.diag(1 + cfg.view_scale * (2 * u - 1)) @ m
+    coef = None
+    if cfg.elastic > 0:
+        u = torch.rand(3, ELASTIC_TERMS, 4, generator=g, dtype=torch.float64)
+        # the amplitudes of a function add up to at most cfg.elastic: |a|, |b|, |c| <= elastic
+        amp = cfg.elastic * (2 * u[..., 0] - 1) / ELASTIC_TERMS
+        freq = ELASTIC_FREQ * (2 * u[..., 1:3] - 1)
+        coef = torch.cat([amp[..., None], freq, 2 * math.pi * u[..., 3:]], dim=-1)
+    return m, coef
+
+
+def _sample_view_3d(g: torch.Generator, cfg: VolumeAugmentConfig):
+    """A view's small affine map (rotations @ scale @ shear, 3x3), elastic coefficients (or None) and
+    intensity parameters."""
     m = torch.eye(3, dtype=torch.float64)
     for axis in range(3):
         m = _axis_rotation(axis, math.radians(_u(g, -cfg.view_rotation, cfg.view_rotation))) @ m
     b = _u(g, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
     c = _u(g, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
-    return m, [b, c]
+    coef = None
+    if cfg.view_scale > 0 or cfg.view_shear > 0 or cfg.elastic > 0:
+        kh, coef = _sample_warp_3d(g, cfg)
+        m = m @ kh
+    return m, coef, [b, c]
 
 
 def _intensity_3d(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -373,38 +513,59 @@ def _intensity_3d(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     return ((x - m) * p[:, 1] + m).clamp(0, 1)
 
 
+def view_margin(size: int, cfg: VolumeAugmentConfig) -> int:
+    """Voxels added on each side of a view's patch so that its warped map never samples outside.
+
+    Output voxel centres lie within r = S/2 - 1/2 voxels of the centre (max norm); the elastic
+    steps move each coordinate by at most A = elastic * S/2 voxels (each step moves one coordinate,
+    by at most the sum of its amplitudes); the affine part L = rotations @ scale @ shear grows the
+    max norm by at most its max row sum, rho = (1 + theta)^3 (1 + s) (1 + 2h) (cos + sin <= 1 + theta
+    per rotation); the flips and quarter turns keep it. So the reach beyond the patch is at most
+    (r + A) rho - r; one voxel more covers the trilinear support. Without scale, shear and elastic
+    this is the rotation-only margin used before warps existed, ceil(sqrt(3) S/2 * 3 theta) + 1.
+    """
+    theta, s, h = math.radians(cfg.view_rotation), cfg.view_scale, cfg.view_shear
+    if theta == 0 and s == 0 and h == 0 and cfg.elastic == 0:
+        return 0
+    if s == 0 and h == 0 and cfg.elastic == 0:  # the rotation-only margin, unchanged
+        return math.ceil(math.sqrt(3) * size / 2 * 3 * theta) + 1
+    rho = (1 + theta) ** 3 * (1 + s) * (1 + 2 * h)
+    a = cfg.elastic * size / 2
+    return math.ceil((size / 2 + a) * rho - size / 2) + 1
+
+
 class VolumeViewGenerator:
     """Makes the 5B network inputs of one 3-D LD step from B pairs of source patches.
 
     ``__call__(img1, img2, generators)``: img1, img2 (B, C, R, R, R) in [0, 1] (R = ``read_size``,
-    the patch edge ``size`` plus a margin on each side that keeps the small view rotations inside
+    the patch edge ``size`` plus ``view_margin`` on each side, which keeps the warped views inside
     the data; other edges are resampled to the same central field), and one ``torch.Generator``
-    per item. Returns a ``VolumeViewBatch`` of (5B, C, size, size, size) views.
+    per item. Returns a ``VolumeViewBatch`` of (5B, C, size, size, size) views. ``config`` defaults
+    to ``VolumeAugmentConfig.recipe()``.
     """
 
     def __init__(self, size: int, config: VolumeAugmentConfig | None = None) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an int >= 16, got {size!r}")
         self.size = size
-        self.cfg = config or VolumeAugmentConfig()
-        # a corner of the cube moves by at most |r| * 3 * angle under the three small rotations
-        reach = math.sqrt(3) * size / 2 * 3 * math.radians(self.cfg.view_rotation)
-        self.margin = math.ceil(reach) + 1 if self.cfg.view_rotation > 0 else 0
+        self.cfg = config if config is not None else VolumeAugmentConfig.recipe()
+        self.cfg.check()
+        self.margin = view_margin(size, self.cfg)
         self.read_size = size + 2 * self.margin
 
     def _draw(self, generators: Sequence[torch.Generator]):
-        """Per item: the four views' 3x3 maps and intensities, v2's flips and rotations, the mixup weight."""
+        """Per view (order of ``images``): the source map F, the small affine L, the elastic
+        coefficients and the intensities; per v2: flips and turns; per item: the mixup weight."""
         cfg, b = self.cfg, len(generators)
-        mats = [[None] * b for _ in range(4)]  # order: img1_v1, img2_v1, img1_v2, img2_v2
-        inten = [[None] * b for _ in range(4)]
+        src_m, lin, coefs, inten = ([[None] * b for _ in range(4)] for _ in range(4))
         flips, rk, mw = [], [], []
         for i, g in enumerate(generators):
             src = [_sample_source_3d(g, cfg), _sample_source_3d(g, cfg)]
             for view in range(2):
-                for j in range(2):
-                    vm, it = _sample_view_3d(g, cfg)
-                    mats[2 * view + j][i] = src[j] @ vm
-                    inten[2 * view + j][i] = it
+                for j in range(2):  # both views of an image share its source map
+                    k = 2 * view + j
+                    src_m[k][i] = src[j]
+                    lin[k][i], coefs[k][i], inten[k][i] = _sample_view_3d(g, cfg)
             for _ in range(2):  # v2 extras of img1_v2 and img2_v2
                 flips.append(
                     [cfg.v2_flip_p > 0 and float(torch.rand((), generator=g)) < cfg.v2_flip_p for _ in range(3)]
@@ -413,7 +574,26 @@ class VolumeViewGenerator:
             mw.append(_u(g, *cfg.mix_range))
         flips = torch.tensor(flips[0::2] + flips[1::2], dtype=torch.bool)
         rk = torch.tensor(rk[0::2] + rk[1::2])
-        return [m for grp in mats for m in grp], [p for grp in inten for p in grp], flips, rk, mw
+        flat = lambda grp: [m for row in grp for m in row]  # noqa: E731
+        return flat(src_m), flat(lin), flat(coefs), flat(inten), flips, rk, mw
+
+    def _grid(self, mats, coefs, shape, dev, dt) -> torch.Tensor:
+        """The sampling grid of every view, (4B, S, S, S, 3): ``scale @ F @ L @ E(p)`` at the output
+        voxel centres p (one ``affine_grid`` when there is no elastic part)."""
+        s, n = self.size, len(mats)
+        # the central size^3 of the source, in its [-1, 1] coordinates (per axis X, Y, Z)
+        scale = torch.diag(torch.tensor([s / r for r in shape], dtype=torch.float64))
+        if coefs[0] is None:
+            rev = torch.eye(3, dtype=torch.float64).flip(0)  # affine_grid orders coordinates (Z, Y, X)
+            theta = torch.stack([rev @ scale @ m @ rev for m in mats])
+            theta = torch.cat([theta, torch.zeros(n, 3, 1, dtype=torch.float64)], dim=2).to(device=dev, dtype=dt)
+            return F.affine_grid(theta, [n, 1, s, s, s], align_corners=False)
+        p = _cell_centres((s, s, s), dt).to(dev)
+        grids = []
+        for m, coef in zip(mats, coefs):
+            q = elastic_warp(p, coef.to(dev)) @ (scale @ m).to(device=dev, dtype=dt).T
+            grids.append(q.flip(-1))
+        return torch.stack(grids)
 
     def __call__(
         self, img1: torch.Tensor, img2: torch.Tensor, generators: Sequence[torch.Generator]
@@ -425,15 +605,10 @@ class VolumeViewGenerator:
         b, c = img1.shape[:2]
         if len(generators) != b:
             raise ValueError(f"need one generator per item: {b} items, {len(generators)} generators")
-        mats, inten, flips, rk, mw = self._draw(generators)
+        src_m, lin, coefs, inten, flips, rk, mw = self._draw(generators)
         dev, dt = img1.device, img1.dtype
-        # the central size^3 of the source, in its [-1, 1] coordinates (per axis X, Y, Z)
-        scale = torch.diag(torch.tensor([self.size / n for n in img1.shape[2:]], dtype=torch.float64))
-        rev = torch.eye(3, dtype=torch.float64).flip(0)  # affine_grid orders coordinates (Z, Y, X)
-        theta = torch.stack([rev @ scale @ m @ rev for m in mats])
-        theta = torch.cat([theta, torch.zeros(4 * b, 3, 1, dtype=torch.float64)], dim=2).to(device=dev, dtype=dt)
+        grid = self._grid([f @ m for f, m in zip(src_m, lin)], coefs, img1.shape[2:], dev, dt)
         src = torch.cat([img1, img2, img1, img2]).to(dt)
-        grid = F.affine_grid(theta, [4 * b, c, self.size, self.size, self.size], align_corners=False)
         views = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         views = _intensity_3d(views, torch.tensor(inten, dtype=torch.float64))
         v2 = views[2 * b :]
@@ -442,4 +617,13 @@ class VolumeViewGenerator:
         wv = w.view(-1, 1, 1, 1, 1)
         mix = wv * views[:b] + (1 - wv) * views[b : 2 * b]
         images = normalize_intensity(torch.cat([views[: 2 * b], v2, mix]))
-        return VolumeViewBatch(images=images, flips=flips, rot_k=rk, mix_w=w, batch_size=b)
+        exact = self.cfg.exact_align
+        return VolumeViewBatch(
+            images=images,
+            flips=flips,
+            rot_k=rk,
+            mix_w=w,
+            batch_size=b,
+            lin=torch.stack(lin) if exact else None,
+            elastic=torch.stack(coefs) if exact and coefs[0] is not None else None,
+        )

@@ -6,7 +6,7 @@ same global loss. The gather's backward sums the incoming gradients over process
 the local slice, which makes the whole job one autograd graph whose objective is
 ``world_size x loss``; ``average_gradients`` then divides by the world size, so the update equals
 the single-process update on the concatenated batch. Batch-norm statistics are made global with
-``GlobalBatchNorm2d`` (CPU; torch's SyncBatchNorm only supports accelerators) or torch's
+``GlobalBatchNorm2d`` / ``GlobalBatchNorm3d`` (CPU; torch's SyncBatchNorm only supports accelerators) or torch's
 ``SyncBatchNorm`` on CUDA.
 """
 
@@ -36,6 +36,7 @@ __all__ = [
     "average_gradients",
     "broadcast_module",
     "GlobalBatchNorm2d",
+    "GlobalBatchNorm3d",
     "convert_batchnorm",
     "barrier",
     "cleanup",
@@ -230,24 +231,22 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the batch of every process (works on CPU).
+class _GlobalBatchNorm:
+    """The cross-process statistics shared by ``GlobalBatchNorm2d`` and ``GlobalBatchNorm3d``."""
 
-    Each process contributes (count, sum, centred sum of squares) per channel; they are
-    all-gathered with gradients and combined with the parallel-variance formula. Identical to
-    ``nn.BatchNorm2d`` when not distributed. Parameter and buffer names are those of
-    ``nn.BatchNorm2d``, so state dicts are interchangeable.
-    """
+    _spatial = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4D input, got {x.dim()}D")
+        if x.dim() != 2 + self._spatial:
+            raise ValueError(f"expected a {2 + self._spatial}D input, got {x.dim()}D")
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        n = xf.shape[0] * xf.shape[2] * xf.shape[3]
-        mean_l = xf.mean(dim=(0, 2, 3))
-        m2_l = ((xf - mean_l.view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+        dims = (0, *range(2, xf.dim()))
+        shape = (1, -1) + (1,) * self._spatial
+        n = xf.numel() // xf.shape[1]
+        mean_l = xf.mean(dim=dims)
+        m2_l = ((xf - mean_l.view(shape)) ** 2).sum(dim=dims)
         cnt = torch.full_like(mean_l, float(n))
         stats = all_gather_with_grad(torch.stack([cnt, mean_l, m2_l])[None], dim=0)  # (W, 3, C)
         counts, means, m2s = stats[:, 0], stats[:, 1], stats[:, 2]
@@ -262,26 +261,45 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 unbiased = m2 / (total - 1).clamp_min(1)
                 self.running_mean.mul_(1 - mom).add_(mean.detach().to(self.running_mean.dtype), alpha=mom)
                 self.running_var.mul_(1 - mom).add_(unbiased.detach().to(self.running_var.dtype), alpha=mom)
-        y = (xf - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
 
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batch of every process (works on CPU).
+
+    Each process contributes (count, sum, centred sum of squares) per channel; they are
+    all-gathered with gradients and combined with the parallel-variance formula. Identical to
+    ``nn.BatchNorm2d`` when not distributed. Parameter and buffer names are those of
+    ``nn.BatchNorm2d``, so state dicts are interchangeable.
+    """
+
+    _spatial = 2
+
+
+class GlobalBatchNorm3d(_GlobalBatchNorm, nn.BatchNorm3d):
+    """``GlobalBatchNorm2d`` for volumes (N, C, X, Y, Z): the 3-D network's batch norm on CPU."""
+
+    _spatial = 3
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """Replace every BatchNorm2d by a cross-process version (SyncBatchNorm on CUDA, else GlobalBatchNorm2d)."""
+    """Replace every BatchNorm2d/3d by a cross-process version (SyncBatchNorm on CUDA, else
+    GlobalBatchNorm2d/3d)."""
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert_cpu(module)
 
 
 def _convert_cpu(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
+    kinds = ((nn.BatchNorm2d, GlobalBatchNorm2d), (nn.BatchNorm3d, GlobalBatchNorm3d))
+    cls = next((g for b, g in kinds if isinstance(module, b) and not isinstance(module, _GlobalBatchNorm)), None)
+    if cls is not None:
         ref = module.weight if module.affine else module.running_mean
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        new = GlobalBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kw
-        )
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, **kw)
         with torch.no_grad():
             if module.affine:
                 new.weight.copy_(module.weight)

@@ -12,7 +12,8 @@
 * ``loss`` = pd + mix (+ ``W_RD`` rd + ``W_ENT`` ent).
 
 Volumes (a ``VolumeViewBatch``, outputs (5B, D, X, Y, Z)): the same terms on a G x G x G grid of
-sub-cubes, view 2 realigned in 3-D; region discrimination runs through the same fused ops, which
+sub-cubes, view 2 realigned in 3-D (through both views' whole maps with exact alignment, the
+interpolated cells normalised again); region discrimination runs through the same fused ops, which
 take one to three spatial dims.
 
 These are the modules of ``ld_ext.losses`` a user would put in their own training loop; with
@@ -105,6 +106,8 @@ class LDObjective(nn.Module):
         f = unit(pool(normalize_embeddings(compute_dtype(z)), self.grid), dim=1)  # (5B, D, G, G[, G])
         d = f.shape[1]
         f_v2 = views.align_v2(f[2 * b : 4 * b])
+        if isinstance(views, VolumeViewBatch) and views.exact_align:  # interpolated cells: unit again
+            f_v2 = unit(f_v2, dim=1)
         w = views.mix_w.to(f.dtype).view(-1, *([1] * (f.dim() - 1)))
         target = unit(w * f[:b] + (1 - w) * f[b : 2 * b], dim=1).detach()
 

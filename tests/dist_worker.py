@@ -4,6 +4,9 @@ tightly. Not a test module itself.
 
 usage: python dist_worker.py DATA OUT CACHE BATCH [--stop-rank R --stop-step S] [--timeout SECONDS]
        [--kill-stage S --kill-epoch E --kill-step K] [--checkpoint-every N] [--resume] [--dtype float32]
+       [--dims 3]
+
+--dims 3: DATA is a folder of volumes, 16^3 patches (tests/test_distributed_3d.py).
 
 --stop-*: the rank SIGSTOPs itself after that step; --kill-*: the process SIGKILLs itself after
 that step (stage 1/2, epoch from 0, step counted from 1 within the epoch).
@@ -37,13 +40,14 @@ def main() -> int:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--dtype", default="float64")
+    p.add_argument("--dims", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(1)
     from ld_ext import train
 
     rank = int(os.environ.get("RANK", "0"))
     cfg = train.TrainConfig(
-        data=[a.data], out=a.out, cache=a.cache, size=32, emb_dim=8, n_clusters=4, widths=(8, 8, 16, 16, 16),
+        data=[a.data], out=a.out, cache=a.cache, size=32 if a.dims == 2 else 16, dims=a.dims, emb_dim=8, n_clusters=4, widths=(8, 8, 16, 16, 16),
         batch_size=a.batch, epochs1=a.epochs, epochs2=a.epochs, steps_per_epoch=a.steps, lr_step=1, val_images=0, progress=False,
         lr=a.lr, seed=5, device="cpu", workers=0, loader_workers=1, dist_timeout=a.timeout, dtype=a.dtype,
         checkpoint_every=a.checkpoint_every, resume=a.resume,

@@ -96,7 +96,7 @@ def summary_lines(cfg: TrainConfig, dataset) -> list[str]:
         lines.append(f"data: skipped {len(skipped)} file(s); first: {skipped[0][0]} ({str(skipped[0][1])[:80]})")
     small = sum(1 for s in shapes if min(s) < cfg.size)
     note = f"; {small} volume(s) smaller than {cfg.size} along an axis (zeros around them)" if small else ""
-    edge = f" (read as {read_size}^3 for the small view rotations)" if read_size and read_size != cfg.size else ""
+    edge = f" (read as {read_size}^3 for the small view warps)" if read_size and read_size != cfg.size else ""
     lines.append(f"data: training on random {cfg.size}x{cfg.size}x{cfg.size} patches{edge}{note}")
     return lines
 
