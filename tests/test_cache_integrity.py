@@ -295,3 +295,225 @@ def test_open_or_build_cache_and_a_multi_process_start_do_not_wait_forever(tmp_p
         with pytest.raises(data.CacheLockTimeout, match="no progress for 0.7 s"):
             train.pretrain(cfg)
     assert train.TrainConfig().cache_lock_timeout == data.DEFAULT_LOCK_TIMEOUT_S
+
+
+# ----------------------------------------------------------------------------- every refusal, word for word
+
+
+def _reseal(root):
+    """meta.json sealed again over the index and checksums as they are now (an edit made to look consistent)."""
+    meta = json.loads((root / "meta.json").read_text())
+    meta["seal"] = cache_mod.cache_seal(meta, (root / "index.json").read_bytes(), (root / f"{_stem(root)}.crc32").read_bytes())
+    (root / "meta.json").write_text(json.dumps(meta))
+
+
+def _stem(root):
+    """"volumes" in a volume cache's folder, "images" in an image cache's (their files' names)."""
+    return "volumes" if root.name.startswith("ld_ext-volumes-") else "images"
+
+
+def _both_caches(tmp_path):
+    """An image cache of 6 images and a volume cache of 2 volumes: kind -> (root, opener, n, data file)."""
+    _folder(tmp_path / "d")
+    img = _build(tmp_path).root
+    (tmp_path / "v").mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        np.save(tmp_path / "v" / f"vol{i}.npy", rng.random((5, 6, 4 + i)).astype(np.float32))
+    vol = data.open_or_build_volume_cache(tmp_path / "v", cache=tmp_path / "vc").root
+    return {"image": (img, data.CachedImageDataset, 6), "volume": (vol, data.VolumePatchDataset, 2)}
+
+
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    obj = edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _cut(path, nbytes):
+    with open(path, "r+b") as fh:
+        fh.truncate(nbytes)
+
+
+def _set(key, value):
+    def edit(d):
+        d[key] = value
+        return d
+
+    return edit
+
+
+def _drop(key):
+    def edit(d):
+        del d[key]
+        return d
+
+    return edit
+
+
+def _index_one_short(root, kind):
+    listed = "volumes" if kind == "volume" else "items"  # what the index lists, one entry per image/volume
+    _edit_json(root / "index.json", lambda d: {**d, listed: d[listed][1:]})
+
+
+NOFILE = "[Errno 2] No such file or directory: '{root}/{file}'"
+SEAL = "{what} {root}: meta.json, index.json and {stem}.crc32 do not match the seal written when it was built (edited or damaged since)"
+REFUSALS = {  # damage: (how, image cache's error, volume cache's error)
+    "meta missing": (
+        lambda r, k: (r / "meta.json").unlink(),
+        "not an ld_ext image cache (no readable meta.json): {root} (" + NOFILE.format(root="{root}", file="meta.json") + ")",
+        "not an ld_ext volume cache (no readable meta.json): {root} (" + NOFILE.format(root="{root}", file="meta.json") + ")",
+    ),
+    "meta a list": (
+        lambda r, k: (r / "meta.json").write_text("[1, 2]"),
+        "image cache {root}: meta.json holds a list, not a dict",
+        "not an ld_ext volume cache (meta.json does not say kind 'volumes'): {root}",
+    ),
+    "meta of another version": (
+        lambda r, k: _edit_json(r / "meta.json", _set("version", 99)),
+        "image cache {root} has version 99, expected 2",
+        "volume cache {root} has version 99, expected 1",
+    ),
+    "meta without its seal": (
+        lambda r, k: _edit_json(r / "meta.json", _drop("seal")),
+        "image cache {root}: meta.json is malformed ('seal')",
+        "volume cache {root}: meta.json is malformed ('seal')",
+    ),
+    "meta n a string": (
+        lambda r, k: _edit_json(r / "meta.json", _set("n", "6")),
+        "image cache {root}: meta.json is malformed (n must be an int >= 0, got '6')",
+        "volume cache {root}: meta.json is malformed (n must be an int >= 0, got '6')",
+    ),
+    "index missing": (
+        lambda r, k: (r / "index.json").unlink(),
+        "image cache {root}: index.json cannot be read (" + NOFILE.format(root="{root}", file="index.json") + ")",
+        "volume cache {root}: index.json or volumes.crc32 cannot be read ("
+        + NOFILE.format(root="{root}", file="index.json") + ")",
+    ),
+    "checksums missing": (
+        lambda r, k: (r / f"{_stem(r)}.crc32").unlink(),
+        "image cache {root}: images.crc32 cannot be read (" + NOFILE.format(root="{root}", file="images.crc32") + ")",
+        "volume cache {root}: index.json or volumes.crc32 cannot be read ("
+        + NOFILE.format(root="{root}", file="volumes.crc32") + ")",
+    ),
+    "index a list": (
+        lambda r, k: (r / "index.json").write_text("[]"),
+        "image cache {root}: index.json holds a list, not a dict",
+        SEAL,
+    ),
+    "index a list, resealed": (
+        lambda r, k: ((r / "index.json").write_text("[]"), _reseal(r)),
+        "image cache {root}: index.json holds a list, not a dict",
+        "volume cache {root}: index.json does not list the 2 volumes of the meta",
+    ),
+    "index one short": (
+        _index_one_short,
+        "image cache {root}: meta.json says 6 images, index.json lists 5; delete {root} to rebuild it",
+        SEAL,
+    ),
+    "index one short, resealed": (
+        lambda r, k: (_index_one_short(r, k), _reseal(r)),
+        "image cache {root}: meta.json says 6 images, index.json lists 5; delete {root} to rebuild it",
+        "volume cache {root}: index.json does not list the 2 volumes of the meta",
+    ),
+    "checksums cut": (
+        lambda r, k: _cut(r / f"{_stem(r)}.crc32", 4),
+        "image cache {root}: images.crc32 has 4 bytes, expected 24",
+        SEAL,
+    ),
+    "checksums cut, resealed": (
+        lambda r, k: (_cut(r / f"{_stem(r)}.crc32", 4), _reseal(r)),
+        "image cache {root}: images.crc32 has 4 bytes, expected 24",
+        "volume cache {root}: volumes.crc32 has 4 bytes, expected 8",
+    ),
+    "data cut": (
+        lambda r, k: _cut(r / f"{_stem(r)}.f32", 7),
+        "image cache {root}/images.f32 has 7 bytes, expected " + str(6 * S * S * 4) + "; delete {root} to rebuild it",
+        "volume cache {root}/volumes.f32 has 7 bytes, expected " + str(4 * 5 * 6 * 9) + "; delete {root} to rebuild it",
+    ),
+    "marked damaged": (
+        lambda r, k: (r / "DAMAGED").write_text("image 3 failed\n"),
+        "image cache {root} was marked damaged during a run: image 3 failed",
+        "volume cache {root} was marked damaged during a run: image 3 failed",
+    ),
+    "data overwritten": (
+        lambda r, k: _overwrite(r / f"{_stem(r)}.f32", 0.5),
+        "image cache file {root}/images.f32: image 0 does not match the checksum written when the cache was built "
+        "(changed or damaged since)",
+        "volume cache file {root}/volumes.f32: volume 0 ({names[0]}) does not match the checksum written when the "
+        "cache was built (changed or damaged since)",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(REFUSALS))
+@pytest.mark.parametrize("kind", ["image", "volume"])
+def test_each_damage_is_refused_with_its_own_words(tmp_path, kind, damage):
+    """The exact error of every damage at open, for the image cache and the volume cache (which share
+    the mechanics of meta, index, seal and checksums but word some refusals differently)."""
+    root, opener, n = _both_caches(tmp_path)[kind]
+    names = opener(root).names if kind == "volume" else []
+    how, *words = REFUSALS[damage]
+    how(root, kind)
+    what = f"{kind} cache"
+    want = words[kind == "volume"].format(root=root, what=what, stem=_stem(root), names=names)
+    with pytest.raises(ValueError) as e:
+        opener(root)
+    assert str(e.value) == want
+
+
+@pytest.mark.parametrize("kind", ["image", "volume"])
+def test_a_damage_found_during_a_run_and_a_changed_source_list_are_worded_as_before(tmp_path, kind, caplog):
+    root, opener, n = _both_caches(tmp_path)[kind]
+    ds = opener(root)
+    ds._verified[:] = False  # as if nothing had been checked at open
+    f32 = root / f"{_stem(root)}.f32"
+    good = f32.read_bytes()
+    _overwrite(f32, 0.5)
+    with pytest.raises(data.CacheIntegrityError) as e:
+        ds.read([0]) if kind == "image" else ds.read_patch(0, (0, 0, 0), (1, 1, 1))
+    label = "image 0" if kind == "image" else f"volume 0 ({ds.names[0]})"
+    assert str(e.value) == (
+        f"{kind} cache file {root}/{_stem(root)}.f32: {label} does not match the checksum written when the cache was "
+        "built (changed or damaged since); the cache is marked damaged and the next run rebuilds it"
+    )
+    assert (root / "DAMAGED").read_text().startswith(f"{label.split(' (')[0]} does not match its checksum (")
+    # a cache sealed over another list of source files: rebuilt with a warning that says so
+    (root / "DAMAGED").unlink()
+    f32.write_bytes(good)
+    _edit_json(root / "index.json", lambda d: {**d, "files": d["files"][1:]})
+    _reseal(root)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ld_ext"):
+        if kind == "image":
+            again = _build(tmp_path)
+        else:
+            again = data.open_or_build_volume_cache(tmp_path / "v", cache=tmp_path / "vc")
+    first = tmp_path / ("d/img0.png" if kind == "image" else "v/vol0.npy")
+    detail = (
+        f"it lists 5 source file(s), the data folder holds 6; first that differs: {first}"
+        if kind == "image"
+        else "it lists 1 source file(s), the data holds 2 (or others)"
+    )
+    assert [r.getMessage() for r in caplog.records] == [f"the {kind} cache {root} is damaged and is rebuilt: {detail}"]
+    assert again.root == root and len(again) == n
+
+
+def test_cache_keys_and_folder_names_are_those_of_the_caches_already_on_disk():
+    """The fingerprint and the folder name of a fixed file list, as every earlier build computed them:
+    a change here would leave every existing cache unused (each data set silently built again)."""
+    from pathlib import Path
+
+    from ld_ext.data import volume_cache as vc_mod
+    from ld_ext.data.readers import FileScan
+    from ld_ext.data.volumes import VolumeScan
+
+    files = FileScan([Path("scans/a.png"), Path("scans/b ü.dcm")], [100, 2048], [1_700_000_000_000_000_001, 5], [],
+                     [7, 8], [11, 12])
+    key = cache_mod._cache_key(files, data.Preprocessing(32))
+    assert key == "09a1bf9feba7cf1e7557bdc880ad03de23643286833bd7d110715bab8f2798c0"
+    assert cache_mod._folder_name(key, files) == "ld_ext-cache-581ba13a0052ae81305740bf"
+    volumes = VolumeScan([Path("scans/a.png"), Path("scans/b ü.dcm")], [[0], [1]], files)
+    key = vc_mod._cache_key(volumes, data.check_volume_settings((1.5, 1.5, 2.0), (-1000, 400), (0.5, 99.5)))
+    assert key == "bb5d7da59e6477e9e99d4cac5d35d0722b28ff9c2582bd296960e11ca2452b51"
+    assert vc_mod._folder_name(key, volumes) == "ld_ext-volumes-7a1ece56e5486b9df1e9f7fe"

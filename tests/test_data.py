@@ -11,6 +11,8 @@ from PIL import Image
 from ld_ext import data
 from ld_ext.augment import AugmentConfig, LDViewGenerator, NORM_MEAN, NORM_STD, _apply_v2, align_to_v1, item_generator
 
+from helpers_dicom import write_dicom
+
 S = 32
 
 
@@ -91,33 +93,11 @@ def test_images_smaller_than_the_crop_are_upsampled_with_a_warning(tmp_path):
     assert ds.images.shape == (1, 1, S, S) and ds.n_upsampled == 1
 
 
-def _write_dicom(path, arr, photometric, slope=None, intercept=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 def test_dicom_monochrome1_is_inverted(tmp_path):
     pytest.importorskip("pydicom")
     arr = _ramp(48, 48, hi=4000)  # square: no padding, so inversion is exact everywhere
-    _write_dicom(tmp_path / "m2.dcm", arr, "MONOCHROME2")
-    _write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1")
+    write_dicom(tmp_path / "m2.dcm", arr, photometric="MONOCHROME2")
+    write_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1")
     ds = data.ImageFolderDataset(tmp_path, size=S, progress=False)
     m1 = ds.images[[n.endswith("m1.dcm") for n in ds.names].index(True)]
     m2 = ds.images[[n.endswith("m2.dcm") for n in ds.names].index(True)]
@@ -312,7 +292,7 @@ def test_npy_and_dicom_modality_lut_through_the_one_reader(tmp_path):
         data.load_arrays(tmp_path / "v.npy")
     pytest.importorskip("pydicom")
     arr = _ramp(32, 32, hi=1000)
-    _write_dicom(tmp_path / "r.dcm", arr, "MONOCHROME2", slope=2.0, intercept=-100.0)
+    write_dicom(tmp_path / "r.dcm", arr, photometric="MONOCHROME2", slope=2.0, intercept=-100.0)
     (d,) = data.read_dicom(tmp_path / "r.dcm")
     np.testing.assert_allclose(d, 2.0 * np.floor(arr) - 100.0)
     np.testing.assert_allclose(common.load_image(tmp_path / "r.dcm"), d)  # the downstream commands read DICOM too

@@ -3,9 +3,7 @@ reading per step, ``pretrain`` with ``dims=3`` (3-D checkpoints, stage 3 skipped
 SIGKILL), the 2-D/3-D resume mismatch and the --dims flags."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -29,9 +27,20 @@ from ld_ext.bench import synthetic_images
 from ld_ext.checkpoint import load_checkpoint, load_model
 from ld_ext.data import ImageFolderDataset
 from ld_ext.models import LDNet
-from ld_ext.objective import LOSS_IMPLS, LDObjective
+from ld_ext.objective import LDObjective
 
-SMALL = (8, 8, 16, 16, 16)
+from helpers_train import (
+    SMALL,
+    assert_killed_run_resumed_equals_full,
+    assert_loss_impls_agree,
+    assert_resume_mid_epoch_is_exact,
+    child_env,
+    parse_pretrain_args,
+    pretrain_refusal,
+    read_metrics,
+    small_config,
+)
+
 S = 16  # patch edge (the network's minimum)
 EXACT = VolumeAugmentConfig(view_rotation=0.0, brightness=0.0, contrast=0.0)
 
@@ -150,19 +159,8 @@ def test_3d_objective_fused_and_reference_agree(stage):
     g = VolumeViewGenerator(S)
     src = torch.rand(4, 1, g.read_size, g.read_size, g.read_size, dtype=torch.float64)
     vb = g(src[:2], src[2:], [item_generator(5, i) for i in range(2)])
-    out = {}
-    for impl in LOSS_IMPLS:
-        net.zero_grad()
-        z, s = net(vb.images)
-        losses = LDObjective(impl, grid=2)(z, s, vb)
-        losses["loss"].backward()
-        out[impl] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in net.parameters()])
-    (lf, gf), (lr, gr) = out["fused"], out["reference"]
-    assert set(lf) == ({"loss", "pd", "mix", "rd", "ent"} if stage == 2 else {"loss", "pd", "mix"})
-    for k in lf:
-        assert lf[k] == pytest.approx(lr[k], rel=1e-9), k
-    for a, b in zip(gf, gr):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    assert_loss_impls_agree(net, vb, grid=2, stage=stage)
+    z, _ = net(vb.images)
     with pytest.raises(ValueError, match="must have 5 dims for a VolumeViewBatch"):
         LDObjective(grid=2)(z[..., 0], None, vb)
 
@@ -216,14 +214,7 @@ def test_patches_from_the_volume_cache_equal_with_a_loader_worker(tmp_path):
 
 
 def _cfg(out, **kw):
-    base = dict(out=str(out), dims=3, size=S, emb_dim=8, n_clusters=4, widths=SMALL, batch_size=2, epochs1=1,
-                epochs2=2, steps_per_epoch=2, lr_step=1, val_images=2, progress=False, seed=3, device="cpu")
-    base.update(kw)
-    return train.TrainConfig(**base)
-
-
-def _strip(records):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait_s")} for r in records]
+    return small_config(out, **{"dims": 3, "size": S, **kw})
 
 
 def test_3d_pretrain_writes_3d_checkpoints_and_skips_stage3(tmp_path, caplog):
@@ -251,24 +242,7 @@ def test_3d_resume_from_the_middle_of_an_epoch_is_exact(tmp_path):
     """Ctrl-C inside stage 2 after a step checkpoint, then --resume: bitwise equal to an uninterrupted
     3-D run, metrics included (patch corners and views are keyed by the step, not drawn in order)."""
     ds = MemVolumes(_volumes(3), fingerprint="f")
-    kw = dict(epochs1=1, epochs2=2, steps_per_epoch=3, checkpoint_every=1)
-    full = train.pretrain(_cfg(tmp_path / "full", **kw), dataset=ds)
-    out = tmp_path / "cut"
-
-    def stop(info):
-        if (info["stage"], info["epoch"], info["step"]) == (2, 1, 2):
-            assert info["checkpointed"]
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.pretrain(_cfg(out, **kw), dataset=ds, on_step_end=stop)
-    ck = load_checkpoint(out / "checkpoint.pt")
-    assert (ck["stage"], ck["epoch"], ck["step"]) == (2, 1, 2)
-    resumed = train.pretrain(_cfg(out, resume=True, **kw), dataset=ds)
-    assert _strip(resumed["records"]) == _strip(full["records"])
-    ref = full["final_model"].state_dict()
-    for k, v in resumed["final_model"].state_dict().items():
-        assert torch.equal(v, ref[k]), k
+    assert_resume_mid_epoch_is_exact(_cfg, ds, tmp_path, epochs1=1, epochs2=2, steps_per_epoch=3, checkpoint_every=1)
 
 
 def _nifti_folder(root, n=3, seed=0):
@@ -307,9 +281,7 @@ def test_3d_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
     uninterrupted run."""
     _nifti_folder(tmp_path / "nifti")
     (tmp_path / "child.py").write_text(_CHILD)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + ((":" + env["PYTHONPATH"]) if env.get("PYTHONPATH") else "")
+    env = child_env()
 
     def run(out, mode):
         args = [sys.executable, "child.py", str(Path(__file__).parent), str(tmp_path / out), mode]
@@ -321,12 +293,7 @@ def test_3d_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
         if mode == "kill":
             ck = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
             assert (ck["stage"], ck["epoch"], ck["step"]) == (2, 1, 2)
-    a = torch.load(tmp_path / "full" / "final_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "final_state.pt", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ra = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert _strip(rb) == _strip(ra)
+    assert_killed_run_resumed_equals_full(tmp_path / "full", tmp_path / "cut", read_metrics(tmp_path / "full"))
 
 
 def test_resume_across_dims_is_one_clear_error(tmp_path):
@@ -381,20 +348,12 @@ def test_dims_3_needs_a_volume_data_set(tmp_path):
 # ----------------------------------------------------------------------------------------- flags
 
 
-def _parse(*argv):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    return train.config_from_args(parser.parse_args(["--data", "x", "--out", "o", *argv]))
-
-
 def test_dims_flags_and_their_defaults():
-    cfg = _parse()
+    cfg = parse_pretrain_args()
     assert (cfg.dims, cfg.size, cfg.grid, cfg.spacing, cfg.window) == (2, 128, 8, None, None)
-    cfg = _parse("--dims", "3")
+    cfg = parse_pretrain_args("--dims", "3")
     assert (cfg.dims, cfg.size, cfg.grid) == (3, 64, 4)
-    cfg = _parse("--dims", "3", "--size", "32", "--spacing", "1", "1", "2.5", "--window", "-1000", "400")
+    cfg = parse_pretrain_args("--dims", "3", "--size", "32", "--spacing", "1", "1", "2.5", "--window", "-1000", "400")
     assert (cfg.size, cfg.spacing, cfg.window, cfg.percentiles) == (32, (1.0, 1.0, 2.5), (-1000.0, 400.0), (0.5, 99.5))
     assert cfg.to_dict()["spacing"] == [1.0, 1.0, 2.5]
 
@@ -418,9 +377,4 @@ def test_help_shows_the_3d_defaults(capsys):
     (["--dims", "3", "--channels", "3"], "--channels must be 1 with --dims 3 (volumes have one channel)"),
 ])
 def test_bad_volume_flags_name_the_flag(tmp_path, capsys, argv, words):
-    from ld_ext.cli import main
-
-    out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(tmp_path), "--out", str(out), "--no-progress", *argv]) == 2
-    assert capsys.readouterr().err.startswith(f"ld-ext: error: {words}")
-    assert not out.exists()
+    assert pretrain_refusal(tmp_path, capsys, argv).startswith(f"ld-ext: error: {words}")

@@ -16,7 +16,20 @@ from ld_ext.bench import make_training_step, synthetic_images
 from ld_ext.models import LDNet
 from ld_ext.objective import LOSS_IMPLS, LDObjective
 
-SMALL = (8, 8, 16, 16, 16)
+from helpers_train import (
+    SMALL,
+    assert_killed_run_resumed_equals_full,
+    assert_loss_impls_agree,
+    assert_resume_mid_epoch_is_exact,
+    assert_same_weights,
+    child_env,
+    parse_pretrain_args,
+    pretrain_refusal,
+    read_metrics,
+    small_config,
+    strip_timing,
+)
+
 S = 32
 
 
@@ -29,20 +42,7 @@ def _views(b=2, dtype=torch.float64):
 def test_fused_and_reference_losses_agree(stage):
     torch.manual_seed(0)
     net = LDNet(1, 8, 4 if stage == 2 else None, SMALL).double()
-    vb = _views()
-    out = {}
-    for impl in LOSS_IMPLS:
-        net.zero_grad()
-        z, s = net(vb.images)
-        losses = LDObjective(impl, grid=4)(z, s, vb)
-        losses["loss"].backward()
-        out[impl] = ({k: float(v.detach()) for k, v in losses.items()}, [p.grad.clone() for p in net.parameters()])
-    (lf, gf), (lr, gr) = out["fused"], out["reference"]
-    assert set(lf) == ({"loss", "pd", "mix", "rd", "ent"} if stage == 2 else {"loss", "pd", "mix"})
-    for k in lf:
-        assert lf[k] == pytest.approx(lr[k], rel=1e-9), k
-    for a, b in zip(gf, gr):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    lf = assert_loss_impls_agree(net, _views(), grid=4, stage=stage)
     total = lf["pd"] + lf["mix"] + (10 * lf["rd"] + 0.1 * lf["ent"] if stage == 2 else 0.0)
     assert lf["loss"] == pytest.approx(total, rel=1e-12)
 
@@ -78,14 +78,9 @@ def test_config_rejects_bad_temperatures(name, value):
 
 
 def test_temperature_flags_map_to_the_config_with_the_published_defaults():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    cfg = train.config_from_args(parser.parse_args(["--data", "x", "--out", "o"]))
+    cfg = parse_pretrain_args()
     assert (cfg.rd_temperature, cfg.pd_temperature) == (0.2, 0.1)  # docs/method.md sections 3 and 5
-    cfg = train.config_from_args(parser.parse_args(["--data", "x", "--out", "o", "--rd-temperature", "0.3",
-                                                    "--pd-temperature", "0.05"]))
+    cfg = parse_pretrain_args("--rd-temperature", "0.3", "--pd-temperature", "0.05")
     assert (cfg.rd_temperature, cfg.pd_temperature) == (0.3, 0.05)
 
 
@@ -100,14 +95,7 @@ def test_criterion_rejects_bad_arguments():
 
 
 def _cfg(out, **kw):
-    base = dict(out=str(out), size=S, emb_dim=8, n_clusters=4, widths=SMALL, batch_size=2, epochs1=1, epochs2=2,
-                steps_per_epoch=2, lr_step=1, val_images=2, progress=False, seed=3, device="cpu")
-    base.update(kw)
-    return train.TrainConfig(**base)
-
-
-def _strip(records):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "data_wait_s")} for r in records]
+    return small_config(out, **{"size": S, **kw})
 
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monkeypatch):
@@ -145,13 +133,9 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, monke
     assert (ck["stage"], ck["epoch"]) == (2, 1)  # the last complete epoch, intact
 
     resumed = train.pretrain(_cfg(out, resume=True), dataset=ds)
-    got = resumed["final_model"].state_dict()
-    assert got.keys() == ref_state.keys()
-    for k in ref_state:
-        assert torch.equal(got[k], ref_state[k]), k
-    assert _strip(resumed["records"]) == _strip(full["records"])
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert _strip([json.loads(x) for x in lines]) == _strip(full["records"])
+    assert_same_weights(resumed["final_model"].state_dict(), ref_state)
+    assert strip_timing(resumed["records"]) == strip_timing(full["records"])
+    assert strip_timing(read_metrics(out)) == strip_timing(full["records"])
     final = load_model(out / "model.pt")
     assert final.n_clusters == 4
     for k, v in final.state_dict().items():
@@ -467,7 +451,7 @@ def test_streaming_from_the_cache_equals_the_in_memory_path(tmp_path, loader_wor
     a, b = streamed["final_model"].state_dict(), in_memory["final_model"].state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _strip(streamed["records"]) == _strip(in_memory["records"])
+    assert strip_timing(streamed["records"]) == strip_timing(in_memory["records"])
     # pretrain(cfg) with cfg.data builds the same cache (under OUT/cache by default) and streams from it
     via_cfg = train.pretrain(_cfg(tmp_path / "c", epochs2=1, data=cfg.data, loader_workers=loader_workers))
     assert via_cfg["streaming"] and via_cfg["n_images"] == 10
@@ -483,23 +467,9 @@ def test_resume_from_the_middle_of_an_epoch_is_exact(tmp_path):
 
     data = [str(_folder(tmp_path / "data"))]
     cache = open_or_build_cache(data, _cfg(tmp_path).preprocessing(), tmp_path / "cache", workers=0, progress=False)
-    kw = dict(epochs1=1, epochs2=2, steps_per_epoch=3, checkpoint_every=1)
-    full = train.pretrain(_cfg(tmp_path / "full", **kw), dataset=cache)
-    out = tmp_path / "cut"
-
-    def stop(info):
-        if (info["stage"], info["epoch"], info["step"]) == (2, 1, 2):
-            assert info["checkpointed"]
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.pretrain(_cfg(out, **kw), dataset=cache, on_step_end=stop)
-    ck = load_checkpoint(out / "checkpoint.pt")
-    assert (ck["stage"], ck["epoch"], ck["step"]) == (2, 1, 2) and set(ck["sums"]) >= {"loss", "rd"}
-    resumed = train.pretrain(_cfg(out, resume=True, **kw), dataset=cache)
-    assert _strip(resumed["records"]) == _strip(full["records"])
-    for k, v in full["final_model"].state_dict().items():
-        assert torch.equal(resumed["final_model"].state_dict()[k], v), k
+    ck = assert_resume_mid_epoch_is_exact(_cfg, cache, tmp_path, epochs1=1, epochs2=2, steps_per_epoch=3,
+                                          checkpoint_every=1)
+    assert set(ck["sums"]) >= {"loss", "rd"}
     with pytest.raises(ValueError, match="checkpoint_every"):
         train.pretrain(_cfg(tmp_path / "bad", checkpoint_every=-1), dataset=cache)
 
@@ -513,9 +483,7 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
 
     worker = Path(__file__).with_name("dist_worker.py")
     data = str(_folder(tmp_path / "data"))
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + ((":" + env["PYTHONPATH"]) if env.get("PYTHONPATH") else "")
+    env = child_env()
     common = [data, None, str(tmp_path / "cache"), "2", "--epochs", "2", "--steps", "3", "--dtype", "float32",
               "--checkpoint-every", "1"]
 
@@ -533,14 +501,8 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
     assert (ck["stage"], ck["epoch"], ck["step"]) == (2, 1, 2)
     resumed = run("cut", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "full" / "final_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "final_state.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ra = json.loads((tmp_path / "full" / "summary.json").read_text())["records"]
-    rb = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert _strip(rb) == _strip(ra)
+    full_records = json.loads((tmp_path / "full" / "summary.json").read_text())["records"]
+    assert_killed_run_resumed_equals_full(tmp_path / "full", tmp_path / "cut", full_records)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -550,9 +512,4 @@ def test_resume_after_sigkill_mid_epoch_is_bitwise_equal(tmp_path):
     (["--rd-temperature", "0"], "--rd-temperature must be a positive number, got 0.0"),
 ])
 def test_pretrain_bad_value_error_names_the_flag(tmp_path, capsys, argv, words):
-    from ld_ext.cli import main
-
-    out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(tmp_path), "--out", str(out), "--no-progress", *argv]) == 2
-    assert capsys.readouterr().err == f"ld-ext: error: {words}\n"
-    assert not out.exists()
+    assert pretrain_refusal(tmp_path, capsys, argv) == f"ld-ext: error: {words}\n"

@@ -22,6 +22,8 @@ from ld_ext import data
 from ld_ext.data import cachelock
 from ld_ext.data import volume_cache as vc_mod
 
+from helpers_dicom import write_dicom
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -92,27 +94,9 @@ def test_nifti_4d_with_one_volume_is_read_and_with_several_refused(tmp_path):
 
 
 def _write_slice(path, pixels, *, iop, ipp, spacing, series, instance, slope=2.0, intercept=-1024.0):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID, ds.InstanceNumber = series, instance
-    ds.ImageOrientationPatient = [float(v) for v in iop]
-    ds.ImagePositionPatient = [float(v) for v in ipp]
-    ds.PixelSpacing = [float(v) for v in spacing]
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.save_as(str(path), enforce_file_format=True)
+    write_dicom(path, pixels, sop_class="CTImageStorage", slope=slope, intercept=intercept, Modality="CT",
+                SeriesInstanceUID=series, InstanceNumber=instance, ImageOrientationPatient=[float(v) for v in iop],
+                ImagePositionPatient=[float(v) for v in ipp], PixelSpacing=[float(v) for v in spacing])
 
 
 # (row direction, column direction), first position, step between slices (mm, LPS)

@@ -1,17 +1,18 @@
 """The on-disk cache of 3-D volumes: every volume read once (``read_volume``: RAS+, resampled,
 normalised), stored as float32 (X, Y, Z) back to back in one file, and read by patch.
 
-The same design as the image cache (``ld_ext.data.cache``): the folder is named by the settings and
-every source file's path, size, mtime, ctime and inode (a DICOM series counts each of its slices);
-each volume has a CRC-32 (``volumes.crc32``) and ``meta.json`` a seal (SHA-256 of itself, the
-index and the checksums, ``cache_seal``); volumes are checked at open (all of them up to 256 MiB,
-an even sample within that budget beyond, at least one) and every other volume on its first read
-in each process, by reading its bytes in 4 MiB pieces; a cache that fails at open is rebuilt with
-a warning, a volume that fails during training stops the run with ``CacheIntegrityError`` and
-marks the cache (``DAMAGED``) for the next run to rebuild. The build holds the cache's lock
-(``CacheLock``: holder info, waiters give up when it shows no progress for ``lock_timeout``), fills
-a temporary folder that is renamed into place when complete, and decodes one volume at a time;
-volumes that cannot be read are skipped with a warning.
+The same design as the image cache, through the same code (``ld_ext.data.cache.CacheFormat``, here
+``VOLUME_CACHE``): the folder is named by the settings and every source file's path, size, mtime,
+ctime and inode (a DICOM series counts each of its slices); each volume has a CRC-32
+(``volumes.crc32``) and ``meta.json`` a seal (SHA-256 of itself, the index and the checksums,
+``cache_seal``); volumes are checked at open (all of them up to 256 MiB, an even sample within that
+budget beyond, at least one) and every other volume on its first read in each process, by reading
+its bytes in 4 MiB pieces; a cache that fails at open is rebuilt with a warning, a volume that fails
+during training stops the run with ``CacheIntegrityError`` and marks the cache (``DAMAGED``) for the
+next run to rebuild. The build holds the cache's lock (``CacheLock``: holder info, waiters give up
+when it shows no progress for ``lock_timeout``), fills a temporary folder that is renamed into place
+when complete, and decodes one volume at a time; volumes that cannot be read are skipped with a
+warning.
 
 ``VolumePatchDataset.read_patch`` reads only the bytes of the patch (one ``os.pread`` per X-plane of
 the patch, covering its rows of Z values), so a training step never holds a whole volume.
@@ -19,9 +20,7 @@ the patch, covering its rows of Z values), so a training step never holds a whol
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_directory
-from .cache import CacheIntegrityError, cache_seal, mark_damaged, refuse_if_marked_damaged
-from .cachelock import DEFAULT_LOCK_TIMEOUT_S, CacheLock, check_timeout
+from .cache import CacheFormat, PerProcessFile, even_sample, nonneg_int, synced_file
+from .cachelock import DEFAULT_LOCK_TIMEOUT_S, check_timeout
 from .preprocess import file_progress_bar
 from .readers import MissingReaderError, as_path_list, warn_not_regular
 from .volumes import VolumeScan, check_volume_settings, read_volume, scan_volume_files
@@ -46,7 +45,6 @@ from .volumes import VolumeScan, check_volume_settings, read_volume, scan_volume
 __all__ = ["VolumePatchDataset", "open_or_build_volume_cache", "VOLUME_CACHE_VERSION"]
 
 VOLUME_CACHE_VERSION = 1
-logger = logging.getLogger("ld_ext.data")
 
 _VOLUMES_FILE = "volumes.f32"
 _META_FILE = "meta.json"
@@ -56,39 +54,22 @@ _VERIFY_AT_OPEN_BYTES = 256 * 2**20  # volumes checked at open: up to this many 
 _CHUNK_BYTES = 4 * 2**20  # a volume is checked in pieces of this size, never held whole
 
 
+VOLUME_CACHE = CacheFormat(
+    "volume cache", "volume", _VOLUMES_FILE, _CRC_FILE, VOLUME_CACHE_VERSION, "ld_ext-volumes", kind="volumes"
+)
+
+
 def _cache_key(scan: VolumeScan, settings: dict) -> str:
-    """The data set's fingerprint: settings, and every source file's path, size and mtime."""
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"version": VOLUME_CACHE_VERSION, "kind": "volumes", "settings": settings, "dtype": "float32"},
-            sort_keys=True,
-        ).encode()
-    )
-    f = scan.files
-    for p, s, m in zip(f.files, f.sizes, f.mtimes):
-        h.update(f"\n{p}\0{s}\0{m}".encode("utf-8", "surrogateescape"))
-    for members in scan.members:  # how files group into volumes
-        h.update(f"\n{members}".encode())
-    return h.hexdigest()
+    """The data set's fingerprint: settings, every source file's path, size and mtime, and how the
+    files group into volumes."""
+    return VOLUME_CACHE.cache_key(settings, scan.files, groups=scan.members)
 
 
 def _folder_name(key: str, scan: VolumeScan) -> str:
-    """The key plus each file's ctime and inode (a file replaced by one of the same size and mtime
-    has a new ctime: a new cache)."""
-    h = hashlib.sha256(key.encode())
-    for c, i in zip(scan.files.ctimes, scan.files.inodes):
-        h.update(f"\n{c}\0{i}".encode())
-    return f"ld_ext-volumes-{h.hexdigest()[:24]}"
+    return VOLUME_CACHE.folder_name(key, scan.files)
 
 
-def _nonneg_int(v, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{what} must be an int >= 0, got {v!r}")
-    return v
-
-
-class VolumePatchDataset:
+class VolumePatchDataset(PerProcessFile):
     """A volume cache on disk: ``volumes.f32`` (the volumes' float32 (X, Y, Z) arrays, C order, back
     to back), ``index.json`` (source files; each volume's path, shape, spacing, affine and byte
     offset), ``volumes.crc32`` and ``meta.json`` (settings, counts, seal).
@@ -107,25 +88,17 @@ class VolumePatchDataset:
             raise ValueError(f"verify must be 'auto' or 'full', got {verify!r}")
         self.root = Path(root)
         self._path = self.root / _VOLUMES_FILE
-        self.meta = _read_meta(self.root)
-        try:
-            self.n = _nonneg_int(self.meta["n"], "n")
+        self.meta = VOLUME_CACHE.read_meta(self.root)
+        with VOLUME_CACHE.fields_of(self.root, _META_FILE):
+            self.n = nonneg_int(self.meta["n"], "n")
             self.fingerprint = str(self.meta["key"])
             seal = str(self.meta["seal"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"volume cache {self.root}: {_META_FILE} is malformed ({exc})") from None
-        self._fd: int | None = None
-        self._pid: int | None = None
         index, crc_bytes = self._read_index_and_checksums(seal)
         self._crc = np.frombuffer(crc_bytes, "<u4")
         files = index.get("files")
         self._sources = [list(f) for f in files] if isinstance(files, list) else []
         self._parse_volumes(index)
-        actual = self._path.stat().st_size if self._path.exists() else -1
-        if actual != self._end:
-            raise ValueError(
-                f"volume cache {self._path} has {actual} bytes, expected {self._end}; delete {self.root} to rebuild it"
-            )
+        VOLUME_CACHE.check_data_size(self.root, self._end)
         self._verified = np.zeros(self.n, np.bool_)
         self._verify_at_open(verify)
 
@@ -136,16 +109,11 @@ class VolumePatchDataset:
             crc_bytes = (self.root / _CRC_FILE).read_bytes()
         except (OSError, ValueError) as exc:
             raise ValueError(f"volume cache {self.root}: {_INDEX_FILE} or {_CRC_FILE} cannot be read ({exc})") from None
-        if cache_seal(self.meta, index_bytes, crc_bytes) != seal:
-            raise ValueError(
-                f"volume cache {self.root}: {_META_FILE}, {_INDEX_FILE} and {_CRC_FILE} do not match the seal "
-                "written when it was built (edited or damaged since)"
-            )
+        VOLUME_CACHE.check_seal(self.root, self.meta, seal, index_bytes, crc_bytes)
         listed = index.get("volumes") if isinstance(index, dict) else None
         if not isinstance(listed, list) or len(listed) != self.n:
             raise ValueError(f"volume cache {self.root}: {_INDEX_FILE} does not list the {self.n} volumes of the meta")
-        if len(crc_bytes) != 4 * self.n:
-            raise ValueError(f"volume cache {self.root}: {_CRC_FILE} has {len(crc_bytes)} bytes, expected {4 * self.n}")
+        VOLUME_CACHE.check_checksum_count(self.root, crc_bytes, self.n)
         return index, crc_bytes
 
     def _parse_volumes(self, index: dict) -> None:
@@ -157,10 +125,10 @@ class VolumePatchDataset:
         self.names: list[str] = []
         self._offsets: list[int] = []
         end = 0
-        try:
+        with VOLUME_CACHE.fields_of(self.root, _INDEX_FILE):
             for v in index["volumes"]:
-                shape = tuple(_nonneg_int(s, "shape") for s in v["shape"])
-                if len(shape) != 3 or _nonneg_int(v["offset"], "offset") != end:
+                shape = tuple(nonneg_int(s, "shape") for s in v["shape"])
+                if len(shape) != 3 or nonneg_int(v["offset"], "offset") != end:
                     raise ValueError(f"{v['path']}: shape {shape} at offset {v['offset']}, expected 3-D at {end}")
                 self.shapes.append(shape)
                 self.spacings.append(tuple(float(s) for s in v["spacing"]))
@@ -168,8 +136,6 @@ class VolumePatchDataset:
                 self.names.append(str(v["path"]))
                 self._offsets.append(end)
                 end += 4 * math.prod(shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"volume cache {self.root}: {_INDEX_FILE} is malformed ({exc})") from None
         self._end = end
         self.skipped = [tuple(s) for s in index.get("skipped", [])]
 
@@ -182,7 +148,7 @@ class VolumePatchDataset:
             todo = list(range(self.n))
         else:  # evenly spread volumes, as many as the budget allows (at least one)
             todo, spent = [], 0
-            for i in np.unique(np.linspace(0, self.n - 1, min(self.n, 64)).round().astype(np.int64)).tolist():
+            for i in even_sample(self.n, 64).tolist():
                 if todo and spent + self._nbytes(i) > _VERIFY_AT_OPEN_BYTES:
                     continue
                 todo.append(i)
@@ -201,37 +167,11 @@ class VolumePatchDataset:
                 crc = zlib.crc32(buf, crc)
                 del buf  # freed before the next piece is read: one piece in memory at a time
         if crc != int(self._crc[i]):
-            msg = (
-                f"volume cache file {self._path}: volume {i} ({self.names[i]}) does not match the checksum written "
-                "when the cache was built (changed or damaged since)"
-            )
-            if at_open:  # open_or_build_volume_cache rebuilds it now
-                raise CacheIntegrityError(msg)
-            marked = mark_damaged(self.root, f"volume {i} does not match its checksum")
-            then = "the cache is marked damaged and the next run rebuilds it" if marked else f"delete {self.root}"
-            raise CacheIntegrityError(f"{msg}; {then}")
+            raise VOLUME_CACHE.checksum_error(self.root, i, at_open, detail=f" ({self.names[i]})")
         self._verified[i] = True
 
     def _short_read(self, i: int) -> OSError:
         return OSError(f"short read from {self._path} in volume {i}: the cache was truncated, delete {self.root}")
-
-    def _descriptor(self) -> int:  # one per process (DataLoader workers are forked or spawned)
-        if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(str(self._path), os.O_RDONLY)
-            self._pid = os.getpid()
-        return self._fd
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_fd"] = d["_pid"] = None
-        return d
-
-    def __del__(self):
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
 
     def __len__(self) -> int:
         return self.n
@@ -295,20 +235,6 @@ def _triple(v, name: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in t)
 
 
-def _read_meta(root: Path) -> dict:
-    """meta.json of the volume cache in ``root``: a dict of this cache version, not marked damaged."""
-    refuse_if_marked_damaged(root, "volume cache")
-    try:
-        meta = json.loads((root / _META_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"not an ld_ext volume cache (no readable {_META_FILE}): {root} ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "volumes":
-        raise ValueError(f"not an ld_ext volume cache ({_META_FILE} does not say kind 'volumes'): {root}")
-    if meta.get("version") != VOLUME_CACHE_VERSION:
-        raise ValueError(f"volume cache {root} has version {meta.get('version')!r}, expected {VOLUME_CACHE_VERSION}")
-    return meta
-
-
 # ----------------------------------------------------------------------------- open or build
 
 
@@ -353,21 +279,17 @@ def _open_or_build(paths, cache_dir: Path, settings: dict, lock_timeout: float, 
     key = _cache_key(scan, settings)
     root = cache_dir / _folder_name(key, scan)
     ds = _open_intact(root, scan)
-    if ds is None:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"cache folder cannot be created: {cache_dir} ({exc})") from exc
-        with CacheLock(cache_dir / f".{root.name}.lock", lock_timeout, log) as lock:
-            ds = _open_intact(root, scan, quiet=True)  # built by another process meanwhile?
-            if ds is None:
-                for stale in cache_dir.glob(f".{root.name}.tmp-*"):  # left by a killed build
-                    shutil.rmtree(stale, ignore_errors=True)
-                if root.exists():  # damaged (said above): rebuilt from the source files
-                    shutil.rmtree(root)
-                _build(scan, settings, key, root, paths, progress, log, lock)
-                ds = VolumePatchDataset(root)
-    return ds
+    if ds is not None:
+        return ds
+    return VOLUME_CACHE.build_under_lock(
+        cache_dir,
+        root,
+        lock_timeout,
+        log,
+        open_intact=lambda: _open_intact(root, scan, quiet=True),
+        build=lambda lock: _build(scan, settings, key, root, paths, progress, log, lock),
+        open_cache=VolumePatchDataset,
+    )
 
 
 def _remove_temporary(folder: Path, pid: int) -> None:
@@ -378,18 +300,13 @@ def _remove_temporary(folder: Path, pid: int) -> None:
 def _open_intact(root: Path, scan: VolumeScan, quiet: bool = False) -> VolumePatchDataset | None:
     """The cache in ``root`` when complete, consistent and made from the files of ``scan``; None when
     there is none or it is damaged (a warning unless ``quiet``, so that the rebuild is not silent)."""
-    if not root.exists():
-        return None
-    try:
-        ds = VolumePatchDataset(root)
+
+    def made_from_the_scanned_files(ds: VolumePatchDataset) -> None:
         current = [[str(f), *scan.files.identity(i)] for i, f in enumerate(scan.files.files)]
         if ds.sources() != current:
             raise ValueError(f"it lists {len(ds.sources())} source file(s), the data holds {len(current)} (or others)")
-        return ds
-    except ValueError as exc:  # CacheIntegrityError included
-        if not quiet:
-            logger.warning("the volume cache %s is damaged and is rebuilt: %s", root, exc)
-        return None
+
+    return VOLUME_CACHE.open_intact(root, VolumePatchDataset, made_from_the_scanned_files, quiet)
 
 
 def _build(scan: VolumeScan, settings: dict, key: str, root: Path, paths, progress: bool, log, lock) -> None:
@@ -404,7 +321,7 @@ def _build(scan: VolumeScan, settings: dict, key: str, root: Path, paths, progre
         if log is not None:
             log(f"building the volume cache {root} from {len(scan.paths)} volume(s)")
         lock.beat("building the volume cache", 0, len(scan.paths), force=True)
-        with open(tmp / _VOLUMES_FILE, "wb") as fh:
+        with synced_file(tmp / _VOLUMES_FILE) as fh:
             for vi, vpath in enumerate(file_progress_bar(scan.paths, len(scan.paths), "caching volumes", progress)):
                 try:
                     vol = read_volume(vpath, **settings)
@@ -418,8 +335,6 @@ def _build(scan: VolumeScan, settings: dict, key: str, root: Path, paths, progre
                 offset += vol.array.nbytes
                 del vol  # one decoded volume at a time
                 lock.beat("building the volume cache", vi + 1, len(scan.paths))
-            fh.flush()
-            os.fsync(fh.fileno())
         _warn_skipped(skipped, len(scan.skipped), len(scan.paths))
         if not volumes:
             if missing is not None:
@@ -457,10 +372,6 @@ def _write_index_and_meta(tmp: Path, scan: VolumeScan, settings, key, paths, vol
         "volumes": volumes,
         "skipped": skipped,
     }
-    index_bytes = json.dumps(index).encode()
-    crc_bytes = np.asarray(crcs, "<u4").tobytes()
-    (tmp / _INDEX_FILE).write_bytes(index_bytes)
-    (tmp / _CRC_FILE).write_bytes(crc_bytes)
     meta = {
         "version": VOLUME_CACHE_VERSION,
         "kind": "volumes",
@@ -476,5 +387,4 @@ def _write_index_and_meta(tmp: Path, scan: VolumeScan, settings, key, paths, vol
         "n_skipped": len(skipped),
         "build_seconds": round(time.time() - t0, 3),
     }
-    meta["seal"] = cache_seal(meta, index_bytes, crc_bytes)
-    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+    VOLUME_CACHE.write_index_and_meta(tmp, index, crcs, meta)
