@@ -29,9 +29,9 @@ in [-0.03, 0.03]) and a smooth elastic warp with a closed-form inverse (``elasti
 brightness/contrast changes (0.2); v2 is additionally flipped along each axis and rotated by k*90
 degrees in the axial plane. ``VolumeViewBatch.align_v2`` maps v2's patch grid onto v1's through
 v1's map and the exact inverse of v2's. One trilinear ``grid_sample`` per view; the margin
-(``view_margin``) keeps every warped view inside the data. ``VolumeAugmentConfig()`` has the warps
-off (the generator before warps existed: only v2's flips and turns are undone);
-``VolumeAugmentConfig.recipe()`` is the default.
+(``view_margin``) keeps every warped view inside the data. ``VolumeAugmentConfig()`` is the recipe
+with the warps on; ``VolumeAugmentConfig.unwarped()`` turns them off (the generator before warps
+existed: only v2's flips and turns are undone).
 """
 
 from __future__ import annotations
@@ -288,10 +288,10 @@ ELASTIC_FREQ = 1.0  # their largest frequency per axis: at most one period acros
 class VolumeAugmentConfig:
     """Augmentation ranges of 3-D views (our choices, docs/method.md section 10).
 
-    The warp fields (``view_scale``, ``view_shear``, ``elastic``, ``exact_align``) default to off,
-    which is the view generator as it was before warps existed; ``VolumeAugmentConfig.recipe()``
-    is the default recipe with them on (what ``VolumeViewGenerator(size)`` and ``ld-ext pretrain
-    --dims 3`` use).
+    The defaults are the recipe of ``ld-ext pretrain --dims 3``, small warps and exact alignment
+    included (scale +-5 %, shear +-0.03, elastic 0.03 of S/2); ``VolumeAugmentConfig.unwarped()``
+    switches the warp fields (``view_scale``, ``view_shear``, ``elastic``, ``exact_align``) off,
+    which is the view generator as it was before warps existed.
     """
 
     src_flip: bool = True  # flip each axis of the source, p = 0.5 each
@@ -302,16 +302,21 @@ class VolumeAugmentConfig:
     v2_flip_p: float = 0.5
     v2_rot90: bool = True
     mix_range: tuple[float, float] = (0.2, 0.8)
-    view_scale: float = 0.0  # per view and axis, a scale factor in [1 - s, 1 + s]
-    view_shear: float = 0.0  # per view, each of the six off-diagonal entries in [-h, h]
-    elastic: float = 0.0  # per view, the largest displacement of each elastic shear step (fraction of S/2)
-    exact_align: bool = False  # align v2 onto v1 through both views' whole maps (else: v2's flips and turns)
+    view_scale: float = 0.05  # per view and axis, a scale factor in [1 - s, 1 + s]
+    view_shear: float = 0.03  # per view, each of the six off-diagonal entries in [-h, h]
+    elastic: float = 0.03  # per view, the largest displacement of each elastic shear step (fraction of S/2)
+    exact_align: bool = True  # align v2 onto v1 through both views' whole maps (else: v2's flips and turns)
 
     @classmethod
     def recipe(cls, **changes) -> "VolumeAugmentConfig":
-        """The default 3-D recipe: the fields' defaults plus small warps and exact alignment
-        (scale +-5 %, shear +-0.03, elastic 0.03 of S/2), with ``changes`` applied."""
-        base = dict(view_scale=0.05, view_shear=0.03, elastic=0.03, exact_align=True)
+        """The default 3-D recipe (the fields' defaults) with ``changes`` applied."""
+        return cls(**changes)
+
+    @classmethod
+    def unwarped(cls, **changes) -> "VolumeAugmentConfig":
+        """The recipe without the warps and the exact alignment (only v2's flips and turns are undone),
+        with ``changes`` applied."""
+        base = dict(view_scale=0.0, view_shear=0.0, elastic=0.0, exact_align=False)
         base.update(changes)
         return cls(**base)
 
@@ -541,14 +546,14 @@ class VolumeViewGenerator:
     the patch edge ``size`` plus ``view_margin`` on each side, which keeps the warped views inside
     the data; other edges are resampled to the same central field), and one ``torch.Generator``
     per item. Returns a ``VolumeViewBatch`` of (5B, C, size, size, size) views. ``config`` defaults
-    to ``VolumeAugmentConfig.recipe()``.
+    to ``VolumeAugmentConfig()``, the recipe.
     """
 
     def __init__(self, size: int, config: VolumeAugmentConfig | None = None) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an int >= 16, got {size!r}")
         self.size = size
-        self.cfg = config if config is not None else VolumeAugmentConfig.recipe()
+        self.cfg = config if config is not None else VolumeAugmentConfig()
         self.cfg.check()
         self.margin = view_margin(size, self.cfg)
         self.read_size = size + 2 * self.margin

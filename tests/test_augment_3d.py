@@ -128,7 +128,7 @@ def test_v1_cells_outside_v2_are_rare_and_take_the_border_value():
     [
         VolumeAugmentConfig.recipe(**NO_INTENSITY),
         VolumeAugmentConfig.recipe(view_rotation=10.0, view_scale=0.3, view_shear=0.2, elastic=0.2, **NO_INTENSITY),
-        VolumeAugmentConfig(view_rotation=0.0, elastic=0.2, **NO_INTENSITY),
+        VolumeAugmentConfig.unwarped(view_rotation=0.0, elastic=0.2, **NO_INTENSITY),
     ],
     ids=["recipe", "strong", "elastic-only"],
 )
@@ -219,9 +219,9 @@ def _old_views(size, cfg, img1, img2, generators):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_warps_off_is_the_generator_before_warps_bitwise(dtype):
-    """``VolumeAugmentConfig()`` (warps off): same read size, same views bit for bit, same draws,
+    """``VolumeAugmentConfig.unwarped()``: same read size, same views bit for bit, same draws,
     and ``align_v2`` only undoes v2's flips and turns, as before."""
-    cfg = VolumeAugmentConfig()
+    cfg = VolumeAugmentConfig.unwarped()
     g = VolumeViewGenerator(S, cfg)
     old_margin = math.ceil(math.sqrt(3) * S / 2 * 3 * math.radians(cfg.view_rotation)) + 1
     assert g.read_size == S + 2 * old_margin
@@ -234,7 +234,10 @@ def test_warps_off_is_the_generator_before_warps_bitwise(dtype):
     f = torch.rand(6, 3, 4, 4, 4, dtype=dtype)
     assert torch.equal(new.align_v2(f), align_to_v1_3d(f, flips, rk))
     rec = VolumeViewGenerator(S)
-    assert rec.cfg == VolumeAugmentConfig.recipe() and rec.read_size > r
+    assert rec.cfg == VolumeAugmentConfig.recipe() == VolumeAugmentConfig() and rec.read_size > r
+    # the defaults are the recipe: changing one range keeps the warps (a user's config is not silently unwarped)
+    mine = VolumeAugmentConfig(brightness=0.3)
+    assert (mine.view_scale, mine.view_shear, mine.elastic, mine.exact_align) == (0.05, 0.03, 0.03, True)
 
 
 def test_one_draw_per_item_gives_the_same_views():
@@ -259,7 +262,7 @@ def test_config_errors_are_one_line():
         VolumeViewGenerator(S, VolumeAugmentConfig(view_scale=-0.1))
     with pytest.raises(ValueError, match="view_shear"):
         VolumeViewGenerator(S, VolumeAugmentConfig(view_shear=True))
-    vb = VolumeViewGenerator(S, VolumeAugmentConfig())(torch.rand(1, 1, 22, 22, 22), torch.rand(1, 1, 22, 22, 22),
+    vb = VolumeViewGenerator(S, VolumeAugmentConfig.unwarped())(torch.rand(1, 1, 22, 22, 22), torch.rand(1, 1, 22, 22, 22),
                                                         [item_generator(0)])
     with pytest.raises(ValueError, match="records no warps"):
         vb.v2_coordinates((4, 4, 4))

@@ -42,7 +42,7 @@ from helpers_train import (
 )
 
 S = 16  # patch edge (the network's minimum)
-EXACT = VolumeAugmentConfig(view_rotation=0.0, brightness=0.0, contrast=0.0)
+EXACT = VolumeAugmentConfig.unwarped(view_rotation=0.0, brightness=0.0, contrast=0.0)
 
 
 class MemVolumes:
@@ -108,7 +108,7 @@ def test_view2_realigned_onto_view1_exactly():
 def test_source_rotations_stay_in_the_axial_plane():
     """A volume that varies only along Z is unchanged by the axial quarter turns (and by the
     X and Y flips): the rotations act on (X, Y), never on Z."""
-    cfg = VolumeAugmentConfig(view_rotation=0.0, brightness=0.0, contrast=0.0, v2_flip_p=0.0)
+    cfg = VolumeAugmentConfig.unwarped(view_rotation=0.0, brightness=0.0, contrast=0.0, v2_flip_p=0.0)
     z = torch.linspace(0, 1, S).view(1, 1, 1, 1, S).expand(1, 1, S, S, S).contiguous()
     seen_k = set()
     for seed in range(6):
