@@ -200,6 +200,8 @@ def test_tiny_volume_demo_end_to_end(tmp_path, capsys, grid):
     # the network is 3-D and was pre-trained on the unlabelled copies only, never on the held-out ones
     assert load_model(out / "model.pt").config["spatial_dims"] == 3
     assert load_checkpoint(out / "model.pt")["train_config"]["data"] == [str(out / "volumes" / "train")]
+    # the demo's learning rate (chosen on other warps than the ones it reports on) is the one it trains with
+    assert load_checkpoint(out / "model.pt")["train_config"]["lr"] == volumes3d.LR_3D == res["settings"]["lr"]
     train = sorted((out / "volumes" / "train").iterdir())
     held = sorted((out / "volumes" / "heldout" / "images").iterdir())
     assert len(train) == 2 and len(held) == 4
