@@ -22,11 +22,11 @@ lr 1e-3, batch 5, head on z; head start ``DEFAULT_HEAD_INIT`` for LD init and
 ``DEFAULT_RANDOM_HEAD_INIT`` for random init), ``predict``, Dice at 0.5 pooled over the held-out
 slices. ``--setting`` overrides them: keyword arguments of ``train_segnet`` (``lr``, ``steps``,
 ``freeze_steps``, ``body_lr_factor``, ``head_init`` for the LD-initialised network,
-``random_head_init`` for the random one), ``head`` (for ``build_segnet``) and ``body_bn`` (``"eval"``:
-the body's BatchNorm layers keep their pre-trained / initial statistics while fine-tuning, a
-protocol-only experiment). One torch thread per process; results are written after every run (an
-interrupted run resumes where it stopped; a file made with other shots, size or structures is
-refused).
+``random_head_init`` for the random one), ``head`` (for ``build_segnet``) and ``body_bn`` /
+``random_body_bn`` (``"eval"``: the body's BatchNorm layers of the LD / random network keep their
+pre-trained / initial statistics while fine-tuning, a protocol-only experiment; default ``"train"``
+for both). One torch thread per process; results are written after every run (an interrupted run
+resumes where it stopped; a file made with other shots, size, structures or schedule is refused).
 
 ``drift`` fine-tunes the LD-initialised network from each head start (``zero``, ``probe``) and
 measures how far the body moved: the relative L2 change of its weights and the mean cosine
@@ -76,6 +76,7 @@ def _defaults() -> dict:
         "head_init": seg.DEFAULT_HEAD_INIT,
         "random_head_init": seg.DEFAULT_RANDOM_HEAD_INIT,
         "body_bn": "train",
+        "random_body_bn": "train",
     }
 
 
@@ -96,7 +97,7 @@ def _one_run(checkpoint, cfg: dict, init: str, seed: int, st: dict, imgs, msks, 
     from ld_ext.tasks.segmentation import build_segnet, predict, train_segnet
 
     net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=seed, head=st["head"])
-    if st["body_bn"] == "eval":
+    if st["body_bn" if init == "LD" else "random_body_bn"] == "eval":
         _keep_body_bn_in_eval(net)
     keys = ("steps", "lr", "batch", "body_lr_factor", "freeze_steps")
     head_init = st["head_init"] if init == "LD" else st["random_head_init"]
