@@ -1,19 +1,32 @@
 """Fine-tuning protocol of docs/tasks.md section 1: LD init vs random init, paired by seed.
 
     python protocols/finetune_protocol.py run  --checkpoint CKPT --split dev|eval --seeds 3 \
-        [--first-seed 0] [--inits LD,random] [--setting '{"head_init": "probe"}'] --out RESULT.json
-    python protocols/finetune_protocol.py summary RESULT.json [BASELINE.json]
+        [--first-seed 0] [--inits LD,random] [--shots 5] [--size N] [--structures a,b,c] \
+        [--setting '{"lr": 3e-4}'] --out RESULT.json
+    python protocols/finetune_protocol.py summary RESULT.json[,MORE.json] [BASELINE.json[,MORE.json]]
     python protocols/finetune_protocol.py drift --checkpoint CKPT [--split dev] [--seeds 3] --out DRIFT.json
 
-Data: MNI152 T1 slices at 64 x 64 from ``ld_ext.demos.tasks.probe_data`` (needs nilearn and
-nibabel); structures ventricles, thalamus, striatum (slices with >= 3 mask pixels); development
-slices ``PROBE_DEV_Z`` (odd z) for choosing settings, evaluation slices ``PROBE_EVAL_Z`` (even z)
-for reporting. For each structure half of its slices are held out (``split_indices``, fixed), and
-seed s draws 5 training slices among the rest that contain the structure; the same seed draws the
-same slices, network initialisation and data order for every setting and both inits, so runs are
-compared in pairs. ``--setting`` holds keyword arguments of ``train_segnet`` (e.g. ``lr``,
-``head_init``, ``freeze_steps``) and ``head`` (for ``build_segnet``). One torch thread per process;
-results are written after every run (an interrupted run resumes where it stopped).
+Data: MNI152 T1 slices from ``ld_ext.demos.tasks.probe_data`` (needs nilearn and nibabel) at
+``--size`` (default: the size the checkpoint records as its pre-training size, else 64, the size
+of the first measurements); structures ``--structures`` (default ventricles, thalamus, striatum;
+``corpus_callosum`` is the fourth that ``probe_data`` has), slices with >= 3 mask pixels;
+development slices ``PROBE_DEV_Z`` (odd z) for choosing settings, evaluation slices
+``PROBE_EVAL_Z`` (even z) for reporting. For each structure half of its slices are held out
+(``split_indices``, fixed), and seed s draws ``--shots`` (5) training slices among the rest that
+contain the structure; the same seed draws the same slices, network initialisation and data order
+for every setting and both inits, so runs are compared in pairs.
+
+Each run is what ``ld-ext finetune`` does for one seed and one init: ``build_segnet``,
+``train_segnet`` with the command's defaults (``ld_ext.tasks.segmentation.DEFAULT_*``: 100 steps,
+lr 1e-3, batch 5, head on z; head start ``DEFAULT_HEAD_INIT`` for LD init and
+``DEFAULT_RANDOM_HEAD_INIT`` for random init), ``predict``, Dice at 0.5 pooled over the held-out
+slices. ``--setting`` overrides them: keyword arguments of ``train_segnet`` (``lr``, ``steps``,
+``freeze_steps``, ``body_lr_factor``, ``head_init`` for the LD-initialised network,
+``random_head_init`` for the random one), ``head`` (for ``build_segnet``) and ``body_bn`` /
+``random_body_bn`` (``"eval"``: the body's BatchNorm layers of the LD / random network keep their
+pre-trained / initial statistics while fine-tuning, a protocol-only experiment; default ``"train"``
+for both). One torch thread per process; results are written after every run (an interrupted run
+resumes where it stopped; a file made with other shots, size, structures or schedule is refused).
 
 ``drift`` fine-tunes the LD-initialised network from each head start (``zero``, ``probe``) and
 measures how far the body moved: the relative L2 change of its weights and the mean cosine
@@ -23,6 +36,7 @@ between the embedding z of the held-out images before and after (1 = unchanged f
 LD - random; with a second file, the paired difference of the first file's runs against the
 second's (same init), e.g. a new setting against the default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,16 +50,59 @@ import numpy as np
 STRUCTURES = ("ventricles", "thalamus", "striatum")
 
 
-def _structures(split: str, n_seeds: int):
+def _structures(split: str, n_seeds: int, size: int = 64, shots: int = 5, structures=STRUCTURES):
     """(name, images, bool masks, held-out indices, training indices per seed) per structure."""
     from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
     from ld_ext.tasks.common import split_indices
 
-    data = probe_data(PROBE_DEV_Z if split == "dev" else PROBE_EVAL_Z, 64, structures=STRUCTURES)
+    data = probe_data(PROBE_DEV_Z if split == "dev" else PROBE_EVAL_Z, size, structures=tuple(structures))
     for name, (imgs, msks, _) in data.items():
         msks = msks.astype(bool)
-        test, trains = split_indices(len(imgs), 5, n_seeds, 0.5, msks.reshape(len(msks), -1).any(1))
+        test, trains = split_indices(len(imgs), shots, n_seeds, 0.5, msks.reshape(len(msks), -1).any(1))
         yield name, imgs, msks, test, trains
+
+
+def _defaults() -> dict:
+    """The schedule of ``ld-ext finetune`` without options (``transfer_experiment``'s defaults)."""
+    from ld_ext.tasks import segmentation as seg
+
+    return {
+        "head": seg.DEFAULT_HEAD,
+        "steps": seg.DEFAULT_STEPS,
+        "lr": 1e-3,
+        "batch": 5,
+        "body_lr_factor": seg.DEFAULT_BODY_LR_FACTOR,
+        "freeze_steps": seg.DEFAULT_FREEZE_STEPS,
+        "head_init": seg.DEFAULT_HEAD_INIT,
+        "random_head_init": seg.DEFAULT_RANDOM_HEAD_INIT,
+        "body_bn": "train",
+        "random_body_bn": "train",
+    }
+
+
+def _keep_body_bn_in_eval(net) -> None:
+    """Every BatchNorm layer of the body stays in eval mode (its running statistics, not the batch's,
+    normalise, and they are not updated) whatever ``net.train()`` asks."""
+    import torch
+
+    for m in net.body.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.train = lambda mode=True, m=m: m  # nn.Module.train() of a parent calls this: ignored
+
+
+def _one_run(checkpoint, cfg: dict, init: str, seed: int, st: dict, imgs, msks, test, train) -> float:
+    """Fine-tune the ``init`` network of ``seed`` on the ``train`` slices; held-out pooled Dice."""
+    from ld_ext.tasks import common
+    from ld_ext.tasks.segmentation import build_segnet, predict, train_segnet
+
+    net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=seed, head=st["head"])
+    if st["body_bn" if init == "LD" else "random_body_bn"] == "eval":
+        _keep_body_bn_in_eval(net)
+    keys = ("steps", "lr", "batch", "body_lr_factor", "freeze_steps")
+    head_init = st["head_init"] if init == "LD" else st["random_head_init"]
+    train_segnet(net, imgs[train], msks[train], seed=seed, head_init=head_init, **{k: st[k] for k in keys})
+    return common.dice(predict(net, imgs[test]) > 0.5, msks[test])
 
 
 def run(args) -> int:
@@ -53,28 +110,43 @@ def run(args) -> int:
 
     torch.set_num_threads(1)
     from ld_ext.atomic import atomic_write_json
-    from ld_ext.checkpoint import load_checkpoint
-    from ld_ext.tasks import common
-    from ld_ext.tasks.segmentation import build_segnet, predict, train_segnet
+    from ld_ext.tasks.common import checkpoint_train_size
+    from ld_ext.checkpoint import infer_config, load_checkpoint
 
-    setting = json.loads(args.setting)
-    head = setting.pop("head", "z")
-    steps = setting.pop("steps", 100)
-    cfg = dict(load_checkpoint(args.checkpoint)["config"])
+    st = _defaults()
+    extra = set(json.loads(args.setting)) - set(st)
+    if extra:
+        raise SystemExit(f"--setting: unknown key(s) {sorted(extra)}; expected some of {sorted(st)}")
+    st.update(json.loads(args.setting))
+    size = args.size or checkpoint_train_size(args.checkpoint) or 64
+    structures = args.structures.split(",")
+    ck = load_checkpoint(args.checkpoint)
+    cfg = dict(ck.get("config") or {}) or infer_config(ck["model"])  # as ld-ext finetune reads it
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {}
-    res.setdefault("_meta", {"checkpoint": str(args.checkpoint), "split": args.split, "setting": args.setting})
+    meta = {
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "setting": args.setting,
+        "shots": args.shots,
+        "size": size,
+        "structures": structures,
+        "schedule": st,
+    }
+    old = res.setdefault("_meta", meta)
+    if any(old.get(k) != meta[k] for k in ("split", "shots", "size", "structures", "schedule")):
+        raise SystemExit(f"--out {out}: made with another split/shots/size/structures/setting ({old}); give a new file")
+    print(f"{args.split} slices at {size} x {size}, {args.shots} shot(s), schedule {st}", flush=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    for name, imgs, msks, test, trains in _structures(args.split, seeds.stop):
+    for name, imgs, msks, test, trains in _structures(args.split, seeds.stop, size, args.shots, structures):
         for s in seeds:
             for init in args.inits.split(","):
                 key = f"{name}|{s}|{init}"
                 if key in res:
                     continue
                 t0 = time.time()
-                net = build_segnet(args.checkpoint if init == "LD" else None, config=cfg, seed=s, head=head)
-                train_segnet(net, imgs[trains[s]], msks[trains[s]], steps=steps, seed=s, batch=5, **setting)
-                res[key] = common.dice(predict(net, imgs[test]) > 0.5, msks[test])
+                res[key] = _one_run(args.checkpoint, cfg, init, s, st, imgs, msks, test, trains[s])
+                res.setdefault("_seconds", {})[key] = round(time.time() - t0, 1)
                 print(f"{args.split} {key} dice {res[key]:.3f} ({time.time() - t0:.0f} s)", flush=True)
                 atomic_write_json(out, res)
     return 0
@@ -104,22 +176,32 @@ def drift(args) -> int:
                 net = build_segnet(args.checkpoint, seed=s)
                 train_segnet(net, imgs[trains[s]], msks[trains[s]], steps=100, seed=s, head_init=head_init)
                 w1, z1 = body_state(net, x)
-                rec = {"weight_drift": ((w1 - w0).norm() / w0.norm()).item(),
-                       "z_cosine": F.cosine_similarity(z0, z1, dim=1).mean().item()}
+                rec = {
+                    "weight_drift": ((w1 - w0).norm() / w0.norm()).item(),
+                    "z_cosine": F.cosine_similarity(z0, z1, dim=1).mean().item(),
+                }
                 res[f"{name}|{s}|{head_init}"] = rec
-                print(f"{name} seed {s} head {head_init}: weight drift {rec['weight_drift']:.3f}, "
-                      f"mean cos(z before, z after) {rec['z_cosine']:.3f}", flush=True)
+                print(
+                    f"{name} seed {s} head {head_init}: weight drift {rec['weight_drift']:.3f}, "
+                    f"mean cos(z before, z after) {rec['z_cosine']:.3f}",
+                    flush=True,
+                )
                 atomic_write_json(args.out, res)
     for head_init in ("zero", "probe"):
         v = [r for k, r in res.items() if k.endswith("|" + head_init)]
-        print(f"head {head_init}: mean weight drift {np.mean([r['weight_drift'] for r in v]):.3f}, "
-              f"mean cosine {np.mean([r['z_cosine'] for r in v]):.3f} ({len(v)} runs)")
+        print(
+            f"head {head_init}: mean weight drift {np.mean([r['weight_drift'] for r in v]):.3f}, "
+            f"mean cosine {np.mean([r['z_cosine'] for r in v]):.3f} ({len(v)} runs)"
+        )
     return 0
 
 
 def _runs(res: dict, structure: str, init: str) -> dict:
-    return {int(k.split("|")[1]): v for k, v in res.items()
-            if not k.startswith("_") and k.startswith(structure + "|") and k.endswith("|" + init)}
+    return {
+        int(k.split("|")[1]): v
+        for k, v in res.items()
+        if not k.startswith("_") and k.startswith(structure + "|") and k.endswith("|" + init)
+    }
 
 
 def _paired(a: dict, ia: str, b: dict, ib: str, title: str) -> None:
@@ -128,7 +210,8 @@ def _paired(a: dict, ia: str, b: dict, ib: str, title: str) -> None:
     print("|---|---|---|---|---|")
     per_seed: dict = {}
     ma, mb = [], []
-    for s in STRUCTURES:
+    names = list(dict.fromkeys(k.split("|")[0] for d in (a, b) for k in d if not k.startswith("_")))
+    for s in names:
         ra, rb = _runs(a, s, ia), _runs(b, s, ib)
         seeds = sorted(set(ra) & set(rb))
         if not seeds:
@@ -140,8 +223,10 @@ def _paired(a: dict, ia: str, b: dict, ib: str, title: str) -> None:
         ma.append(x.mean())
         mb.append(y.mean())
         sd = lambda v: v.std(ddof=1) if len(v) > 1 else float("nan")  # noqa: E731
-        print(f"| {s} (n={len(seeds)}) | {x.mean():.3f} +- {sd(x):.3f} | {y.mean():.3f} +- {sd(y):.3f} "
-              f"| {d.mean():+.3f} +- {sd(d):.3f} | {int((d > 0).sum())}/{len(d)} |")
+        print(
+            f"| {s} (n={len(seeds)}) | {x.mean():.3f} +- {sd(x):.3f} | {y.mean():.3f} +- {sd(y):.3f} "
+            f"| {d.mean():+.3f} +- {sd(d):.3f} | {int((d > 0).sum())}/{len(d)} |"
+        )
     if not ma:
         print("(no paired runs)")
         return
@@ -153,11 +238,34 @@ def _paired(a: dict, ia: str, b: dict, ib: str, title: str) -> None:
     print(line)
 
 
+def _load(files: str) -> dict:
+    """One result, or several (comma-separated, e.g. seeds run in parallel processes) merged; they must share
+    the split, shots, size, structures and schedule."""
+    merged: dict = {}
+    for f in files.split(","):
+        r = json.loads(Path(f).read_text())
+        meta = {k: v for k, v in r.get("_meta", {}).items() if k not in ("checkpoint", "setting")}
+        if merged and meta != merged["_meta_cmp"]:
+            raise SystemExit(f"{f}: made with another split/shots/size/structures/schedule than {files.split(',')[0]}")
+        merged.setdefault("_meta_cmp", meta)
+        merged.setdefault("_meta", r.get("_meta", {}))
+        merged.update({k: v for k, v in r.items() if not k.startswith("_")})
+        merged.setdefault("_seconds", {}).update(r.get("_seconds", {}))
+    return merged
+
+
 def summary(args) -> int:
-    a = json.loads(Path(args.result).read_text())
-    _paired(a, "LD", a, "random", f"{args.result}: A = LD init, B = random init ({a.get('_meta', {}).get('setting')})")
+    a = _load(args.result)
+    meta = a.get("_meta", {})
+    sec = list(a.get("_seconds", {}).values())
+    if sec:
+        print(
+            f"{len(sec)} runs, {np.mean(sec):.0f} s per run on average "
+            f"(shots {meta.get('shots')}, size {meta.get('size')})"
+        )
+    _paired(a, "LD", a, "random", f"{args.result}: A = LD init, B = random init ({meta.get('setting')})")
     if args.baseline:
-        b = json.loads(Path(args.baseline).read_text())
+        b = _load(args.baseline)
         for init in ("LD", "random"):
             _paired(a, init, b, init, f"{init} init: A = {args.result}, B = {args.baseline}")
     return 0
@@ -172,11 +280,14 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--first-seed", type=int, default=0)
     r.add_argument("--inits", default="LD,random")
-    r.add_argument("--setting", default="{}", help="JSON keyword arguments of train_segnet (+ head, steps)")
+    r.add_argument("--shots", type=int, default=5)
+    r.add_argument("--size", type=int, default=None, help="image side (default: the training size, else 64)")
+    r.add_argument("--structures", default=",".join(STRUCTURES), help="comma-separated; also corpus_callosum")
+    r.add_argument("--setting", default="{}", help="JSON: overrides of the ld-ext finetune defaults (see above)")
     r.add_argument("--out", required=True)
     s = sub.add_parser("summary")
-    s.add_argument("result")
-    s.add_argument("baseline", nargs="?")
+    s.add_argument("result", help="RESULT.json, or several comma-separated (merged)")
+    s.add_argument("baseline", nargs="?", help="the same, to compare against (same init, paired by seed)")
     d = sub.add_parser("drift")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--split", choices=("dev", "eval"), default="dev")
