@@ -6,7 +6,6 @@ using local statistics or negatives taken from the local batch only are all off 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -27,6 +26,8 @@ from ld_ext.augment import LDViewGenerator, item_generator
 from ld_ext.models import LDNet
 from ld_ext.bench import synthetic_images
 from ld_ext.objective import LDObjective
+
+from helpers_dist import assert_runs_agree, ld_step
 
 SIZE = 32
 B = 2  # per process
@@ -50,15 +51,7 @@ def _step(model: LDNet, items: list[int], loss_impl: str):
     idx = torch.tensor(items)
     gens = [item_generator(7, i) for i in items]
     vb = LDViewGenerator(SIZE)(pool[idx % 8], pool[(idx + 3) % 8], gens)
-    model.train()
-    z, s = model(vb.images)
-    losses = LDObjective(loss_impl, grid=4)(z, s, vb)
-    model.zero_grad()
-    losses["loss"].backward()
-    du.average_gradients(model)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    bn = {n: b.detach().clone() for n, b in model.named_buffers() if "running" in n}
-    return {k: float(v.detach()) for k, v in losses.items()}, grads, bn
+    return ld_step(model, vb, LDObjective(loss_impl, grid=4))
 
 
 def _worker(rank: int, world: int, port: int, out: str, stage: int, loss_impl: str) -> None:
@@ -164,33 +157,27 @@ def test_two_nodes_with_torchrun_equal_one_process(tmp_path):
     every step's losses through the whole data path (cache, per-rank shards, global negatives),
     float64, to the tolerance of the step test above. lr is tiny: Adam's first update is about
     lr * sign(gradient), which turns rounding-level differences of ~zero gradients into lr-sized ones."""
-    data = _png_folder(tmp_path / "data")
+    one, two, _ = one_process_and_two_nodes(tmp_path, _png_folder(tmp_path / "data"))
+    assert one["streaming"] and two["streaming"]
+
+
+def one_process_and_two_nodes(tmp_path, data, *extra: str):
+    """The worker's run on ``data`` in one process (batch 4, ``tmp_path/one``) and with torchrun on two
+    nodes of one process each (batch 2 each, ``tmp_path/two``), one cache, lr 1e-12, ``extra`` flags;
+    ``assert_runs_agree`` of the two."""
     cache = tmp_path / "cache"
     base = [sys.executable, str(WORKER), str(data)]
-    rc, outs = _run_checked([(base + [str(tmp_path / "one"), str(cache), "4", "--lr", "1e-12"], _env())])
+    rc, outs = _run_checked([(base + [str(tmp_path / "one"), str(cache), "4", "--lr", "1e-12", *extra], _env())])
     assert rc == [0], outs[0][-3000:]
     port = _free_port()
     cmds = []
     for node in (0, 1):
         cmds.append(([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                       "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER),
-                      str(data), str(tmp_path / "two"), str(cache), "2", "--lr", "1e-12"], _env()))
+                      str(data), str(tmp_path / "two"), str(cache), "2", "--lr", "1e-12", *extra], _env()))
     rc, outs = _run_checked(cmds)
     assert rc == [0, 0], "\n".join(o[-3000:] for o in outs)
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert one["world_size"] == 1 and two["world_size"] == 2 and one["streaming"] and two["streaming"]
-    assert len(one["step_losses"]) == len(two["step_losses"]) == 4  # 2 steps x 2 stages
-    for a, b in zip(one["step_losses"], two["step_losses"]):
-        assert set(a) == set(b)
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-12), k
-    assert {"rd", "ent"} <= set(one["step_losses"][-1])
-    sa = torch.load(tmp_path / "one" / "final_state.pt", weights_only=True)
-    sb = torch.load(tmp_path / "two" / "final_state.pt", weights_only=True)
-    for k, v in sa.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(sb[k], v, rtol=0, atol=1e-9)
+    return assert_runs_agree(tmp_path / "one", tmp_path / "two")
 
 
 def test_ranks_that_see_different_data_stop_with_a_clear_error(tmp_path):

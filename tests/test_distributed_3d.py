@@ -5,9 +5,7 @@ in 2-D, with the same tolerances. float64 throughout; views with the default war
 alignment (``VolumeViewGenerator``'s recipe)."""
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -20,7 +18,9 @@ from ld_ext import distributed as du
 from ld_ext.augment import VolumeViewGenerator, item_generator
 from ld_ext.models import LDNet
 from ld_ext.objective import LDObjective
-from test_distributed import WORKER, _env, _free_port, _run_checked
+
+from helpers_dist import ld_step
+from test_distributed import _free_port, one_process_and_two_nodes
 
 S = 16
 B = 2  # per process
@@ -40,15 +40,7 @@ def _step(model: LDNet, items: list[int], loss_impl: str):
     idx = torch.tensor(items)
     vb = gen(pool[idx % 6], pool[(idx + 3) % 6], [item_generator(7, i) for i in items])
     assert vb.exact_align and vb.elastic is not None
-    model.train()
-    z, s = model(vb.images)
-    losses = LDObjective(loss_impl, grid=2)(z, s, vb)
-    model.zero_grad()
-    losses["loss"].backward()
-    du.average_gradients(model)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    bn = {n: b.detach().clone() for n, b in model.named_buffers() if "running" in n}
-    return {k: float(v.detach()) for k, v in losses.items()}, grads, bn
+    return ld_step(model, vb, LDObjective(loss_impl, grid=2))
 
 
 def _worker(rank: int, world: int, port: int, out: str, loss_impl: str) -> None:
@@ -115,32 +107,5 @@ def test_two_nodes_with_torchrun_equal_one_process_3d(tmp_path):
     """``--dims 3`` through the volume cache: torchrun --nnodes 2 (1 process each, gloo) = 1 process
     x 2B, every step's losses and the final weights, float64, tolerances of the 2-D test (lr tiny
     for the same reason: Adam's first step is about lr * sign(gradient))."""
-    data = _nifti_folder(tmp_path / "scans")
-    cache = tmp_path / "cache"
-    base = [sys.executable, str(WORKER), str(data)]
-    rc, outs = _run_checked([(base + [str(tmp_path / "one"), str(cache), "4", "--lr", "1e-12", "--dims", "3"],
-                              _env())])
-    assert rc == [0], outs[0][-3000:]
-    port = _free_port()
-    cmds = []
-    for node in (0, 1):
-        cmds.append(([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                      "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(WORKER),
-                      str(data), str(tmp_path / "two"), str(cache), "2", "--lr", "1e-12", "--dims", "3"], _env()))
-    rc, outs = _run_checked(cmds)
-    assert rc == [0, 0], "\n".join(o[-3000:] for o in outs)
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert one["world_size"] == 1 and two["world_size"] == 2
-    assert len(one["step_losses"]) == len(two["step_losses"]) == 2 * 2  # 2 steps x 2 stages
-    for a, b in zip(one["step_losses"], two["step_losses"]):
-        assert set(a) == set(b)
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-12), k
-    assert {"rd", "ent"} <= set(one["step_losses"][-1])
-    sa = torch.load(tmp_path / "one" / "final_state.pt", weights_only=True)
-    sb = torch.load(tmp_path / "two" / "final_state.pt", weights_only=True)
+    _, _, sa = one_process_and_two_nodes(tmp_path, _nifti_folder(tmp_path / "scans"), "--dims", "3")
     assert any(v.dim() == 5 for v in sa.values())  # a 3-D network
-    for k, v in sa.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(sb[k], v, rtol=0, atol=1e-9)
