@@ -87,6 +87,30 @@ def test_decoder_head_and_frozen_body():
         seg.train_segnet(net, masks.astype(np.float32), masks, steps=1, body_lr_factor=-1.0)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_hypercolumn_head_reads_z_decoder_and_upsampled_encoder_levels(dims):
+    cfg = dict(TINY, spatial_dims=dims)
+    net = seg.build_segnet(None, config=cfg, seed=0, head="hypercolumn").eval()
+    body = net.body
+    assert net.head.in_channels == body.emb_dim + body.decoder.out_channels + sum(body.encoder.widths[1:])
+    x = torch.randn(2, 1, *([16] * dims))
+    mode = "trilinear" if dims == 3 else "bilinear"
+    with torch.no_grad():
+        enc = body.encoder(x)
+        h = body.decoder.features(enc)
+        z, _ = body(x)
+        parts = [z, h] + [torch.nn.functional.interpolate(e, size=x.shape[2:], mode=mode, align_corners=False)
+                          for e in enc[1:]]
+        want = net.head(torch.cat(parts, 1))
+        got = net(x)
+    assert got.shape == (2, 1, *([16] * dims))
+    torch.testing.assert_close(got, want)
+    # the deepest level (1/16) reaches the logits: changing its weights changes the output
+    with torch.no_grad():
+        net.head.weight[:, -body.encoder.widths[4] :] += 1.0
+    assert not torch.allclose(net(x), got)
+
+
 def test_unit_embedding_head_reads_e_times_sqrt_d():
     net = seg.build_segnet(None, config=TINY, seed=0, head="e").eval()
     assert net.head.in_channels == TINY["emb_dim"]
@@ -174,7 +198,7 @@ def test_cli_missing_mask_and_size_mismatch(tmp_path):
         seg.run(args)
 
 
-@pytest.mark.parametrize("head", ["z", "e", "decoder"])
+@pytest.mark.parametrize("head", ["z", "e", "decoder", "hypercolumn"])
 @pytest.mark.parametrize("balanced", [False, True])
 def test_fit_head_folds_the_linear_probe_into_the_head(head, balanced):
     from ld_ext.tasks import common

@@ -3,7 +3,9 @@
 docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
 convolution + sigmoid head on the raw embedding z (``--head e``: on sqrt(D) times the unit
-embedding; ``--head decoder``: on the decoder features that feed the embedding branch).
+embedding; ``--head decoder``: on the decoder features that feed the embedding branch;
+``--head hypercolumn``: on z, the decoder features and the encoder's levels 2-5 upsampled to full
+resolution).
 ``--body-lr-factor`` scales the body's learning rate against the head's, ``--freeze-steps`` trains
 the head alone first. It is trained on ``--shots`` labelled images with the soft Dice loss
 ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
@@ -86,7 +88,7 @@ __all__ = [
 ]
 
 
-HEADS = ("z", "e", "decoder")
+HEADS = ("z", "e", "decoder", "hypercolumn")
 HEAD_INITS = ("zero", "probe", "probe-balanced")
 
 
@@ -97,7 +99,8 @@ class SegNet(nn.Module):
     e = z / (||z|| + 1e-10) that the LD objective and the linear probe see, times sqrt(D) (unit rms
     per channel); ``head="decoder"``: it reads the
     decoder's full-resolution features that feed the embedding branch (the embedding branch is
-    then unused).
+    then unused); ``head="hypercolumn"``: z, those decoder features and the encoder's levels 2-5
+    upsampled (bilinear / trilinear) to full resolution, concatenated.
     """
 
     def __init__(self, body: nn.Module, head: str = "z") -> None:
@@ -106,7 +109,10 @@ class SegNet(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.body = body
         self.head_on = head
-        cin = body.decoder.out_channels if head == "decoder" else body.emb_dim
+        cin = {
+            "decoder": body.decoder.out_channels,
+            "hypercolumn": body.emb_dim + body.decoder.out_channels + sum(body.encoder.widths[1:]),
+        }.get(head, body.emb_dim)
         self.head = (nn.Conv3d if getattr(body, "spatial_dims", 2) == 3 else nn.Conv2d)(cin, 1, kernel_size=1)
 
     def head_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,13 @@ class SegNet(nn.Module):
             z, _ = self.body(x)
             # e scaled by sqrt(D): unit rms per channel, the scale of the probe's standardised features
             return z if self.head_on == "z" else normalize_embeddings(z) * z.shape[1] ** 0.5
-        return self.body.decoder.features(self.body.encoder(x))
+        enc = self.body.encoder(x)
+        h = self.body.decoder.features(enc)
+        if self.head_on == "decoder":
+            return h
+        mode = "trilinear" if h.dim() == 5 else "bilinear"
+        up = [F.interpolate(e, size=h.shape[2:], mode=mode, align_corners=False) for e in enc[1:]]
+        return torch.cat([self.body.decoder.emb_head(h), h, *up], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_features(x))
@@ -585,8 +597,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--head",
         choices=HEADS,
         default=DEFAULT_HEAD,
-        help="1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z|| or on the decoder features "
-        f"(default {DEFAULT_HEAD})",
+        help="1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z||, on the decoder features "
+        f"or on the hypercolumn (z, decoder features, encoder levels 2-5 upsampled) (default {DEFAULT_HEAD})",
     )
     parser.add_argument(
         "--body-lr-factor",
