@@ -308,11 +308,6 @@ class VolumeAugmentConfig:
     exact_align: bool = True  # align v2 onto v1 through both views' whole maps (else: v2's flips and turns)
 
     @classmethod
-    def recipe(cls, **changes) -> "VolumeAugmentConfig":
-        """The default 3-D recipe (the fields' defaults) with ``changes`` applied."""
-        return cls(**changes)
-
-    @classmethod
     def unwarped(cls, **changes) -> "VolumeAugmentConfig":
         """The recipe without the warps and the exact alignment (only v2's flips and turns are undone),
         with ``changes`` applied."""

@@ -80,7 +80,7 @@ def test_v2_of_a_coordinate_volume_aligns_onto_v1(size):
     crop scale S/R, halved for the [0, 1] units. Only v1 voxels whose q lies within v2's voxel
     centres are compared (beyond them border padding holds v2's edge value). Alignment by v2's
     flips and turns alone (the generator before warps) must miss by more than a voxel."""
-    cfg = VolumeAugmentConfig.recipe(**NO_INTENSITY)
+    cfg = VolumeAugmentConfig(**NO_INTENSITY)
     g = VolumeViewGenerator(size, cfg)
     r = g.read_size
     lip = math.pi * math.sqrt(2) * ELASTIC_FREQ * cfg.elastic
@@ -110,7 +110,7 @@ def test_v1_cells_outside_v2_are_rare_and_take_the_border_value():
     for seed in range(40):
         q = g(ones, ones, [item_generator(seed, 3)]).v2_coordinates((4, 4, 4))
         assert float(q.abs().max()) <= 1.0
-    vb = VolumeViewGenerator(S, VolumeAugmentConfig.recipe(view_rotation=0.0, view_scale=0.0, view_shear=0.0,
+    vb = VolumeViewGenerator(S, VolumeAugmentConfig(view_rotation=0.0, view_scale=0.0, view_shear=0.0,
                                                            elastic=0.0, v2_flip_p=0.0, v2_rot90=False))(
         torch.rand(1, 1, S, S, S), torch.rand(1, 1, S, S, S), [item_generator(0, 0)])
     vb.lin[2:, 0, 0] = 0.5  # v2's X axis at half scale: v1's outer X cells lie outside v2
@@ -126,8 +126,8 @@ def test_v1_cells_outside_v2_are_rare_and_take_the_border_value():
 @pytest.mark.parametrize(
     "cfg",
     [
-        VolumeAugmentConfig.recipe(**NO_INTENSITY),
-        VolumeAugmentConfig.recipe(view_rotation=10.0, view_scale=0.3, view_shear=0.2, elastic=0.2, **NO_INTENSITY),
+        VolumeAugmentConfig(**NO_INTENSITY),
+        VolumeAugmentConfig(view_rotation=10.0, view_scale=0.3, view_shear=0.2, elastic=0.2, **NO_INTENSITY),
         VolumeAugmentConfig.unwarped(view_rotation=0.0, elastic=0.2, **NO_INTENSITY),
     ],
     ids=["recipe", "strong", "elastic-only"],
@@ -234,7 +234,7 @@ def test_warps_off_is_the_generator_before_warps_bitwise(dtype):
     f = torch.rand(6, 3, 4, 4, 4, dtype=dtype)
     assert torch.equal(new.align_v2(f), align_to_v1_3d(f, flips, rk))
     rec = VolumeViewGenerator(S)
-    assert rec.cfg == VolumeAugmentConfig.recipe() == VolumeAugmentConfig() and rec.read_size > r
+    assert rec.cfg == VolumeAugmentConfig() and rec.read_size > r
     # the defaults are the recipe: changing one range keeps the warps (a user's config is not silently unwarped)
     mine = VolumeAugmentConfig(brightness=0.3)
     assert (mine.view_scale, mine.view_shear, mine.elastic, mine.exact_align) == (0.05, 0.03, 0.03, True)
