@@ -2,6 +2,8 @@
 "The default recipe, run to the end").
 
     python protocols/probe_default_run.py probe   --checkpoint CKPT --split dev|eval [--warped] [--baselines]
+    python protocols/probe_default_run.py probe   --checkpoint CKPT --set synth-t2|synth-pd [--synth-seed S] \
+                                                  [--baselines]
     python protocols/probe_default_run.py signals CKPT [CKPT ...]
 
 ``probe``: the probe of ``ld_ext.tasks.probe`` (soft per-pixel logistic regression, threshold chosen on
@@ -12,6 +14,12 @@ MNI152 T1 slices of ``ld_ext.demos.tasks.probe_data`` at 128 x 128 (4 structures
 the encoder's levels 1-4 upsampled bilinearly: a hypercolumn). ``--baselines`` adds the random-init
 network with both kinds (a new draw per seed), intensity and position. Prints one line per structure
 (mean over 1 and 5 shots and the seeds) and the mean.
+
+``--set synth-t2`` / ``--set synth-pd``: the same probe on the second held-out set of
+``ld_ext.demos.synth`` instead of the T1 slices: synthetic T2-like / proton-density-like images drawn
+from the template's tissue maps at the evaluation heights (even z) only, each with its own affine +
+elastic warp, bias field, blur and Rician noise (``--synth-seed``, default 0, picks the draws). It is
+a report set: nothing is selected on it, and ``--split dev`` is refused with it.
 
 ``signals``: what can be measured without labels on the development slices, per checkpoint: the
 effective rank (exp of the entropy of the normalised singular values) of the unit embedding and of
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 
 from ld_ext.checkpoint import load_model
 from ld_ext.demos.mni import mni_slices
+from ld_ext.demos.synth import synth_probe_data
 from ld_ext.demos.tasks import PROBE_DEV_Z, PROBE_EVAL_Z, probe_data
 from ld_ext.models import LDNet
 from ld_ext.normalization import normalize_embeddings
@@ -59,11 +68,23 @@ def features(model, images, kind: str) -> torch.Tensor:
     return torch.cat(out)
 
 
+def probe_set(args) -> dict:
+    """``probe_data``'s layout for the set: MNI152 T1 slices (``--split``, ``--warped``) or synthetic contrasts."""
+    if args.set == "mni":
+        if args.split is None:
+            raise SystemExit("--split: dev or eval is needed with --set mni")
+        return probe_data(PROBE_DEV_Z if args.split == "dev" else PROBE_EVAL_Z, SIZE, warped=args.warped)
+    if args.split == "dev":
+        raise SystemExit(f"--split dev: --set {args.set} is a report set drawn at the evaluation heights only")
+    if args.warped:
+        raise SystemExit(f"--warped: --set {args.set} is always warped (one warp per image)")
+    return synth_probe_data(PROBE_EVAL_Z, SIZE, contrast=args.set.split("-")[1], seed=args.synth_seed)
+
+
 def run_probe(args) -> None:
+    data = probe_set(args)
     model = load_model(args.checkpoint)
     cfg = model.config
-    zs = PROBE_DEV_Z if args.split == "dev" else PROBE_EVAL_Z
-    data = probe_data(zs, SIZE, warped=args.warped)
     total: dict[str, list[float]] = {}
     for name, (imgs, masks, _) in data.items():
         fs = {f"LD:{k}": features(model, imgs, k) for k in ("zdec", "hyper")}
@@ -120,7 +141,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("probe")
     pp.add_argument("--checkpoint", required=True)
-    pp.add_argument("--split", choices=("dev", "eval"), required=True)
+    pp.add_argument("--set", choices=("mni", "synth-t2", "synth-pd"), default="mni")
+    pp.add_argument("--split", choices=("dev", "eval"), default=None, help="with --set mni (required there)")
+    pp.add_argument("--synth-seed", type=int, default=0, help="the draws of --set synth-* (default 0)")
     pp.add_argument("--warped", action="store_true")
     pp.add_argument("--baselines", action="store_true")
     ps = sub.add_parser("signals")

@@ -41,7 +41,15 @@ from .mni import STRUCTURES, mni_slices, structure_slices, ventricle_slice
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "add_task_arguments", "run_task_demo", "demo_checkpoint", "probe_data", "run_probe_protocol"]
+__all__ = [
+    "TASKS",
+    "add_task_arguments",
+    "run_task_demo",
+    "demo_checkpoint",
+    "probe_data",
+    "probe_warp",
+    "run_probe_protocol",
+]
 
 TASKS = ("finetune", "landmark", "shape-guided", "probe")
 
@@ -188,6 +196,20 @@ PROBE_EVAL_Z = tuple(range(-6, 36, 2))
 PROBE_MIN_PIXELS = 3  # a slice "contains" a structure with at least this many mask pixels
 
 
+def probe_warp(size: int, rng: np.random.Generator) -> common.Warp:
+    """The probe protocol's warp of one image: a random affine (rotation +-20 deg, scale 0.85-1.15,
+    shear +-0.05, shift +-8 % of the side) and an elastic field (peak 3 % of the side, sigma side / 8)."""
+    return common.random_warp(
+        (size, size),
+        rng,
+        max_rotation_deg=20.0,
+        scale_range=(0.85, 1.15),
+        max_shift=0.08 * size,
+        elastic_px=0.03 * size,
+        elastic_sigma=size / 8,
+    )
+
+
 def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=STRUCTURES) -> dict:
     """T1 slices at heights ``zs`` and, per structure, (images, masks) of the slices that contain it."""
     images = mni_slices("t1", zs, size)
@@ -195,15 +217,7 @@ def probe_data(zs, size: int, warped: bool = False, seed: int = 0, structures=ST
     if warped:
         rng = np.random.default_rng(seed)
         for i in range(len(images)):
-            w = common.random_warp(
-                (size, size),
-                rng,
-                max_rotation_deg=20.0,
-                scale_range=(0.85, 1.15),
-                max_shift=0.08 * size,
-                elastic_px=0.03 * size,
-                elastic_sigma=size / 8,
-            )
+            w = probe_warp(size, rng)
             images[i] = common.warp_image(images[i], w)
             for name in masks:
                 masks[name][i] = common.warp_image(masks[name][i].astype(np.float32), w) > 0.5
