@@ -3,7 +3,8 @@
     python protocols/finetune_protocol.py run  --checkpoint CKPT --split dev|eval --seeds 3 \
         [--first-seed 0] [--inits LD,random] [--shots 5] [--size N] [--structures a,b,c] \
         [--setting '{"lr": 3e-4}'] --out RESULT.json
-    python protocols/finetune_protocol.py summary RESULT.json[,MORE.json] [BASELINE.json[,MORE.json]]
+    python protocols/finetune_protocol.py summary RESULT.json[,MORE.json] [BASELINE.json[,MORE.json]] \
+        [--random RANDOM.json[,MORE.json]]
     python protocols/finetune_protocol.py drift --checkpoint CKPT [--split dev] [--seeds 3] --out DRIFT.json
 
 Data: MNI152 T1 slices from ``ld_ext.demos.tasks.probe_data`` (needs nilearn and nibabel) at
@@ -21,7 +22,7 @@ Each run is what ``ld-ext finetune`` does for one seed and one init: ``build_seg
 lr 1e-3, batch 5, head on z; head start ``DEFAULT_HEAD_INIT`` for LD init and
 ``DEFAULT_RANDOM_HEAD_INIT`` for random init), ``predict``, Dice at 0.5 pooled over the held-out
 slices. ``--setting`` overrides them: keyword arguments of ``train_segnet`` (``lr``, ``steps``,
-``freeze_steps``, ``body_lr_factor``, ``head_init`` for the LD-initialised network,
+``freeze_steps``, ``warmup_steps``, ``body_lr_factor``, ``head_init`` for the LD-initialised network,
 ``random_head_init`` for the random one), ``head`` (for ``build_segnet``) and ``body_bn`` /
 ``random_body_bn`` (``"eval"``: the body's BatchNorm layers of the LD / random network keep their
 pre-trained / initial statistics while fine-tuning, a protocol-only experiment; default ``"train"``
@@ -33,7 +34,8 @@ measures how far the body moved: the relative L2 change of its weights and the m
 between the embedding z of the held-out images before and after (1 = unchanged features).
 
 ``summary`` prints per structure mean +- std over seeds for each init and the paired difference
-LD - random; with a second file, the paired difference of the first file's runs against the
+LD - random (with ``--random``: the LD runs of the first file against the random-init runs of
+another, when each init has its own schedule); with a second file, the paired difference of the first file's runs against the
 second's (same init), e.g. a new setting against the default.
 """
 
@@ -73,6 +75,7 @@ def _defaults() -> dict:
         "batch": 5,
         "body_lr_factor": seg.DEFAULT_BODY_LR_FACTOR,
         "freeze_steps": seg.DEFAULT_FREEZE_STEPS,
+        "warmup_steps": seg.DEFAULT_WARMUP_STEPS,
         "head_init": seg.DEFAULT_HEAD_INIT,
         "random_head_init": seg.DEFAULT_RANDOM_HEAD_INIT,
         "body_bn": "train",
@@ -99,7 +102,7 @@ def _one_run(checkpoint, cfg: dict, init: str, seed: int, st: dict, imgs, msks, 
     net = build_segnet(checkpoint if init == "LD" else None, config=cfg, seed=seed, head=st["head"])
     if st["body_bn" if init == "LD" else "random_body_bn"] == "eval":
         _keep_body_bn_in_eval(net)
-    keys = ("steps", "lr", "batch", "body_lr_factor", "freeze_steps")
+    keys = ("steps", "lr", "batch", "body_lr_factor", "freeze_steps", "warmup_steps")
     head_init = st["head_init"] if init == "LD" else st["random_head_init"]
     train_segnet(net, imgs[train], msks[train], seed=seed, head_init=head_init, **{k: st[k] for k in keys})
     return common.dice(predict(net, imgs[test]) > 0.5, msks[test])
@@ -263,7 +266,12 @@ def summary(args) -> int:
             f"{len(sec)} runs, {np.mean(sec):.0f} s per run on average "
             f"(shots {meta.get('shots')}, size {meta.get('size')})"
         )
-    _paired(a, "LD", a, "random", f"{args.result}: A = LD init, B = random init ({meta.get('setting')})")
+    if args.random:  # each init with its own schedule: LD runs of this file, random runs of another
+        r = _load(args.random)
+        title = f"A = LD init of {args.result} ({meta.get('setting')}), B = random init of {args.random}"
+        _paired(a, "LD", r, "random", title + f" ({r.get('_meta', {}).get('setting')})")
+    else:
+        _paired(a, "LD", a, "random", f"{args.result}: A = LD init, B = random init ({meta.get('setting')})")
     if args.baseline:
         b = _load(args.baseline)
         for init in ("LD", "random"):
@@ -288,6 +296,9 @@ def main(argv=None) -> int:
     s = sub.add_parser("summary")
     s.add_argument("result", help="RESULT.json, or several comma-separated (merged)")
     s.add_argument("baseline", nargs="?", help="the same, to compare against (same init, paired by seed)")
+    s.add_argument(
+        "--random", help="RESULT.json[,MORE.json] whose random-init runs B are paired with this file's LD runs"
+    )
     d = sub.add_parser("drift")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("--split", choices=("dev", "eval"), default="dev")

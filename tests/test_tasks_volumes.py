@@ -185,6 +185,7 @@ def test_finetune_cli_on_volumes(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     r = res["results"][0]
     assert res["dims"] == 3 and r["settings"]["sliding_window"] == [16, 16, 16]
+    assert r["settings"]["head"] == "z" and r["settings"]["warmup_steps"] == 10  # volumes keep the head on z
     # the volumes are read as pre-training read them (recorded in the checkpoint)
     assert res["spacing"] == [1.0, 1.0, 2.0] and res["intensity_window"] == [50.0, 600.0]
     assert res["percentiles"] == [0.5, 99.5]

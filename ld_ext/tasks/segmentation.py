@@ -2,12 +2,13 @@
 
 docs/method.md section 8. The network is the LD network (encoder + decoder + embedding branch,
 initialised from an LD checkpoint; the clustering branch is dropped) with a 1-channel 1x1
-convolution + sigmoid head on the raw embedding z (``--head e``: on sqrt(D) times the unit
-embedding; ``--head decoder``: on the decoder features that feed the embedding branch;
-``--head hypercolumn``: on z, the decoder features and the encoder's levels 2-5 upsampled to full
-resolution).
+convolution + sigmoid head (``--head``) on the hypercolumn: z, the decoder features and the
+encoder's levels 2-5 upsampled to full resolution (the default for images; ``--head z``: on the raw
+embedding z, the default for volumes; ``--head e``: on sqrt(D) times the unit embedding;
+``--head decoder``: on the decoder features that feed the embedding branch).
 ``--body-lr-factor`` scales the body's learning rate against the head's, ``--freeze-steps`` trains
-the head alone first. It is trained on ``--shots`` labelled images with the soft Dice loss
+the head alone first, ``--warmup-steps`` (default 10) raises both learning rates linearly over the
+first steps. It is trained on ``--shots`` labelled images with the soft Dice loss
 ``-2 TP / (|G| + |P| + 1)`` (sums over the batch), and scored by the Dice of the prediction
 thresholded at 0.5 on a held-out split. The same schedule (optimiser, steps, augmentation, data
 order) runs from a random initialisation beside it, for each seed.
@@ -18,7 +19,9 @@ per-pixel logistic regression on the frozen features of the training images (``f
 LD-initialised network starts from its probe and the random network from zero: on the development
 slices LP-FT raised LD init by 4 Dice points and lowered random init by 13 (a probe on random
 features calls almost nothing foreground, and soft Dice then barely recovers), docs/tasks.md
-section 1.
+section 1. The head on the hypercolumn and the 10 warm-up steps were chosen the same way for both
+inits (the best of the two heads x with or without warm-up on the development slices; without the
+warm-up a probe-started head could collapse to predicting nothing, section 1).
 
 Pairing (``--images DIR --masks DIR``): the mask of ``images/NAME.ext`` is the file of
 ``masks/`` named ``NAME`` or ``NAME_mask`` / ``NAME_seg`` / ``NAME_label`` / ``NAME_gt`` with any
@@ -67,9 +70,17 @@ from .probe import LinearProbe
 
 # Defaults (docs/tasks.md section 1 has the measurements behind them).
 DEFAULT_STEPS = 100
-DEFAULT_HEAD = "z"
+# The head on the hypercolumn with 10 warm-up steps: the best of {z, hypercolumn} x {0, 10 warm-up
+# steps} for LD init and for random init alike on the development slices (2-D, 128 x 128). Without
+# the warm-up, Adam's first full-size steps on the body swing the probe-started head's logits by
+# about 10 and can leave it predicting nothing (Dice 0) from which the soft Dice loss never recovers.
+DEFAULT_HEAD = "hypercolumn"
+# Volumes keep the head on z: the hypercolumn was never measured in 3-D, and its upsampled encoder
+# levels (about 15x the channels of z) cost memory at every voxel of a patch.
+DEFAULT_HEAD_3D = "z"
 DEFAULT_BODY_LR_FACTOR = 1.0
 DEFAULT_FREEZE_STEPS = 0
+DEFAULT_WARMUP_STEPS = 10
 # LD init starts from the linear probe of its features (LP-FT), random init from a near-zero
 # head: each the better of the two on the development slices (docs/tasks.md section 1).
 DEFAULT_HEAD_INIT = "probe"
@@ -202,6 +213,7 @@ def train_segnet(
     seed: int = 0,
     body_lr_factor: float = 1.0,
     freeze_steps: int = 0,
+    warmup_steps: int = 0,
     head_init: str = "zero",
     progress: bool = False,
     desc: str = "finetune",
@@ -211,6 +223,8 @@ def train_segnet(
 
     ``body_lr_factor``: the network body trains at ``lr * body_lr_factor`` (the head at ``lr``);
     ``freeze_steps``: the body is frozen (head only, BN statistics fixed) for the first steps.
+    ``warmup_steps``: both learning rates rise linearly from 1/(N+1) of their value to it over the
+    first N steps (Adam's first steps move every weight by about lr whatever its gradient).
     ``head_init``: ``"zero"`` keeps the head as built (near zero); ``"probe"`` first fits it as a
     linear probe of the frozen features of the training images (``fit_head``).
     ``batches``: a function ``generator -> (x, y)`` that draws each step's batch (network input and
@@ -221,6 +235,7 @@ def train_segnet(
 
     common.check_positive_int("steps", steps)
     common.check_positive_int("freeze_steps", freeze_steps, 0)
+    common.check_positive_int("warmup_steps", warmup_steps, 0)
     if not body_lr_factor >= 0:
         raise ValueError(f"body_lr_factor must be >= 0, got {body_lr_factor}")
     if head_init not in HEAD_INITS:
@@ -245,7 +260,9 @@ def train_segnet(
         net.train()
         if frozen:
             net.body.eval()  # BN statistics stay those of the initialisation
-        opt.param_groups[1]["lr"] = 0.0 if frozen else lr * body_lr_factor
+        ramp = min(1.0, (step + 1) / (warmup_steps + 1))
+        opt.param_groups[0]["lr"] = lr * ramp
+        opt.param_groups[1]["lr"] = 0.0 if frozen else lr * body_lr_factor * ramp
         if batches is not None:
             x, y = batches(g)
         else:
@@ -313,6 +330,7 @@ def _finetune_and_predict(
         batch=settings["batch"],
         body_lr_factor=settings["body_lr_factor"],
         freeze_steps=settings["freeze_steps"],
+        warmup_steps=settings["warmup_steps"],
         head_init=settings["head_init"] if init == "LD" else settings["random_head_init"],
         progress=progress,
         desc=f"{label} seed {seed} {init} init",
@@ -355,6 +373,7 @@ def transfer_experiment(
     head: str = DEFAULT_HEAD,
     body_lr_factor: float = DEFAULT_BODY_LR_FACTOR,
     freeze_steps: int = DEFAULT_FREEZE_STEPS,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
     head_init: str = DEFAULT_HEAD_INIT,
     random_head_init: str = DEFAULT_RANDOM_HEAD_INIT,
     batch: int = 5,
@@ -383,6 +402,7 @@ def transfer_experiment(
         "head": head,
         "body_lr_factor": body_lr_factor,
         "freeze_steps": freeze_steps,
+        "warmup_steps": warmup_steps,
         "head_init": head_init,
         "random_head_init": random_head_init,
         "batch": batch,
@@ -422,6 +442,7 @@ def _finetune_volumes_once(vols, masks, train, test, checkpoint, cfg: dict, init
         batch=settings["batch"],
         body_lr_factor=settings["body_lr_factor"],
         freeze_steps=settings["freeze_steps"],
+        warmup_steps=settings["warmup_steps"],
         head_init=settings["head_init"] if init == "LD" else settings["random_head_init"],
         progress=settings["progress"],
         desc=f"{label} seed {seed} {init} init",
@@ -447,7 +468,7 @@ def transfer_experiment_volumes(
 ) -> dict:
     """``transfer_experiment`` on volumes (module docstring): ``vols`` float32 volumes in [0, 1], ``masks``
     a bool volume each, ``window`` the patch / sliding-window edge; ``schedule``: steps, lr, head,
-    body_lr_factor, freeze_steps, head_init, random_head_init, batch (``transfer_experiment``'s defaults).
+    body_lr_factor, freeze_steps, warmup_steps, head_init, random_head_init, batch (``transfer_experiment``'s defaults).
     Returns the 2-D result's keys (``dice``: pooled) and ``dice_per_volume`` with its ``summary_per_volume``."""
     common.check_positive_int("shots", shots)
     common.check_positive_int("seeds", seeds)
@@ -456,9 +477,10 @@ def transfer_experiment_volumes(
     settings = {
         "steps": DEFAULT_STEPS,
         "lr": 1e-3,
-        "head": DEFAULT_HEAD,
+        "head": DEFAULT_HEAD_3D,
         "body_lr_factor": DEFAULT_BODY_LR_FACTOR,
         "freeze_steps": DEFAULT_FREEZE_STEPS,
+        "warmup_steps": DEFAULT_WARMUP_STEPS,
         "head_init": DEFAULT_HEAD_INIT,
         "random_head_init": DEFAULT_RANDOM_HEAD_INIT,
         "batch": 5,
@@ -596,9 +618,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head",
         choices=HEADS,
-        default=DEFAULT_HEAD,
+        default=None,
         help="1x1 head on the embedding z, on sqrt(D) times the unit embedding z/||z||, on the decoder features "
-        f"or on the hypercolumn (z, decoder features, encoder levels 2-5 upsampled) (default {DEFAULT_HEAD})",
+        f"or on the hypercolumn (z, decoder features, encoder levels 2-5 upsampled) (default {DEFAULT_HEAD}; "
+        f"with a 3-D checkpoint {DEFAULT_HEAD_3D})",
     )
     parser.add_argument(
         "--body-lr-factor",
@@ -611,6 +634,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_FREEZE_STEPS,
         help=f"train the head only for the first N steps (default {DEFAULT_FREEZE_STEPS})",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=DEFAULT_WARMUP_STEPS,
+        help="raise the learning rates linearly to --lr over the first N steps, for both inits "
+        f"(default {DEFAULT_WARMUP_STEPS})",
     )
     parser.add_argument(
         "--head-init",
@@ -698,21 +728,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     common.check_positive_int("--batch", args.batch)
     common.check_positive_int("--freeze-steps", args.freeze_steps, 0)
+    common.check_positive_int("--warmup-steps", args.warmup_steps, 0)
     if not args.body_lr_factor >= 0:
         raise ValueError(f"--body-lr-factor must be >= 0, got {args.body_lr_factor}")
     model, trained = common.load_ld_model_and_size(args.checkpoint)
     schedule = {
         "steps": args.steps,
         "lr": args.lr,
-        "head": args.head,
+        "head": args.head or DEFAULT_HEAD,
         "body_lr_factor": args.body_lr_factor,
         "freeze_steps": args.freeze_steps,
+        "warmup_steps": args.warmup_steps,
         "head_init": args.head_init,
         "random_head_init": args.random_head_init,
         "batch": args.batch,
     }
     if volumes.check_task_inputs(args, model) == 3:
-        return _run_volumes(args, trained, schedule)
+        return _run_volumes(args, trained, {**schedule, "head": args.head or DEFAULT_HEAD_3D})
     size = common.task_size(args.size, trained, args.checkpoint)
     pairs = common.pair_images_masks(args.images, args.masks)
     images, masks = common.load_pairs(pairs, size)
