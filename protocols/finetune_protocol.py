@@ -19,7 +19,7 @@ for every setting and both inits, so runs are compared in pairs.
 
 Each run is what ``ld-ext finetune`` does for one seed and one init: ``build_segnet``,
 ``train_segnet`` with the command's defaults (``ld_ext.tasks.segmentation.DEFAULT_*``: 100 steps,
-lr 1e-3, batch 5, head on z; head start ``DEFAULT_HEAD_INIT`` for LD init and
+lr 1e-3, batch 5, head on the hypercolumn, 10 warm-up steps; head start ``DEFAULT_HEAD_INIT`` for LD init and
 ``DEFAULT_RANDOM_HEAD_INIT`` for random init), ``predict``, Dice at 0.5 pooled over the held-out
 slices. ``--setting`` overrides them: keyword arguments of ``train_segnet`` (``lr``, ``steps``,
 ``freeze_steps``, ``warmup_steps``, ``body_lr_factor``, ``head_init`` for the LD-initialised network,
